@@ -1,0 +1,94 @@
+"""GPTQ (Frantar et al., 2022): column-wise quantization with Hessian-based error feedback."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import MoECompressError
+from .qtensor import QTensor, QuantFormat
+from .rtn import SCALE_DTYPE, compute_qparams, quantize_column_block, search_qparams
+
+
+def quantize_gptq(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    fmt: QuantFormat,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    clip_search: bool = False,
+) -> QTensor:
+    """Quantize `w` [out, in] given the input Hessian `hessian` [in, in] (any positive scale of X^T X).
+
+    With `act_order`, columns are processed by decreasing Hessian diagonal while the group
+    parameters stay those of the natural column order ("static groups"), so no g_idx is needed.
+    """
+    out_features, in_features = w.shape
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight in_features {in_features}")
+    group = fmt.effective_group(in_features)
+    n_groups = fmt.groups(in_features)
+    qparams = search_qparams if clip_search else compute_qparams
+
+    W = w.to(torch.float32).clone()
+    H = hessian.to(torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    scales = torch.zeros(out_features, n_groups)
+    zeros = torch.zeros(out_features, n_groups)
+    if act_order:
+        for g in range(n_groups):
+            scales[:, g], zeros[:, g] = qparams(W[:, g * group : (g + 1) * group], fmt)
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        perm = torch.arange(in_features)
+
+    h_inv = _inverse_cholesky(H, damp)
+    codes = torch.zeros_like(W)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        W1 = W[:, i1:i2].clone()
+        errors = torch.zeros_like(W1)
+        h_inv_block = h_inv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            column = int(perm[i1 + i])
+            g = column // group
+            if not act_order and column % group == 0:
+                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]
+                scales[:, g], zeros[:, g] = qparams(upcoming, fmt)
+            w_col = W1[:, i]
+            q = quantize_column_block(w_col[:, None], scales[:, g], zeros[:, g], fmt)[:, 0]
+            codes[:, i1 + i] = q
+            err = (w_col - (q - zeros[:, g]) * scales[:, g]) / h_inv_block[i, i]
+            W1[:, i:] -= err[:, None] * h_inv_block[i, i:][None, :]
+            errors[:, i] = err
+        W[:, i2:] -= errors @ h_inv[i1:i2, i2:]
+
+    if act_order:
+        codes = codes[:, torch.argsort(perm)]
+    return QTensor(codes.to(torch.uint8), scales.to(SCALE_DTYPE), zeros.to(torch.uint8), fmt)
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 after dampening; dampening grows until H is positive definite."""
+    mean_diag = torch.mean(torch.diag(H)).item()
+    eye = torch.eye(H.shape[0])
+    for attempt in range(6):
+        damped = H + (damp * 10**attempt) * mean_diag * eye
+        L, info = torch.linalg.cholesky_ex(damped.to(torch.float64))
+        if info == 0:
+            inv = torch.cholesky_inverse(L)
+            return torch.linalg.cholesky(inv, upper=True).to(torch.float32)
+    raise MoECompressError(
+        f"GPTQ: the Hessian stays singular even with dampening {damp * 1e5:g}; "
+        "the calibration activations are degenerate (NaN/inf or all zero). Check the calibration data."
+    )
+
+
+def hessian_weighted_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr((W - W_hat) H (W - W_hat)^T): the squared output error over the calibration inputs."""
+    delta = (w.to(torch.float32) - w_hat.to(torch.float32))
+    return float(torch.einsum("oi,ij,oj->", delta, hessian.to(torch.float32), delta))
