@@ -1,0 +1,139 @@
+"""Calibration and evaluation data: text jsonl/txt files, hub datasets, image+text jsonl for VL models."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CalibrationDataError
+
+DEFAULT_VL_TEMPLATES = {
+    "caption": "<|vision_start|><|image_pad|><|vision_end|>Caption: {caption}",
+    "question": "<|vision_start|><|image_pad|><|vision_end|>Question: {question} Answer: {answer}",
+}
+
+
+@dataclass
+class CalibrationBatch:
+    """Model inputs for one forward pass; `image_mask` [B, T] marks image tokens."""
+
+    inputs: dict[str, torch.Tensor]
+    image_mask: torch.Tensor = field(default=None)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.inputs["input_ids"].numel())
+
+
+def read_texts(source: str, text_field: str = "text", split: str = "train") -> list[str]:
+    """Documents from a .jsonl file (one {"text": ...} per line), a plain-text file, or a hub dataset name."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            texts = []
+            with path.open() as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        texts.append(json.loads(line)[text_field])
+                    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                        raise CalibrationDataError(
+                            f"{source}:{line_no}: expected a JSON object with a '{text_field}' field ({exc})."
+                        ) from exc
+            return texts
+        return [path.read_text()]
+    if path.suffix in (".jsonl", ".txt", ".json") or source.startswith((".", "/", "~")):
+        raise CalibrationDataError(f"data file '{source}' does not exist.")
+    return _hub_texts(source, text_field, split)
+
+
+def _hub_texts(name: str, text_field: str, split: str) -> list[str]:
+    try:
+        import datasets
+
+        config = None
+        if ":" in name:
+            name, config = name.split(":", 1)
+        dataset = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # datasets raises many unrelated types for a missing/offline dataset
+        raise CalibrationDataError(
+            f"could not load hub dataset '{name}' ({type(exc).__name__}: {exc}). Pass a local .jsonl/.txt file, "
+            "or a dataset id reachable from this machine (name or name:config)."
+        ) from exc
+    if text_field not in dataset.column_names:
+        raise CalibrationDataError(f"dataset '{name}' has no '{text_field}' column; columns: {dataset.column_names}.")
+    return [t for t in dataset[text_field] if t]
+
+
+def token_stream(texts: list[str], tokenizer) -> torch.Tensor:
+    """Documents tokenized and joined with the EOS token (how the reference models were trained)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def text_calibration_batches(
+    source: str,
+    tokenizer,
+    num_samples: int = 128,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[CalibrationBatch]:
+    """`num_samples` windows of `seq_len` tokens drawn at random (seeded) from the joined documents."""
+    texts = read_texts(source)
+    random.Random(seed).shuffle(texts)
+    stream = token_stream(texts, tokenizer)
+    windows = len(stream) // seq_len
+    if windows == 0:
+        raise CalibrationDataError(f"'{source}' has {len(stream)} tokens, fewer than one window of {seq_len}.")
+    picks = sorted(random.Random(seed).sample(range(windows), min(num_samples, windows)))
+    rows = torch.stack([stream[i * seq_len : (i + 1) * seq_len] for i in picks])
+    return [
+        CalibrationBatch({"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}, torch.zeros_like(chunk, dtype=torch.bool))
+        for chunk in rows.split(batch_size)
+    ]
+
+
+def read_vl_items(source: str) -> list[dict]:
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise CalibrationDataError(f"vision-language data file '{source}' does not exist.")
+    items = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        if "image" not in item:
+            raise CalibrationDataError(f"{source}:{line_no}: an image+text item needs an 'image' field.")
+        item["image"] = str((path.parent / item["image"]).resolve())
+        items.append(item)
+    return items
+
+
+def vl_calibration_batches(
+    source: str, processor, image_token_id: int, num_samples: int = 128, seed: int = 0, templates: dict | None = None
+) -> list[CalibrationBatch]:
+    """One batch per image+text item; captions and question/answer pairs alternate."""
+    from PIL import Image
+
+    templates = templates or DEFAULT_VL_TEMPLATES
+    items = read_vl_items(source)
+    random.Random(seed).shuffle(items)
+    batches = []
+    for i, item in enumerate(items[:num_samples]):
+        kind = "question" if (i % 2 and "question" in item) or "caption" not in item else "caption"
+        prompt = templates[kind].format(**item)
+        with Image.open(item["image"]) as image:
+            inputs = dict(processor(images=[image.convert("RGB")], text=[prompt], return_tensors="pt"))
+        batches.append(CalibrationBatch(inputs, inputs["input_ids"] == image_token_id))
+    return batches

@@ -1,0 +1,239 @@
+"""Layer-wise calibration: capture the first decoder layer's inputs, then walk the decoder one layer at
+a time (only that layer on the compute device), observing every routed expert through a hook on its
+MoE block, letting the caller compress the layer, and recomputing the layer's outputs so that the
+next layer sees the compressed model's activations (error propagation)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models.base import MODALITIES, ModelAdapter, MoEBlockView
+from .data import CalibrationBatch
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """Per calibration batch: hidden states entering the current layer, the decoder-layer keyword
+    arguments (position embeddings, masks), adapter extras (e.g. DeepStack features), image mask."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+    extras: list[dict]
+    image_masks: list[torch.Tensor]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(int(m.numel()) for m in self.image_masks)
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
+    inside = {id(t) for t in layers.parameters()} | {id(t) for t in layers.buffers()}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in inside:
+            tensor.data = tensor.data.to(device)
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, adapter: ModelAdapter, batches: list[CalibrationBatch], device: torch.device
+) -> LayerInputs:
+    layers = adapter.decoder_layers(model)
+    _move_outside_layers(model, layers, device)
+    captured = LayerInputs([], [], [], [])
+
+    def text_model_hook(module, args, kwargs):
+        captured.extras.append(_to(adapter.capture_extras(kwargs), device))
+
+    def first_layer_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.to(device))
+        captured.kwargs.append(_to({k: v for k, v in kwargs.items() if k != "hidden_states"}, device))
+        raise _StopForward
+
+    handles = [
+        adapter.text_model(model).register_forward_pre_hook(text_model_hook, with_kwargs=True),
+        layers[0].register_forward_pre_hook(first_layer_hook, with_kwargs=True),
+    ]
+    try:
+        for batch in batches:
+            try:
+                model(**_to(batch.inputs, device), use_cache=False)
+            except _StopForward:
+                pass
+            captured.image_masks.append(batch.image_mask.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def forward_layer(layer: nn.Module, adapter: ModelAdapter, index: int, inputs: LayerInputs) -> list[torch.Tensor]:
+    outputs = []
+    for hidden, kwargs, extras in zip(inputs.hidden, inputs.kwargs, inputs.extras):
+        out = layer(hidden, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        outputs.append(adapter.after_layer(index, out, extras))
+    return outputs
+
+
+class ExpertObserver:
+    """Accumulates, for one MoE block, per-expert statistics and input Hessians from the tokens the
+    router actually sends to each expert; keeps a seeded random reservoir of block inputs for experts
+    that see too few tokens."""
+
+    def __init__(
+        self,
+        view: MoEBlockView,
+        total_tokens: int,
+        collect_hessians: bool = True,
+        measure_drop_loss: bool = False,
+        reservoir_size: int = 2048,
+        seed: int = 0,
+    ):
+        self.view = view
+        E, M = view.num_experts, len(MODALITIES)
+        self.collect_hessians = collect_hessians
+        self.measure_drop_loss = measure_drop_loss
+        self.tokens = torch.zeros(E, M, dtype=torch.float64)
+        self.weight_sum = torch.zeros(E, M, dtype=torch.float64)
+        self.output_norm_sum = torch.zeros(E, M, dtype=torch.float64)
+        self.drop_loss = torch.zeros(E, M, dtype=torch.float64)
+        self.total_tokens = torch.zeros(M, dtype=torch.float64)
+        self.block_output_norm_sum = torch.zeros(M, dtype=torch.float64)
+        self.hessian_in: dict[int, torch.Tensor] = {}
+        self.hessian_mid: dict[int, torch.Tensor] = {}
+        self.reservoir: list[torch.Tensor] = []
+        self._reservoir_rate = min(1.0, reservoir_size / max(total_tokens, 1))
+        self._generator = torch.Generator().manual_seed(seed)
+        self.image_mask: torch.Tensor | None = None
+
+    def hook(self, module, args, output) -> None:
+        hidden = args[0]
+        self.observe(hidden.reshape(-1, hidden.shape[-1]), self.image_mask.reshape(-1))
+
+    def observe(self, x: torch.Tensor, image_mask: torch.Tensor) -> None:
+        x = x.float()
+        modality = image_mask.long().to(x.device)
+        M = len(MODALITIES)
+        weights, indices = self.view.route(x)
+        routed = torch.zeros_like(x)
+        for e in range(self.view.num_experts):
+            tok, slot = torch.where(indices == e)
+            if tok.numel() == 0:
+                continue
+            xe = x[tok]
+            mid, out = self.view.expert_forward(e, xe)
+            w = weights[tok, slot].float()
+            contribution = w[:, None] * out
+            routed.index_add_(0, tok, contribution)
+            m = modality[tok]
+            self.tokens[e] += torch.bincount(m, minlength=M).double().cpu()
+            self.weight_sum[e] += torch.bincount(m, weights=w, minlength=M).double().cpu()
+            self.output_norm_sum[e] += torch.bincount(m, weights=contribution.pow(2).sum(1), minlength=M).double().cpu()
+            if self.collect_hessians:
+                self._accumulate(self.hessian_in, e, xe)
+                self._accumulate(self.hessian_mid, e, mid)
+        self.total_tokens += torch.bincount(modality, minlength=M).double().cpu()
+        self.block_output_norm_sum += torch.bincount(modality, weights=routed.pow(2).sum(1), minlength=M).double().cpu()
+        if self.measure_drop_loss:
+            self._observe_drop_loss(x, modality, weights, indices, routed)
+        n_keep = math.ceil(self._reservoir_rate * x.shape[0])
+        picks = torch.randperm(x.shape[0], generator=self._generator)[:n_keep]
+        self.reservoir.append(x[picks.to(x.device)].cpu())
+
+    @staticmethod
+    def _accumulate(store: dict[int, torch.Tensor], e: int, x: torch.Tensor) -> None:
+        gram = x.T @ x
+        if e in store:
+            store[e] += gram
+        else:
+            store[e] = gram
+
+    def _observe_drop_loss(self, x, modality, weights, indices, routed) -> None:
+        """||Z - Z_-e||^2 where only the tokens routed to e change: they are re-routed without e."""
+        E = self.view.num_experts
+        for e in range(E):
+            tok = torch.where((indices == e).any(dim=1))[0]
+            if tok.numel() == 0:
+                continue
+            excluded = torch.zeros(E, dtype=torch.bool)
+            excluded[e] = True
+            w2, idx2 = self.view.route(x[tok], excluded)
+            rerouted = routed_output(self.view, x[tok], w2, idx2)
+            err = (routed[tok] - rerouted).pow(2).sum(1)
+            self.drop_loss[e] += torch.bincount(modality[tok], weights=err, minlength=len(MODALITIES)).double().cpu()
+
+    def reservoir_tokens(self) -> torch.Tensor:
+        return torch.cat(self.reservoir) if self.reservoir else torch.empty(0)
+
+
+def routed_output(view: MoEBlockView, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(x)
+    for e in indices.unique().tolist():
+        tok, slot = torch.where(indices == e)
+        out.index_add_(0, tok, weights[tok, slot, None].to(x.dtype) * view.expert_forward(e, x[tok])[1])
+    return out
+
+
+LayerCallback = Callable[[MoEBlockView, ExpertObserver], bool]
+
+
+@torch.no_grad()
+def run_layerwise(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    batches: list[CalibrationBatch],
+    on_moe_layer: LayerCallback,
+    device: str | torch.device = "cpu",
+    collect_hessians: bool = True,
+    measure_drop_loss: bool = False,
+    progress: bool = True,
+    desc: str = "layers",
+) -> None:
+    """Walk the decoder; `on_moe_layer(view, observer)` sees each MoE block after its calibration pass
+    and returns True when it changed the layer (then the layer's outputs are recomputed)."""
+    device = torch.device(device)
+    inputs = capture_layer_inputs(model, adapter, batches, device)
+    views = {v.layer_index: v for v in adapter.moe_blocks(model)}
+    layers = adapter.decoder_layers(model)
+    for index in tqdm(range(len(layers)), desc=desc, disable=not progress):
+        layer = layers[index].to(device)
+        view = views.get(index)
+        if view is None:
+            inputs.hidden = forward_layer(layer, adapter, index, inputs)
+        else:
+            observer = ExpertObserver(view, inputs.num_tokens, collect_hessians, measure_drop_loss, seed=index)
+            handle = view.block.register_forward_hook(observer.hook)
+            outputs = []
+            try:
+                for hidden, kwargs, extras, mask in zip(inputs.hidden, inputs.kwargs, inputs.extras, inputs.image_masks):
+                    observer.image_mask = mask
+                    out = layer(hidden, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    outputs.append(adapter.after_layer(index, out, extras))
+            finally:
+                handle.remove()
+            changed = on_moe_layer(view, observer)
+            inputs.hidden = forward_layer(layer, adapter, index, inputs) if changed else outputs
+        layers[index] = layer.to("cpu") if device.type != "cpu" else layer

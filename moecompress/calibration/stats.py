@@ -1,0 +1,84 @@
+"""`ExpertStats`: what calibration measured about every routed expert, saved for later stages."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+from ..models.base import MODALITIES
+
+_TENSOR_FIELDS = ("tokens", "weight_sum", "output_norm_sum", "drop_loss", "total_tokens", "block_output_norm_sum")
+
+
+@dataclass
+class ExpertStats:
+    """Per layer l, expert e and modality m (`MODALITIES`):
+
+    tokens[l, e, m]           token->expert assignments
+    weight_sum[l, e, m]       sum of the expert's top-k routing weights
+    output_norm_sum[l, e, m]  sum over its tokens of ||routing_weight * expert_output||^2
+    drop_loss[l, e, m]        sum over tokens of ||Z - Z_without_e||^2 (Z: routed block output, the
+                              expert removed and its tokens re-routed); NaN when not measured
+    total_tokens[l, m], block_output_norm_sum[l, m]: normalisers (tokens through the block, sum ||Z||^2)
+    """
+
+    model: str
+    layers: list[int]
+    num_experts: int
+    top_k: int
+    tokens: torch.Tensor
+    weight_sum: torch.Tensor
+    output_norm_sum: torch.Tensor
+    drop_loss: torch.Tensor
+    total_tokens: torch.Tensor
+    block_output_norm_sum: torch.Tensor
+    modalities: tuple[str, ...] = MODALITIES
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def empty(cls, model: str, layers: list[int], num_experts: int, top_k: int) -> ExpertStats:
+        shape = (len(layers), num_experts, len(MODALITIES))
+        return cls(
+            model=model,
+            layers=list(layers),
+            num_experts=num_experts,
+            top_k=top_k,
+            tokens=torch.zeros(shape, dtype=torch.float64),
+            weight_sum=torch.zeros(shape, dtype=torch.float64),
+            output_norm_sum=torch.zeros(shape, dtype=torch.float64),
+            drop_loss=torch.full(shape, float("nan"), dtype=torch.float64),
+            total_tokens=torch.zeros(len(layers), len(MODALITIES), dtype=torch.float64),
+            block_output_norm_sum=torch.zeros(len(layers), len(MODALITIES), dtype=torch.float64),
+        )
+
+    def row(self, layer: int) -> int:
+        return self.layers.index(layer)
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {k: getattr(self, k) for k in ("model", "layers", "num_experts", "top_k", "modalities")}
+        tensors = {k: getattr(self, k).contiguous() for k in _TENSOR_FIELDS}
+        save_file(tensors, str(folder / "expert_stats.safetensors"), metadata={"moecompress": json.dumps(meta)})
+        if self.hessians:
+            save_file({k: v.contiguous() for k, v in self.hessians.items()}, str(folder / "hessians.safetensors"))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ExpertStats:
+        from safetensors import safe_open
+
+        path = Path(folder) / "expert_stats.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"{path} not found: run `moecompress analyze` to create expert statistics.")
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["moecompress"])
+        tensors = load_file(str(path))
+        hessian_path = Path(folder) / "hessians.safetensors"
+        hessians = load_file(str(hessian_path)) if hessian_path.is_file() else {}
+        meta["modalities"] = tuple(meta["modalities"])
+        return cls(**meta, **tensors, hessians=hessians)

@@ -1,0 +1,230 @@
+"""The moecompress packed checkpoint: a transformers model folder whose routed experts are bit-packed.
+
+Layout (docs/FORMAT.md):
+  config.json                    the model config + `quantization_config` (quant_method "moecompress")
+  model.safetensors | model-0000i-of-0000n.safetensors (+ model.safetensors.index.json)
+  moecompress.json               manifest: per packed tensor method/bits/group/sym/shape, per file size + sha256
+  recipe.yaml                    the recipe that produced it
+  tokenizer / processor / generation files copied from the source
+Everything is written to a temporary sibling folder and renamed into place, so a crash never leaves a
+half-written checkpoint at the output path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import CheckpointError
+from ..quant.qtensor import QuantFormat
+from ..runtime.packed_experts import PackedExperts, PackedLinear
+
+MANIFEST = "moecompress.json"
+FORMAT_VERSION = 1
+QUANT_METHOD = "moecompress"
+_AUX_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model", "chat_template*",
+                 "generation_config.json", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json", "*.py")
+
+
+def quantization_config(model: nn.Module) -> dict:
+    """The `quantization_config` that lets the loader rebuild every `PackedExperts` before loading weights."""
+    formats: list[QuantFormat] = []
+    experts: dict[str, list[list[int]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PackedExperts):
+            rows = []
+            for per_expert in module.formats():
+                row = []
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    if per_expert[proj] not in formats:
+                        formats.append(per_expert[proj])
+                    row.append(formats.index(per_expert[proj]))
+                rows.append(row)
+            experts[name] = rows
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "formats": [f.to_dict() for f in formats],
+        "experts": experts,
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _persistent_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates; unquantized float tensors cast to `dtype`."""
+    seen: set[tuple[int, tuple]] = set()
+    state = {}
+    packed_names = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, PackedLinear) for b, _ in m.named_buffers()}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        if tensor.is_floating_point() and name not in packed_names:
+            tensor = tensor.to(dtype)
+        state[name] = tensor.detach().cpu().contiguous()
+    return state
+
+
+def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    return shards + [current] if current else shards
+
+
+@contextmanager
+def atomic_folder(output: Path):
+    """Yield a temporary folder next to `output`; on success it replaces `output`, on error it is removed."""
+    output = output.expanduser().resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        backup = None
+        if output.exists():
+            backup = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(output, backup)
+        os.replace(tmp, output)
+        if backup is not None:
+            shutil.rmtree(backup)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    output: str | Path,
+    recipe_yaml: str,
+    source: str,
+    summary: dict | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = 4 << 30,
+) -> Path:
+    """Write `model` (with `PackedExperts` modules) as a packed checkpoint at `output`, atomically."""
+    output = Path(output)
+    with atomic_folder(output) as tmp:
+        state = _persistent_state(model, dtype)
+        shards = _shards(state, max_shard_bytes)
+        names = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        for name, shard in zip(names, shards):
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                "weight_map": {k: n for n, s in zip(names, shards) for k in s},
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+        config = model.config
+        config.quantization_config = quantization_config(model)
+        config.dtype = dtype
+        config.save_pretrained(tmp)
+        _copy_aux_files(source, tmp)
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+
+        tensors = {}
+        for name, module in model.named_modules():
+            if isinstance(module, PackedLinear):
+                tensors[name] = {"method": getattr(module, "method", "gptq"), **module.fmt.to_dict(),
+                                 "shape": [module.out_features, module.in_features]}
+        manifest = {
+            "format": QUANT_METHOD,
+            "format_version": FORMAT_VERSION,
+            "source_model": source,
+            "summary": summary or {},
+            "tensors": tensors,
+            "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in names},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return output.expanduser().resolve()
+
+
+def _copy_aux_files(source: str, dest: Path) -> None:
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return
+    for pattern in _AUX_PATTERNS:
+        for path in folder.glob(pattern):
+            if path.is_file() and not (dest / path.name).exists():
+                shutil.copyfile(path, dest / path.name)
+
+
+def read_manifest(path: str | Path) -> dict:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder '{path}' does not exist.")
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"'{path}' has no {MANIFEST}: it is not a moecompress checkpoint (or it was not fully written). "
+            "Re-run `moecompress compress` to create it."
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{manifest_path} is not valid JSON ({exc}); the checkpoint is corrupt.") from exc
+    if manifest.get("format") != QUANT_METHOD or manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{manifest_path}: format {manifest.get('format')} v{manifest.get('format_version')} is not readable by "
+            f"this moecompress (format v{FORMAT_VERSION}); upgrade moecompress."
+        )
+    return manifest
+
+
+def verify_checkpoint(path: str | Path, check_hashes: bool = True) -> dict:
+    """Check that every weight file is present, complete and unmodified; return the manifest."""
+    folder = Path(path).expanduser()
+    manifest = read_manifest(folder)
+    for name, meta in manifest["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint file {file} is missing; copy the whole folder or re-export it.")
+        size = file.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointError(
+                f"{file} is {size} bytes but the manifest says {meta['bytes']}: the file is truncated or was "
+                "replaced. Re-download or re-export the checkpoint."
+            )
+        if check_hashes and _sha256(file) != meta["sha256"]:
+            raise CheckpointError(f"{file} does not match its sha256 in {MANIFEST}: the file is corrupt. Re-download it.")
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({exc}).") from exc
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path} is missing.")
+    qc = json.loads(config_path.read_text()).get("quantization_config", {})
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{config_path} has no moecompress quantization_config; the folder does not match its manifest.")
+    return manifest

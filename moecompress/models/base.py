@@ -1,0 +1,161 @@
+"""Uniform view of the MoE blocks of a transformers v5 model.
+
+An adapter knows where an architecture keeps its decoder layers, routers, fused experts and
+shared experts, how its router scores tokens, and which tokens are image tokens. Everything
+downstream (calibration, quantization, export) talks to `MoEBlockView`, never to model classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODALITIES = ("text", "image")
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ExpertWeights:
+    """One routed expert as plain matrices: gate/up [I, H], down [H, I]."""
+
+    gate_proj: torch.Tensor
+    up_proj: torch.Tensor
+    down_proj: torch.Tensor
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return getattr(self, name)
+
+
+@dataclass
+class MoEBlockView:
+    """One sparse MoE block. `experts` stores fused `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
+    (or is a `PackedExperts` after quantization)."""
+
+    layer_index: int
+    name: str
+    block: nn.Module
+    adapter: ModelAdapter
+
+    @property
+    def router(self) -> nn.Module:
+        return self.block.gate
+
+    @property
+    def experts(self) -> nn.Module:
+        return self.block.experts
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.router.weight.shape[0])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.router.top_k)
+
+    @property
+    def norm_topk_prob(self) -> bool:
+        return self.adapter.norm_topk_prob(self.router)
+
+    @property
+    def shared_experts(self) -> nn.Module | None:
+        return self.adapter.shared_experts(self.block)
+
+    def route(self, hidden: torch.Tensor, excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k routing weights and expert indices for tokens `hidden` [T, H], with the experts whose
+        entry in the bool mask `excluded` [E] is set made unreachable (as if their router rows were removed)."""
+        return self.adapter.route(self.router, hidden, excluded)
+
+    def expert_weights(self, expert: int) -> ExpertWeights:
+        experts = self.experts
+        if hasattr(experts, "expert_weights"):
+            return experts.expert_weights(expert)
+        gate, up = experts.gate_up_proj[expert].chunk(2, dim=0)
+        return ExpertWeights(gate, up, experts.down_proj[expert])
+
+    def set_expert_weights(self, expert: int, weights: ExpertWeights) -> None:
+        experts = self.experts
+        with torch.no_grad():
+            size = weights.gate_proj.shape[0]
+            experts.gate_up_proj[expert, :size].copy_(weights.gate_proj)
+            experts.gate_up_proj[expert, size:].copy_(weights.up_proj)
+            experts.down_proj[expert].copy_(weights.down_proj)
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(intermediate activations fed to down_proj, expert output) for tokens x [T, H]."""
+        w = self.expert_weights(expert)
+        act = self.experts.act_fn
+        hidden = act(F.linear(x, w.gate_proj.to(x.dtype))) * F.linear(x, w.up_proj.to(x.dtype))
+        return hidden, F.linear(hidden, w.down_proj.to(x.dtype))
+
+
+class ModelAdapter:
+    """Defaults fit the Qwen-style layout `model.model.layers[i].mlp.{gate,experts}` with softmax routing."""
+
+    model_types: tuple[str, ...] = ()
+    is_multimodal = False
+    # Modules kept in full precision by default, as in GPTQ tools and compressed-tensors.
+    default_ignore: tuple[str, ...] = ("lm_head",)
+
+    def text_model(self, model: nn.Module) -> nn.Module:
+        return model.model
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.text_model(model).layers
+
+    def moe_blocks(self, model: nn.Module) -> list[MoEBlockView]:
+        prefix = self.layers_prefix(model)
+        views = []
+        for i, layer in enumerate(self.decoder_layers(model)):
+            block = self.moe_block(layer)
+            if block is not None:
+                views.append(MoEBlockView(i, f"{prefix}.{i}.mlp", block, self))
+        return views
+
+    def layers_prefix(self, model: nn.Module) -> str:
+        layers = self.decoder_layers(model)
+        return next(name for name, module in model.named_modules() if module is layers)
+
+    def moe_block(self, layer: nn.Module) -> nn.Module | None:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and hasattr(mlp, "experts") and hasattr(mlp, "gate"):
+            return mlp
+        return None
+
+    def norm_topk_prob(self, router: nn.Module) -> bool:
+        return bool(getattr(router, "norm_topk_prob", False))
+
+    def shared_experts(self, block: nn.Module) -> nn.Module | None:
+        return None
+
+    def route(
+        self, router: nn.Module, hidden: torch.Tensor, excluded: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(hidden, router.weight.to(hidden.dtype)).float()
+        if excluded is not None:
+            logits = logits.masked_fill(excluded.to(logits.device), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        top_k = min(router.top_k, router.weight.shape[0] - (0 if excluded is None else int(excluded.sum())))
+        weights, indices = torch.topk(probs, top_k, dim=-1)
+        if self.norm_topk_prob(router):
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(hidden.dtype), indices
+
+    def image_token_mask(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask of image tokens in `input_ids`; text-only models have none."""
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+
+    def after_layer(self, layer_index: int, hidden: torch.Tensor, extras: dict) -> torch.Tensor:
+        """Hook for what the text model adds between decoder layers (e.g. DeepStack visual features)."""
+        return hidden
+
+    def capture_extras(self, text_model_kwargs: dict) -> dict:
+        """Per-sample tensors, taken from the text model's call, that `after_layer` needs."""
+        return {}
+
+    def auto_model_class(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM

@@ -1,0 +1,14 @@
+from torch import nn
+
+from .base import ModelAdapter
+from .registry import register_adapter
+
+
+@register_adapter
+class MixtralAdapter(ModelAdapter):
+    """Mixtral: softmax router whose top-k weights are always renormalised."""
+
+    model_types = ("mixtral",)
+
+    def norm_topk_prob(self, router: nn.Module) -> bool:
+        return True

@@ -1,0 +1,154 @@
+"""The compression pipeline: load -> calibrate layer by layer -> quantize experts -> pack -> save."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .calibration.data import CalibrationBatch, text_calibration_batches, vl_calibration_batches
+from .calibration.engine import ExpertObserver, run_layerwise
+from .errors import CalibrationDataError, ModelLoadError
+from .models import LoadedModel, MoEBlockView, load_model
+from .models.base import PROJECTIONS
+from .quant.experts import (
+    ExpertQuantReport,
+    GPTQOptions,
+    RareExpertPolicy,
+    install_packed_experts,
+    quantize_block_experts,
+)
+from .recipe import Recipe
+from .runtime.packed_experts import PackedExperts, PackedLinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressionReport:
+    model: str
+    recipe: str
+    seconds: float
+    calibration_tokens: int
+    expert_params: int
+    expert_bytes: int
+    bits_per_expert_param: float
+    experts_gptq: int
+    experts_rtn: int
+    rare_experts: list[dict] = field(default_factory=list)
+    output: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module
+    loaded: LoadedModel
+    report: CompressionReport
+
+
+def load_tokenizer_or_processor(source: str, multimodal: bool, trust_remote_code: bool = False):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        if multimodal:
+            return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        hint = " This processor ships custom code: pass --trust-remote-code." if multimodal and not trust_remote_code else ""
+        raise ModelLoadError(f"could not load the tokenizer/processor of '{source}': {exc}.{hint}") from exc
+
+
+def calibration_batches(loaded: LoadedModel, recipe: Recipe, trust_remote_code: bool = False) -> list[CalibrationBatch]:
+    cal = recipe.calibration
+    processor = load_tokenizer_or_processor(loaded.source, loaded.adapter.is_multimodal, trust_remote_code)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    batches = text_calibration_batches(cal.dataset, tokenizer, cal.num_samples, cal.seq_len, cal.batch_size, cal.seed)
+    if loaded.adapter.is_multimodal:
+        if not cal.vl_dataset:
+            raise CalibrationDataError(
+                f"'{loaded.source}' is a vision-language model: set calibration.vl_dataset to an image+text jsonl "
+                "so that image tokens are calibrated too."
+            )
+        batches += vl_calibration_batches(
+            cal.vl_dataset, processor, loaded.model.config.image_token_id, cal.vl_num_samples, cal.seed
+        )
+    return batches
+
+
+def expert_bytes(model: nn.Module) -> tuple[int, int]:
+    """(packed bytes incl. scales/zeros, expert parameters) over all `PackedExperts`."""
+    nbytes = params = 0
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            nbytes += module.packed().nbytes
+            params += module.out_features * module.in_features
+    return nbytes, params
+
+
+def compress(
+    model: str | LoadedModel,
+    recipe: Recipe | str | Path | None = None,
+    output: str | Path | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> CompressionResult:
+    """Compress the routed experts of `model` (folder, hub id or `LoadedModel`) as `recipe` says; save the
+    packed checkpoint to `output` if given. Returns the compressed in-memory model and a report."""
+    if recipe is None:
+        recipe = Recipe()
+    elif not isinstance(recipe, Recipe):
+        recipe = Recipe.from_yaml(recipe)
+    start = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
+    batches = calibration_batches(loaded, recipe, trust_remote_code)
+    q = recipe.quantization
+    gptq = GPTQOptions(damp=q.damp, act_order=q.act_order, clip_search=q.clip_search)
+    rare = RareExpertPolicy(q.rare_experts.policy, q.rare_experts.min_tokens)
+    results: dict[int, tuple[list, list[ExpertQuantReport]]] = {}
+
+    def quantize_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
+        formats = [{p: q.format for p in PROJECTIONS} for _ in range(view.num_experts)]
+        results[view.layer_index] = quantize_block_experts(view, observer, formats, q.method, gptq, rare)
+        return True
+
+    run_layerwise(loaded.model, loaded.adapter, batches, quantize_layer, recipe.device, progress=progress, desc="compress")
+    for view in loaded.adapter.moe_blocks(loaded.model):
+        install_packed_experts(view, *results[view.layer_index])
+
+    reports = [r for _, layer_reports in results.values() for r in layer_reports]
+    nbytes, params = expert_bytes(loaded.model)
+    report = CompressionReport(
+        model=loaded.source,
+        recipe=recipe.name,
+        seconds=0.0,
+        calibration_tokens=sum(b.num_tokens for b in batches),
+        expert_params=params,
+        expert_bytes=nbytes,
+        bits_per_expert_param=8 * nbytes / max(params, 1),
+        experts_gptq=sum(r.method == "gptq" for r in reports),
+        experts_rtn=sum(r.method == "rtn" for r in reports),
+        rare_experts=[asdict(r) for r in reports if r.tokens < rare.min_tokens],
+    )
+    if output is not None:
+        from .io.checkpoint import save_checkpoint
+
+        report.seconds = time.perf_counter() - start
+        report.output = str(save_checkpoint(
+            loaded.model, output, recipe.to_yaml(), loaded.source, report.to_dict(), getattr(torch, recipe.save_dtype)
+        ))
+    report.seconds = time.perf_counter() - start
+    return CompressionResult(loaded.model, loaded, report)
+
+
+def set_dequant_cache(model: nn.Module, enabled: bool) -> None:
+    """Keep dequantized expert weights between forwards (faster CPU evaluation, full-precision memory)."""
+    for module in model.modules():
+        if isinstance(module, PackedExperts):
+            module.set_cache_dequantized(enabled)

@@ -1,0 +1,119 @@
+"""Quantize the routed experts of one MoE block from what the calibration pass observed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..calibration.engine import ExpertObserver
+from ..models.base import PROJECTIONS, ExpertWeights, MoEBlockView
+from ..runtime.packed_experts import PackedExperts
+from .gptq import quantize_gptq
+from .packing import PackedTensor, pack
+from .qtensor import QuantFormat
+from .rtn import quantize_rtn
+
+RARE_POLICIES = ("pool", "rtn", "own")
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    clip_search: bool = False
+
+
+@dataclass(frozen=True)
+class RareExpertPolicy:
+    """What to do with an expert routed fewer than `min_tokens` calibration tokens.
+
+    pool: add random block-input tokens (the observer's reservoir) to its own until it has `min_tokens`,
+          each pooled token weighted like an own token; GPTQ then runs on that Hessian.
+    rtn:  round-to-nearest instead of GPTQ.
+    own:  GPTQ on its own tokens whatever their number (RTN when it saw none).
+    """
+
+    policy: str = "pool"
+    min_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.policy not in RARE_POLICIES:
+            raise ValueError(f"rare-expert policy '{self.policy}' is not one of {RARE_POLICIES}")
+
+
+@dataclass
+class ExpertQuantReport:
+    layer: int
+    expert: int
+    tokens: int
+    method: str
+
+
+def expert_hessians(
+    view: MoEBlockView, observer: ExpertObserver, expert: int, rare: RareExpertPolicy
+) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(H for gate/up inputs, H for down inputs, tokens used), or None when GPTQ should not run."""
+    own = int(observer.tokens[expert].sum())
+    h_in, h_mid = observer.hessian_in.get(expert), observer.hessian_mid.get(expert)
+    if own < rare.min_tokens and rare.policy == "rtn":
+        return None
+    if own < rare.min_tokens and rare.policy == "pool":
+        pool = observer.reservoir_tokens()[: rare.min_tokens - own].to(view.router.weight.device)
+        if pool.numel():
+            mid, _ = view.expert_forward(expert, pool)
+            h_in = pool.T @ pool if h_in is None else h_in + pool.T @ pool
+            h_mid = mid.T @ mid if h_mid is None else h_mid + mid.T @ mid
+            own += pool.shape[0]
+    if h_in is None:
+        return None
+    return h_in, h_mid, own
+
+
+@torch.no_grad()
+def quantize_block_experts(
+    view: MoEBlockView,
+    observer: ExpertObserver,
+    formats: list[dict[str, QuantFormat]],
+    method: str = "gptq",
+    gptq: GPTQOptions = GPTQOptions(),
+    rare: RareExpertPolicy = RareExpertPolicy(),
+) -> tuple[list[dict[str, PackedTensor]], list[ExpertQuantReport]]:
+    """Quantize every routed expert of `view` to `formats[e][projection]`, write the dequantized weights
+    back into the block (so later layers calibrate on the quantized model) and return the packed tensors."""
+    packed, reports = [], []
+    for e in range(view.num_experts):
+        weights = view.expert_weights(e)
+        hessians = expert_hessians(view, observer, e, rare) if method == "gptq" else None
+        quantized = {}
+        for proj in PROJECTIONS:
+            w = weights[proj].float()
+            if hessians is None:
+                quantized[proj] = quantize_rtn(w, formats[e][proj], clip_search=gptq.clip_search)
+            else:
+                h = hessians[0] if proj != "down_proj" else hessians[1]
+                quantized[proj] = quantize_gptq(
+                    w, h, formats[e][proj], gptq.damp, gptq.act_order, gptq.block_size, gptq.clip_search
+                )
+        view.set_expert_weights(e, ExpertWeights(*(quantized[p].dequantize() for p in PROJECTIONS)))
+        packed.append({p: pack(q) for p, q in quantized.items()})
+        tokens = int(observer.tokens[e].sum())
+        reports.append(ExpertQuantReport(view.layer_index, e, tokens, "gptq" if hessians is not None else "rtn"))
+    return packed, reports
+
+
+def install_packed_experts(
+    view: MoEBlockView, packed: list[dict[str, PackedTensor]], reports: list[ExpertQuantReport]
+) -> PackedExperts:
+    """Replace the block's fused experts module with a `PackedExperts` holding `packed`."""
+    fused = view.experts
+    intermediate, hidden = fused.down_proj.shape[2], fused.down_proj.shape[1]
+    module = PackedExperts(hidden, intermediate, [{p: t.fmt for p, t in e.items()} for e in packed], fused.act_fn)
+    for expert, tensors, report in zip(module, packed, reports):
+        for proj, tensor in tensors.items():
+            linear = getattr(expert, proj)
+            linear.load_packed(tensor)
+            linear.method = report.method
+    view.block.experts = module
+    return module

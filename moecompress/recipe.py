@@ -1,0 +1,125 @@
+"""Recipes: typed dataclasses read from YAML, with unknown keys rejected by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+from .quant.experts import RARE_POLICIES
+from .quant.qtensor import SUPPORTED_BITS, QuantFormat
+
+
+@dataclass
+class CalibrationConfig:
+    dataset: str = "../shared/data/calib/calib_mix.jsonl"
+    num_samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 8
+    vl_dataset: str | None = None
+    vl_num_samples: int = 128
+    seed: int = 0
+
+
+@dataclass
+class RareExpertConfig:
+    policy: str = "pool"
+    min_tokens: int = 256
+
+
+@dataclass
+class QuantizationConfig:
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    damp: float = 0.01
+    act_order: bool = False
+    clip_search: bool = False
+    rare_experts: RareExpertConfig = field(default_factory=RareExpertConfig)
+
+    @property
+    def format(self) -> QuantFormat:
+        return QuantFormat(self.bits, self.group_size, self.sym)
+
+
+@dataclass
+class Recipe:
+    name: str = "gptq-w4g128"
+    description: str = ""
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    device: str = "cpu"
+    save_dtype: str = "bfloat16"
+
+    def validate(self) -> Recipe:
+        q = self.quantization
+        checks = [
+            (q.method in ("gptq", "rtn"), f"quantization.method '{q.method}': use gptq or rtn"),
+            (q.bits in SUPPORTED_BITS, f"quantization.bits {q.bits}: use one of {list(SUPPORTED_BITS)}"),
+            (q.group_size == -1 or q.group_size > 0, f"quantization.group_size {q.group_size}: use a positive size or -1"),
+            (0 < q.damp < 1, f"quantization.damp {q.damp}: use a fraction of the mean Hessian diagonal in (0, 1), e.g. 0.01"),
+            (q.rare_experts.policy in RARE_POLICIES, f"quantization.rare_experts.policy '{q.rare_experts.policy}': use one of {list(RARE_POLICIES)}"),
+            (self.calibration.num_samples > 0 and self.calibration.seq_len > 1, "calibration.num_samples and seq_len must be positive"),
+            (self.save_dtype in ("bfloat16", "float16", "float32"), f"save_dtype '{self.save_dtype}': use bfloat16, float16 or float32"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RecipeError(f"recipe '{self.name}': {message}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> Recipe:
+        return _build(cls, data, where).validate()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            shipped = Path(__file__).resolve().parent.parent / "pipelines"
+            hint = f" Shipped recipes: {', '.join(sorted(p.name for p in shipped.glob('*.yaml')))}." if shipped.is_dir() else ""
+            raise RecipeError(f"recipe file '{path}' does not exist.{hint}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping of keys to values, got {type(data).__name__}.")
+        return cls.from_dict(data, where=str(path))
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise RecipeError(f"{where}: unknown key '{key}'.{hint} Valid keys here: {', '.join(fields)}.")
+        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else fields[key].default
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value, f"{where}.{key}")
+        else:
+            kwargs[key] = _coerce(value, default, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value, default, where: str):
+    if default is None or value is None or isinstance(value, type(default)):
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise RecipeError(f"{where}: expected {type(default).__name__}, got {value!r}.")

@@ -1,0 +1,3 @@
+from .packed_experts import PackedExpert, PackedExperts, PackedLinear
+
+__all__ = ["PackedExpert", "PackedExperts", "PackedLinear"]

@@ -1,0 +1,112 @@
+"""Routed experts stored bit-packed, with the pure-torch dequantize-then-matmul reference path.
+
+Module layout (and so state-dict keys) follows the per-expert convention of GPTQ tools and
+compressed-tensors: `experts.{e}.{gate_proj,up_proj,down_proj}.{weight_packed,weight_scale,weight_zero_point}`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.base import PROJECTIONS, ExpertWeights
+from ..quant.packing import PackedTensor, packed_words, unpack
+from ..quant.qtensor import QuantFormat
+from ..quant.rtn import SCALE_DTYPE
+
+
+class PackedLinear(nn.Module):
+    """A bias-free linear layer whose weight is a `PackedTensor` held as three buffers."""
+
+    def __init__(self, out_features: int, in_features: int, fmt: QuantFormat):
+        super().__init__()
+        self.out_features, self.in_features, self.fmt = out_features, in_features, fmt
+        groups = fmt.groups(in_features)
+        self.register_buffer("weight_packed", torch.zeros(out_features, packed_words(in_features, fmt.bits), dtype=torch.int32))
+        self.register_buffer("weight_scale", torch.zeros(out_features, groups, dtype=SCALE_DTYPE))
+        self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.uint8))
+        self._cache: torch.Tensor | None = None
+        self.cache_dequantized = False
+        self.method = "gptq"
+
+    def packed(self) -> PackedTensor:
+        return PackedTensor(
+            self.weight_packed, self.weight_scale, self.weight_zero_point, (self.out_features, self.in_features), self.fmt
+        )
+
+    def load_packed(self, packed: PackedTensor) -> None:
+        if tuple(packed.shape) != (self.out_features, self.in_features) or packed.fmt != self.fmt:
+            raise ValueError(f"packed tensor {packed.shape} {packed.fmt.name} does not fit {self}")
+        self.weight_packed.copy_(packed.weight_packed)
+        self.weight_scale.copy_(packed.weight_scale)
+        self.weight_zero_point.copy_(packed.weight_zero_point)
+        self._cache = None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self._cache is not None and self._cache.dtype == dtype:
+            return self._cache
+        weight = unpack(self.packed()).dequantize(dtype)
+        if self.cache_dequantized:
+            self._cache = weight
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.fmt.name}"
+
+
+class PackedExpert(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, formats: dict[str, QuantFormat]):
+        super().__init__()
+        self.gate_proj = PackedLinear(intermediate_size, hidden_size, formats["gate_proj"])
+        self.up_proj = PackedLinear(intermediate_size, hidden_size, formats["up_proj"])
+        self.down_proj = PackedLinear(hidden_size, intermediate_size, formats["down_proj"])
+
+
+class PackedExperts(nn.Module):
+    """Drop-in replacement for a transformers v5 fused experts module:
+    `forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, formats: list[dict[str, QuantFormat]], act_fn: nn.Module):
+        super().__init__()
+        for e, f in enumerate(formats):
+            self.add_module(str(e), PackedExpert(hidden_size, intermediate_size, f))
+        self.num_experts = len(formats)
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.act_fn = act_fn
+
+    def __getitem__(self, expert: int) -> PackedExpert:
+        return self._modules[str(expert)]
+
+    def __iter__(self):
+        return (self[e] for e in range(self.num_experts))
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def formats(self) -> list[dict[str, QuantFormat]]:
+        return [{p: getattr(expert, p).fmt for p in PROJECTIONS} for expert in self]
+
+    def expert_weights(self, expert: int, dtype: torch.dtype = torch.float32) -> ExpertWeights:
+        e = self[expert]
+        return ExpertWeights(*(getattr(e, p).dequantize(dtype) for p in PROJECTIONS))
+
+    def set_cache_dequantized(self, enabled: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, PackedLinear):
+                module.cache_dequantized, module._cache = enabled, None
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            if not 0 <= e < self.num_experts:
+                continue
+            tok, slot = torch.where(top_k_index == e)
+            x = hidden_states[tok]
+            expert = self[e]
+            y = expert.down_proj(self.act_fn(expert.gate_proj(x)) * expert.up_proj(x))
+            out.index_add_(0, tok, (y * top_k_weights[tok, slot, None]).to(out.dtype))
+        return out
