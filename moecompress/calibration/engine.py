@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..models.base import MODALITIES, ModelAdapter, MoEBlockView
 from .data import CalibrationBatch
+from .stats import ExpertStats
 
 
 class _StopForward(Exception):
@@ -194,6 +195,28 @@ def routed_output(view: MoEBlockView, x: torch.Tensor, weights: torch.Tensor, in
         tok, slot = torch.where(indices == e)
         out.index_add_(0, tok, weights[tok, slot, None].to(x.dtype) * view.expert_forward(e, x[tok])[1])
     return out
+
+
+def collect_expert_stats(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    batches: list[CalibrationBatch],
+    source: str,
+    measure_drop_loss: bool = True,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> ExpertStats:
+    """Calibration pass without changing the model: routing, output and drop-loss statistics per expert."""
+    views = adapter.moe_blocks(model)
+    stats = ExpertStats.empty(source, [v.layer_index for v in views], views[0].num_experts, views[0].top_k)
+
+    def record(view: MoEBlockView, observer: ExpertObserver) -> bool:
+        stats.record(view.layer_index, observer)
+        return False
+
+    run_layerwise(model, adapter, batches, record, device, collect_hessians=False,
+                  measure_drop_loss=measure_drop_loss, progress=progress, desc="analyze")
+    return stats
 
 
 LayerCallback = Callable[[MoEBlockView, ExpertObserver], bool]

@@ -59,6 +59,21 @@ class ExpertStats:
     def row(self, layer: int) -> int:
         return self.layers.index(layer)
 
+    def record(self, layer: int, observer) -> None:
+        """Copy what an `ExpertObserver` accumulated for `layer`."""
+        i = self.row(layer)
+        for name in ("tokens", "weight_sum", "output_norm_sum"):
+            getattr(self, name)[i] = getattr(observer, name)
+        if observer.measure_drop_loss:
+            self.drop_loss[i] = observer.drop_loss
+        self.total_tokens[i] = observer.total_tokens
+        self.block_output_norm_sum[i] = observer.block_output_norm_sum
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        """Share of a modality's tokens routed to each expert, [L, E, M] (sums to top_k over experts)."""
+        return self.tokens / self.total_tokens[:, None, :].clamp(min=1)
+
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,161 @@
+"""`moecompress analyze|compress|eval ...` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+from .errors import MoECompressError
+
+DEFAULT_CALIB = "../shared/data/calib/calib_mix.jsonl"
+
+
+def _load_for_eval(path: str, trust_remote_code: bool):
+    """A packed checkpoint (moecompress.json present) or any supported original model."""
+    from .api import load
+    from .io.checkpoint import MANIFEST
+    from .models import get_adapter, load_model, read_config
+    from .pipeline import load_tokenizer_or_processor
+
+    config = read_config(path, trust_remote_code)
+    multimodal = get_adapter(config.model_type).is_multimodal
+    if (Path(path) / MANIFEST).is_file():
+        model = load(path, cache_dequantized=True, trust_remote_code=trust_remote_code)
+    else:
+        model = load_model(path, trust_remote_code=trust_remote_code).model
+    return model, load_tokenizer_or_processor(path, multimodal, trust_remote_code)
+
+
+def cmd_compress(args) -> dict:
+    from .pipeline import compress
+    from .recipe import Recipe
+
+    recipe = Recipe.from_yaml(args.recipe) if args.recipe else Recipe()
+    if args.calib:
+        recipe.calibration.dataset = args.calib
+    if args.vl_calib:
+        recipe.calibration.vl_dataset = args.vl_calib
+    if args.num_samples:
+        recipe.calibration.num_samples = args.num_samples
+    if args.device:
+        recipe.device = args.device
+    recipe.validate()
+    result = compress(args.model, recipe, args.output, trust_remote_code=args.trust_remote_code)
+    report = result.report.to_dict()
+    report["rare_experts"] = len(report["rare_experts"])
+    return report
+
+
+def cmd_analyze(args) -> dict:
+    from .analysis.importance import write_analysis
+    from .calibration.data import text_calibration_batches, vl_calibration_batches
+    from .calibration.engine import collect_expert_stats
+    from .models import load_model
+    from .pipeline import load_tokenizer_or_processor
+
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    processor = load_tokenizer_or_processor(args.model, loaded.adapter.is_multimodal, args.trust_remote_code)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    batches = text_calibration_batches(args.calib, tokenizer, args.num_samples, args.seq_len)
+    if args.vl_calib:
+        batches += vl_calibration_batches(args.vl_calib, processor, loaded.model.config.image_token_id, args.num_samples)
+    stats = collect_expert_stats(loaded.model, loaded.adapter, batches, args.model, measure_drop_loss=not args.no_drop_loss, device=args.device)
+    out = write_analysis(stats, args.output)
+    return {"output": str(out), "files": sorted(p.name for p in out.iterdir())}
+
+
+def cmd_eval_ppl(args) -> dict:
+    from .evaluation.perplexity import perplexity
+
+    model, processor = _load_for_eval(args.model, args.trust_remote_code)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return {
+        Path(d).stem: perplexity(model, tokenizer, d, args.seq_len, args.batch_size, args.max_windows).to_dict()
+        for d in args.data
+    }
+
+
+def cmd_eval_vlqa(args) -> dict:
+    from .evaluation.vlqa import vl_qa_accuracy
+
+    model, processor = _load_for_eval(args.model, args.trust_remote_code)
+    result = vl_qa_accuracy(model, processor, args.data, args.batch_size, args.max_items)
+    return result.to_dict()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moecompress", description="Compress Mixture-of-Experts models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--trust-remote-code", action="store_true", help="allow custom code shipped with the model/processor")
+        p.add_argument("--json", help="also write the result as JSON to this file")
+
+    p = sub.add_parser("compress", help="quantize the routed experts and write a packed checkpoint")
+    p.add_argument("model", help="model folder or hub id")
+    p.add_argument("--recipe", help="YAML recipe (pipelines/*.yaml); default: GPTQ w4 g128")
+    p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
+    p.add_argument("--calib", help="override calibration.dataset (jsonl/txt file or hub dataset)")
+    p.add_argument("--vl-calib", help="override calibration.vl_dataset (image+text jsonl)")
+    p.add_argument("--num-samples", type=int, help="override calibration.num_samples")
+    p.add_argument("--device", help="compute device for the layer being processed (cpu, cuda, cuda:1)")
+    common(p)
+    p.set_defaults(run=cmd_compress)
+
+    p = sub.add_parser("analyze", help="expert importance (frequency, weight, contribution, drop loss) per modality")
+    p.add_argument("model")
+    p.add_argument("--calib", default=DEFAULT_CALIB)
+    p.add_argument("--vl-calib", help="image+text jsonl for VL models")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--no-drop-loss", action="store_true", help="skip the drop-one-expert reconstruction loss")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-o", "--output", required=True)
+    common(p)
+    p.set_defaults(run=cmd_analyze)
+
+    p = sub.add_parser("eval", help="evaluate a model or packed checkpoint")
+    eval_sub = p.add_subparsers(dest="task", required=True)
+    e = eval_sub.add_parser("ppl", help="perplexity over 512-token windows")
+    e.add_argument("model")
+    e.add_argument("--data", nargs="+", required=True, help="text files (.txt, .jsonl)")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-windows", type=int)
+    common(e)
+    e.set_defaults(run=cmd_eval_ppl)
+    e = eval_sub.add_parser("vlqa", help="visual QA exact-match accuracy (image+text jsonl)")
+    e.add_argument("model")
+    e.add_argument("--data", required=True)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-items", type=int)
+    common(e)
+    e.set_defaults(run=cmd_eval_vlqa)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    try:
+        result = args.run(args)
+    except MoECompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = {"result": result, "wall_seconds": round(time.perf_counter() - start, 2),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if getattr(args, "json", None):
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
