@@ -233,9 +233,10 @@ def run_layerwise(
     measure_drop_loss: bool = False,
     progress: bool = True,
     desc: str = "layers",
-) -> None:
+) -> list[torch.Tensor]:
     """Walk the decoder; `on_moe_layer(view, observer)` sees each MoE block after its calibration pass
-    and returns True when it changed the layer (then the layer's outputs are recomputed)."""
+    and returns True when it changed the layer (then the layer's outputs are recomputed).
+    Returns the last decoder layer's outputs, one tensor per batch."""
     device = torch.device(device)
     inputs = capture_layer_inputs(model, adapter, batches, device)
     views = {v.layer_index: v for v in adapter.moe_blocks(model)}
@@ -260,3 +261,4 @@ def run_layerwise(
             changed = on_moe_layer(view, observer)
             inputs.hidden = forward_layer(layer, adapter, index, inputs) if changed else outputs
         layers[index] = layer.to("cpu") if device.type != "cpu" else layer
+    return inputs.hidden

@@ -1,0 +1,59 @@
+import torch
+
+from moecompress.calibration.data import CalibrationBatch
+from moecompress.calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
+from moecompress.models import get_adapter
+
+from ..models.tiny_models import tiny_model
+
+
+def batches(n=3, seq=24, vocab=128):
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (2, seq))
+        out.append(CalibrationBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids % 5 == 0))
+    return out
+
+
+def test_layerwise_walk_reproduces_the_full_forward():
+    model = tiny_model("qwen3_moe")
+    adapter = get_adapter("qwen3_moe")
+    data = batches()
+    walked = run_layerwise(model, adapter, data, lambda view, observer: False, progress=False)
+    for batch, hidden in zip(data, walked):
+        with torch.no_grad():
+            reference = model.model(**batch.inputs).last_hidden_state
+        torch.testing.assert_close(model.model.norm(hidden), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_observer_counts_and_hessians_match_the_routing():
+    model = tiny_model("qwen3_moe")
+    view = get_adapter("qwen3_moe").moe_blocks(model)[0]
+    x = torch.randn(300, 64)
+    image = torch.rand(300) < 0.3
+    observer = ExpertObserver(view, total_tokens=300)
+    observer.observe(x, image)
+    weights, indices = view.route(x)
+    assert observer.tokens.sum() == 300 * 2
+    assert observer.total_tokens.tolist() == [float((~image).sum()), float(image.sum())]
+    for e in range(8):
+        tok = (indices == e).any(1)
+        assert observer.tokens[e, 1] == (tok & image).sum()
+        if tok.any():
+            torch.testing.assert_close(observer.hessian_in[e], x[tok].T @ x[tok], rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(observer.weight_sum[e].sum().float(), weights[indices == e].sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_expert_stats_round_trip_and_drop_loss(tmp_path):
+    model = tiny_model("qwen2_moe")
+    adapter = get_adapter("qwen2_moe")
+    stats = collect_expert_stats(model, adapter, batches(), "tiny-qwen2-moe", progress=False)
+    assert stats.tokens.shape == (2, 8, 2)
+    assert torch.allclose(stats.frequency.sum(1)[:, 0], torch.full((2,), 2.0, dtype=torch.float64))
+    routed = stats.tokens.sum(-1) > 0
+    assert (stats.drop_loss[routed].sum(-1) > 0).all()
+    stats.save(tmp_path)
+    from moecompress.calibration.stats import ExpertStats
+
+    again = ExpertStats.load(tmp_path)
+    assert torch.equal(again.tokens, stats.tokens) and again.layers == stats.layers
