@@ -1,7 +1,7 @@
 """Small randomly initialised models of every supported text architecture (for plumbing tests only)."""
 
 import torch
-from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
@@ -22,7 +22,7 @@ def tiny_model(model_type: str, seed: int = 0):
     config = CONFIG_MAPPING[model_type](**{**COMMON, **CONFIGS[model_type]})
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.2)
         for module in model.modules():

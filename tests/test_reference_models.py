@@ -1,0 +1,52 @@
+"""End-to-end quality on the trained reference models (slow: run with `pytest -m slow`)."""
+
+import pytest
+
+import moecompress
+from moecompress.recipe import Recipe
+
+from .conftest import CALIB, SHAPES, TINY_VL, WIKI, require_shared
+
+pytestmark = pytest.mark.slow
+
+
+def recipe(method: str, bits: int, **calibration) -> Recipe:
+    return Recipe.from_dict({"name": f"{method}-w{bits}", "quantization": {"method": method, "bits": bits},
+                             "calibration": {"dataset": str(require_shared(CALIB)), **calibration}})
+
+
+def wiki_ppl(model, tokenizer, windows=120):
+    from moecompress.evaluation.perplexity import perplexity
+
+    return perplexity(model, tokenizer, str(WIKI), max_windows=windows, progress=False).ppl
+
+
+def test_gptq_beats_rtn_at_3_bits_and_stays_within_15_percent(tiny_text_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    from moecompress.models import load_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_path)
+    reference = wiki_ppl(load_model(str(tiny_text_path)).model, tokenizer)
+    ppl = {}
+    for method in ("rtn", "gptq"):
+        moecompress.compress(str(tiny_text_path), recipe(method, 3), output=tmp_path / method, progress=False)
+        ppl[method] = wiki_ppl(moecompress.load(tmp_path / method, cache_dequantized=True), tokenizer)
+    assert ppl["gptq"] < ppl["rtn"]
+    assert ppl["gptq"] < 1.15 * reference
+
+
+def test_vl_w4_keeps_qa_accuracy_within_3_points(tmp_path):
+    from moecompress.evaluation.vlqa import vl_qa_accuracy
+    from moecompress.models import load_model
+    from moecompress.pipeline import load_tokenizer_or_processor
+
+    vl = require_shared(TINY_VL)
+    r = recipe("gptq", 4, vl_dataset=str(SHAPES / "calib.jsonl"), num_samples=32)
+    moecompress.compress(str(vl), r, output=tmp_path / "vl", trust_remote_code=True, progress=False)
+    processor = load_tokenizer_or_processor(str(vl), True, trust_remote_code=True)
+    items = 240
+    reference = vl_qa_accuracy(load_model(str(vl)).model, processor, str(SHAPES / "eval.jsonl"), max_items=items, progress=False)
+    quantized = vl_qa_accuracy(moecompress.load(tmp_path / "vl", trust_remote_code=True, cache_dequantized=True),
+                               processor, str(SHAPES / "eval.jsonl"), max_items=items, progress=False)
+    assert quantized.accuracy >= reference.accuracy - 0.03
