@@ -34,7 +34,7 @@ def rare_experts(stats: ExpertStats, threshold: float = 0.005) -> list[dict]:
     """Experts receiving less than `threshold` of all token->expert assignments of their layer."""
     share = stats.tokens.sum(-1) / stats.tokens.sum(dim=(1, 2))[:, None].clamp(min=1)
     rows, cols = torch.where(share < threshold)
-    return [{"layer": stats.layers[int(i)], "expert": int(e), "share": float(share[i, e])} for i, e in zip(rows, cols, strict=False)]
+    return [{"layer": stats.layers[int(i)], "expert": int(e), "share": float(share[i, e])} for i, e in zip(rows, cols)]
 
 
 def write_analysis(stats: ExpertStats, output: str | Path) -> Path:
@@ -74,7 +74,7 @@ def _heatmap(values: torch.Tensor, names: list[str], columns: list[int], layers:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(columns), figsize=(1.2 + 0.45 * values.shape[1] * len(columns), 1.5 + 0.4 * len(layers)), squeeze=False)
-    for ax, m, name in zip(axes[0], columns, names, strict=False):
+    for ax, m, name in zip(axes[0], columns, names):
         image = ax.imshow(values[:, :, m].numpy(), aspect="auto", cmap="viridis")
         ax.set_title(f"{metric} ({name})", fontsize=9)
         ax.set_xlabel("expert")

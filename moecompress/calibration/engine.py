@@ -91,7 +91,7 @@ def capture_layer_inputs(
 @torch.no_grad()
 def forward_layer(layer: nn.Module, adapter: ModelAdapter, index: int, inputs: LayerInputs) -> list[torch.Tensor]:
     outputs = []
-    for hidden, kwargs, extras in zip(inputs.hidden, inputs.kwargs, inputs.extras, strict=False):
+    for hidden, kwargs, extras in zip(inputs.hidden, inputs.kwargs, inputs.extras):
         out = layer(hidden, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         outputs.append(adapter.after_layer(index, out, extras))
@@ -251,7 +251,7 @@ def run_layerwise(
             handle = view.block.register_forward_hook(observer.hook)
             outputs = []
             try:
-                for hidden, kwargs, extras, mask in zip(inputs.hidden, inputs.kwargs, inputs.extras, inputs.image_masks, strict=False):
+                for hidden, kwargs, extras, mask in zip(inputs.hidden, inputs.kwargs, inputs.extras, inputs.image_masks):
                     observer.image_mask = mask
                     out = layer(hidden, **kwargs)
                     out = out[0] if isinstance(out, tuple) else out

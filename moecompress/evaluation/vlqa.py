@@ -43,7 +43,7 @@ def vl_qa_accuracy(
         inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for item, answer in zip(batch, answers, strict=False):
+        for item, answer in zip(batch, answers):
             hit = answer.strip() == item["answer"].strip()
             correct[item.get("qtype", "all")].append(hit)
             if len(examples) < 12:

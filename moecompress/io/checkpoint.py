@@ -135,12 +135,12 @@ def save_checkpoint(
             if len(shards) == 1
             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         )
-        for name, shard in zip(names, shards, strict=False):
+        for name, shard in zip(names, shards):
             save_file(shard, str(tmp / name), metadata={"format": "pt"})
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                "weight_map": {k: n for n, s in zip(names, shards, strict=False) for k in s},
+                "weight_map": {k: n for n, s in zip(names, shards) for k in s},
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 

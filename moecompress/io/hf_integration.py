@@ -39,7 +39,7 @@ class MoECompressHfQuantizer(HfQuantizer):
             parent = model.get_submodule(parent_name)
             fused = getattr(parent, child)
             hidden, intermediate = fused.down_proj.shape[1], fused.down_proj.shape[2]
-            per_expert = [dict(zip(("gate_proj", "up_proj", "down_proj"), (formats[i] for i in row), strict=False)) for row in rows]
+            per_expert = [dict(zip(("gate_proj", "up_proj", "down_proj"), (formats[i] for i in row))) for row in rows]
             setattr(parent, child, PackedExperts(hidden, intermediate, per_expert, fused.act_fn))
         return model
 

@@ -110,7 +110,7 @@ def install_packed_experts(
     fused = view.experts
     intermediate, hidden = fused.down_proj.shape[2], fused.down_proj.shape[1]
     module = PackedExperts(hidden, intermediate, [{p: t.fmt for p, t in e.items()} for e in packed], fused.act_fn)
-    for expert, tensors, report in zip(module, packed, reports, strict=False):
+    for expert, tensors, report in zip(module, packed, reports):
         for proj, tensor in tensors.items():
             linear = getattr(expert, proj)
             linear.load_packed(tensor)

@@ -20,7 +20,7 @@ def test_layerwise_walk_reproduces_the_full_forward():
     adapter = get_adapter("qwen3_moe")
     data = batches()
     walked = run_layerwise(model, adapter, data, lambda view, observer: False, progress=False)
-    for batch, hidden in zip(data, walked, strict=False):
+    for batch, hidden in zip(data, walked):
         with torch.no_grad():
             reference = model.model(**batch.inputs).last_hidden_state
         torch.testing.assert_close(model.model.norm(hidden), reference, rtol=1e-5, atol=1e-5)
