@@ -33,22 +33,44 @@ def _load_for_eval(path: str, trust_remote_code: bool):
 
 def cmd_compress(args) -> dict:
     from .pipeline import compress
-    from .recipe import Recipe
 
-    recipe = Recipe.from_yaml(args.recipe) if args.recipe else Recipe()
-    if args.calib:
-        recipe.calibration.dataset = args.calib
-    if args.vl_calib:
-        recipe.calibration.vl_dataset = args.vl_calib
-    if args.num_samples:
-        recipe.calibration.num_samples = args.num_samples
-    if args.device:
-        recipe.device = args.device
-    recipe.validate()
-    result = compress(args.model, recipe, args.output, trust_remote_code=args.trust_remote_code)
+    recipe = _recipe_with_overrides(args)
+    result = compress(args.model, recipe, args.output, trust_remote_code=args.trust_remote_code, plan=args.plan)
     report = result.report.to_dict()
     report["rare_experts"] = len(report["rare_experts"])
     return report
+
+
+def _recipe_with_overrides(args):
+    from .recipe import Recipe
+
+    recipe = Recipe.from_yaml(args.recipe) if args.recipe else Recipe()
+    for key, value in (("dataset", args.calib), ("vl_dataset", args.vl_calib), ("num_samples", args.num_samples)):
+        if value:
+            setattr(recipe.calibration, key, value)
+    if getattr(args, "avg_bits", None):
+        recipe.allocation.avg_bits = args.avg_bits
+    if getattr(args, "device", None):
+        recipe.device = args.device
+    return recipe.validate()
+
+
+def cmd_plan(args) -> dict:
+    from .models import load_model
+    from .pipeline import calibration_batches, plan_allocation
+
+    recipe = _recipe_with_overrides(args)
+    if recipe.allocation.method == "uniform":
+        recipe.allocation.method = "lp"
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    plan, stats = plan_allocation(loaded, recipe, calibration_batches(loaded, recipe, args.trust_remote_code))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    stats.save(out)
+    plan.save(out / "plan.json")
+    plan.heatmap(out / "plan.png")
+    print(plan.table(), file=sys.stderr)
+    return {"output": str(out), "average_bits": plan.average_bits, "method": plan.method, **plan.details}
 
 
 def cmd_analyze(args) -> dict:
@@ -104,8 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vl-calib", help="override calibration.vl_dataset (image+text jsonl)")
     p.add_argument("--num-samples", type=int, help="override calibration.num_samples")
     p.add_argument("--device", help="compute device for the layer being processed (cpu, cuda, cuda:1)")
+    p.add_argument("--plan", help="plan.json from `moecompress plan` (bits per expert); skips the allocation")
+    p.add_argument("--avg-bits", type=float, help="override allocation.avg_bits")
     common(p)
     p.set_defaults(run=cmd_compress)
+
+    p = sub.add_parser("plan", help="profile quantization error per expert and allocate bits (integer program)")
+    p.add_argument("model")
+    p.add_argument("--recipe", help="recipe with an `allocation` section (method lp when left uniform)")
+    p.add_argument("-o", "--output", required=True, help="folder for plan.json, plan.png, expert_stats.safetensors")
+    p.add_argument("--avg-bits", type=float, help="override allocation.avg_bits")
+    p.add_argument("--calib")
+    p.add_argument("--vl-calib")
+    p.add_argument("--num-samples", type=int)
+    p.add_argument("--device")
+    common(p)
+    p.set_defaults(run=cmd_plan)
 
     p = sub.add_parser("analyze", help="expert importance (frequency, weight, contribution, drop loss) per modality")
     p.add_argument("model")

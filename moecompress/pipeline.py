@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .allocation import CompressionPlan, allocate
 from .calibration.data import CalibrationBatch, text_calibration_batches, vl_calibration_batches
-from .calibration.engine import ExpertObserver, run_layerwise
+from .calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
 from .errors import CalibrationDataError, ModelLoadError
 from .models import LoadedModel, MoEBlockView, load_model
-from .models.base import PROJECTIONS
 from .quant.experts import (
     ExpertQuantReport,
     GPTQOptions,
@@ -22,10 +22,9 @@ from .quant.experts import (
     install_packed_experts,
     quantize_block_experts,
 )
+from .quant.qtensor import QuantFormat
 from .recipe import Recipe
 from .runtime.packed_experts import PackedExperts, PackedLinear
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +36,8 @@ class CompressionReport:
     expert_params: int
     expert_bytes: int
     bits_per_expert_param: float
+    code_bits_per_expert_param: float
+    allocation: str
     experts_gptq: int
     experts_rtn: int
     rare_experts: list[dict] = field(default_factory=list)
@@ -92,30 +93,53 @@ def expert_bytes(model: nn.Module) -> tuple[int, int]:
     return nbytes, params
 
 
+def _as_recipe(recipe: Recipe | str | Path | None) -> Recipe:
+    if recipe is None:
+        return Recipe()
+    return recipe if isinstance(recipe, Recipe) else Recipe.from_yaml(recipe)
+
+
+def plan_allocation(
+    loaded: LoadedModel, recipe: Recipe, batches: list[CalibrationBatch], progress: bool = True
+) -> tuple[CompressionPlan, object]:
+    """Profile every expert's quantization error at the candidate bit widths, then allocate bits.
+    Returns (plan, ExpertStats)."""
+    q, a = recipe.quantization, recipe.allocation
+    views = loaded.adapter.moe_blocks(loaded.model)
+    if a.method == "uniform":
+        return CompressionPlan.uniform([v.layer_index for v in views], views[0].num_experts, q.bits, q.group_size, q.sym), None
+    formats = [QuantFormat(b, q.group_size, q.sym) for b in a.profile_bits]
+    stats = collect_expert_stats(loaded.model, loaded.adapter, batches, loaded.source, measure_drop_loss=False,
+                                 device=recipe.device, progress=progress, profile_formats=formats,
+                                 profile_max_tokens=a.profile_tokens)
+    return allocate(stats, a, q.group_size, q.sym), stats
+
+
 def compress(
     model: str | LoadedModel,
     recipe: Recipe | str | Path | None = None,
     output: str | Path | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    plan: CompressionPlan | str | Path | None = None,
 ) -> CompressionResult:
-    """Compress the routed experts of `model` (folder, hub id or `LoadedModel`) as `recipe` says; save the
-    packed checkpoint to `output` if given. Returns the compressed in-memory model and a report."""
-    if recipe is None:
-        recipe = Recipe()
-    elif not isinstance(recipe, Recipe):
-        recipe = Recipe.from_yaml(recipe)
+    """Compress the routed experts of `model` (folder, hub id or `LoadedModel`) as `recipe` says (or at the
+    bits of a precomputed `plan`); save the packed checkpoint to `output` if given."""
+    recipe = _as_recipe(recipe)
     start = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
     batches = calibration_batches(loaded, recipe, trust_remote_code)
+    if plan is None:
+        plan, _ = plan_allocation(loaded, recipe, batches, progress)
+    elif not isinstance(plan, CompressionPlan):
+        plan = CompressionPlan.load(plan)
     q = recipe.quantization
     gptq = GPTQOptions(damp=q.damp, act_order=q.act_order, clip_search=q.clip_search)
     rare = RareExpertPolicy(q.rare_experts.policy, q.rare_experts.min_tokens)
     results: dict[int, tuple[list, list[ExpertQuantReport]]] = {}
 
     def quantize_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
-        formats = [{p: q.format for p in PROJECTIONS} for _ in range(view.num_experts)]
-        results[view.layer_index] = quantize_block_experts(view, observer, formats, q.method, gptq, rare)
+        results[view.layer_index] = quantize_block_experts(view, observer, plan.formats(view.layer_index), q.method, gptq, rare)
         return True
 
     run_layerwise(loaded.model, loaded.adapter, batches, quantize_layer, recipe.device, progress=progress, desc="compress")
@@ -132,6 +156,8 @@ def compress(
         expert_params=params,
         expert_bytes=nbytes,
         bits_per_expert_param=8 * nbytes / max(params, 1),
+        code_bits_per_expert_param=plan.average_bits,
+        allocation=plan.method,
         experts_gptq=sum(r.method == "gptq" for r in reports),
         experts_rtn=sum(r.method == "rtn" for r in reports),
         rare_experts=[asdict(r) for r in reports if r.tokens < rare.min_tokens],
@@ -141,7 +167,8 @@ def compress(
 
         report.seconds = time.perf_counter() - start
         report.output = str(save_checkpoint(
-            loaded.model, output, recipe.to_yaml(), loaded.source, report.to_dict(), getattr(torch, recipe.save_dtype)
+            loaded.model, output, recipe.to_yaml(), loaded.source, report.to_dict(), getattr(torch, recipe.save_dtype),
+            extra_files={"plan.json": json.dumps(plan.to_dict(), indent=1)},
         ))
     report.seconds = time.perf_counter() - start
     return CompressionResult(loaded.model, loaded, report)

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from .allocation.allocate import AllocationConfig
 from .errors import RecipeError
 from .quant.experts import RARE_POLICIES
 from .quant.qtensor import SUPPORTED_BITS, QuantFormat
@@ -54,6 +55,7 @@ class Recipe:
     description: str = ""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
     device: str = "cpu"
     save_dtype: str = "bfloat16"
 
@@ -71,6 +73,7 @@ class Recipe:
         for ok, message in checks:
             if not ok:
                 raise RecipeError(f"recipe '{self.name}': {message}")
+        self.allocation.validate()
         return self
 
     def to_dict(self) -> dict:

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.base import MODALITIES, ModelAdapter, MoEBlockView
+from ..models.base import MODALITIES, PROJECTIONS, ExpertWeights, ModelAdapter, MoEBlockView
+from ..quant.qtensor import QuantFormat
+from ..quant.rtn import quantize_rtn
 from .data import CalibrationBatch
 from .stats import ExpertStats
 
@@ -111,6 +113,8 @@ class ExpertObserver:
         measure_drop_loss: bool = False,
         reservoir_size: int = 2048,
         seed: int = 0,
+        profile_formats: list[QuantFormat] | None = None,
+        profile_max_tokens: int = 4096,
     ):
         self.view = view
         E, M = view.num_experts, len(MODALITIES)
@@ -128,6 +132,11 @@ class ExpertObserver:
         self._reservoir_rate = min(1.0, reservoir_size / max(total_tokens, 1))
         self._generator = torch.Generator().manual_seed(seed)
         self.image_mask: torch.Tensor | None = None
+        self.profile_formats = list(profile_formats or [])
+        self.profile_max_tokens = profile_max_tokens
+        self.quant_error = torch.zeros(E, len(self.profile_formats), len(PROJECTIONS) + 1, dtype=torch.float64)
+        self.profile_tokens = torch.zeros(E, dtype=torch.float64)
+        self._rtn_cache: dict[tuple[int, int], ExpertWeights] = {}
 
     def hook(self, module, args, output) -> None:
         hidden = args[0]
@@ -155,6 +164,8 @@ class ExpertObserver:
             if self.collect_hessians:
                 self._accumulate(self.hessian_in, e, xe)
                 self._accumulate(self.hessian_mid, e, mid)
+            if self.profile_formats and self.profile_tokens[e] < self.profile_max_tokens:
+                self._profile(e, xe, w, out)
         self.total_tokens += torch.bincount(modality, minlength=M).double().cpu()
         self.block_output_norm_sum += torch.bincount(modality, weights=routed.pow(2).sum(1), minlength=M).double().cpu()
         if self.measure_drop_loss:
@@ -162,6 +173,25 @@ class ExpertObserver:
         n_keep = math.ceil(self._reservoir_rate * x.shape[0])
         picks = torch.randperm(x.shape[0], generator=self._generator)[:n_keep]
         self.reservoir.append(x[picks.to(x.device)].cpu())
+
+    def _profile(self, e: int, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+        """Block-output error of RTN at each candidate format, one projection at a time and all together."""
+        take = int(min(x.shape[0], self.profile_max_tokens - self.profile_tokens[e]))
+        x, w, out = x[:take], w[:take, None], out[:take]
+        original = self.view.expert_weights(e)
+        for c in range(len(self.profile_formats)):
+            quantized = self._rtn(e, c, original)
+            variants = [original.replace(**{p: quantized[p]}) for p in PROJECTIONS] + [quantized]
+            for v, weights in enumerate(variants):
+                y = self.view.expert_forward(e, x, weights)[1]
+                self.quant_error[e, c, v] += float((w * (y - out)).pow(2).sum())
+        self.profile_tokens[e] += take
+
+    def _rtn(self, e: int, c: int, original: ExpertWeights) -> ExpertWeights:
+        if (e, c) not in self._rtn_cache:
+            fmt = self.profile_formats[c]
+            self._rtn_cache[(e, c)] = ExpertWeights(*(quantize_rtn(original[p].float(), fmt).dequantize() for p in PROJECTIONS))
+        return self._rtn_cache[(e, c)]
 
     @staticmethod
     def _accumulate(store: dict[int, torch.Tensor], e: int, x: torch.Tensor) -> None:
@@ -205,8 +235,11 @@ def collect_expert_stats(
     measure_drop_loss: bool = True,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    profile_formats: list[QuantFormat] | None = None,
+    profile_max_tokens: int = 4096,
 ) -> ExpertStats:
-    """Calibration pass without changing the model: routing, output and drop-loss statistics per expert."""
+    """Calibration pass without changing the model: routing, output and drop-loss statistics per expert,
+    and the RTN error profile at each of `profile_formats` when given."""
     views = adapter.moe_blocks(model)
     stats = ExpertStats.empty(source, [v.layer_index for v in views], views[0].num_experts, views[0].top_k)
 
@@ -215,7 +248,8 @@ def collect_expert_stats(
         return False
 
     run_layerwise(model, adapter, batches, record, device, collect_hessians=False,
-                  measure_drop_loss=measure_drop_loss, progress=progress, desc="analyze")
+                  measure_drop_loss=measure_drop_loss, progress=progress, desc="analyze",
+                  observer_options={"profile_formats": profile_formats, "profile_max_tokens": profile_max_tokens})
     return stats
 
 
@@ -233,6 +267,7 @@ def run_layerwise(
     measure_drop_loss: bool = False,
     progress: bool = True,
     desc: str = "layers",
+    observer_options: dict | None = None,
 ) -> list[torch.Tensor]:
     """Walk the decoder; `on_moe_layer(view, observer)` sees each MoE block after its calibration pass
     and returns True when it changed the layer (then the layer's outputs are recomputed).
@@ -247,7 +282,9 @@ def run_layerwise(
         if view is None:
             inputs.hidden = forward_layer(layer, adapter, index, inputs)
         else:
-            observer = ExpertObserver(view, inputs.num_tokens, collect_hessians, measure_drop_loss, seed=index)
+            observer = ExpertObserver(
+                view, inputs.num_tokens, collect_hessians, measure_drop_loss, seed=index, **(observer_options or {})
+            )
             handle = view.block.register_forward_hook(observer.hook)
             outputs = []
             try:

@@ -13,6 +13,7 @@ from ..errors import CheckpointError
 from ..models.base import MODALITIES
 
 _TENSOR_FIELDS = ("tokens", "weight_sum", "output_norm_sum", "drop_loss", "total_tokens", "block_output_norm_sum")
+_PROFILE_FIELDS = ("quant_error", "profile_tokens")
 
 
 @dataclass
@@ -25,6 +26,10 @@ class ExpertStats:
     drop_loss[l, e, m]        sum over tokens of ||Z - Z_without_e||^2 (Z: routed block output, the
                               expert removed and its tokens re-routed); NaN when not measured
     total_tokens[l, m], block_output_norm_sum[l, m]: normalisers (tokens through the block, sum ||Z||^2)
+    quant_error[l, e, c, p]   error profile (when measured): sum over the expert's profiled tokens of
+                              ||routing_weight * (y_quantized - y)||^2 with candidate format c applied by
+                              RTN to projection p (0 gate, 1 up, 2 down) or, for p = 3, to all three
+    profile_tokens[l, e]      tokens the profile was measured on
     """
 
     model: str
@@ -38,6 +43,9 @@ class ExpertStats:
     total_tokens: torch.Tensor
     block_output_norm_sum: torch.Tensor
     modalities: tuple[str, ...] = MODALITIES
+    candidate_formats: list[dict] = field(default_factory=list)
+    quant_error: torch.Tensor | None = None
+    profile_tokens: torch.Tensor | None = None
     hessians: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -68,6 +76,13 @@ class ExpertStats:
             self.drop_loss[i] = observer.drop_loss
         self.total_tokens[i] = observer.total_tokens
         self.block_output_norm_sum[i] = observer.block_output_norm_sum
+        if observer.profile_formats:
+            if self.quant_error is None:
+                self.candidate_formats = [f.to_dict() for f in observer.profile_formats]
+                self.quant_error = torch.zeros(len(self.layers), *observer.quant_error.shape, dtype=torch.float64)
+                self.profile_tokens = torch.zeros(len(self.layers), self.num_experts, dtype=torch.float64)
+            self.quant_error[i] = observer.quant_error
+            self.profile_tokens[i] = observer.profile_tokens
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -77,8 +92,8 @@ class ExpertStats:
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {k: getattr(self, k) for k in ("model", "layers", "num_experts", "top_k", "modalities")}
-        tensors = {k: getattr(self, k).contiguous() for k in _TENSOR_FIELDS}
+        meta = {k: getattr(self, k) for k in ("model", "layers", "num_experts", "top_k", "modalities", "candidate_formats")}
+        tensors = {k: getattr(self, k).contiguous() for k in _TENSOR_FIELDS + _PROFILE_FIELDS if getattr(self, k) is not None}
         save_file(tensors, str(folder / "expert_stats.safetensors"), metadata={"moecompress": json.dumps(meta)})
         if self.hessians:
             save_file({k: v.contiguous() for k, v in self.hessians.items()}, str(folder / "hessians.safetensors"))

@@ -124,6 +124,7 @@ def save_checkpoint(
     summary: dict | None = None,
     dtype: torch.dtype = torch.bfloat16,
     max_shard_bytes: int = 4 << 30,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write `model` (with `PackedExperts` modules) as a packed checkpoint at `output`, atomically."""
     output = Path(output)
@@ -150,6 +151,8 @@ def save_checkpoint(
         config.save_pretrained(tmp)
         _copy_aux_files(source, tmp)
         (tmp / "recipe.yaml").write_text(recipe_yaml)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
 
         tensors = {}
         for name, module in model.named_modules():

@@ -28,6 +28,9 @@ class ExpertWeights:
     def __getitem__(self, name: str) -> torch.Tensor:
         return getattr(self, name)
 
+    def replace(self, **matrices: torch.Tensor) -> ExpertWeights:
+        return ExpertWeights(**{p: matrices.get(p, getattr(self, p)) for p in PROJECTIONS})
+
 
 @dataclass
 class MoEBlockView:
@@ -83,9 +86,12 @@ class MoEBlockView:
             experts.gate_up_proj[expert, size:].copy_(weights.up_proj)
             experts.down_proj[expert].copy_(weights.down_proj)
 
-    def expert_forward(self, expert: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(intermediate activations fed to down_proj, expert output) for tokens x [T, H]."""
-        w = self.expert_weights(expert)
+    def expert_forward(
+        self, expert: int, x: torch.Tensor, weights: ExpertWeights | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(intermediate activations fed to down_proj, expert output) for tokens x [T, H], with the
+        expert's own weights or the replacement `weights`."""
+        w = weights if weights is not None else self.expert_weights(expert)
         act = self.experts.act_fn
         hidden = act(F.linear(x, w.gate_proj.to(x.dtype))) * F.linear(x, w.up_proj.to(x.dtype))
         return hidden, F.linear(hidden, w.down_proj.to(x.dtype))

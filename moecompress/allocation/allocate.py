@@ -1,0 +1,140 @@
+"""Turn `ExpertStats` (importance + measured quantization error) into a `CompressionPlan`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ..calibration.stats import ExpertStats
+from ..errors import BudgetError, RecipeError
+from ..models.base import PROJECTIONS
+from ..quant.qtensor import SUPPORTED_BITS
+from .plan import CompressionPlan
+from .solver import random_allocation, ranked_allocation, solve_allocation
+
+ALLOCATION_METHODS = ("uniform", "lp", "random", "frequency")
+
+
+@dataclass
+class AllocationConfig:
+    """How bits are spread over routed experts.
+
+    method: uniform (every expert at quantization.bits) | lp (integer program, MC PMQ) |
+            random / frequency (baselines: the two candidates around avg_bits, the upper one given at
+            random or to the most frequently routed experts).
+    Cost of giving item i candidate b (lp): frequency_i^alpha * routing_weight_i^beta * error_{i,b}^alpha,
+    error = block-output error of RTN at b per profiled token; frequency and routing weight mix the
+    modalities with `modality_weights`.
+    """
+
+    method: str = "uniform"
+    avg_bits: float = 3.0
+    candidates: list[int] = field(default_factory=lambda: [2, 3, 4])
+    scope: str = "layer"
+    granularity: str = "expert"
+    alpha: float = 1.0
+    beta: float = 1.5
+    modality_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "image": 1.0})
+    fixed: dict[str, int] = field(default_factory=dict)
+    profile_tokens: int = 4096
+    seed: int = 0
+
+    def validate(self) -> AllocationConfig:
+        problems = []
+        if self.method not in ALLOCATION_METHODS:
+            problems.append(f"allocation.method '{self.method}': use one of {list(ALLOCATION_METHODS)}")
+        if self.scope not in ("layer", "global"):
+            problems.append(f"allocation.scope '{self.scope}': use layer or global")
+        if self.granularity not in ("expert", "projection"):
+            problems.append(f"allocation.granularity '{self.granularity}': use expert or projection")
+        bad = [b for b in [*self.candidates, *self.fixed.values()] if b not in SUPPORTED_BITS]
+        if bad or not self.candidates:
+            problems.append(f"allocation candidates/fixed bits {bad or '[]'}: use values from {list(SUPPORTED_BITS)}")
+        if problems:
+            raise RecipeError("; ".join(problems))
+        return self
+
+    @property
+    def profile_bits(self) -> list[int]:
+        return sorted(set(self.candidates) | set(self.fixed.values()))
+
+
+def _importance(stats: ExpertStats, config: AllocationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frequency, mean routing weight) per [layer, expert], mixed over modalities."""
+    unknown = set(config.modality_weights) - set(stats.modalities)
+    if unknown:
+        raise RecipeError(f"allocation.modality_weights: unknown modalities {sorted(unknown)}; use {list(stats.modalities)}")
+    lam = torch.tensor([config.modality_weights.get(m, 0.0) for m in stats.modalities], dtype=torch.float64)
+    present = (stats.total_tokens.sum(0) > 0).double()
+    lam = lam * present
+    if lam.sum() <= 0:
+        raise RecipeError("allocation.modality_weights give zero weight to every modality present in the calibration data.")
+    freq = stats.tokens / stats.total_tokens[:, None, :].clamp(min=1)
+    mean_weight = stats.weight_sum / stats.tokens.clamp(min=1)
+    return (freq * lam).sum(-1) / lam.sum(), (mean_weight * lam).sum(-1) / lam.sum()
+
+
+def allocate(stats: ExpertStats, config: AllocationConfig, group_size: int = 128, sym: bool = False,
+             expert_shape: tuple[int, int] | None = None) -> CompressionPlan:
+    """Bits per expert (or projection) from the stats' error profile under `config`'s budget."""
+    config.validate()
+    L, E, P = len(stats.layers), stats.num_experts, len(PROJECTIONS)
+    if config.method == "uniform":
+        raise RecipeError("allocation.method uniform needs no allocation: use quantization.bits.")
+    if stats.quant_error is None:
+        raise RecipeError("these expert statistics have no error profile: run `moecompress plan` (it measures one).")
+    profiled = [f["bits"] for f in stats.candidate_formats]
+    missing = set(config.profile_bits) - set(profiled)
+    if missing:
+        raise RecipeError(f"the error profile has bits {profiled} but the allocation needs {sorted(missing)}; re-run the profile.")
+    cand = sorted(set(config.candidates))
+    per_expert = config.granularity == "expert"
+    names = [f"layers.{layer}.experts.{e}" + ("" if per_expert else f".{p}")
+             for layer in stats.layers for e in range(E) for p in ([None] if per_expert else PROJECTIONS)]
+    n = len(names)
+    items_per_layer = E if per_expert else E * P
+
+    bit_list = sorted(set(cand) | set(config.fixed.values()))
+    columns = [profiled.index(b) for b in bit_list]
+    err = stats.quant_error[:, :, columns, :] / stats.profile_tokens[:, :, None, None].clamp(min=1)
+    err = err[..., 3] if per_expert else err[..., :3].permute(0, 1, 3, 2)  # [L,E,C] or [L,E,P,C]
+    err = err.reshape(n, len(bit_list))
+    freq, weight = _importance(stats, config)
+    importance = (freq.clamp(min=0) ** config.alpha * weight.clamp(min=0) ** config.beta).reshape(L * E)
+    importance = importance.repeat_interleave(1 if per_expert else P)
+    costs = importance[:, None] * err.clamp(min=0) ** config.alpha
+
+    allowed = torch.tensor([[b in cand for b in bit_list]] * n)
+    for pattern, b in config.fixed.items():
+        hits = [i for i, name in enumerate(names) if re.search(pattern, name)]
+        if not hits:
+            raise RecipeError(f"allocation.fixed pattern '{pattern}' matches no expert (names look like {names[0]}).")
+        allowed[hits] = torch.tensor([x == b for x in bit_list])
+
+    sizes = torch.ones(n, dtype=torch.float64)  # all routed experts / projections have equal size
+    if config.scope == "layer":
+        groups = torch.arange(n) // items_per_layer
+    else:
+        groups = torch.zeros(n, dtype=torch.long)
+    budgets = {int(g): config.avg_bits * float(sizes[groups == g].sum()) for g in groups.unique()}
+    if config.method == "lp":
+        choice = solve_allocation(costs, sizes, [float(b) for b in bit_list], groups, budgets, allowed)
+    else:
+        if config.fixed:
+            raise RecipeError(f"allocation.fixed is only honoured by method lp, not '{config.method}'.")
+        if config.scope != "global":
+            raise BudgetError(f"the {config.method} baseline spreads one global budget; set allocation.scope: global.")
+        bits_f = [float(b) for b in bit_list]
+        budget = budgets[0]
+        if config.method == "random":
+            choice = random_allocation(sizes, bits_f, budget, config.seed)
+        else:
+            choice = ranked_allocation(freq.reshape(-1).repeat_interleave(1 if per_expert else P), sizes, bits_f, budget)
+    chosen = torch.tensor(bit_list)[choice].reshape(L, E, -1)
+    bits = chosen.expand(L, E, P).clone() if per_expert else chosen
+    objective = float(costs.gather(1, choice[:, None]).sum())
+    return CompressionPlan(list(stats.layers), bits, group_size, sym, config.method,
+                           {"avg_bits_budget": config.avg_bits, "scope": config.scope, "granularity": config.granularity,
+                            "objective": objective, "candidates": bit_list})

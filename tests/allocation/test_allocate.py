@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from moecompress.allocation import CompressionPlan, allocate
+from moecompress.calibration.stats import ExpertStats
+from moecompress.errors import BudgetError, RecipeError
+from moecompress.recipe import Recipe
+
+
+def profiled_stats() -> ExpertStats:
+    """4 experts x 2 layers; expert 0 is frequent and sensitive, expert 3 is never routed."""
+    stats = ExpertStats.empty("synthetic", [0, 1], num_experts=4, top_k=1)
+    stats.tokens[:, :, 0] = torch.tensor([60.0, 25, 15, 0])
+    stats.tokens[:, :, 1] = torch.tensor([0.0, 0, 10, 0])  # image tokens only go to expert 2
+    stats.total_tokens[:] = torch.tensor([100.0, 10])
+    stats.weight_sum[:] = stats.tokens * 0.9
+    stats.candidate_formats = [{"bits": b, "group_size": 128, "sym": False} for b in (2, 3, 4)]
+    per_token = torch.tensor([8.0, 2.0, 0.5], dtype=torch.float64)  # error at 2/3/4 bits
+    stats.profile_tokens = stats.tokens.sum(-1)
+    stats.quant_error = stats.profile_tokens[:, :, None, None] * per_token[None, None, :, None].expand(2, 4, 3, 4)
+    return stats
+
+
+def config(**kw):
+    return Recipe.from_dict({"allocation": {"method": "lp", "candidates": [2, 3, 4], **kw}}).allocation
+
+
+def test_lp_spends_bits_on_important_experts_within_budget():
+    plan = allocate(profiled_stats(), config(avg_bits=3.0, modality_weights={"text": 1.0, "image": 0.0}))
+    per_expert = plan.bits[:, :, 0]
+    assert plan.average_bits <= 3.0
+    assert (per_expert[:, 0] == 4).all() and (per_expert[:, 3] == 2).all()
+
+
+def test_image_importance_moves_bits_to_the_image_expert():
+    both = allocate(profiled_stats(), config(avg_bits=3.0, modality_weights={"text": 1.0, "image": 1.0}))
+    text = allocate(profiled_stats(), config(avg_bits=3.0, modality_weights={"text": 1.0, "image": 0.0}))
+    assert (both.bits[:, 2, 0] == 4).all() and (text.bits[:, 2, 0] < 4).all()
+
+
+def test_fixed_pattern_is_honoured():
+    plan = allocate(profiled_stats(), config(avg_bits=2.75, fixed={r"layers\.1\.experts\.3$": 4}))
+    assert plan.bits[1, 3, 0] == 4
+
+
+def test_projection_granularity_allocates_each_projection():
+    plan = allocate(profiled_stats(), config(avg_bits=3.0, granularity="projection"))
+    assert plan.bits.shape == (2, 4, 3) and plan.average_bits <= 3.0
+
+
+def test_infeasible_budget_is_a_budget_error():
+    with pytest.raises(BudgetError, match="smallest feasible budget is 2"):
+        allocate(profiled_stats(), config(avg_bits=1.5))
+
+
+def test_unknown_allocation_values_are_recipe_errors():
+    with pytest.raises(RecipeError, match="scope"):
+        config(scope="model")
+    with pytest.raises(RecipeError, match="modalit"):
+        allocate(profiled_stats(), config(modality_weights={"audio": 1.0}))
+
+
+def test_plan_round_trips_through_json(tmp_path):
+    plan = allocate(profiled_stats(), config(avg_bits=3.0))
+    plan.save(tmp_path / "plan.json")
+    again = CompressionPlan.load(tmp_path / "plan.json")
+    assert torch.equal(again.bits, plan.bits) and again.formats(1)[0]["down_proj"].bits == int(plan.bits[1, 0, 2])
+    assert "layer" in plan.table()
