@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -178,13 +179,20 @@ class ExpertObserver:
         """Block-output error of RTN at each candidate format, one projection at a time and all together."""
         take = int(min(x.shape[0], self.profile_max_tokens - self.profile_tokens[e]))
         x, w, out = x[:take], w[:take, None], out[:take]
+        act = self.view.experts.act_fn
         original = self.view.expert_weights(e)
+        gate, up = act(F.linear(x, original.gate_proj)), F.linear(x, original.up_proj)
         for c in range(len(self.profile_formats)):
-            quantized = self._rtn(e, c, original)
-            variants = [original.replace(**{p: quantized[p]}) for p in PROJECTIONS] + [quantized]
-            for v, weights in enumerate(variants):
-                y = self.view.expert_forward(e, x, weights)[1]
-                self.quant_error[e, c, v] += float((w * (y - out)).pow(2).sum())
+            q = self._rtn(e, c, original)
+            gate_q, up_q = act(F.linear(x, q.gate_proj)), F.linear(x, q.up_proj)
+            variants = (  # (down input, down weight) with gate / up / down / all quantized
+                (gate_q * up, original.down_proj),
+                (gate * up_q, original.down_proj),
+                (gate * up, q.down_proj),
+                (gate_q * up_q, q.down_proj),
+            )
+            for v, (mid, down) in enumerate(variants):
+                self.quant_error[e, c, v] += float((w * (F.linear(mid, down) - out)).pow(2).sum())
         self.profile_tokens[e] += take
 
     def _rtn(self, e: int, c: int, original: ExpertWeights) -> ExpertWeights:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from moecompress.calibration.data import CalibrationBatch
@@ -57,3 +58,27 @@ def test_expert_stats_round_trip_and_drop_loss(tmp_path):
 
     again = ExpertStats.load(tmp_path)
     assert torch.equal(again.tokens, stats.tokens) and again.layers == stats.layers
+
+
+def test_error_profile_is_the_block_output_error_of_rtn():
+    from moecompress.models.base import ExpertWeights
+    from moecompress.quant.qtensor import QuantFormat
+    from moecompress.quant.rtn import quantize_rtn
+
+    view = get_adapter("qwen3_moe").moe_blocks(tiny_model("qwen3_moe"))[0]
+    fmt = QuantFormat(2, 16)
+    observer = ExpertObserver(view, total_tokens=200, collect_hessians=False, profile_formats=[fmt])
+    x = torch.randn(200, 64)
+    observer.observe(x, torch.zeros(200, dtype=torch.bool))
+    weights, indices = view.route(x)
+    e = int(indices[0, 0])
+    tok, slot = torch.where(indices == e)
+    w = weights[tok, slot, None]
+    original = view.expert_weights(e)
+    quantized = ExpertWeights(*(quantize_rtn(original[p], fmt).dequantize() for p in ("gate_proj", "up_proj", "down_proj")))
+    y = view.expert_forward(e, x[tok])[1]
+    for v, replaced in enumerate([original.replace(gate_proj=quantized.gate_proj), original.replace(up_proj=quantized.up_proj),
+                                  original.replace(down_proj=quantized.down_proj), quantized]):
+        expected = (w * (view.expert_forward(e, x[tok], replaced)[1] - y)).pow(2).sum()
+        assert float(observer.quant_error[e, 0, v]) == pytest.approx(float(expected), rel=1e-4)
+        assert expected > 0
