@@ -143,6 +143,7 @@ class ExpertObserver:
         hidden = args[0]
         self.observe(hidden.reshape(-1, hidden.shape[-1]), self.image_mask.reshape(-1))
 
+    @torch.no_grad()
     def observe(self, x: torch.Tensor, image_mask: torch.Tensor) -> None:
         x = x.float()
         modality = image_mask.long().to(x.device)
