@@ -60,6 +60,7 @@ def test_expert_stats_round_trip_and_drop_loss(tmp_path):
     assert torch.equal(again.tokens, stats.tokens) and again.layers == stats.layers
 
 
+@torch.no_grad()
 def test_error_profile_is_the_block_output_error_of_rtn():
     from moecompress.models.base import ExpertWeights
     from moecompress.quant.qtensor import QuantFormat
