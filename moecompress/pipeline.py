@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .allocation import CompressionPlan, allocate
+from .allocation.allocate import avg_bits_for_bytes
 from .calibration.data import CalibrationBatch, text_calibration_batches, vl_calibration_batches
 from .calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
 from .errors import CalibrationDataError, ModelLoadError
@@ -108,11 +109,29 @@ def plan_allocation(
     views = loaded.adapter.moe_blocks(loaded.model)
     if a.method == "uniform":
         return CompressionPlan.uniform([v.layer_index for v in views], views[0].num_experts, q.bits, q.group_size, q.sym), None
+    if a.max_bytes is not None:
+        a.avg_bits = avg_bits_for_bytes(a.max_bytes, *_unquantized_bytes_and_expert_params(loaded, recipe), q.group_size, a.candidates)
     formats = [QuantFormat(b, q.group_size, q.sym) for b in a.profile_bits]
     stats = collect_expert_stats(loaded.model, loaded.adapter, batches, loaded.source, measure_drop_loss=False,
                                  device=recipe.device, progress=progress, profile_formats=formats,
                                  profile_max_tokens=a.profile_tokens)
     return allocate(stats, a, q.group_size, q.sym), stats
+
+
+def _unquantized_bytes_and_expert_params(loaded: LoadedModel, recipe: Recipe) -> tuple[int, int]:
+    """Checkpoint bytes of everything but the routed experts (tied tensors once), and the expert parameter count."""
+    expert_tensors = {id(p) for v in loaded.adapter.moe_blocks(loaded.model) for p in v.experts.parameters()}
+    element = torch.empty(0, dtype=getattr(torch, recipe.save_dtype)).element_size()
+    seen, fixed, experts = set(), 0, 0
+    for tensor in list(loaded.model.parameters()) + list(loaded.model.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if id(tensor) in expert_tensors:
+            experts += tensor.numel()
+        else:
+            fixed += tensor.numel() * (element if tensor.is_floating_point() else tensor.element_size())
+    return fixed, experts
 
 
 def compress(

@@ -24,6 +24,8 @@ class AllocationConfig:
     method: uniform (every expert at quantization.bits) | lp (integer program, MC PMQ) |
             random / frequency (baselines: the two candidates around avg_bits, the upper one given at
             random or to the most frequently routed experts).
+    max_bytes: a byte budget for the whole checkpoint's weight files instead of avg_bits (the unquantized
+            tensors and the experts' scales/zeros are subtracted first).
     Cost of giving item i candidate b (lp): frequency_i^alpha * routing_weight_i^beta * error_{i,b}^alpha,
     error = block-output error of RTN at b per profiled token; frequency and routing weight mix the
     modalities with `modality_weights`.
@@ -31,6 +33,7 @@ class AllocationConfig:
 
     method: str = "uniform"
     avg_bits: float = 3.0
+    max_bytes: int | None = None
     candidates: list[int] = field(default_factory=lambda: [2, 3, 4])
     scope: str = "layer"
     granularity: str = "expert"
@@ -52,6 +55,8 @@ class AllocationConfig:
         bad = [b for b in [*self.candidates, *self.fixed.values()] if b not in SUPPORTED_BITS]
         if bad or not self.candidates:
             problems.append(f"allocation candidates/fixed bits {bad or '[]'}: use values from {list(SUPPORTED_BITS)}")
+        if self.max_bytes is not None and (not isinstance(self.max_bytes, int) or self.max_bytes <= 0):
+            problems.append(f"allocation.max_bytes {self.max_bytes!r}: use a positive number of bytes")
         if problems:
             raise RecipeError("; ".join(problems))
         return self
@@ -59,6 +64,20 @@ class AllocationConfig:
     @property
     def profile_bits(self) -> list[int]:
         return sorted(set(self.candidates) | set(self.fixed.values()))
+
+
+def avg_bits_for_bytes(max_bytes: int, fixed_bytes: int, expert_params: int, group_size: int, candidates: list[int]) -> float:
+    """Average code bits per expert parameter that fill `max_bytes`, given `fixed_bytes` of unquantized
+    tensors and an fp16 scale + uint8 zero per group."""
+    overhead = 24 / group_size if group_size > 0 else 0.0
+    avg = (max_bytes - fixed_bytes) * 8 / expert_params - overhead
+    smallest = fixed_bytes + expert_params * (min(candidates) + overhead) / 8
+    if avg < min(candidates):
+        raise BudgetError(
+            f"a budget of {max_bytes} bytes is infeasible: the unquantized tensors alone take {fixed_bytes} bytes and the "
+            f"smallest feasible budget is {int(smallest) + 1} bytes (every expert at {min(candidates)} bits)."
+        )
+    return avg
 
 
 def _importance(stats: ExpertStats, config: AllocationConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,3 +66,13 @@ def test_plan_round_trips_through_json(tmp_path):
     again = CompressionPlan.load(tmp_path / "plan.json")
     assert torch.equal(again.bits, plan.bits) and again.formats(1)[0]["down_proj"].bits == int(plan.bits[1, 0, 2])
     assert "layer" in plan.table()
+
+
+def test_byte_budget_converts_to_average_bits_and_names_the_smallest():
+    from moecompress.allocation.allocate import avg_bits_for_bytes
+
+    params = 1_000_000
+    avg = avg_bits_for_bytes(100_000 + params * (3 + 24 / 128) // 8, 100_000, params, 128, [2, 3, 4])
+    assert avg == pytest.approx(3.0, abs=1e-4)
+    with pytest.raises(BudgetError, match="smallest feasible budget is 373438 bytes"):
+        avg_bits_for_bytes(300_000, 100_000, params, 128, [2, 3, 4])
