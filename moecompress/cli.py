@@ -44,7 +44,7 @@ def cmd_compress(args) -> dict:
 def _recipe_with_overrides(args):
     from .recipe import Recipe
 
-    recipe = Recipe.from_yaml(args.recipe) if args.recipe else Recipe()
+    recipe = Recipe.from_yaml(args.recipe) if getattr(args, "recipe", None) else Recipe()
     for key, value in (("dataset", args.calib), ("vl_dataset", args.vl_calib), ("num_samples", args.num_samples)):
         if value:
             setattr(recipe.calibration, key, value)
@@ -75,18 +75,16 @@ def cmd_plan(args) -> dict:
 
 def cmd_analyze(args) -> dict:
     from .analysis.importance import write_analysis
-    from .calibration.data import text_calibration_batches, vl_calibration_batches
     from .calibration.engine import collect_expert_stats
     from .models import load_model
-    from .pipeline import load_tokenizer_or_processor
+    from .pipeline import calibration_batches
 
+    recipe = _recipe_with_overrides(args)
+    recipe.calibration.seq_len = args.seq_len
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    processor = load_tokenizer_or_processor(args.model, loaded.adapter.is_multimodal, args.trust_remote_code)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    batches = text_calibration_batches(args.calib, tokenizer, args.num_samples, args.seq_len)
-    if args.vl_calib:
-        batches += vl_calibration_batches(args.vl_calib, processor, loaded.model.config.image_token_id, args.num_samples)
-    stats = collect_expert_stats(loaded.model, loaded.adapter, batches, args.model, measure_drop_loss=not args.no_drop_loss, device=args.device)
+    batches = calibration_batches(loaded, recipe, args.trust_remote_code)
+    stats = collect_expert_stats(loaded.model, loaded.adapter, batches, args.model,
+                                 measure_drop_loss=not args.no_drop_loss, device=recipe.device)
     out = write_analysis(stats, args.output)
     return {"output": str(out), "files": sorted(p.name for p in out.iterdir())}
 

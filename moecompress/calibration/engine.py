@@ -220,20 +220,12 @@ class ExpertObserver:
             excluded = torch.zeros(E, dtype=torch.bool)
             excluded[e] = True
             w2, idx2 = self.view.route(x[tok], excluded)
-            rerouted = routed_output(self.view, x[tok], w2, idx2)
+            rerouted = self.view.experts(x[tok], idx2, w2)
             err = (routed[tok] - rerouted).pow(2).sum(1)
             self.drop_loss[e] += torch.bincount(modality[tok], weights=err, minlength=len(MODALITIES)).double().cpu()
 
     def reservoir_tokens(self) -> torch.Tensor:
         return torch.cat(self.reservoir) if self.reservoir else torch.empty(0)
-
-
-def routed_output(view: MoEBlockView, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros_like(x)
-    for e in indices.unique().tolist():
-        tok, slot = torch.where(indices == e)
-        out.index_add_(0, tok, weights[tok, slot, None].to(x.dtype) * view.expert_forward(e, x[tok])[1])
-    return out
 
 
 def collect_expert_stats(
