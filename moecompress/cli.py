@@ -12,8 +12,6 @@ from pathlib import Path
 
 from .errors import MoECompressError
 
-DEFAULT_CALIB = "../shared/data/calib/calib_mix.jsonl"
-
 
 def _load_for_eval(path: str, trust_remote_code: bool):
     """A packed checkpoint (moecompress.json present) or any supported original model."""
@@ -143,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="expert importance (frequency, weight, contribution, drop loss) per modality")
     p.add_argument("model")
-    p.add_argument("--calib", default=DEFAULT_CALIB)
+    p.add_argument("--calib", help="calibration text (default: the recipe default calib_mix.jsonl)")
     p.add_argument("--vl-calib", help="image+text jsonl for VL models")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)

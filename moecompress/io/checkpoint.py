@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from ..models.base import PROJECTIONS
 from ..quant.qtensor import QuantFormat
 from ..runtime.packed_experts import PackedExperts, PackedLinear
 
@@ -45,7 +46,7 @@ def quantization_config(model: nn.Module) -> dict:
             rows = []
             for per_expert in module.formats():
                 row = []
-                for proj in ("gate_proj", "up_proj", "down_proj"):
+                for proj in PROJECTIONS:
                     if per_expert[proj] not in formats:
                         formats.append(per_expert[proj])
                     row.append(formats.index(per_expert[proj]))

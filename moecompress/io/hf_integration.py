@@ -9,6 +9,7 @@ from typing import Any
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..models.base import PROJECTIONS
 from ..quant.qtensor import QuantFormat
 from ..runtime.packed_experts import PackedExperts
 from .checkpoint import FORMAT_VERSION, QUANT_METHOD
@@ -39,7 +40,7 @@ class MoECompressHfQuantizer(HfQuantizer):
             parent = model.get_submodule(parent_name)
             fused = getattr(parent, child)
             hidden, intermediate = fused.down_proj.shape[1], fused.down_proj.shape[2]
-            per_expert = [dict(zip(("gate_proj", "up_proj", "down_proj"), (formats[i] for i in row))) for row in rows]
+            per_expert = [dict(zip(PROJECTIONS, (formats[i] for i in row))) for row in rows]
             setattr(parent, child, PackedExperts(hidden, intermediate, per_expert, fused.act_fn))
         return model
 
