@@ -48,9 +48,32 @@ def _recipe_with_overrides(args):
             setattr(recipe.calibration, key, value)
     if getattr(args, "avg_bits", None):
         recipe.allocation.avg_bits = args.avg_bits
+    if getattr(args, "recovery_steps", None) is not None:
+        recipe.recovery.enabled = args.recovery_steps > 0
+        recipe.recovery.steps = max(args.recovery_steps, 1)
     if getattr(args, "device", None):
         recipe.device = args.device
     return recipe.validate()
+
+
+def cmd_upcycle(args) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .errors import ModelLoadError
+    from .io.checkpoint import atomic_folder
+    from .training.upcycle import upcycle_dense_to_mote
+
+    try:
+        dense = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the dense model '{args.model}': {exc}") from exc
+    moe = upcycle_dense_to_mote(dense, args.experts, args.top_k, args.routed_share, args.noise)
+    with atomic_folder(Path(args.output)) as tmp:
+        moe.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return {"output": str(Path(args.output).resolve()), "experts": args.experts, "top_k": args.top_k,
+            "next": f"moecompress compress {args.output} --recipe pipelines/ternary-experts.yaml (recovery.teacher: {args.model})"}
 
 
 def cmd_plan(args) -> dict:
@@ -124,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="compute device for the layer being processed (cpu, cuda, cuda:1)")
     p.add_argument("--plan", help="plan.json from `moecompress plan` (bits per expert); skips the allocation")
     p.add_argument("--avg-bits", type=float, help="override allocation.avg_bits")
+    p.add_argument("--recovery-steps", type=int, help="override recovery.steps (0 turns recovery training off)")
     common(p)
     p.set_defaults(run=cmd_compress)
 
@@ -150,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     common(p)
     p.set_defaults(run=cmd_analyze)
+
+    p = sub.add_parser("upcycle", help="dense Qwen2 -> Qwen2-MoE with the FFN as full-precision shared expert (MoTE)")
+    p.add_argument("model", help="dense model folder or hub id")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--routed-share", type=float, default=0.5, help="share of the FFN output given to the routed experts")
+    p.add_argument("--noise", type=float, default=0.01, help="relative noise added to each routed copy (breaks symmetry)")
+    common(p)
+    p.set_defaults(run=cmd_upcycle)
 
     p = sub.add_parser("eval", help="evaluate a model or packed checkpoint")
     eval_sub = p.add_subparsers(dest="task", required=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,8 +15,9 @@ from .allocation import CompressionPlan, allocate
 from .allocation.allocate import avg_bits_for_bytes
 from .calibration.data import CalibrationBatch, text_calibration_batches, vl_calibration_batches
 from .calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
-from .errors import CalibrationDataError, ModelLoadError
-from .models import LoadedModel, MoEBlockView, load_model
+from .errors import CalibrationDataError, ModelLoadError, UnsupportedModelError
+from .models import LoadedModel, MoEBlockView, get_adapter, load_model
+from .models.base import ModelAdapter
 from .quant.experts import (
     ExpertQuantReport,
     GPTQOptions,
@@ -42,6 +44,7 @@ class CompressionReport:
     experts_gptq: int
     experts_rtn: int
     rare_experts: list[dict] = field(default_factory=list)
+    recovery: dict | None = None
     output: str | None = None
 
     def to_dict(self) -> dict:
@@ -108,14 +111,16 @@ def plan_allocation(
     q, a = recipe.quantization, recipe.allocation
     views = loaded.adapter.moe_blocks(loaded.model)
     if a.method == "uniform":
-        return CompressionPlan.uniform([v.layer_index for v in views], views[0].num_experts, q.bits, q.group_size, q.sym), None
+        return CompressionPlan.uniform([v.layer_index for v in views], views[0].num_experts, q.format), None
+    formats = [q.format_for(k) for k in a.profile_keys]
+    integer_format = QuantFormat(q.bits, q.group_size, q.sym)
     if a.max_bytes is not None:
-        a.avg_bits = avg_bits_for_bytes(a.max_bytes, *_unquantized_bytes_and_expert_params(loaded, recipe), q.group_size, a.candidates)
-    formats = [QuantFormat(b, q.group_size, q.sym) for b in a.profile_bits]
+        a.avg_bits = avg_bits_for_bytes(a.max_bytes, *_unquantized_bytes_and_expert_params(loaded, recipe),
+                                        [q.format_for(k) for k in a.candidates], integer_format)
     stats = collect_expert_stats(loaded.model, loaded.adapter, batches, loaded.source, measure_drop_loss=False,
                                  device=recipe.device, progress=progress, profile_formats=formats,
                                  profile_max_tokens=a.profile_tokens)
-    return allocate(stats, a, q.group_size, q.sym), stats
+    return allocate(stats, a, integer_format), stats
 
 
 def _unquantized_bytes_and_expert_params(loaded: LoadedModel, recipe: Recipe) -> tuple[int, int]:
@@ -153,18 +158,21 @@ def compress(
     elif not isinstance(plan, CompressionPlan):
         plan = CompressionPlan.load(plan)
     q = recipe.quantization
-    gptq = GPTQOptions(damp=q.damp, act_order=q.act_order, clip_search=q.clip_search)
+    gptq = GPTQOptions(damp=q.damp, act_order=q.act_order, clip_search=q.clip_search, ternary_scale=q.ternary_scale)
     rare = RareExpertPolicy(q.rare_experts.policy, q.rare_experts.min_tokens)
     results: dict[int, tuple[list, list[ExpertQuantReport]]] = {}
 
     def quantize_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
-        results[view.layer_index] = quantize_block_experts(view, observer, plan.formats(view.layer_index), q.method, gptq, rare)
+        results[view.layer_index] = quantize_block_experts(view, observer, plan.layer_formats(view.layer_index), q.method, gptq, rare)
         return True
 
     run_layerwise(loaded.model, loaded.adapter, batches, quantize_layer, recipe.device, progress=progress, desc="compress")
     for view in loaded.adapter.moe_blocks(loaded.model):
         install_packed_experts(view, *results[view.layer_index])
 
+    recovery = None
+    if recipe.recovery.enabled:
+        recovery = recover(loaded, recipe, output, trust_remote_code, progress).to_dict()
     reports = [r for _, layer_reports in results.values() for r in layer_reports]
     nbytes, params = expert_bytes(loaded.model)
     report = CompressionReport(
@@ -180,6 +188,7 @@ def compress(
         experts_gptq=sum(r.method == "gptq" for r in reports),
         experts_rtn=sum(r.method == "rtn" for r in reports),
         rare_experts=[asdict(r) for r in reports if r.tokens < rare.min_tokens],
+        recovery=recovery,
     )
     if output is not None:
         from .io.checkpoint import save_checkpoint
@@ -191,6 +200,54 @@ def compress(
         ))
     report.seconds = time.perf_counter() - start
     return CompressionResult(loaded.model, loaded, report)
+
+
+def recovery_batches(loaded: LoadedModel, recipe: Recipe, trust_remote_code: bool = False) -> list[CalibrationBatch]:
+    """Training data of the recovery stage: text windows (+ image+text items for VL models), shuffled together."""
+    r, cal = recipe.recovery, recipe.calibration
+    processor = load_tokenizer_or_processor(loaded.source, loaded.adapter.is_multimodal, trust_remote_code)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    batches = text_calibration_batches(r.dataset or cal.dataset, tokenizer, r.num_samples, r.seq_len, r.batch_size, r.seed)
+    if loaded.adapter.is_multimodal and cal.vl_dataset and r.vl_num_samples:
+        batches += vl_calibration_batches(cal.vl_dataset, processor, loaded.model.config.image_token_id, r.vl_num_samples, r.seed)
+    random.Random(r.seed).shuffle(batches)
+    return batches
+
+
+def _load_teacher(source: str, trust_remote_code: bool) -> LoadedModel:
+    """Any causal LM (dense or MoE) as a distillation teacher."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the recovery teacher '{source}': {exc}") from exc
+    config = model.config
+    try:
+        adapter = get_adapter(config.model_type)
+    except UnsupportedModelError:
+        adapter = ModelAdapter()
+    return LoadedModel(model.eval(), adapter, source)
+
+
+def recover(
+    loaded: LoadedModel, recipe: Recipe, output: str | Path | None = None, trust_remote_code: bool = False,
+    progress: bool = True,
+):
+    """Quantization-aware distillation of the packed experts of `loaded.model` from the original model.
+    Resumable when `output` is given: the state lives in `<output>.recovery-state/`."""
+    from .training.qat import job_fingerprint, recover_quantized_experts
+
+    teacher = _load_teacher(recipe.recovery.teacher, trust_remote_code) if recipe.recovery.teacher else \
+        load_model(loaded.source, trust_remote_code=trust_remote_code)
+    state_dir = Path(str(Path(output).expanduser()) + ".recovery-state") if output is not None else None
+    report = recover_quantized_experts(
+        loaded.model, teacher.model, loaded.adapter, recovery_batches(loaded, recipe, trust_remote_code), recipe.recovery,
+        state_dir, job_fingerprint(recipe.to_yaml(), loaded.source), progress, cpu=recipe.device == "cpu",
+    )
+    loaded.model.eval()
+    del teacher
+    return report
 
 
 def set_dequant_cache(model: nn.Module, enabled: bool) -> None:

@@ -13,7 +13,9 @@ import yaml
 from .allocation.allocate import AllocationConfig
 from .errors import RecipeError
 from .quant.experts import RARE_POLICIES
-from .quant.qtensor import SUPPORTED_BITS, QuantFormat
+from .quant.qtensor import PACKINGS, SUPPORTED_BITS, TERNARY, QuantFormat
+from .quant.ternary import TERNARY_SCALE_METHODS
+from .training.qat import QAT_INITS, RecoveryConfig
 
 
 @dataclass
@@ -35,6 +37,10 @@ class RareExpertConfig:
 
 @dataclass
 class QuantizationConfig:
+    """Routed-expert quantization. `ternary: true` quantizes every expert to {-1, 0, 1} x scale instead of
+    `bits` (group_size 0 = one scale per tensor, -1 = per output channel); ternary is also an allocation
+    candidate, with the same ternary_* settings."""
+
     method: str = "gptq"
     bits: int = 4
     group_size: int = 128
@@ -42,11 +48,20 @@ class QuantizationConfig:
     damp: float = 0.01
     act_order: bool = False
     clip_search: bool = False
+    ternary: bool = False
+    ternary_packing: str = "base3"
+    ternary_scale: str = "lsq"
     rare_experts: RareExpertConfig = field(default_factory=RareExpertConfig)
 
     @property
     def format(self) -> QuantFormat:
-        return QuantFormat(self.bits, self.group_size, self.sym)
+        return self.format_for(TERNARY if self.ternary else self.bits)
+
+    def format_for(self, key: int | str) -> QuantFormat:
+        """The format an allocation candidate key (a bit width or "ternary") stands for."""
+        if key == TERNARY:
+            return QuantFormat.make_ternary(self.group_size, self.ternary_packing)
+        return QuantFormat(int(key), self.group_size, self.sym)
 
 
 @dataclass
@@ -56,6 +71,7 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     device: str = "cpu"
     save_dtype: str = "bfloat16"
 
@@ -64,16 +80,22 @@ class Recipe:
         checks = [
             (q.method in ("gptq", "rtn"), f"quantization.method '{q.method}': use gptq or rtn"),
             (q.bits in SUPPORTED_BITS, f"quantization.bits {q.bits}: use one of {list(SUPPORTED_BITS)}"),
-            (q.group_size == -1 or q.group_size > 0, f"quantization.group_size {q.group_size}: use a positive size or -1"),
+            (q.group_size >= -1 and (q.group_size != 0 or q.ternary),
+             f"quantization.group_size {q.group_size}: use a positive size or -1 (0, per tensor, only with ternary)"),
+            (q.ternary_packing in PACKINGS, f"quantization.ternary_packing '{q.ternary_packing}': use one of {list(PACKINGS)}"),
+            (q.ternary_scale in TERNARY_SCALE_METHODS, f"quantization.ternary_scale '{q.ternary_scale}': use one of {list(TERNARY_SCALE_METHODS)}"),
             (0 < q.damp < 1, f"quantization.damp {q.damp}: use a fraction of the mean Hessian diagonal in (0, 1), e.g. 0.01"),
             (q.rare_experts.policy in RARE_POLICIES, f"quantization.rare_experts.policy '{q.rare_experts.policy}': use one of {list(RARE_POLICIES)}"),
             (self.calibration.num_samples > 0 and self.calibration.seq_len > 1, "calibration.num_samples and seq_len must be positive"),
+            (self.recovery.init in QAT_INITS, f"recovery.init '{self.recovery.init}': use one of {list(QAT_INITS)}"),
             (self.save_dtype in ("bfloat16", "float16", "float32"), f"save_dtype '{self.save_dtype}': use bfloat16, float16 or float32"),
         ]
         for ok, message in checks:
             if not ok:
                 raise RecipeError(f"recipe '{self.name}': {message}")
         self.allocation.validate()
+        if self.recovery.enabled:
+            self.recovery.distill_config()
         return self
 
     def to_dict(self) -> dict:

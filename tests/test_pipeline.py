@@ -1,9 +1,10 @@
 import json
+from pathlib import Path
 
 import torch
 
 import moecompress
-from moecompress.recipe import Recipe
+from moecompress.recipe import CalibrationConfig, Recipe
 from moecompress.runtime import PackedLinear
 
 from .conftest import CALIB, require_shared
@@ -21,6 +22,24 @@ def test_lp_mixed_precision_compresses_saves_and_reloads(tiny_text_path, tmp_pat
     plan = json.loads((tmp_path / "mc" / "plan.json").read_text())
     assert plan["method"] == "lp" and plan["average_bits"] <= 2.5
     loaded = moecompress.load(tmp_path / "mc")
+    ids = torch.randint(0, 8000, (1, 64))
+    with torch.no_grad():
+        assert torch.equal(result.model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_ternary_with_recovery_saves_exactly_what_it_trained(tiny_text_path, tmp_path):
+    recipe = Recipe.from_yaml(Path(__file__).resolve().parent.parent / "pipelines" / "ternary-experts.yaml")
+    recipe.calibration = CalibrationConfig(dataset=str(require_shared(CALIB)), num_samples=4, seq_len=128)
+    recipe.quantization.method = "rtn"
+    recipe.recovery.steps, recipe.recovery.num_samples, recipe.recovery.seq_len = 3, 6, 64
+    result = moecompress.compress(str(tiny_text_path), recipe, output=tmp_path / "t", progress=False)
+    linears = [m for m in result.model.modules() if isinstance(m, PackedLinear)]
+    assert all(m.fmt.ternary and m.fmt.packing == "base3" and m.method == "qat" for m in linears)
+    assert result.report.recovery["steps"] == 3 and (tmp_path / "t.recovery-state" / "latest").is_dir()
+    assert 1.6 < result.report.bits_per_expert_param < 1.7  # 5 trits/byte + one fp16 scale per row of 256
+    manifest = json.loads((tmp_path / "t" / "moecompress.json").read_text())
+    assert all(t["ternary"] for t in manifest["tensors"].values())
+    loaded = moecompress.load(tmp_path / "t")
     ids = torch.randint(0, 8000, (1, 64))
     with torch.no_grad():
         assert torch.equal(result.model(input_ids=ids).logits, loaded(input_ids=ids).logits)

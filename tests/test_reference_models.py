@@ -1,5 +1,7 @@
 """End-to-end quality on the trained reference models (slow: run with `pytest -m slow`)."""
 
+from pathlib import Path
+
 import pytest
 
 import moecompress
@@ -50,3 +52,25 @@ def test_vl_w4_keeps_qa_accuracy_within_3_points(tmp_path):
     quantized = vl_qa_accuracy(moecompress.load(tmp_path / "vl", trust_remote_code=True, cache_dequantized=True),
                                processor, str(SHAPES / "eval.jsonl"), max_items=items, progress=False)
     assert quantized.accuracy >= reference.accuracy - 0.03
+
+
+def test_ternary_recovery_training_beats_training_free_ternary(tiny_text_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    from moecompress.evaluation.perplexity import perplexity
+
+    from .conftest import SHARED
+
+    python_set = str(require_shared(SHARED / "data" / "heldout-text" / "python_heldout.jsonl"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_path)
+    recipe = Recipe.from_yaml(Path(__file__).resolve().parent.parent / "pipelines" / "ternary-experts.yaml")
+    recipe.calibration.dataset, recipe.calibration.num_samples = str(require_shared(CALIB)), 32
+    recipe.recovery.steps = 60
+    ppl = {}
+    for trained in (False, True):
+        recipe.recovery.enabled = trained
+        out = tmp_path / f"ternary-{trained}"
+        moecompress.compress(str(tiny_text_path), recipe, output=out, progress=False)
+        model = moecompress.load(out, cache_dequantized=True)
+        ppl[trained] = perplexity(model, tokenizer, python_set, max_windows=40, progress=False).ppl
+    assert ppl[True] < 0.96 * ppl[False], ppl

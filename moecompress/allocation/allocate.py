@@ -10,7 +10,7 @@ import torch
 from ..calibration.stats import ExpertStats
 from ..errors import BudgetError, RecipeError
 from ..models.base import PROJECTIONS
-from ..quant.qtensor import SUPPORTED_BITS
+from ..quant.qtensor import SUPPORTED_BITS, TERNARY, QuantFormat
 from .plan import CompressionPlan
 from .solver import random_allocation, ranked_allocation, solve_allocation
 
@@ -21,6 +21,10 @@ ALLOCATION_METHODS = ("uniform", "lp", "random", "frequency")
 class AllocationConfig:
     """How bits are spread over routed experts.
 
+    candidates: integer widths from 2/3/4/8 and "ternary" (the recipe's ternary format).
+    avg_bits: the budget, as average code bits per expert parameter of the integer formats; a candidate is
+            charged its true storage (codes + scales + zeros), so a plan with ternary experts has the size
+            of an all-integer plan at avg_bits.
     method: uniform (every expert at quantization.bits) | lp (integer program, MC PMQ) |
             random / frequency (baselines: the two candidates around avg_bits, the upper one given at
             random or to the most frequently routed experts).
@@ -34,13 +38,13 @@ class AllocationConfig:
     method: str = "uniform"
     avg_bits: float = 3.0
     max_bytes: int | None = None
-    candidates: list[int] = field(default_factory=lambda: [2, 3, 4])
+    candidates: list[int | str] = field(default_factory=lambda: [2, 3, 4])
     scope: str = "layer"
     granularity: str = "expert"
     alpha: float = 1.0
     beta: float = 1.5
     modality_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "image": 1.0})
-    fixed: dict[str, int] = field(default_factory=dict)
+    fixed: dict[str, int | str] = field(default_factory=dict)
     profile_tokens: int = 4096
     seed: int = 0
 
@@ -52,9 +56,9 @@ class AllocationConfig:
             problems.append(f"allocation.scope '{self.scope}': use layer or global")
         if self.granularity not in ("expert", "projection"):
             problems.append(f"allocation.granularity '{self.granularity}': use expert or projection")
-        bad = [b for b in [*self.candidates, *self.fixed.values()] if b not in SUPPORTED_BITS]
+        bad = [b for b in [*self.candidates, *self.fixed.values()] if b not in (*SUPPORTED_BITS, TERNARY)]
         if bad or not self.candidates:
-            problems.append(f"allocation candidates/fixed bits {bad or '[]'}: use values from {list(SUPPORTED_BITS)}")
+            problems.append(f"allocation candidates/fixed {bad or '[]'}: use values from {[*SUPPORTED_BITS, TERNARY]}")
         if self.max_bytes is not None and (not isinstance(self.max_bytes, int) or self.max_bytes <= 0):
             problems.append(f"allocation.max_bytes {self.max_bytes!r}: use a positive number of bytes")
         if problems:
@@ -62,20 +66,31 @@ class AllocationConfig:
         return self
 
     @property
-    def profile_bits(self) -> list[int]:
-        return sorted(set(self.candidates) | set(self.fixed.values()))
+    def profile_keys(self) -> list[int | str]:
+        return sorted(set(self.candidates) | set(self.fixed.values()), key=_key_order)
 
 
-def avg_bits_for_bytes(max_bytes: int, fixed_bytes: int, expert_params: int, group_size: int, candidates: list[int]) -> float:
-    """Average code bits per expert parameter that fill `max_bytes`, given `fixed_bytes` of unquantized
-    tensors and an fp16 scale + uint8 zero per group."""
-    overhead = 24 / group_size if group_size > 0 else 0.0
+def _key_order(key: int | str) -> float:
+    return 1.6 if key == TERNARY else float(key)
+
+
+def storage_bits(fmt: QuantFormat) -> float:
+    """Bits per weight on disk: codes plus scales/zeros (per-row/per-tensor scales counted as free)."""
+    return fmt.code_bits + (fmt.overhead_bits(fmt.group_size) if fmt.group_size > 0 else 0.0)
+
+
+def avg_bits_for_bytes(max_bytes: int, fixed_bytes: int, expert_params: int, candidates: list[QuantFormat],
+                       integer_format: QuantFormat) -> float:
+    """The avg_bits budget (integer-format code bits per expert parameter) that fills `max_bytes`, given
+    `fixed_bytes` of unquantized tensors."""
+    overhead = storage_bits(integer_format) - integer_format.code_bits
     avg = (max_bytes - fixed_bytes) * 8 / expert_params - overhead
-    smallest = fixed_bytes + expert_params * (min(candidates) + overhead) / 8
-    if avg < min(candidates):
+    cheapest = min(candidates, key=storage_bits)
+    if avg + overhead < storage_bits(cheapest):
+        smallest = fixed_bytes + expert_params * storage_bits(cheapest) / 8
         raise BudgetError(
             f"a budget of {max_bytes} bytes is infeasible: the unquantized tensors alone take {fixed_bytes} bytes and the "
-            f"smallest feasible budget is {int(smallest) + 1} bytes (every expert at {min(candidates)} bits)."
+            f"smallest feasible budget is {int(smallest) + 1} bytes (every expert at {cheapest.name})."
         )
     return avg
 
@@ -95,65 +110,84 @@ def _importance(stats: ExpertStats, config: AllocationConfig) -> tuple[torch.Ten
     return (freq * lam).sum(-1) / lam.sum(), (mean_weight * lam).sum(-1) / lam.sum()
 
 
-def allocate(stats: ExpertStats, config: AllocationConfig, group_size: int = 128, sym: bool = False,
-             expert_shape: tuple[int, int] | None = None) -> CompressionPlan:
-    """Bits per expert (or projection) from the stats' error profile under `config`'s budget."""
+def allocate(stats: ExpertStats, config: AllocationConfig, integer_format: QuantFormat | None = None) -> CompressionPlan:
+    """A format per expert (or projection) from the stats' error profile under `config`'s budget.
+    The candidates are the formats the profile measured; `integer_format` (default: the profiled integer
+    format) sets the scale/zero overhead that `avg_bits` excludes."""
     config.validate()
     L, E, P = len(stats.layers), stats.num_experts, len(PROJECTIONS)
     if config.method == "uniform":
         raise RecipeError("allocation.method uniform needs no allocation: use quantization.bits.")
     if stats.quant_error is None:
         raise RecipeError("these expert statistics have no error profile: run `moecompress plan` (it measures one).")
-    profiled = [f["bits"] for f in stats.candidate_formats]
-    missing = set(config.profile_bits) - set(profiled)
+    profiled_formats = [QuantFormat.from_dict(f) for f in stats.candidate_formats]
+    profiled = [f.key for f in profiled_formats]
+    missing = set(config.profile_keys) - set(profiled)
     if missing:
-        raise RecipeError(f"the error profile has bits {profiled} but the allocation needs {sorted(missing)}; re-run the profile.")
-    cand = sorted(set(config.candidates))
+        raise RecipeError(f"the error profile has formats {profiled} but the allocation needs {sorted(missing, key=_key_order)}; "
+                          "re-run the profile.")
+    cand = set(config.candidates)
     per_expert = config.granularity == "expert"
     names = [f"layers.{layer}.experts.{e}" + ("" if per_expert else f".{p}")
              for layer in stats.layers for e in range(E) for p in ([None] if per_expert else PROJECTIONS)]
     n = len(names)
     items_per_layer = E if per_expert else E * P
 
-    bit_list = sorted(set(cand) | set(config.fixed.values()))
-    columns = [profiled.index(b) for b in bit_list]
+    keys = config.profile_keys
+    columns = [profiled.index(k) for k in keys]
+    formats = [profiled_formats[c] for c in columns]
+    if integer_format is None:
+        integer_format = next((f for f in profiled_formats if not f.ternary), QuantFormat(4))
+    bit_list = [storage_bits(f) for f in formats]
     err = stats.quant_error[:, :, columns, :] / stats.profile_tokens[:, :, None, None].clamp(min=1)
     err = err[..., 3] if per_expert else err[..., :3].permute(0, 1, 3, 2)  # [L,E,C] or [L,E,P,C]
-    err = err.reshape(n, len(bit_list))
+    err = err.reshape(n, len(keys))
     freq, weight = _importance(stats, config)
     importance = (freq.clamp(min=0) ** config.alpha * weight.clamp(min=0) ** config.beta).reshape(L * E)
     importance = importance.repeat_interleave(1 if per_expert else P)
     costs = importance[:, None] * err.clamp(min=0) ** config.alpha
 
-    allowed = torch.tensor([[b in cand for b in bit_list]] * n)
+    allowed = torch.tensor([[k in cand for k in keys]] * n)
     for pattern, b in config.fixed.items():
         hits = [i for i, name in enumerate(names) if re.search(pattern, name)]
         if not hits:
             raise RecipeError(f"allocation.fixed pattern '{pattern}' matches no expert (names look like {names[0]}).")
-        allowed[hits] = torch.tensor([x == b for x in bit_list])
+        allowed[hits] = torch.tensor([k == b for k in keys])
 
     sizes = torch.ones(n, dtype=torch.float64)  # all routed experts / projections have equal size
     if config.scope == "layer":
         groups = torch.arange(n) // items_per_layer
     else:
         groups = torch.zeros(n, dtype=torch.long)
-    budgets = {int(g): config.avg_bits * float(sizes[groups == g].sum()) for g in groups.unique()}
+    budget_bits = storage_bits(integer_format) - integer_format.code_bits + config.avg_bits
+    budgets = {int(g): budget_bits * float(sizes[groups == g].sum()) for g in groups.unique()}
+    cheapest = torch.where(allowed, torch.tensor(bit_list, dtype=torch.float64), float("inf")).min(dim=1).values
+    for g, budget in budgets.items():
+        smallest = float((cheapest * sizes)[groups == g].sum() / sizes[groups == g].sum())
+        if budget < float(sizes[groups == g].sum()) * smallest - 1e-9:
+            raise BudgetError(
+                f"allocation.avg_bits {config.avg_bits:g} is infeasible for {'layer ' + str(stats.layers[g]) if config.scope == 'layer' else 'the model'}: "
+                f"the smallest feasible budget is {smallest - budget_bits + config.avg_bits:.4g} with candidates "
+                f"{[f.name for f in formats]} and the fixed experts. Raise avg_bits or add a smaller candidate."
+            )
     if config.method == "lp":
-        choice = solve_allocation(costs, sizes, [float(b) for b in bit_list], groups, budgets, allowed)
+        choice = solve_allocation(costs, sizes, bit_list, groups, budgets, allowed)
     else:
         if config.fixed:
             raise RecipeError(f"allocation.fixed is only honoured by method lp, not '{config.method}'.")
         if config.scope != "global":
             raise BudgetError(f"the {config.method} baseline spreads one global budget; set allocation.scope: global.")
-        bits_f = [float(b) for b in bit_list]
-        budget = budgets[0]
+        usable = [j for j, k in enumerate(keys) if k in cand]
+        usable_bits = [bit_list[j] for j in usable]
         if config.method == "random":
-            choice = random_allocation(sizes, bits_f, budget, config.seed)
+            picked = random_allocation(sizes, usable_bits, budgets[0], config.seed)
         else:
-            choice = ranked_allocation(freq.reshape(-1).repeat_interleave(1 if per_expert else P), sizes, bits_f, budget)
-    chosen = torch.tensor(bit_list)[choice].reshape(L, E, -1)
-    bits = chosen.expand(L, E, P).clone() if per_expert else chosen
+            order = freq.reshape(-1).repeat_interleave(1 if per_expert else P)
+            picked = ranked_allocation(order, sizes, usable_bits, budgets[0])
+        choice = torch.tensor(usable)[picked]
+    chosen = choice.reshape(L, E, -1)
     objective = float(costs.gather(1, choice[:, None]).sum())
-    return CompressionPlan(list(stats.layers), bits, group_size, sym, config.method,
-                           {"avg_bits_budget": config.avg_bits, "scope": config.scope, "granularity": config.granularity,
-                            "objective": objective, "candidates": bit_list})
+    return CompressionPlan(list(stats.layers), chosen.expand(L, E, P).clone() if per_expert else chosen, formats,
+                           config.method, {"avg_bits_budget": config.avg_bits, "scope": config.scope,
+                                           "granularity": config.granularity, "objective": objective,
+                                           "candidates": [f.name for f in formats]})

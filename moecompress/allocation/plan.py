@@ -1,4 +1,4 @@
-"""`CompressionPlan`: the bits of every routed expert projection, as produced by an allocator."""
+"""`CompressionPlan`: the format of every routed expert projection, as produced by an allocator."""
 
 from __future__ import annotations
 
@@ -15,32 +15,37 @@ from ..quant.qtensor import QuantFormat
 
 @dataclass
 class CompressionPlan:
-    """bits[l, e, p] for layer `layers[l]`, expert e, projection p (gate, up, down)."""
+    """choice[l, e, p] indexes `formats` for layer `layers[l]`, expert e, projection p (gate, up, down)."""
 
     layers: list[int]
-    bits: torch.Tensor
-    group_size: int = 128
-    sym: bool = False
+    choice: torch.Tensor
+    formats: list[QuantFormat]
     method: str = "uniform"
     details: dict = field(default_factory=dict)
 
     @classmethod
-    def uniform(cls, layers: list[int], num_experts: int, bits: int, group_size: int = 128, sym: bool = False) -> CompressionPlan:
-        return cls(list(layers), torch.full((len(layers), num_experts, len(PROJECTIONS)), bits, dtype=torch.long), group_size, sym)
+    def uniform(cls, layers: list[int], num_experts: int, fmt: QuantFormat) -> CompressionPlan:
+        return cls(list(layers), torch.zeros(len(layers), num_experts, len(PROJECTIONS), dtype=torch.long), [fmt])
 
-    def formats(self, layer: int) -> list[dict[str, QuantFormat]]:
-        row = self.bits[self.layers.index(layer)]
-        return [{p: QuantFormat(int(row[e, i]), self.group_size, self.sym) for i, p in enumerate(PROJECTIONS)} for e in range(row.shape[0])]
+    def layer_formats(self, layer: int) -> list[dict[str, QuantFormat]]:
+        row = self.choice[self.layers.index(layer)]
+        return [{p: self.formats[int(row[e, i])] for i, p in enumerate(PROJECTIONS)} for e in range(row.shape[0])]
+
+    @property
+    def bits(self) -> torch.Tensor:
+        """Code bits [L, E, P] of each entry (1.6 for base-3 ternary)."""
+        return torch.tensor([f.code_bits for f in self.formats], dtype=torch.float64)[self.choice]
 
     @property
     def average_bits(self) -> float:
         """Mean code bits per expert parameter (all routed experts of a model have the same shape;
         gate/up/down have equal parameter counts)."""
-        return float(self.bits.double().mean())
+        return float(self.bits.mean())
 
     def to_dict(self) -> dict:
-        return {"layers": self.layers, "bits": self.bits.tolist(), "group_size": self.group_size, "sym": self.sym,
-                "method": self.method, "average_bits": self.average_bits, "details": self.details}
+        return {"layers": self.layers, "formats": [f.to_dict() for f in self.formats], "choice": self.choice.tolist(),
+                "format_names": [f.name for f in self.formats], "method": self.method,
+                "average_bits": self.average_bits, "details": self.details}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
@@ -49,9 +54,10 @@ class CompressionPlan:
     def load(cls, path: str | Path) -> CompressionPlan:
         try:
             data = json.loads(Path(path).read_text())
-            return cls(data["layers"], torch.tensor(data["bits"], dtype=torch.long), data["group_size"], data["sym"],
+            formats = [QuantFormat.from_dict(f) for f in data["formats"]]
+            return cls(data["layers"], torch.tensor(data["choice"], dtype=torch.long), formats,
                        data.get("method", "unknown"), data.get("details", {}))
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
+        except (OSError, json.JSONDecodeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"cannot read the plan '{path}' ({exc}); create one with `moecompress plan`.") from exc
 
     def table(self) -> str:
@@ -59,7 +65,7 @@ class CompressionPlan:
         lines = [f"plan: {self.method}, average {self.average_bits:.3f} bits per expert parameter (+ scales/zeros)",
                  "layer | mean bits | experts by mean bits"]
         for i, layer in enumerate(self.layers):
-            per_expert = self.bits[i].double().mean(dim=1)
+            per_expert = self.bits[i].mean(dim=1)
             values, counts = per_expert.unique(return_counts=True)
             spread = ", ".join(f"{v:g}b x{c}" for v, c in zip(values.tolist(), counts.tolist()))
             lines.append(f"{layer:5d} | {float(per_expert.mean()):9.3f} | {spread}")
@@ -71,7 +77,7 @@ class CompressionPlan:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        per_expert = self.bits.double().mean(dim=2).numpy()
+        per_expert = self.bits.mean(dim=2).numpy()
         fig, ax = plt.subplots(figsize=(1.5 + 0.4 * per_expert.shape[1], 1.5 + 0.4 * per_expert.shape[0]))
         image = ax.imshow(per_expert, aspect="auto", cmap="magma")
         ax.set_xlabel("expert")

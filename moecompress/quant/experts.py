@@ -23,6 +23,7 @@ class GPTQOptions:
     act_order: bool = False
     block_size: int = 128
     clip_search: bool = False
+    ternary_scale: str = "lsq"
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,12 @@ def quantize_block_experts(
         for proj in PROJECTIONS:
             w = weights[proj].float()
             if hessians is None:
-                quantized[proj] = quantize_rtn(w, formats[e][proj], clip_search=gptq.clip_search)
+                quantized[proj] = quantize_rtn(w, formats[e][proj], gptq.clip_search, gptq.ternary_scale)
             else:
                 h = hessians[0] if proj != "down_proj" else hessians[1]
                 quantized[proj] = quantize_gptq(
-                    w, h, formats[e][proj], gptq.damp, gptq.act_order, gptq.block_size, gptq.clip_search
+                    w, h, formats[e][proj], gptq.damp, gptq.act_order, gptq.block_size, gptq.clip_search,
+                    gptq.ternary_scale,
                 )
         view.set_expert_weights(e, ExpertWeights(*(quantized[p].dequantize() for p in PROJECTIONS)))
         packed.append({p: pack(q) for p, q in quantized.items()})

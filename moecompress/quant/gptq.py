@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoECompressError
-from .qtensor import QTensor, QuantFormat
-from .rtn import SCALE_DTYPE, compute_qparams, quantize_column_block, search_qparams
+from .qtensor import SCALE_DTYPE, QTensor, QuantFormat
+from .rtn import compute_qparams, quantize_column_block, search_qparams
+from .ternary import expand_scales, ternary_scales
 
 
 def quantize_gptq(
@@ -17,11 +18,14 @@ def quantize_gptq(
     act_order: bool = False,
     block_size: int = 128,
     clip_search: bool = False,
+    ternary_scale: str = "lsq",
 ) -> QTensor:
     """Quantize `w` [out, in] given the input Hessian `hessian` [in, in] (any positive scale of X^T X).
 
     With `act_order`, columns are processed by decreasing Hessian diagonal while the group
     parameters stay those of the natural column order ("static groups"), so no g_idx is needed.
+    Ternary formats take their scales from the unmodified weights up front (`ternary_scale` method) and
+    GPTQ then only chooses the codes.
     """
     out_features, in_features = w.shape
     if hessian.shape != (in_features, in_features):
@@ -38,9 +42,14 @@ def quantize_gptq(
 
     scales = torch.zeros(out_features, n_groups)
     zeros = torch.zeros(out_features, n_groups)
-    if act_order:
+    static = act_order or fmt.ternary
+    if fmt.ternary:
+        scales = expand_scales(ternary_scales(W, fmt, ternary_scale), out_features).clone()
+        zeros = torch.ones_like(scales)
+    elif act_order:
         for g in range(n_groups):
             scales[:, g], zeros[:, g] = qparams(W[:, g * group : (g + 1) * group], fmt)
+    if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     else:
@@ -56,7 +65,7 @@ def quantize_gptq(
         for i in range(i2 - i1):
             column = int(perm[i1 + i])
             g = column // group
-            if not act_order and column % group == 0:
+            if not static and column % group == 0:
                 upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]
                 scales[:, g], zeros[:, g] = qparams(upcoming, fmt)
             w_col = W1[:, i]
@@ -69,7 +78,8 @@ def quantize_gptq(
 
     if act_order:
         codes = codes[:, torch.argsort(perm)]
-    return QTensor(codes.to(torch.uint8), scales.to(SCALE_DTYPE), zeros.to(torch.uint8), fmt)
+    rows = fmt.scale_rows(out_features)
+    return QTensor(codes.to(torch.uint8), scales[:rows].to(SCALE_DTYPE), zeros[:rows].to(torch.uint8), fmt)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:

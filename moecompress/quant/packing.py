@@ -4,6 +4,9 @@ Row r of `codes` [N, K] becomes int32 words [N, ceil(K*bits/32)]; code k occupie
 [k*bits, (k+1)*bits) of the row's stream, low bits first, and 3-bit codes straddle words.
 For 2/4/8 bits this is exactly compressed-tensors' `pack-quantized` `weight_packed` layout and
 the transpose of GPTQ v1 `qweight`.
+
+Ternary codes {0, 1, 2} are packed either as 2-bit codes (above) or in base 3, five trits per byte:
+byte j of a row holds codes 5j..5j+4 as sum(code[5j+i] * 3**i) (3**5 = 243 <= 256), 1.6 bits per weight.
 """
 
 from __future__ import annotations
@@ -60,22 +63,52 @@ def unpack_codes(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return ((low | high) & (2**bits - 1)).to(torch.uint8)
 
 
+TRITS_PER_BYTE = 5
+_TRIT_POWERS = torch.tensor([3**i for i in range(TRITS_PER_BYTE)], dtype=torch.int32)
+
+
+def pack_trits(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] in {0, 1, 2} -> uint8 bytes [N, ceil(K/5)]."""
+    n, k = codes.shape
+    if codes.numel() and int(codes.max()) > 2:
+        raise ValueError(f"code {int(codes.max())} is not a trit (0, 1 or 2)")
+    pad = -k % TRITS_PER_BYTE
+    padded = torch.nn.functional.pad(codes.to(torch.int32), (0, pad))
+    return (padded.reshape(n, -1, TRITS_PER_BYTE) * _TRIT_POWERS).sum(-1).to(torch.uint8)
+
+
+def unpack_trits(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 bytes [N, ceil(K/5)] -> uint8 codes [N, K]; the inverse of `pack_trits`."""
+    n, n_bytes = packed.shape
+    if n_bytes != -(-k // TRITS_PER_BYTE):
+        raise ValueError(f"{n_bytes} bytes cannot hold {k} trits (expected {-(-k // TRITS_PER_BYTE)})")
+    trits = (packed.to(torch.int32)[..., None] // _TRIT_POWERS) % 3
+    return trits.reshape(n, -1)[:, :k].to(torch.uint8)
+
+
+def packed_layout(fmt: QuantFormat, k: int) -> tuple[int, torch.dtype]:
+    """(columns, dtype) of `weight_packed` for rows of `k` codes."""
+    if fmt.packing == "base3":
+        return -(-k // TRITS_PER_BYTE), torch.uint8
+    return packed_words(k, fmt.bits), torch.int32
+
+
 @dataclass
 class PackedTensor:
-    """On-disk form of a QTensor: `weight_packed` int32, `weight_scale` fp16, `weight_zero_point` uint8."""
+    """On-disk form of a QTensor: `weight_packed` (int32 words, or uint8 for base-3 ternary),
+    `weight_scale` fp16 and `weight_zero_point` uint8 (None for ternary: the zero is always 1)."""
 
     weight_packed: torch.Tensor
     weight_scale: torch.Tensor
-    weight_zero_point: torch.Tensor
+    weight_zero_point: torch.Tensor | None
     shape: tuple[int, int]
     fmt: QuantFormat
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "weight_packed": self.weight_packed,
-            "weight_scale": self.weight_scale,
-            "weight_zero_point": self.weight_zero_point,
-        }
+        tensors = {"weight_packed": self.weight_packed, "weight_scale": self.weight_scale}
+        if self.weight_zero_point is not None:
+            tensors["weight_zero_point"] = self.weight_zero_point
+        return tensors
 
     @property
     def nbytes(self) -> int:
@@ -83,11 +116,14 @@ class PackedTensor:
 
 
 def pack(qt: QTensor) -> PackedTensor:
-    return PackedTensor(
-        pack_codes(qt.codes, qt.fmt.bits), qt.scales.contiguous(), qt.zeros.contiguous(), qt.shape, qt.fmt
-    )
+    fmt = qt.fmt
+    codes = pack_trits(qt.codes) if fmt.packing == "base3" else pack_codes(qt.codes, fmt.bits)
+    zeros = None if fmt.ternary else qt.zeros.contiguous()
+    return PackedTensor(codes, qt.scales.contiguous(), zeros, qt.shape, fmt)
 
 
 def unpack(pt: PackedTensor) -> QTensor:
-    codes = unpack_codes(pt.weight_packed, pt.fmt.bits, pt.shape[1])
-    return QTensor(codes, pt.weight_scale, pt.weight_zero_point, pt.fmt)
+    fmt, k = pt.fmt, pt.shape[1]
+    codes = unpack_trits(pt.weight_packed, k) if fmt.packing == "base3" else unpack_codes(pt.weight_packed, fmt.bits, k)
+    zeros = torch.ones_like(pt.weight_scale, dtype=torch.uint8) if fmt.ternary else pt.weight_zero_point
+    return QTensor(codes, pt.weight_scale, zeros, fmt)

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .qtensor import QTensor, QuantFormat
-
-# Scales are stored as float16 (GPTQ / compressed-tensors convention); quantizing with the
-# rounded value keeps the in-memory model bit-identical to the one loaded from disk.
-SCALE_DTYPE = torch.float16
+from .qtensor import SCALE_DTYPE, QTensor, QuantFormat
+from .ternary import quantize_ternary
 
 
 def compute_qparams(w: torch.Tensor, fmt: QuantFormat, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +57,10 @@ def quantize_column_block(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, fmt.maxq)
 
 
-def quantize_rtn(w: torch.Tensor, fmt: QuantFormat, clip_search: bool = False) -> QTensor:
-    """Group-wise round-to-nearest of a [out, in] matrix."""
+def quantize_rtn(w: torch.Tensor, fmt: QuantFormat, clip_search: bool = False, ternary_scale: str = "lsq") -> QTensor:
+    """Group-wise round-to-nearest of a [out, in] matrix (ternary formats: scales by `ternary_scale`)."""
+    if fmt.ternary:
+        return quantize_ternary(w, fmt, ternary_scale)
     out_features, in_features = w.shape
     group = fmt.effective_group(in_features)
     w = w.to(torch.float32)

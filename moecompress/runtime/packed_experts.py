@@ -11,21 +11,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.base import PROJECTIONS, ExpertWeights
-from ..quant.packing import PackedTensor, packed_words, unpack
-from ..quant.qtensor import QuantFormat
-from ..quant.rtn import SCALE_DTYPE
+from ..quant.packing import PackedTensor, packed_layout, unpack
+from ..quant.qtensor import SCALE_DTYPE, QuantFormat
 
 
 class PackedLinear(nn.Module):
-    """A bias-free linear layer whose weight is a `PackedTensor` held as three buffers."""
+    """A bias-free linear layer whose weight is a `PackedTensor` held as buffers (no zero point for ternary)."""
 
     def __init__(self, out_features: int, in_features: int, fmt: QuantFormat):
         super().__init__()
         self.out_features, self.in_features, self.fmt = out_features, in_features, fmt
-        groups = fmt.groups(in_features)
-        self.register_buffer("weight_packed", torch.zeros(out_features, packed_words(in_features, fmt.bits), dtype=torch.int32))
-        self.register_buffer("weight_scale", torch.zeros(out_features, groups, dtype=SCALE_DTYPE))
-        self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.uint8))
+        groups, scale_rows = fmt.groups(in_features), fmt.scale_rows(out_features)
+        columns, packed_dtype = packed_layout(fmt, in_features)
+        self.register_buffer("weight_packed", torch.zeros(out_features, columns, dtype=packed_dtype))
+        self.register_buffer("weight_scale", torch.zeros(scale_rows, groups, dtype=SCALE_DTYPE))
+        zero_point = None if fmt.ternary else torch.zeros(out_features, groups, dtype=torch.uint8)
+        self.register_buffer("weight_zero_point", zero_point)
         self._cache: torch.Tensor | None = None
         self.cache_dequantized = False
         self.method = "gptq"
@@ -38,9 +39,8 @@ class PackedLinear(nn.Module):
     def load_packed(self, packed: PackedTensor) -> None:
         if tuple(packed.shape) != (self.out_features, self.in_features) or packed.fmt != self.fmt:
             raise ValueError(f"packed tensor {packed.shape} {packed.fmt.name} does not fit {self}")
-        self.weight_packed.copy_(packed.weight_packed)
-        self.weight_scale.copy_(packed.weight_scale)
-        self.weight_zero_point.copy_(packed.weight_zero_point)
+        for name, tensor in packed.tensors().items():
+            getattr(self, name).copy_(tensor)
         self._cache = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -66,15 +66,16 @@ class PackedExpert(nn.Module):
         self.down_proj = PackedLinear(hidden_size, intermediate_size, formats["down_proj"])
 
 
-class PackedExperts(nn.Module):
-    """Drop-in replacement for a transformers v5 fused experts module:
+class ExpertList(nn.Module):
+    """Routed experts as modules `{e}.{gate_proj,up_proj,down_proj}` whose projections are linear layers with a
+    `dequantize(dtype)` method; a drop-in replacement for a transformers v5 fused experts module:
     `forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, formats: list[dict[str, QuantFormat]], act_fn: nn.Module):
+    def __init__(self, experts: list[nn.Module], hidden_size: int, intermediate_size: int, act_fn: nn.Module):
         super().__init__()
-        for e, f in enumerate(formats):
-            self.add_module(str(e), PackedExpert(hidden_size, intermediate_size, f))
-        self.num_experts = len(formats)
+        for e, expert in enumerate(experts):
+            self.add_module(str(e), expert)
+        self.num_experts = len(experts)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.act_fn = act_fn
 
@@ -94,11 +95,6 @@ class PackedExperts(nn.Module):
         e = self[expert]
         return ExpertWeights(*(getattr(e, p).dequantize(dtype) for p in PROJECTIONS))
 
-    def set_cache_dequantized(self, enabled: bool) -> None:
-        for module in self.modules():
-            if isinstance(module, PackedLinear):
-                module.cache_dequantized, module._cache = enabled, None
-
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         for e in top_k_index.unique().tolist():
@@ -110,3 +106,15 @@ class PackedExperts(nn.Module):
             y = expert.down_proj(self.act_fn(expert.gate_proj(x)) * expert.up_proj(x))
             out.index_add_(0, tok, (y * top_k_weights[tok, slot, None]).to(out.dtype))
         return out
+
+
+class PackedExperts(ExpertList):
+    """Routed experts whose projections are `PackedLinear`s."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, formats: list[dict[str, QuantFormat]], act_fn: nn.Module):
+        super().__init__([PackedExpert(hidden_size, intermediate_size, f) for f in formats], hidden_size, intermediate_size, act_fn)
+
+    def set_cache_dequantized(self, enabled: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, PackedLinear):
+                module.cache_dequantized, module._cache = enabled, None

@@ -2,8 +2,10 @@ import pytest
 import torch
 
 from moecompress.allocation import CompressionPlan, allocate
+from moecompress.allocation.allocate import storage_bits
 from moecompress.calibration.stats import ExpertStats
 from moecompress.errors import BudgetError, RecipeError
+from moecompress.quant.qtensor import QuantFormat
 from moecompress.recipe import Recipe
 
 
@@ -64,7 +66,7 @@ def test_plan_round_trips_through_json(tmp_path):
     plan = allocate(profiled_stats(), config(avg_bits=3.0))
     plan.save(tmp_path / "plan.json")
     again = CompressionPlan.load(tmp_path / "plan.json")
-    assert torch.equal(again.bits, plan.bits) and again.formats(1)[0]["down_proj"].bits == int(plan.bits[1, 0, 2])
+    assert torch.equal(again.bits, plan.bits) and again.layer_formats(1)[0]["down_proj"].bits == int(plan.bits[1, 0, 2])
     assert "layer" in plan.table()
 
 
@@ -72,7 +74,29 @@ def test_byte_budget_converts_to_average_bits_and_names_the_smallest():
     from moecompress.allocation.allocate import avg_bits_for_bytes
 
     params = 1_000_000
-    avg = avg_bits_for_bytes(100_000 + params * (3 + 24 / 128) // 8, 100_000, params, 128, [2, 3, 4])
+    candidates = [QuantFormat(b) for b in (2, 3, 4)]
+    avg = avg_bits_for_bytes(100_000 + params * (3 + 24 / 128) // 8, 100_000, params, candidates, QuantFormat(4))
     assert avg == pytest.approx(3.0, abs=1e-4)
     with pytest.raises(BudgetError, match="smallest feasible budget is 373438 bytes"):
-        avg_bits_for_bytes(300_000, 100_000, params, 128, [2, 3, 4])
+        avg_bits_for_bytes(300_000, 100_000, params, candidates, QuantFormat(4))
+
+
+def with_ternary(stats: ExpertStats) -> ExpertStats:
+    """Adds a ternary base-3 candidate with an error between 2 and 3 bits to `profiled_stats`."""
+    stats.candidate_formats = [QuantFormat.make_ternary(128).to_dict()] + stats.candidate_formats
+    ternary_error = stats.quant_error[:, :, :1] * 1.5
+    stats.quant_error = torch.cat([ternary_error, stats.quant_error], dim=2)
+    return stats
+
+
+def test_ternary_is_an_allocation_candidate_charged_its_true_size():
+    stats = with_ternary(profiled_stats())
+    plan = allocate(stats, config(avg_bits=2.0, candidates=["ternary", 2, 3, 4]))
+    names = {plan.formats[int(i)].name for i in plan.choice.unique()}
+    assert "ternary-g128-base3" in names
+    # ternary costs 1.6 + 16/128 bits, int2 2 + 24/128: the budget of all-int2 must buy something above 2 bits
+    assert plan.bits.max() > 2 and plan.bits.min() == pytest.approx(1.6)
+    storage = sum(storage_bits(plan.formats[int(i)]) for i in plan.choice.flatten()) / plan.choice.numel()
+    assert storage <= 2 + 24 / 128 + 1e-9
+    with pytest.raises(BudgetError, match="smallest feasible budget is 1.53"):
+        allocate(stats, config(avg_bits=1.5, candidates=["ternary", 2, 3, 4]))

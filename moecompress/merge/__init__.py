@@ -1,0 +1,1 @@
+"""Expert merging (Sub-MoE) and expert pruning (NAEE): the math, separate from model plumbing."""

@@ -1,0 +1,3 @@
+from .distill import DistillConfig, DistillReport, distill
+
+__all__ = ["DistillConfig", "DistillReport", "distill"]

@@ -1,0 +1,178 @@
+"""Knowledge distillation from a teacher model into a student, through accelerate (CPU, one GPU, or
+multi-GPU when launched with `accelerate launch`), resumable from its last saved state.
+
+Loss per token: T^2 * KL(teacher || student) on temperature-T softmaxed logits, plus optionally
+`hidden_weight` x the MSE of the last hidden states normalised by the teacher's mean square.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration.data import CalibrationBatch
+from ..errors import CheckpointError, RecipeError
+
+STATE_FILE = "progress.json"
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 200
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    temperature: float = 1.0
+    hidden_weight: float = 0.0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50
+    log_every: int = 10
+
+    def validate(self, where: str = "distill") -> DistillConfig:
+        if self.steps < 1 or self.lr <= 0 or self.temperature <= 0 or self.checkpoint_every < 1:
+            raise RecipeError(f"{where}: steps, lr, temperature and checkpoint_every must be positive.")
+        return self
+
+
+@dataclass
+class DistillReport:
+    steps: int
+    resumed_from: int
+    seconds: float
+    first_loss: float | None
+    final_loss: float
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Mean over (unmasked) tokens of T^2 * KL(softmax(teacher / T) || softmax(student / T))."""
+    t = temperature
+    log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1) * t * t
+    if mask is None:
+        return kl.mean()
+    mask = mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _lr_lambda(config: DistillConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: list[CalibrationBatch],
+    param_groups: list[dict],
+    config: DistillConfig,
+    state_dir: str | Path | None = None,
+    fingerprint: str = "",
+    progress: bool = True,
+    cpu: bool = True,
+) -> DistillReport:
+    """Train the parameters in `param_groups` (torch optimizer groups; a group's "lr" is relative to
+    nothing: it is the peak rate) so that `student` matches `teacher` on `batches`, cycled in order.
+
+    state_dir: where the accelerate state (model, optimizer, scheduler, RNG) is saved every
+    `checkpoint_every` steps; a run finding a state there resumes from it. `fingerprint` identifies
+    the job (e.g. a hash of the recipe): a state with another fingerprint is refused, not mixed in.
+    """
+    from accelerate import Accelerator
+
+    config.validate()
+    if not batches:
+        raise RecipeError("distillation needs at least one batch of training data.")
+    accelerator = Accelerator(cpu=cpu)
+    optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    teacher.to(accelerator.device).eval().requires_grad_(False)
+    trainable = [p for group in param_groups for p in group["params"]]
+
+    start, losses = 0, []
+    state_dir = Path(state_dir).expanduser() if state_dir is not None else None
+    latest = state_dir / "latest" if state_dir is not None else None
+    if latest is not None and (latest / STATE_FILE).is_file():
+        saved = json.loads((latest / STATE_FILE).read_text())
+        if saved.get("fingerprint") != fingerprint:
+            raise CheckpointError(
+                f"{state_dir} holds the training state of another job (recipe or model differ). "
+                "Delete that folder to start over, or point the state directory elsewhere."
+            )
+        accelerator.load_state(str(latest))
+        start, losses = int(saved["step"]), [tuple(x) for x in saved["losses"]]
+        accelerator.print(f"resuming distillation from step {start} of {config.steps} ({latest})")
+
+    student.eval()  # no dropout / router jitter; gradients still flow
+    began, first_loss, running = time.perf_counter(), (losses[0][1] if losses else None), []
+    bar = tqdm(range(start, config.steps), desc="distill", disable=not progress or not accelerator.is_main_process,
+               initial=start, total=config.steps)
+    for step in bar:
+        batch = batches[step % len(batches)]
+        inputs = {k: v.to(accelerator.device) for k, v in batch.inputs.items()}
+        want_hidden = config.hidden_weight > 0
+        with torch.no_grad():
+            t_out = teacher(**inputs, use_cache=False, output_hidden_states=want_hidden)
+        s_out = student(**inputs, use_cache=False, output_hidden_states=want_hidden)
+        mask = inputs.get("attention_mask")
+        loss = distillation_loss(s_out.logits, t_out.logits, mask, config.temperature)
+        if want_hidden:
+            target = t_out.hidden_states[-1].float()
+            loss = loss + config.hidden_weight * F.mse_loss(s_out.hidden_states[-1].float(), target) / target.pow(2).mean()
+        if not torch.isfinite(loss):
+            raise RecipeError(f"distillation loss became {float(loss)} at step {step}: lower the learning rate.")
+        accelerator.backward(loss)
+        if config.grad_clip:
+            accelerator.clip_grad_norm_(trainable, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        first_loss = value if first_loss is None else first_loss
+        running.append(value)
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            losses.append((step + 1, sum(running) / len(running)))
+            running = []
+            bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
+        if latest is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+            _save_state(accelerator, latest, {"step": step + 1, "losses": losses, "fingerprint": fingerprint})
+    accelerator.wait_for_everyone()
+    final = losses[-1][1] if losses else float("nan")
+    return DistillReport(config.steps, start, time.perf_counter() - began, first_loss, final, losses)
+
+
+def _save_state(accelerator, latest: Path, progress: dict) -> None:
+    """accelerate state + progress, written beside `latest` and swapped in, so a crash keeps the last good state."""
+    tmp, old = latest.parent / f".{latest.name}.tmp", latest.parent / f".{latest.name}.old"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=False)
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(progress))
+        if latest.exists():
+            os.replace(latest, old)
+        os.replace(tmp, latest)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
