@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from bench_foundation import DATA, REPO, SHARED, TEXT, VL, folder_bytes, print_table
 from transformers import AutoTokenizer
 
