@@ -45,6 +45,7 @@ class CompressionReport:
     experts_rtn: int
     rare_experts: list[dict] = field(default_factory=list)
     recovery: dict | None = None
+    merge: dict | None = None
     output: str | None = None
 
     def to_dict(self) -> dict:
@@ -153,7 +154,14 @@ def compress(
     start = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
     batches = calibration_batches(loaded, recipe, trust_remote_code)
-    if plan is None:
+    reductions = []
+    if recipe.merge.method != "none":
+        from .merge.apply import reduce_experts
+
+        reductions = reduce_experts(loaded, batches, recipe.merge, recipe.device, progress)
+    if recipe.quantization.method == "none":
+        plan = None
+    elif plan is None:
         plan, _ = plan_allocation(loaded, recipe, batches, progress)
     elif not isinstance(plan, CompressionPlan):
         plan = CompressionPlan.load(plan)
@@ -166,15 +174,19 @@ def compress(
         results[view.layer_index] = quantize_block_experts(view, observer, plan.layer_formats(view.layer_index), q.method, gptq, rare)
         return True
 
-    run_layerwise(loaded.model, loaded.adapter, batches, quantize_layer, recipe.device, progress=progress, desc="compress")
-    for view in loaded.adapter.moe_blocks(loaded.model):
-        install_packed_experts(view, *results[view.layer_index])
+    if q.method != "none":
+        run_layerwise(loaded.model, loaded.adapter, batches, quantize_layer, recipe.device, progress=progress, desc="compress")
+        for view in loaded.adapter.moe_blocks(loaded.model):
+            install_packed_experts(view, *results[view.layer_index])
 
     recovery = None
     if recipe.recovery.enabled:
         recovery = recover(loaded, recipe, output, trust_remote_code, progress).to_dict()
     reports = [r for _, layer_reports in results.values() for r in layer_reports]
     nbytes, params = expert_bytes(loaded.model)
+    if q.method == "none":
+        params = sum(p.numel() for v in loaded.adapter.moe_blocks(loaded.model) for p in v.experts.parameters())
+        nbytes = params * torch.empty(0, dtype=getattr(torch, recipe.save_dtype)).element_size()
     report = CompressionReport(
         model=loaded.source,
         recipe=recipe.name,
@@ -183,12 +195,15 @@ def compress(
         expert_params=params,
         expert_bytes=nbytes,
         bits_per_expert_param=8 * nbytes / max(params, 1),
-        code_bits_per_expert_param=plan.average_bits,
-        allocation=plan.method,
+        code_bits_per_expert_param=plan.average_bits if plan else 8 * nbytes / max(params, 1),
+        allocation=plan.method if plan else "none",
         experts_gptq=sum(r.method == "gptq" for r in reports),
         experts_rtn=sum(r.method == "rtn" for r in reports),
         rare_experts=[asdict(r) for r in reports if r.tokens < rare.min_tokens],
         recovery=recovery,
+        merge={"method": recipe.merge.method, "router": recipe.merge.router,
+               "experts_per_layer": [r.kept for r in reductions],
+               "prune_errors": [r.error for r in reductions if r.error is not None]} if reductions else None,
     )
     if output is not None:
         from .io.checkpoint import save_checkpoint
@@ -196,7 +211,7 @@ def compress(
         report.seconds = time.perf_counter() - start
         report.output = str(save_checkpoint(
             loaded.model, output, recipe.to_yaml(), loaded.source, report.to_dict(), getattr(torch, recipe.save_dtype),
-            extra_files={"plan.json": json.dumps(plan.to_dict(), indent=1)},
+            extra_files={"plan.json": json.dumps(plan.to_dict(), indent=1)} if plan else None,
         ))
     report.seconds = time.perf_counter() - start
     return CompressionResult(loaded.model, loaded, report)

@@ -12,6 +12,7 @@ import yaml
 
 from .allocation.allocate import AllocationConfig
 from .errors import RecipeError
+from .merge.apply import MergeConfig
 from .quant.experts import RARE_POLICIES
 from .quant.qtensor import PACKINGS, SUPPORTED_BITS, TERNARY, QuantFormat
 from .quant.ternary import TERNARY_SCALE_METHODS
@@ -70,6 +71,7 @@ class Recipe:
     description: str = ""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     device: str = "cpu"
@@ -78,7 +80,7 @@ class Recipe:
     def validate(self) -> Recipe:
         q = self.quantization
         checks = [
-            (q.method in ("gptq", "rtn"), f"quantization.method '{q.method}': use gptq or rtn"),
+            (q.method in ("gptq", "rtn", "none"), f"quantization.method '{q.method}': use gptq, rtn or none"),
             (q.bits in SUPPORTED_BITS, f"quantization.bits {q.bits}: use one of {list(SUPPORTED_BITS)}"),
             (q.group_size >= -1 and (q.group_size != 0 or q.ternary),
              f"quantization.group_size {q.group_size}: use a positive size or -1 (0, per tensor, only with ternary)"),
@@ -94,6 +96,11 @@ class Recipe:
             if not ok:
                 raise RecipeError(f"recipe '{self.name}': {message}")
         self.allocation.validate()
+        self.merge.validate()
+        if self.merge.method != "none" and self.merge.router == "keep" and q.method != "none":
+            raise RecipeError(f"recipe '{self.name}': merge.router keep cannot be quantized yet; use merge.router: shrink.")
+        if self.recovery.enabled and q.method == "none":
+            raise RecipeError(f"recipe '{self.name}': recovery trains quantized experts; set a quantization.method.")
         if self.recovery.enabled:
             self.recovery.distill_config()
         return self

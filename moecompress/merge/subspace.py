@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..models.base import ExpertWeights
+
 
 def _weights(freqs: torch.Tensor) -> torch.Tensor:
     f = freqs.double().clamp(min=0)
@@ -35,3 +37,19 @@ def subspace_merge(matrices: list[torch.Tensor], freqs: torch.Tensor, rank: int)
     f = _weights(freqs)
     merged_v = sum(float(f[i]) * blocks[i] for i in range(len(blocks)))
     return (shared @ merged_v.T).to(matrices[0].dtype)
+
+
+def align_neurons(anchor: ExpertWeights, other: ExpertWeights) -> ExpertWeights:
+    """`other` with its intermediate neurons permuted to best match `anchor`'s (Hungarian matching on the
+    cosine similarity of each neuron's gate row, up row and down column). A permutation of hidden units
+    leaves the expert's function unchanged, but makes element-wise merging combine like with like."""
+    from scipy.optimize import linear_sum_assignment
+
+    def neuron_features(w: ExpertWeights) -> torch.Tensor:
+        f = torch.cat([w.gate_proj, w.up_proj, w.down_proj.T], dim=1).double()
+        return f / f.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+    similarity = neuron_features(anchor) @ neuron_features(other).T
+    _, perm = linear_sum_assignment(similarity.cpu().numpy(), maximize=True)
+    perm = torch.as_tensor(perm, device=other.gate_proj.device)
+    return ExpertWeights(other.gate_proj[perm], other.up_proj[perm], other.down_proj[:, perm])

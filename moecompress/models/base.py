@@ -161,6 +161,13 @@ class ModelAdapter:
         """Per-sample tensors, taken from the text model's call, that `after_layer` needs."""
         return {}
 
+    num_experts_key = "num_experts"
+
+    def set_num_experts(self, model: nn.Module, num_experts: int) -> None:
+        """Record a new routed-expert count (after pruning/merging) where the config keeps it."""
+        config = getattr(model.config, "text_config", model.config)
+        setattr(config, self.num_experts_key, num_experts)
+
     def auto_model_class(self):
         from transformers import AutoModelForCausalLM
 

@@ -12,6 +12,7 @@ class DeepseekV3Adapter(ModelAdapter):
     The first `first_k_dense_replace` layers are dense and have no MoE block."""
 
     model_types = ("deepseek_v3",)
+    num_experts_key = "n_routed_experts"
 
     def shared_experts(self, block: nn.Module) -> nn.Module | None:
         return block.shared_experts

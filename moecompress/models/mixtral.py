@@ -9,6 +9,7 @@ class MixtralAdapter(ModelAdapter):
     """Mixtral: softmax router whose top-k weights are always renormalised."""
 
     model_types = ("mixtral",)
+    num_experts_key = "num_local_experts"
 
     def norm_topk_prob(self, router: nn.Module) -> bool:
         return True

@@ -42,3 +42,39 @@ def test_joint_svd_reconstructs_each_expert_in_the_shared_basis():
 def test_bad_cluster_counts_are_errors():
     with pytest.raises(ValueError, match="clusters"):
         cluster_experts(torch.randn(4, 8), 5)
+
+
+def softmax_router(logits: torch.Tensor, top_k: int):
+    def route(excluded):
+        masked = logits if excluded is None else logits.masked_fill(excluded, float("-inf"))
+        weights, indices = torch.softmax(masked, -1).topk(top_k, dim=-1)
+        return weights / weights.sum(-1, keepdim=True), indices
+    return route
+
+
+def test_pruning_removes_the_experts_that_matter_least():
+    from moecompress.merge.prune import select_experts_to_prune
+
+    torch.manual_seed(0)
+    E, T, H = 8, 200, 16
+    outputs = torch.randn(E, T, H)
+    outputs[2] *= 10  # expert 2 is loud: removing it is expensive
+    logits = torch.randn(T, E)
+    logits[:, 6] = -20  # expert 6 is never routed: removing it costs nothing
+    route = softmax_router(logits, top_k=2)
+    exhaustive, err_ex = select_experts_to_prune(outputs, route, 1)
+    greedy, err_gr = select_experts_to_prune(outputs, route, 3, beam=1, exhaustive_limit=0)
+    best3, err3 = select_experts_to_prune(outputs, route, 3)
+    assert exhaustive == [6] and err_ex < 1e-6 and 2 not in best3
+    assert err3 <= err_gr + 1e-9  # exhaustive never loses to greedy
+
+
+def test_neuron_alignment_undoes_a_permutation_of_hidden_units():
+    from moecompress.merge.subspace import align_neurons
+    from moecompress.models.base import ExpertWeights
+
+    anchor = ExpertWeights(torch.randn(32, 16), torch.randn(32, 16), torch.randn(16, 32))
+    perm = torch.randperm(32)
+    shuffled = ExpertWeights(anchor.gate_proj[perm], anchor.up_proj[perm], anchor.down_proj[:, perm])
+    aligned = align_neurons(anchor, shuffled)
+    assert all(torch.equal(aligned[p], anchor[p]) for p in ("gate_proj", "up_proj", "down_proj"))

@@ -1,0 +1,101 @@
+"""Expert merging and pruning (issue 5) on moe-tiny-text, and with --vl on moe-tiny-vl: 25% and 50% of the
+routed experts removed by (a) frequency-weighted averaging, (b) Sub-MoE subspace merging at two ranks,
+(c) NAEE pruning, (d) each followed by GPTQ w4. Every model is saved, loaded back, then evaluated.
+
+    python eval/bench_merge.py --max-windows 200 --vl     # ~30 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from bench_foundation import DATA, REPO, SHARED, TEXT, VL, print_table
+from transformers import AutoTokenizer
+
+import moecompress
+from moecompress.evaluation.perplexity import perplexity
+from moecompress.models import load_model
+from moecompress.recipe import Recipe
+
+CALIB = str(SHARED / "data" / "calib" / "calib_mix.jsonl")
+METHODS = {
+    "average (no alignment)": {"method": "average", "align_neurons": False},
+    "average (aligned)": {"method": "average"},
+    "subspace r=0.5 (aligned)": {"method": "subspace", "rank": 0.5},
+    "subspace r=0.25 (aligned)": {"method": "subspace", "rank": 0.25},
+    "prune": {"method": "prune"},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5])
+    parser.add_argument("--max-windows", type=int, help="evaluate the first N 512-token windows of each set")
+    parser.add_argument("--no-w4", action="store_true", help="skip the merged + GPTQ w4 rows")
+    parser.add_argument("--router", default="shrink", choices=["shrink", "keep"])
+    parser.add_argument("--vl", action="store_true", help="also moe-tiny-vl at 25% on shapes-vl QA")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(TEXT)
+
+    def evaluate(model) -> dict:
+        return {name: perplexity(model, tokenizer, str(path), max_windows=args.max_windows, progress=False).ppl
+                for name, path in DATA.items()}
+
+    base = evaluate(load_model(str(TEXT)).model)
+    rows = [{"config": "bf16 (reference, 16 experts/layer)", **base}]
+    print(json.dumps(rows[-1]), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for ratio in args.ratios:
+            for name, merge in METHODS.items():
+                for quantize in ([False] if args.no_w4 else [False, True]):
+                    recipe = Recipe.from_dict({
+                        "name": "merge", "calibration": {"dataset": CALIB},
+                        "merge": {**merge, "ratio": ratio, "router": args.router},
+                        "quantization": {"method": "gptq", "bits": 4} if quantize else {"method": "none"},
+                    })
+                    label = f"-{ratio:.0%} {name}" + (" + w4" if quantize else "")
+                    out = Path(tmp) / "model"
+                    start = time.perf_counter()
+                    result = moecompress.compress(str(TEXT), recipe, output=out, progress=False)
+                    row = {"config": label, "experts/layer": result.report.merge["experts_per_layer"][0],
+                           "expert params M": result.report.expert_params / 1e6,
+                           "expert MB": result.report.expert_bytes / 1e6, "seconds": time.perf_counter() - start}
+                    row.update(evaluate(moecompress.load(out, cache_dequantized=True)))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        if args.vl:
+            rows += bench_vl(Path(tmp))
+    print_table(rows, ["config", "experts/layer", "expert params M", "expert MB", "seconds", *DATA, "qa"], base)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def bench_vl(tmp: Path) -> list[dict]:
+    from moecompress.evaluation.vlqa import vl_qa_accuracy
+    from moecompress.pipeline import load_tokenizer_or_processor
+
+    processor = load_tokenizer_or_processor(str(VL), True, trust_remote_code=True)
+    eval_set = str(SHARED / "data" / "shapes-vl" / "eval.jsonl")
+    rows = [{"config": "vl bf16 (reference)", "qa": vl_qa_accuracy(load_model(str(VL)).model, processor, eval_set, progress=False).accuracy}]
+    for name in ("prune-25", "submoe-25"):
+        recipe = Recipe.from_yaml(REPO / "pipelines" / f"{name}.yaml")
+        recipe.calibration.vl_dataset = str(SHARED / "data" / "shapes-vl" / "calib.jsonl")
+        for quantize in (False, True):
+            recipe.quantization.method = "gptq" if quantize else "none"
+            out = tmp / "vl"
+            result = moecompress.compress(str(VL), recipe, output=out, trust_remote_code=True, progress=False)
+            model = moecompress.load(out, cache_dequantized=True, trust_remote_code=True)
+            rows.append({"config": f"vl {name}" + (" + w4" if quantize else ""),
+                         "experts/layer": result.report.merge["experts_per_layer"][0],
+                         "qa": vl_qa_accuracy(model, processor, eval_set, progress=False).accuracy})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Merging and pruning routed experts of a loaded model, layer by layer on calibration data.
+
+Each MoE block is reduced after its calibration pass, so later layers calibrate on the reduced model.
+Router after merging: `shrink` gives the block one router row per merged expert (the frequency-weighted
+mean of its members' rows), a plain transformers model with fewer experts; `keep` keeps all E router
+rows and maps each to its merged expert (`MappedExperts`; saved in the checkpoint's `expert_maps`).
+Pruning always removes the router rows of the removed experts; the remaining top-k weights are
+renormalised exactly as the model's router does (softmax over the remaining rows, then its own
+`norm_topk_prob`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..calibration.data import CalibrationBatch
+from ..calibration.engine import ExpertObserver, run_layerwise
+from ..errors import RecipeError
+from ..models.base import MODALITIES, PROJECTIONS, ExpertWeights, MoEBlockView
+from ..models.loading import LoadedModel
+from .cluster import cluster_experts
+from .prune import select_experts_to_prune
+from .subspace import align_neurons, average_merge, subspace_merge
+
+MERGE_METHODS = ("none", "average", "subspace", "prune")
+ROUTER_MODES = ("shrink", "keep")
+
+
+@dataclass
+class MergeConfig:
+    """Remove `ratio` of the routed experts of every MoE layer.
+
+    method: average (frequency-weighted mean per cluster) | subspace (Sub-MoE joint SVD at `rank`, a
+            fraction of the full rank when <= 1) | prune (NAEE: drop the experts whose removal changes
+            the block output least; beam search of width `beam`, exhaustive when cheap) | none.
+    Clusters come from k-means on the cosine similarity of expert outputs on `sample_tokens` block inputs.
+    align_neurons: permute each member's intermediate neurons to match the cluster's most frequent
+            expert before merging (function-preserving; element-wise merges then combine like with like).
+    """
+
+    method: str = "none"
+    ratio: float = 0.25
+    rank: float = 0.5
+    router: str = "shrink"
+    sample_tokens: int = 2048
+    beam: int = 4
+    align_neurons: bool = True
+    max_cluster_size: int | None = None
+    modality_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "image": 1.0})
+    seed: int = 0
+
+    def validate(self) -> MergeConfig:
+        problems = []
+        if self.method not in MERGE_METHODS:
+            problems.append(f"merge.method '{self.method}': use one of {list(MERGE_METHODS)}")
+        if self.router not in ROUTER_MODES:
+            problems.append(f"merge.router '{self.router}': use one of {list(ROUTER_MODES)}")
+        if not 0 < self.ratio < 1:
+            problems.append(f"merge.ratio {self.ratio}: the fraction of routed experts to remove, in (0, 1)")
+        if self.rank <= 0:
+            problems.append(f"merge.rank {self.rank}: a positive rank, or a fraction of the full rank in (0, 1]")
+        if problems:
+            raise RecipeError("; ".join(problems))
+        return self
+
+    def kept(self, num_experts: int, top_k: int) -> int:
+        kept = num_experts - round(self.ratio * num_experts)
+        if kept < top_k:
+            raise RecipeError(f"merge.ratio {self.ratio} leaves {kept} experts but the router picks top-{top_k}; lower the ratio.")
+        return kept
+
+
+class MappedExperts(nn.Module):
+    """A reduced experts module addressed through the original router slots: slot s -> expert slot_map[s]."""
+
+    def __init__(self, experts: nn.Module, slot_map: torch.Tensor):
+        super().__init__()
+        self.experts = experts
+        self.register_buffer("slot_map", slot_map.to(torch.long), persistent=False)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return self.experts(hidden_states, self.slot_map.to(top_k_index.device)[top_k_index], top_k_weights)
+
+
+@dataclass
+class LayerReduction:
+    layer: int
+    kept: int
+    slot_map: list[int]
+    error: float | None = None
+
+
+def expert_frequencies(observer: ExpertObserver, modality_weights: dict[str, float]) -> torch.Tensor:
+    lam = torch.tensor([modality_weights.get(m, 0.0) for m in MODALITIES], dtype=torch.float64)
+    freq = observer.tokens / observer.total_tokens.clamp(min=1)
+    return (freq * lam).sum(-1)
+
+
+def _sample(observer: ExpertObserver, count: int, device) -> torch.Tensor:
+    tokens = observer.reservoir_tokens()
+    if tokens.numel() == 0:
+        raise RecipeError("no calibration tokens reached this MoE layer; check the calibration data.")
+    return tokens[:count].to(device)
+
+
+def _all_expert_outputs(view: MoEBlockView, x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([view.expert_forward(e, x)[1] for e in range(view.num_experts)])
+
+
+def merge_block(view: MoEBlockView, observer: ExpertObserver, config: MergeConfig) -> LayerReduction:
+    """Replace the block's experts by cluster merges (or drop pruned ones) and update its router."""
+    E, k = view.num_experts, config.kept(view.num_experts, view.top_k)
+    x = _sample(observer, config.sample_tokens, view.router.weight.device)
+    outputs = _all_expert_outputs(view, x.float())
+    freqs = expert_frequencies(observer, config.modality_weights)
+    originals = [view.expert_weights(e) for e in range(E)]
+    if config.method == "prune":
+        removed, error = select_experts_to_prune(outputs, lambda excluded: view.route(x.float(), excluded), E - k,
+                                                 config.beam, exhaustive_limit=200)
+        keep = [e for e in range(E) if e not in removed]
+        slot_map = torch.full((E,), -1, dtype=torch.long)
+        slot_map[keep] = torch.arange(k)
+        _install(view, [originals[e] for e in keep], view.router.weight.data[keep].clone(), None, k)
+        return LayerReduction(view.layer_index, k, slot_map.tolist(), error)
+    labels = cluster_experts(outputs.reshape(E, -1), k, config.seed, max_cluster_size=config.max_cluster_size)
+    merged, rows = [], []
+    for c in range(k):
+        members = torch.where(labels == c)[0].tolist()
+        f = freqs[members]
+        weights_of = {e: originals[e] for e in members}
+        if config.align_neurons and len(members) > 1:
+            anchor = members[int(torch.argmax(f))]
+            weights_of = {e: w if e == anchor else align_neurons(originals[anchor], w) for e, w in weights_of.items()}
+        merged.append(ExpertWeights(*(_merge([weights_of[e][p] for e in members], f, config) for p in PROJECTIONS)))
+        weights = f / f.sum() if float(f.sum()) > 0 else torch.full_like(f, 1 / len(members))
+        rows.append((weights[:, None].to(view.router.weight.dtype) * view.router.weight.data[members]).sum(0))
+    keep_rows = config.router == "keep"
+    _install(view, merged, None if keep_rows else torch.stack(rows), labels if keep_rows else None, k)
+    return LayerReduction(view.layer_index, k, labels.tolist())
+
+
+def _merge(matrices: list[torch.Tensor], freqs: torch.Tensor, config: MergeConfig) -> torch.Tensor:
+    if config.method == "average" or len(matrices) == 1:
+        return average_merge(matrices, freqs)
+    full_rank = min(matrices[0].shape[0], sum(m.shape[1] for m in matrices))
+    rank = round(config.rank * full_rank) if config.rank <= 1 else int(config.rank)
+    return subspace_merge(matrices, freqs, max(rank, 1))
+
+
+@torch.no_grad()
+def _install(view: MoEBlockView, experts: list[ExpertWeights], router_rows: torch.Tensor | None,
+             slot_map: torch.Tensor | None, kept: int) -> None:
+    fused = view.experts
+    dtype = fused.down_proj.dtype
+    fused.gate_up_proj = nn.Parameter(torch.stack([torch.cat([w.gate_proj, w.up_proj]) for w in experts]).to(dtype), requires_grad=False)
+    fused.down_proj = nn.Parameter(torch.stack([w.down_proj for w in experts]).to(dtype), requires_grad=False)
+    fused.num_experts = kept
+    router = view.router
+    if router_rows is not None:
+        router.weight = nn.Parameter(router_rows, requires_grad=False)
+        router.num_experts = kept
+        bias = getattr(router, "e_score_correction_bias", None)
+        if bias is not None:
+            raise RecipeError("merging/pruning group-limited routers (DeepSeek-V3) is not supported yet.")
+    if slot_map is not None:
+        view.block.experts = MappedExperts(fused, slot_map)
+
+
+def reduce_experts(loaded: LoadedModel, batches: list[CalibrationBatch], config: MergeConfig, device: str = "cpu",
+                   progress: bool = True) -> list[LayerReduction]:
+    """Merge or prune the routed experts of every MoE layer of `loaded.model` in place."""
+    config.validate()
+    if config.method == "none":
+        return []
+    reductions: list[LayerReduction] = []
+    kept: list[int] = []
+
+    def reduce_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
+        reduction = merge_block(view, observer, config)
+        reductions.append(reduction)
+        kept.append(reduction.kept)
+        return True
+
+    run_layerwise(loaded.model, loaded.adapter, batches, reduce_layer, device, collect_hessians=False,
+                  progress=progress, desc=f"{config.method} experts",
+                  observer_options={"reservoir_size": config.sample_tokens})
+    if config.router == "shrink" or config.method == "prune":
+        loaded.adapter.set_num_experts(loaded.model, kept[0])
+    return reductions
