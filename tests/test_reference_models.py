@@ -74,3 +74,19 @@ def test_ternary_recovery_training_beats_training_free_ternary(tiny_text_path, t
         model = moecompress.load(out, cache_dequantized=True)
         ppl[trained] = perplexity(model, tokenizer, python_set, max_windows=40, progress=False).ppl
     assert ppl[True] < 0.96 * ppl[False], ppl
+
+
+def test_pruning_a_quarter_of_the_experts_keeps_perplexity_within_15_percent(tiny_text_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    from moecompress.models import load_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_path)
+    reference = wiki_ppl(load_model(str(tiny_text_path)).model, tokenizer, windows=60)
+    recipe = Recipe.from_yaml(Path(__file__).resolve().parent.parent / "pipelines" / "prune-25.yaml")
+    recipe.calibration.dataset, recipe.calibration.num_samples = str(require_shared(CALIB)), 32
+    recipe.quantization.method = "none"
+    result = moecompress.compress(str(tiny_text_path), recipe, output=tmp_path / "p25", progress=False)
+    assert result.report.merge["experts_per_layer"] == [12, 12, 12, 12]
+    pruned = wiki_ppl(moecompress.load(tmp_path / "p25"), tokenizer, windows=60)
+    assert pruned < 1.15 * reference, (pruned, reference)

@@ -39,9 +39,14 @@ _AUX_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt"
 
 def quantization_config(model: nn.Module) -> dict:
     """The `quantization_config` that lets the loader rebuild every `PackedExperts` before loading weights."""
+    from ..merge.apply import MappedExperts
+
     formats: list[QuantFormat] = []
     experts: dict[str, list[list[int]]] = {}
+    expert_maps: dict[str, list[int]] = {}
     for name, module in model.named_modules():
+        if isinstance(module, MappedExperts):
+            expert_maps[name] = module.slot_map.tolist()
         if isinstance(module, PackedExperts):
             rows = []
             for per_expert in module.formats():
@@ -57,6 +62,7 @@ def quantization_config(model: nn.Module) -> dict:
         "format_version": FORMAT_VERSION,
         "formats": [f.to_dict() for f in formats],
         "experts": experts,
+        **({"expert_maps": expert_maps} if expert_maps else {}),
     }
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -18,15 +20,17 @@ from .checkpoint import FORMAT_VERSION, QUANT_METHOD
 @register_quantization_config(QUANT_METHOD)
 class MoECompressConfig(QuantizationConfigMixin):
     def __init__(self, formats: list[dict] | None = None, experts: dict[str, list[list[int]]] | None = None,
-                 format_version: int = FORMAT_VERSION, **kwargs: Any):
+                 format_version: int = FORMAT_VERSION, expert_maps: dict[str, list[int]] | None = None, **kwargs: Any):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.formats = formats or []
         self.experts = experts or {}
+        self.expert_maps = expert_maps or {}
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"expert_maps": self.expert_maps} if self.expert_maps else {}
         return {"quant_method": QUANT_METHOD, "format_version": self.format_version,
-                "formats": self.formats, "experts": self.experts}
+                "formats": self.formats, "experts": self.experts, **extra}
 
 
 @register_quantizer(QUANT_METHOD)
@@ -34,6 +38,19 @@ class MoECompressHfQuantizer(HfQuantizer):
     requires_calibration = True
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        from torch import nn
+
+        from ..merge.apply import MappedExperts
+
+        for name, slot_map in self.quantization_config.expert_maps.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            fused, kept = getattr(parent, child), max(slot_map) + 1
+            for param in ("gate_up_proj", "down_proj"):
+                shape = getattr(fused, param).shape
+                setattr(fused, param, nn.Parameter(torch.empty(kept, *shape[1:], device="meta"), requires_grad=False))
+            fused.num_experts = kept
+            setattr(parent, child, MappedExperts(fused, torch.tensor(slot_map)))
         formats = [QuantFormat.from_dict(f) for f in self.quantization_config.formats]
         for name, rows in self.quantization_config.experts.items():
             parent_name, _, child = name.rpartition(".")
@@ -45,6 +62,10 @@ class MoECompressHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        # Non-persistent buffers created on the meta device are materialised empty: set the maps again.
+        for name, slot_map in self.quantization_config.expert_maps.items():
+            mapped = model.get_submodule(name)
+            mapped.slot_map = torch.tensor(slot_map, device=mapped.experts.down_proj.device)
         return model
 
     def update_weight_conversions(self, weight_conversions, model):
