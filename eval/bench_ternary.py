@@ -93,7 +93,7 @@ def expert_mb_bf16() -> float:
 def print_gap_closed(rows: list[dict]) -> None:
     """Share of the PTQ-to-bf16 perplexity gap that recovery training closed."""
     base = rows[0]
-    for trained in (r for r in rows if "recovery" in r["config"]):
+    for trained in (r for r in rows if "recovery" in r["config"] and "wiki" in r):
         ptq = next((r for r in rows if r["config"] == trained["config"].split(" + ")[0] + " ptq"
                     or r["config"] == trained["config"].split(" + ")[0]), None)
         if ptq is None:
