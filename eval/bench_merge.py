@@ -1,8 +1,10 @@
 """Expert merging and pruning (issue 5) on moe-tiny-text, and with --vl on moe-tiny-vl: 25% and 50% of the
 routed experts removed by (a) frequency-weighted averaging, (b) Sub-MoE subspace merging at two ranks,
-(c) NAEE pruning, (d) each followed by GPTQ w4. Every model is saved, loaded back, then evaluated.
+(c) NAEE pruning, (d) each followed by GPTQ w4. Merges are measured with both router updates (shrink: one
+row per merged expert; keep: all E rows mapped to merged experts). Every model is saved, loaded back, then
+evaluated.
 
-    python eval/bench_merge.py --max-windows 200 --vl     # ~30 min on 2 cores
+    python eval/bench_merge.py --max-windows 40 --vl     # ~40 min on 2 cores
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from moecompress.models import load_model
 from moecompress.recipe import Recipe
 
 CALIB = str(SHARED / "data" / "calib" / "calib_mix.jsonl")
+KMEANS = {"clustering": "kmeans"}
 METHODS = {
-    "average (no alignment)": {"method": "average", "align_neurons": False},
-    "average (aligned)": {"method": "average"},
-    "subspace r=0.5 (aligned)": {"method": "subspace", "rank": 0.5},
-    "subspace r=0.25 (aligned)": {"method": "subspace", "rank": 0.25},
+    "average (no alignment)": {"method": "average", "align_neurons": False, **KMEANS},
+    "average (aligned)": {"method": "average", **KMEANS},
+    "subspace r=0.5 (aligned)": {"method": "subspace", "rank": 0.5, **KMEANS},
+    "subspace r=0.25 (aligned)": {"method": "subspace", "rank": 0.25, **KMEANS},
     "prune": {"method": "prune"},
+    "average (dominant centers)": {"method": "average", "clustering": "dominant"},
+    "subspace r=0.5 (dominant centers)": {"method": "subspace", "rank": 0.5, "clustering": "dominant"},
 }
 
 
@@ -36,8 +41,9 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5])
     parser.add_argument("--max-windows", type=int, help="evaluate the first N 512-token windows of each set")
     parser.add_argument("--no-w4", action="store_true", help="skip the merged + GPTQ w4 rows")
-    parser.add_argument("--router", default="shrink", choices=["shrink", "keep"])
+    parser.add_argument("--methods", nargs="+", help="substrings of the method names to run (default: all)")
     parser.add_argument("--vl", action="store_true", help="also moe-tiny-vl at 25% on shapes-vl QA")
+    parser.add_argument("--vl-only", action="store_true", help="only the moe-tiny-vl rows")
     parser.add_argument("--json")
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(TEXT)
@@ -46,19 +52,32 @@ def main() -> None:
         return {name: perplexity(model, tokenizer, str(path), max_windows=args.max_windows, progress=False).ppl
                 for name, path in DATA.items()}
 
-    base = evaluate(load_model(str(TEXT)).model)
-    rows = [{"config": "bf16 (reference, 16 experts/layer)", **base}]
-    print(json.dumps(rows[-1]), flush=True)
+    base = {} if args.vl_only else evaluate(load_model(str(TEXT)).model)
+    rows = [] if args.vl_only else [{"config": "bf16 (reference, 16 experts/layer)", **base}]
+    if rows:
+        print(json.dumps(rows[-1]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for ratio in args.ratios:
+        for ratio in [] if args.vl_only else args.ratios:
             for name, merge in METHODS.items():
-                for quantize in ([False] if args.no_w4 else [False, True]):
+                if args.methods and not any(m in name for m in args.methods):
+                    continue
+                # keep-router checkpoints are not quantizable yet, and pruning has no router choice: the
+                # router ablation (keep vs shrink) and the alignment ablation run at the first ratio only
+                variants = [("shrink", False)]
+                if name == "average (no alignment)" and ratio != args.ratios[0]:
+                    continue
+                if "no alignment" not in name:
+                    variants += [] if args.no_w4 else [("shrink", True)]
+                    if ratio == args.ratios[0] and name in ("average (aligned)", "subspace r=0.5 (aligned)"):
+                        variants.append(("keep", False))
+                for router, quantize in variants:
                     recipe = Recipe.from_dict({
                         "name": "merge", "calibration": {"dataset": CALIB},
-                        "merge": {**merge, "ratio": ratio, "router": args.router},
+                        "merge": {**merge, "ratio": ratio, "router": router},
                         "quantization": {"method": "gptq", "bits": 4} if quantize else {"method": "none"},
                     })
-                    label = f"-{ratio:.0%} {name}" + (" + w4" if quantize else "")
+                    label = (f"-{ratio:.0%} {name}" + (", router keep" if router == "keep" else "")
+                             + (" + w4" if quantize else ""))
                     out = Path(tmp) / "model"
                     start = time.perf_counter()
                     result = moecompress.compress(str(TEXT), recipe, output=out, progress=False)
@@ -68,7 +87,7 @@ def main() -> None:
                     row.update(evaluate(moecompress.load(out, cache_dequantized=True)))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-        if args.vl:
+        if args.vl or args.vl_only:
             rows += bench_vl(Path(tmp))
     print_table(rows, ["config", "experts/layer", "expert params M", "expert MB", "seconds", *DATA, "qa"], base)
     if args.json:
@@ -84,6 +103,7 @@ def bench_vl(tmp: Path) -> list[dict]:
     rows = [{"config": "vl bf16 (reference)", "qa": vl_qa_accuracy(load_model(str(VL)).model, processor, eval_set, progress=False).accuracy}]
     for name in ("prune-25", "submoe-25"):
         recipe = Recipe.from_yaml(REPO / "pipelines" / f"{name}.yaml")
+        recipe.calibration.dataset = CALIB
         recipe.calibration.vl_dataset = str(SHARED / "data" / "shapes-vl" / "calib.jsonl")
         for quantize in (False, True):
             recipe.quantization.method = "gptq" if quantize else "none"

@@ -78,7 +78,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
         if args.vl:
-            rows += bench_vl(Path(tmp), args.steps)
+            rows += bench_vl(Path(tmp), args.steps, args.configs)
     print_table(rows, ["config", "bits/param", "expert MB", "ckpt MB", "compress s", "train s", *DATA, "qa"], base)
     print_gap_closed(rows)
     if args.json:
@@ -102,7 +102,7 @@ def print_gap_closed(rows: list[dict]) -> None:
         print(f"{trained['config']}: gap to bf16 closed " + ", ".join(f"{k} {v:.0%}" for k, v in closed.items()))
 
 
-def bench_vl(tmp: Path, steps: int) -> list[dict]:
+def bench_vl(tmp: Path, steps: int, configs: list[str] | None = None) -> list[dict]:
     from moecompress.evaluation.vlqa import vl_qa_accuracy
     from moecompress.pipeline import load_tokenizer_or_processor
 
@@ -112,8 +112,16 @@ def bench_vl(tmp: Path, steps: int) -> list[dict]:
     recipe = Recipe.from_yaml(REPO / "pipelines" / "ternary-experts.yaml")
     recipe.calibration.vl_dataset = str(SHARED / "data" / "shapes-vl" / "calib.jsonl")
     recipe.recovery.steps = steps
-    for name, enabled in (("vl ternary-row ptq", False), (f"vl ternary-row + recovery {steps} steps", True)):
+    variants = {  # name: (recovery enabled, text windows, image items)
+        "vl ternary-row ptq": (False, 0, 0),
+        f"vl ternary-row + recovery {steps} steps": (True, recipe.recovery.num_samples, recipe.recovery.vl_num_samples),
+        f"vl ternary-row + recovery {steps} steps, image-heavy data (200 text windows + 200 image items)": (True, 200, 200),
+    }
+    for name, (enabled, text_windows, image_items) in variants.items():
+        if configs and not any(c in name for c in configs):
+            continue
         recipe.recovery.enabled = enabled
+        recipe.recovery.num_samples, recipe.recovery.vl_num_samples = max(text_windows, 1), image_items
         out = tmp / name.replace(" ", "_")
         start = time.perf_counter()
         result = moecompress.compress(str(VL), recipe, output=out, trust_remote_code=True, progress=False)

@@ -115,18 +115,36 @@ def cmd_eval_ppl(args) -> dict:
 
     model, processor = _load_for_eval(args.model, args.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
-    return {
-        Path(d).stem: perplexity(model, tokenizer, d, args.seq_len, args.batch_size, args.max_windows).to_dict()
-        for d in args.data
-    }
+    results = {}
+    for d in args.data:
+        _reset_skip_stats(model)
+        results[Path(d).stem] = {**perplexity(model, tokenizer, d, args.seq_len, args.batch_size, args.max_windows).to_dict(),
+                                 **_skip_stats(model)}
+    return results
+
+
+def _reset_skip_stats(model) -> None:
+    if hasattr(model, "skip_controller"):
+        model.skip_controller.reset_stats()
+
+
+def _skip_stats(model) -> dict:
+    """Fraction of routed-expert activations a dynamic-skipping checkpoint removed during the evaluation."""
+    controller = getattr(model, "skip_controller", None)
+    if controller is None:
+        return {}
+    stats = controller.stats
+    return {"expert_activations_skipped": stats.skipped(),
+            **{f"skipped_{m}": stats.skipped(m) for m in ("text", "image") if stats.total[m]}}
 
 
 def cmd_eval_vlqa(args) -> dict:
     from .evaluation.vlqa import vl_qa_accuracy
 
     model, processor = _load_for_eval(args.model, args.trust_remote_code)
+    _reset_skip_stats(model)
     result = vl_qa_accuracy(model, processor, args.data, args.batch_size, args.max_items)
-    return result.to_dict()
+    return {**result.to_dict(), **_skip_stats(model)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ class CompressionReport:
     rare_experts: list[dict] = field(default_factory=list)
     recovery: dict | None = None
     merge: dict | None = None
+    slim: dict | None = None
+    skip: dict | None = None
     output: str | None = None
 
     def to_dict(self) -> dict:
@@ -159,6 +162,7 @@ def compress(
         from .merge.apply import reduce_experts
 
         reductions = reduce_experts(loaded, batches, recipe.merge, recipe.device, progress)
+    slim = slim_stage(loaded, recipe, batches, output, trust_remote_code, progress).to_dict() if recipe.slim.enabled else None
     if recipe.quantization.method == "none":
         plan = None
     elif plan is None:
@@ -182,6 +186,15 @@ def compress(
     recovery = None
     if recipe.recovery.enabled:
         recovery = recover(loaded, recipe, output, trust_remote_code, progress).to_dict()
+    skip = None
+    if recipe.skip.method != "none":
+        from .dynamic.skip import fit_skipping
+
+        set_dequant_cache(loaded.model, True)  # many calibration forwards; packed experts dequantized once
+        try:
+            skip = fit_skipping(loaded.model, loaded.adapter, batches, recipe.skip, progress, cpu=recipe.device == "cpu").rule.to_dict()
+        finally:
+            set_dequant_cache(loaded.model, False)
     reports = [r for _, layer_reports in results.values() for r in layer_reports]
     nbytes, params = expert_bytes(loaded.model)
     if q.method == "none":
@@ -204,6 +217,8 @@ def compress(
         merge={"method": recipe.merge.method, "router": recipe.merge.router,
                "experts_per_layer": [r.kept for r in reductions],
                "prune_errors": [r.error for r in reductions if r.error is not None]} if reductions else None,
+        slim=slim,
+        skip=skip,
     )
     if output is not None:
         from .io.checkpoint import save_checkpoint
@@ -213,13 +228,15 @@ def compress(
             loaded.model, output, recipe.to_yaml(), loaded.source, report.to_dict(), getattr(torch, recipe.save_dtype),
             extra_files={"plan.json": json.dumps(plan.to_dict(), indent=1)} if plan else None,
         ))
+        for state in (".slim-state", ".recovery-state"):  # only an interrupted job needs its training state
+            shutil.rmtree(str(Path(output).expanduser()) + state, ignore_errors=True)
     report.seconds = time.perf_counter() - start
     return CompressionResult(loaded.model, loaded, report)
 
 
-def recovery_batches(loaded: LoadedModel, recipe: Recipe, trust_remote_code: bool = False) -> list[CalibrationBatch]:
-    """Training data of the recovery stage: text windows (+ image+text items for VL models), shuffled together."""
-    r, cal = recipe.recovery, recipe.calibration
+def training_batches(loaded: LoadedModel, recipe: Recipe, stage: str = "recovery", trust_remote_code: bool = False) -> list[CalibrationBatch]:
+    """Training data of the recovery or slim stage: text windows (+ image+text items for VL models), shuffled together."""
+    r, cal = getattr(recipe, stage), recipe.calibration
     processor = load_tokenizer_or_processor(loaded.source, loaded.adapter.is_multimodal, trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     batches = text_calibration_batches(r.dataset or cal.dataset, tokenizer, r.num_samples, r.seq_len, r.batch_size, r.seed)
@@ -227,6 +244,22 @@ def recovery_batches(loaded: LoadedModel, recipe: Recipe, trust_remote_code: boo
         batches += vl_calibration_batches(cal.vl_dataset, processor, loaded.model.config.image_token_id, r.vl_num_samples, r.seed)
     random.Random(r.seed).shuffle(batches)
     return batches
+
+
+def slim_stage(loaded: LoadedModel, recipe: Recipe, batches: list[CalibrationBatch], output: str | Path | None = None,
+               trust_remote_code: bool = False, progress: bool = True):
+    """Staged neuron slimming of the routed experts of `loaded.model`, distilled from the source model.
+    Resumable when `output` is given: the state lives in `<output>.slim-state/`."""
+    from .slim.staged import slim_experts
+    from .training.qat import job_fingerprint
+
+    teacher = load_model(loaded.source, trust_remote_code=trust_remote_code) if recipe.slim.steps_per_stage else None
+    state_dir = Path(str(Path(output).expanduser()) + ".slim-state") if output is not None else None
+    return slim_experts(
+        loaded.model, loaded.adapter, teacher.model if teacher else None, batches,
+        training_batches(loaded, recipe, "slim", trust_remote_code) if teacher else [], recipe.slim, state_dir,
+        job_fingerprint(recipe.to_yaml(), loaded.source), progress, cpu=recipe.device == "cpu",
+    )
 
 
 def _load_teacher(source: str, trust_remote_code: bool) -> LoadedModel:
@@ -257,7 +290,7 @@ def recover(
         load_model(loaded.source, trust_remote_code=trust_remote_code)
     state_dir = Path(str(Path(output).expanduser()) + ".recovery-state") if output is not None else None
     report = recover_quantized_experts(
-        loaded.model, teacher.model, loaded.adapter, recovery_batches(loaded, recipe, trust_remote_code), recipe.recovery,
+        loaded.model, teacher.model, loaded.adapter, training_batches(loaded, recipe, "recovery", trust_remote_code), recipe.recovery,
         state_dir, job_fingerprint(recipe.to_yaml(), loaded.source), progress, cpu=recipe.device == "cpu",
     )
     loaded.model.eval()

@@ -11,11 +11,13 @@ from typing import Any
 import yaml
 
 from .allocation.allocate import AllocationConfig
+from .dynamic.skip import SkipConfig
 from .errors import RecipeError
 from .merge.apply import MergeConfig
 from .quant.experts import RARE_POLICIES
 from .quant.qtensor import PACKINGS, SUPPORTED_BITS, TERNARY, QuantFormat
 from .quant.ternary import TERNARY_SCALE_METHODS
+from .slim.staged import SlimConfig
 from .training.qat import QAT_INITS, RecoveryConfig
 
 
@@ -74,6 +76,8 @@ class Recipe:
     merge: MergeConfig = field(default_factory=MergeConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    slim: SlimConfig = field(default_factory=SlimConfig)
+    skip: SkipConfig = field(default_factory=SkipConfig)
     device: str = "cpu"
     save_dtype: str = "bfloat16"
 
@@ -103,6 +107,14 @@ class Recipe:
             raise RecipeError(f"recipe '{self.name}': recovery trains quantized experts; set a quantization.method.")
         if self.recovery.enabled:
             self.recovery.distill_config()
+        self.skip.validate()
+        if self.slim.enabled:
+            self.slim.validate()
+            if self.merge.method != "none" and self.merge.router == "keep":
+                raise RecipeError(f"recipe '{self.name}': slimming needs merge.router shrink (keep-router experts are mapped).")
+        if (self.slim.enabled or self.merge.method != "none") and self.recovery.enabled and self.recovery.init == "original":
+            raise RecipeError(f"recipe '{self.name}': recovery.init original starts from the source experts, which "
+                              "merging/slimming changed; set recovery.init: quantized.")
         return self
 
     def to_dict(self) -> dict:

@@ -35,7 +35,8 @@ def test_ternary_with_recovery_saves_exactly_what_it_trained(tiny_text_path, tmp
     result = moecompress.compress(str(tiny_text_path), recipe, output=tmp_path / "t", progress=False)
     linears = [m for m in result.model.modules() if isinstance(m, PackedLinear)]
     assert all(m.fmt.ternary and m.fmt.packing == "base3" and m.method == "qat" for m in linears)
-    assert result.report.recovery["steps"] == 3 and (tmp_path / "t.recovery-state" / "latest").is_dir()
+    # the training state only outlives an interrupted job
+    assert result.report.recovery["steps"] == 3 and not (tmp_path / "t.recovery-state").exists()
     assert 1.6 < result.report.bits_per_expert_param < 1.7  # 5 trits/byte + one fp16 scale per row of 256
     manifest = json.loads((tmp_path / "t" / "moecompress.json").read_text())
     assert all(t["ternary"] for t in manifest["tensors"].values())

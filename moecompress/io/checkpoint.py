@@ -63,6 +63,7 @@ def quantization_config(model: nn.Module) -> dict:
         "formats": [f.to_dict() for f in formats],
         "experts": experts,
         **({"expert_maps": expert_maps} if expert_maps else {}),
+        **({"dynamic_skip": model.skip_controller.rule.to_dict()} if hasattr(model, "skip_controller") else {}),
     }
 
 
@@ -84,7 +85,7 @@ def _persistent_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
         if key in seen:
             continue
         seen.add(key)
-        if tensor.is_floating_point() and name not in packed_names:
+        if tensor.is_floating_point() and name not in packed_names and ".skip_predictor." not in name:
             tensor = tensor.to(dtype)
         state[name] = tensor.detach().cpu().contiguous()
     return state

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -20,15 +19,19 @@ from .checkpoint import FORMAT_VERSION, QUANT_METHOD
 @register_quantization_config(QUANT_METHOD)
 class MoECompressConfig(QuantizationConfigMixin):
     def __init__(self, formats: list[dict] | None = None, experts: dict[str, list[list[int]]] | None = None,
-                 format_version: int = FORMAT_VERSION, expert_maps: dict[str, list[int]] | None = None, **kwargs: Any):
+                 format_version: int = FORMAT_VERSION, expert_maps: dict[str, list[int]] | None = None,
+                 dynamic_skip: dict | None = None, **kwargs: Any):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.formats = formats or []
         self.experts = experts or {}
         self.expert_maps = expert_maps or {}
+        self.dynamic_skip = dynamic_skip
 
     def to_dict(self) -> dict[str, Any]:
         extra = {"expert_maps": self.expert_maps} if self.expert_maps else {}
+        if self.dynamic_skip:
+            extra["dynamic_skip"] = self.dynamic_skip
         return {"quant_method": QUANT_METHOD, "format_version": self.format_version,
                 "formats": self.formats, "experts": self.experts, **extra}
 
@@ -59,6 +62,12 @@ class MoECompressHfQuantizer(HfQuantizer):
             hidden, intermediate = fused.down_proj.shape[1], fused.down_proj.shape[2]
             per_expert = [dict(zip(PROJECTIONS, (formats[i] for i in row))) for row in rows]
             setattr(parent, child, PackedExperts(hidden, intermediate, per_expert, fused.act_fn))
+        skip = self.quantization_config.dynamic_skip
+        if skip and skip["method"] == "learned":
+            from ..dynamic.skip import add_predictor_modules
+            from ..models import get_adapter
+
+            add_predictor_modules(model, get_adapter(model.config.model_type))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -66,6 +75,11 @@ class MoECompressHfQuantizer(HfQuantizer):
         for name, slot_map in self.quantization_config.expert_maps.items():
             mapped = model.get_submodule(name)
             mapped.slot_map = torch.tensor(slot_map, device=mapped.experts.down_proj.device)
+        if self.quantization_config.dynamic_skip:
+            from ..dynamic.skip import SkipRule, install_skipping
+            from ..models import get_adapter
+
+            install_skipping(model, get_adapter(model.config.model_type), SkipRule.from_dict(self.quantization_config.dynamic_skip))
         return model
 
     def update_weight_conversions(self, weight_conversions, model):

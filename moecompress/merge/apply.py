@@ -21,11 +21,12 @@ from ..calibration.engine import ExpertObserver, run_layerwise
 from ..errors import RecipeError
 from ..models.base import MODALITIES, PROJECTIONS, ExpertWeights, MoEBlockView
 from ..models.loading import LoadedModel
-from .cluster import cluster_experts
+from .cluster import cluster_experts, group_around_dominant
 from .prune import select_experts_to_prune
 from .subspace import align_neurons, average_merge, subspace_merge
 
 MERGE_METHODS = ("none", "average", "subspace", "prune")
+CLUSTERINGS = ("kmeans", "dominant")
 ROUTER_MODES = ("shrink", "keep")
 
 
@@ -36,7 +37,9 @@ class MergeConfig:
     method: average (frequency-weighted mean per cluster) | subspace (Sub-MoE joint SVD at `rank`, a
             fraction of the full rank when <= 1) | prune (NAEE: drop the experts whose removal changes
             the block output least; beam search of width `beam`, exhaustive when cheap) | none.
-    Clusters come from k-means on the cosine similarity of expert outputs on `sample_tokens` block inputs.
+    clustering: kmeans (spherical k-means on the cosine similarity of expert outputs on `sample_tokens`
+            block inputs, k-means++ init) | dominant (MC-SMoE: the most frequently routed experts anchor
+            the clusters, the others join the most similar anchor).
     align_neurons: permute each member's intermediate neurons to match the cluster's most frequent
             expert before merging (function-preserving; element-wise merges then combine like with like).
     """
@@ -45,6 +48,7 @@ class MergeConfig:
     ratio: float = 0.25
     rank: float = 0.5
     router: str = "shrink"
+    clustering: str = "dominant"
     sample_tokens: int = 2048
     beam: int = 4
     align_neurons: bool = True
@@ -56,6 +60,8 @@ class MergeConfig:
         problems = []
         if self.method not in MERGE_METHODS:
             problems.append(f"merge.method '{self.method}': use one of {list(MERGE_METHODS)}")
+        if self.clustering not in CLUSTERINGS:
+            problems.append(f"merge.clustering '{self.clustering}': use one of {list(CLUSTERINGS)}")
         if self.router not in ROUTER_MODES:
             problems.append(f"merge.router '{self.router}': use one of {list(ROUTER_MODES)}")
         if not 0 < self.ratio < 1:
@@ -82,7 +88,9 @@ class MappedExperts(nn.Module):
         self.register_buffer("slot_map", slot_map.to(torch.long), persistent=False)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        return self.experts(hidden_states, self.slot_map.to(top_k_index.device)[top_k_index], top_k_weights)
+        # index E (one past the slots) means "no expert" (a skipped pair); it maps to the inner "no expert"
+        table = torch.cat([self.slot_map, self.slot_map.new_tensor([self.experts.num_experts])])
+        return self.experts(hidden_states, table.to(top_k_index.device)[top_k_index], top_k_weights)
 
 
 @dataclass
@@ -125,7 +133,10 @@ def merge_block(view: MoEBlockView, observer: ExpertObserver, config: MergeConfi
         slot_map[keep] = torch.arange(k)
         _install(view, [originals[e] for e in keep], view.router.weight.data[keep].clone(), None, k)
         return LayerReduction(view.layer_index, k, slot_map.tolist(), error)
-    labels = cluster_experts(outputs.reshape(E, -1), k, config.seed, max_cluster_size=config.max_cluster_size)
+    if config.clustering == "dominant":
+        labels = group_around_dominant(outputs.reshape(E, -1), freqs, k, config.max_cluster_size)
+    else:
+        labels = cluster_experts(outputs.reshape(E, -1), k, config.seed, max_cluster_size=config.max_cluster_size)
     merged, rows = [], []
     for c in range(k):
         members = torch.where(labels == c)[0].tolist()

@@ -1,4 +1,5 @@
-"""Clustering experts by the cosine similarity of their outputs (spherical k-means, k-means++ init)."""
+"""Clustering experts by the cosine similarity of their outputs: spherical k-means (k-means++ init), or
+MC-SMoE's grouping around the most frequently routed ("dominant") experts."""
 
 from __future__ import annotations
 
@@ -69,4 +70,33 @@ def cluster_experts(features: torch.Tensor, k: int, seed: int = 0, iterations: i
         if torch.equal(new, labels):
             break
         labels = new
+    return labels
+
+
+def group_around_dominant(features: torch.Tensor, frequencies: torch.Tensor, k: int,
+                          max_cluster_size: int | None = None) -> torch.Tensor:
+    """Labels [E] in [0, k): the k most frequently routed experts each anchor a cluster (label = rank by
+    frequency), every other expert joins the anchor whose outputs are most similar (cosine), at most
+    `max_cluster_size` experts per cluster (default ceil(2E / k)). Rarely routed experts, which carry
+    little weight in a frequency-weighted merge, are thus never merged with each other while two busy
+    experts are forced together."""
+    n = features.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot make {k} clusters of {n} experts")
+    capacity = max_cluster_size or -(-2 * n // k)
+    if capacity * k < n:
+        raise ValueError(f"max_cluster_size {capacity} x {k} clusters cannot hold {n} experts")
+    anchors = torch.argsort(frequencies.double(), descending=True, stable=True)[:k]
+    points = _normalize(features.double())
+    labels = torch.full((n,), -1, dtype=torch.long)
+    labels[anchors] = torch.arange(k)
+    others = torch.tensor([e for e in range(n) if e not in set(anchors.tolist())], dtype=torch.long)
+    if others.numel():
+        sizes = torch.ones(k, dtype=torch.long)
+        similarity = points[others] @ points[anchors].T
+        for i in torch.argsort(similarity.max(dim=1).values, descending=True).tolist():
+            for c in torch.argsort(similarity[i], descending=True).tolist():
+                if sizes[c] < capacity:
+                    labels[others[i]], sizes[c] = c, sizes[c] + 1
+                    break
     return labels

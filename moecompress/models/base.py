@@ -162,11 +162,17 @@ class ModelAdapter:
         return {}
 
     num_experts_key = "num_experts"
+    expert_intermediate_key = "moe_intermediate_size"
 
     def set_num_experts(self, model: nn.Module, num_experts: int) -> None:
         """Record a new routed-expert count (after pruning/merging) where the config keeps it."""
         config = getattr(model.config, "text_config", model.config)
         setattr(config, self.num_experts_key, num_experts)
+
+    def set_expert_intermediate_size(self, model: nn.Module, size: int) -> None:
+        """Record a new routed-expert width (after neuron slimming) where the config keeps it."""
+        config = getattr(model.config, "text_config", model.config)
+        setattr(config, self.expert_intermediate_key, size)
 
     def auto_model_class(self):
         from transformers import AutoModelForCausalLM

@@ -10,6 +10,7 @@ class MixtralAdapter(ModelAdapter):
 
     model_types = ("mixtral",)
     num_experts_key = "num_local_experts"
+    expert_intermediate_key = "intermediate_size"
 
     def norm_topk_prob(self, router: nn.Module) -> bool:
         return True

@@ -12,6 +12,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,13 +59,18 @@ class DistillReport:
         return asdict(self)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None,
-                      temperature: float = 1.0) -> torch.Tensor:
-    """Mean over (unmasked) tokens of T^2 * KL(softmax(teacher / T) || softmax(student / T))."""
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per token T^2 * KL(softmax(teacher / T) || softmax(student / T))."""
     t = temperature
     log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1) * t * t
+    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1) * t * t
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Mean over (unmasked) tokens of `token_kl`."""
+    kl = token_kl(student_logits, teacher_logits, temperature)
     if mask is None:
         return kl.mean()
     mask = mask.to(kl.dtype)
@@ -81,7 +88,7 @@ def _lr_lambda(config: DistillConfig):
 
 def distill(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     batches: list[CalibrationBatch],
     param_groups: list[dict],
     config: DistillConfig,
@@ -89,6 +96,8 @@ def distill(
     fingerprint: str = "",
     progress: bool = True,
     cpu: bool = True,
+    teacher_context: Callable[[], AbstractContextManager] | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> DistillReport:
     """Train the parameters in `param_groups` (torch optimizer groups; a group's "lr" is relative to
     nothing: it is the peak rate) so that `student` matches `teacher` on `batches`, cycled in order.
@@ -96,17 +105,22 @@ def distill(
     state_dir: where the accelerate state (model, optimizer, scheduler, RNG) is saved every
     `checkpoint_every` steps; a run finding a state there resumes from it. `fingerprint` identifies
     the job (e.g. a hash of the recipe): a state with another fingerprint is refused, not mixed in.
+    teacher None: the teacher is `student` itself run inside `teacher_context()` (e.g. with its skip masks
+    off). extra_loss: a term added to every step's loss (e.g. a sparsity penalty the forward recorded).
     """
     from accelerate import Accelerator
 
     config.validate()
     if not batches:
         raise RecipeError("distillation needs at least one batch of training data.")
+    if teacher is None and teacher_context is None:
+        raise RecipeError("distillation without a teacher model needs a teacher_context for the student to act as one.")
     accelerator = Accelerator(cpu=cpu)
     optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    teacher.to(accelerator.device).eval().requires_grad_(False)
+    if teacher is not None:
+        teacher.to(accelerator.device).eval().requires_grad_(False)
     trainable = [p for group in param_groups for p in group["params"]]
 
     start, losses = 0, []
@@ -131,14 +145,16 @@ def distill(
         batch = batches[step % len(batches)]
         inputs = {k: v.to(accelerator.device) for k, v in batch.inputs.items()}
         want_hidden = config.hidden_weight > 0
-        with torch.no_grad():
-            t_out = teacher(**inputs, use_cache=False, output_hidden_states=want_hidden)
+        with torch.no_grad(), (teacher_context() if teacher is None else nullcontext()):
+            t_out = (student if teacher is None else teacher)(**inputs, use_cache=False, output_hidden_states=want_hidden)
         s_out = student(**inputs, use_cache=False, output_hidden_states=want_hidden)
         mask = inputs.get("attention_mask")
         loss = distillation_loss(s_out.logits, t_out.logits, mask, config.temperature)
         if want_hidden:
             target = t_out.hidden_states[-1].float()
             loss = loss + config.hidden_weight * F.mse_loss(s_out.hidden_states[-1].float(), target) / target.pow(2).mean()
+        if extra_loss is not None:
+            loss = loss + extra_loss()
         if not torch.isfinite(loss):
             raise RecipeError(f"distillation loss became {float(loss)} at step {step}: lower the learning rate.")
         accelerator.backward(loss)

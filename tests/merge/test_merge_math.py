@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moecompress.merge.cluster import cluster_experts
+from moecompress.merge.cluster import cluster_experts, group_around_dominant
 from moecompress.merge.subspace import average_merge, joint_svd, subspace_merge
 
 
@@ -78,3 +78,15 @@ def test_neuron_alignment_undoes_a_permutation_of_hidden_units():
     shuffled = ExpertWeights(anchor.gate_proj[perm], anchor.up_proj[perm], anchor.down_proj[:, perm])
     aligned = align_neurons(anchor, shuffled)
     assert all(torch.equal(aligned[p], anchor[p]) for p in ("gate_proj", "up_proj", "down_proj"))
+
+
+def test_dominant_grouping_anchors_clusters_on_the_busiest_experts_and_respects_capacity():
+    centers = torch.randn(3, 40)
+    # experts 0-2 are the planted centers; 3-8 are noisy copies of them, all rarely routed
+    features = torch.cat([centers, centers.repeat(2, 1) + 0.05 * torch.randn(6, 40)])
+    frequencies = torch.tensor([0.3, 0.25, 0.2] + [0.01] * 6)
+    labels = group_around_dominant(features, frequencies, 3)
+    assert labels[:3].tolist() == [0, 1, 2]
+    assert labels[3:].tolist() == [0, 1, 2, 0, 1, 2]
+    capped = group_around_dominant(features, frequencies, 3, max_cluster_size=3)
+    assert torch.bincount(capped).tolist() == [3, 3, 3]

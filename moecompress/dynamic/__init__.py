@@ -1,0 +1,1 @@
+"""Dynamic expert skipping at inference (MC ODP, MoDES, learned top-any masks)."""

@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+import moecompress
+from moecompress.dynamic.rules import top_slot
+from moecompress.dynamic.skip import SkipConfig, calibration_kl, fit_skipping
+from moecompress.merge.apply import MappedExperts
+from moecompress.models import load_model
+from moecompress.pipeline import calibration_batches
+from moecompress.recipe import Recipe
+
+from ..conftest import CALIB, WIKI, require_shared
+
+SMALL_CALIBRATION = {"dataset": str(CALIB), "num_samples": 8, "seq_len": 128, "batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def text_model_and_batches(tiny_text_path):
+    require_shared(CALIB)
+    loaded = load_model(str(tiny_text_path))
+    return loaded, calibration_batches(loaded, Recipe.from_dict({"calibration": SMALL_CALIBRATION}))
+
+
+def test_odp_hits_the_target_ratio_and_beats_random_skipping_at_the_same_ratio(text_model_and_batches):
+    loaded, batches = text_model_and_batches
+    controller = fit_skipping(loaded.model, loaded.adapter, batches, SkipConfig(method="odp", target=0.3), progress=False)
+    try:
+        controller.reset_stats()
+        odp_kl = calibration_kl(controller, batches)
+        assert abs(controller.stats.skipped() - 0.3) < 0.03
+        generator = torch.Generator().manual_seed(0)
+        controller._keep = lambda position, view, hidden, w, image: top_slot(w) | (torch.rand(w.shape, generator=generator) > 0.6)
+        controller.reset_stats()
+        random_kl = calibration_kl(controller, batches)
+        assert abs(controller.stats.skipped() - 0.3) < 0.03
+        assert 0 < odp_kl < 0.7 * random_kl
+    finally:
+        controller.remove()
+
+
+@pytest.mark.parametrize("method", ["odp", "modes", "learned"])
+def test_fitted_skipping_is_stored_in_the_checkpoint_and_applied_by_the_loader(method, tiny_text_path, tmp_path):
+    require_shared(CALIB)
+    recipe = Recipe.from_dict({"name": f"skip-{method}", "calibration": SMALL_CALIBRATION, "quantization": {"method": "none"},
+                               "skip": {"method": method, "target": 0.25, "steps": 4}})
+    result = moecompress.compress(str(tiny_text_path), recipe, output=tmp_path / "m", progress=False)
+    assert result.report.skip["method"] == method
+    held_out = calibration_batches(result.loaded, Recipe.from_dict({"calibration": {**SMALL_CALIBRATION, "dataset": str(WIKI), "num_samples": 2}}))
+    ids = held_out[0].inputs["input_ids"]
+    with torch.no_grad():
+        expected = result.model(input_ids=ids).logits
+        with result.model.skip_controller.set_mode("off"):
+            unskipped = result.model(input_ids=ids).logits
+    model = moecompress.load(tmp_path / "m")
+    assert model.skip_controller.rule.to_dict() == result.report.skip
+    model.skip_controller.reset_stats()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert abs(model.skip_controller.stats.skipped() - 0.25) < 0.1  # fitted on other text
+    # weights are stored in bf16: compare to the in-memory model by relative error, well below what skipping changes
+    err = (logits - expected).norm() / expected.norm()
+    assert err < 0.02 < (unskipped - expected).norm() / expected.norm()
+
+
+def test_mapped_experts_pass_skipped_pairs_through_as_no_expert():
+    from moecompress.runtime.packed_experts import ExpertList
+
+    class Square(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj = self.up_proj = torch.nn.Identity()
+            self.down_proj = torch.nn.Linear(4, 4, bias=False)
+
+    inner = ExpertList([Square() for _ in range(2)], 4, 4, torch.nn.Identity())
+    mapped = MappedExperts(inner, torch.tensor([0, 1, 1, 0]))
+    x = torch.randn(3, 4)
+    w = torch.rand(3, 2)
+    full = mapped(x, torch.tensor([[0, 2], [1, 3], [2, 0]]), w)
+    skipped = mapped(x, torch.tensor([[0, 4], [4, 3], [2, 0]]), w * torch.tensor([[1, 0], [0, 1], [1, 1]]))
+    d0 = inner[0].down_proj
+    with torch.no_grad():
+        assert torch.allclose(skipped[0], d0(x[0] * x[0]) * w[0, 0], atol=1e-6)
+        assert torch.allclose(skipped[1], d0(x[1] * x[1]) * w[1, 1], atol=1e-6)
+        assert torch.allclose(skipped[2], full[2])
+
+
+@pytest.mark.slow
+def test_modes_fits_separate_text_and_image_thresholds_on_the_vl_model():
+    from ..conftest import SHAPES, TINY_VL
+
+    require_shared(TINY_VL)
+    loaded = load_model(str(TINY_VL))
+    recipe = Recipe.from_dict({"calibration": {**SMALL_CALIBRATION, "vl_dataset": str(require_shared(SHAPES) / "calib.jsonl"),
+                                               "vl_num_samples": 16}})
+    batches = calibration_batches(loaded, recipe)
+    controller = fit_skipping(loaded.model, loaded.adapter, batches, SkipConfig(method="modes", target=0.3, frontier_points=3),
+                              progress=False)
+    rule = controller.rule
+    assert rule.tau["text"] != rule.tau["image"] and rule.alpha["image"] != rule.alpha["text"]
+    controller.reset_stats()
+    per_modality_kl = calibration_kl(controller, batches)
+    stats = controller.stats
+    assert abs(stats.skipped() - 0.3) < 0.05 and stats.total["image"] > 0
+    shared = fit_skipping(loaded.model, loaded.adapter, batches, SkipConfig(method="modes", target=0.3, per_modality=False),
+                          progress=False)
+    assert shared.rule.tau["text"] == shared.rule.tau["image"]
+    # the frontier search includes (close to) the shared split, so it cannot be much worse
+    assert per_modality_kl <= shared.rule.calibration_kl * 1.05

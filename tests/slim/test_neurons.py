@@ -1,0 +1,45 @@
+import torch
+import torch.nn.functional as F
+
+from moecompress.slim.neurons import slice_neurons, stage_widths, taylor_neuron_scores, top_neurons
+
+
+def test_taylor_score_from_down_weights_equals_activation_times_activation_gradient():
+    E, H, N, T = 3, 16, 24, 50
+    gate_up = torch.randn(E, 2 * N, H, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(E, H, N, dtype=torch.float64, requires_grad=True)
+    x, target = torch.randn(T, H, dtype=torch.float64), torch.randn(T, H, dtype=torch.float64)
+    acts, loss = [], 0
+    for e in range(E):
+        g, u = F.linear(x, gate_up[e]).chunk(2, dim=-1)
+        a = F.silu(g) * u
+        a.retain_grad()
+        acts.append(a)
+        loss = loss + (F.linear(a, down[e]) - target).pow(2).sum()
+    loss.backward()
+    expected = torch.stack([(a * a.grad).sum(0).abs() for a in acts])
+    assert torch.allclose(taylor_neuron_scores(down.detach(), down.grad), expected, rtol=1e-10)
+
+
+def test_slicing_keeps_exactly_the_chosen_neurons_of_each_expert():
+    E, H, N = 4, 8, 12
+    gate_up, down = torch.randn(E, 2 * N, H), torch.randn(E, H, N)
+    keep = top_neurons(torch.rand(E, N), 5)
+    new_gate_up, new_down = slice_neurons(gate_up, down, keep)
+    assert new_gate_up.shape == (E, 10, H) and new_down.shape == (E, H, 5)
+    x = torch.randn(7, H)
+    for e in range(E):
+        mask = torch.zeros(N)
+        mask[keep[e]] = 1
+        g, u = F.linear(x, gate_up[e]).chunk(2, dim=-1)
+        full = F.linear(F.silu(g) * u * mask, down[e])
+        g2, u2 = F.linear(x, new_gate_up[e]).chunk(2, dim=-1)
+        assert torch.allclose(F.linear(F.silu(g2) * u2, new_down[e]), full, atol=1e-5)
+    assert torch.equal(keep, keep.sort(dim=1).values)
+
+
+def test_stage_widths_decrease_geometrically_to_the_target():
+    assert stage_widths(256, 128, 3) == [200, 160, 128]
+    assert stage_widths(256, 128, 1) == [128]
+    widths = stage_widths(768, 192, 4)
+    assert widths[-1] == 192 and all(a > b for a, b in zip(widths, widths[1:]))
