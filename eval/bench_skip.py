@@ -31,9 +31,16 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, help="evaluate the first N 512-token windows of each set")
     parser.add_argument("--learned-steps", type=int, default=200)
     parser.add_argument("--vl", action="store_true")
+    parser.add_argument("--vl-only", action="store_true")
     parser.add_argument("--vl-targets", nargs="+", type=float, default=[0.3, 0.5])
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.vl_only:
+        rows = bench_vl(args.vl_targets)
+        print_table(rows, ["config", "skipped", "skipped text", "skipped image", "calib KL", "qa"], {})
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
     tokenizer = AutoTokenizer.from_pretrained(TEXT)
     loaded = load_model(str(TEXT))
     batches = calibration_batches(loaded, Recipe.from_dict({"calibration": {"dataset": CALIB, "num_samples": 64, "seq_len": 512, "batch_size": 4}}))
@@ -75,19 +82,19 @@ def bench_vl(targets: list[float]) -> list[dict]:
     from moecompress.evaluation.vlqa import vl_qa_accuracy
     from moecompress.pipeline import load_tokenizer_or_processor
 
-    loaded = load_model(str(VL))
-    processor = load_tokenizer_or_processor(str(VL), True)
+    loaded = load_model(str(VL), trust_remote_code=True)
+    processor = load_tokenizer_or_processor(str(VL), True, trust_remote_code=True)
     eval_set = str(SHARED / "data" / "shapes-vl" / "eval.jsonl")
-    recipe = Recipe.from_dict({"calibration": {"dataset": CALIB, "num_samples": 32, "seq_len": 256, "batch_size": 4,
-                                               "vl_dataset": str(SHARED / "data" / "shapes-vl" / "calib.jsonl"), "vl_num_samples": 64}})
-    batches = calibration_batches(loaded, recipe)
+    recipe = Recipe.from_dict({"calibration": {"dataset": CALIB, "num_samples": 16, "seq_len": 256, "batch_size": 4,
+                                               "vl_dataset": str(SHARED / "data" / "shapes-vl" / "calib.jsonl"), "vl_num_samples": 32}})
+    batches = calibration_batches(loaded, recipe, trust_remote_code=True)
     rows = [{"config": "vl bf16 (reference)", "skipped": 0.0,
              "qa": vl_qa_accuracy(loaded.model, processor, eval_set, progress=False).accuracy}]
     print(json.dumps(rows[-1]), flush=True)
     for target in targets:
         for label, config in (("odp", SkipConfig(method="odp", target=target)),
                               ("modes shared threshold", SkipConfig(method="modes", target=target, per_modality=False)),
-                              ("modes per-modality thresholds", SkipConfig(method="modes", target=target))):
+                              ("modes per-modality thresholds", SkipConfig(method="modes", target=target, frontier_points=5))):
             if label == "odp" and target > 0.5:
                 continue
             controller = fit_skipping(loaded.model, loaded.adapter, batches, config, progress=False)

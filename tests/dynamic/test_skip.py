@@ -89,10 +89,10 @@ def test_modes_fits_separate_text_and_image_thresholds_on_the_vl_model():
     from ..conftest import SHAPES, TINY_VL
 
     require_shared(TINY_VL)
-    loaded = load_model(str(TINY_VL))
+    loaded = load_model(str(TINY_VL), trust_remote_code=True)
     recipe = Recipe.from_dict({"calibration": {**SMALL_CALIBRATION, "vl_dataset": str(require_shared(SHAPES) / "calib.jsonl"),
                                                "vl_num_samples": 16}})
-    batches = calibration_batches(loaded, recipe)
+    batches = calibration_batches(loaded, recipe, trust_remote_code=True)
     controller = fit_skipping(loaded.model, loaded.adapter, batches, SkipConfig(method="modes", target=0.3, frontier_points=3),
                               progress=False)
     rule = controller.rule
