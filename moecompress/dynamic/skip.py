@@ -119,6 +119,12 @@ class SkipController:
         self._handles = [model.register_forward_pre_hook(self._see_inputs, with_kwargs=True)]
         for position, view in enumerate(self.views):
             self._handles.append(view.router.register_forward_hook(self._make_hook(position, view)))
+        # transformers' grouped/batched expert kernels only mask "no expert" slots (index E) in their
+        # expert-parallel mode; otherwise those rows are left uninitialised and NaN * 0 leaks through.
+        self._sentinel_safe = [m for view in self.views for m in view.experts.modules() if hasattr(m, "_is_expert_parallel")
+                               and not m._is_expert_parallel]
+        for module in self._sentinel_safe:
+            module._is_expert_parallel = True
         model.skip_controller = self
 
     @property
@@ -129,6 +135,9 @@ class SkipController:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for module in self._sentinel_safe:
+            module._is_expert_parallel = False
+        self._sentinel_safe = []
         if getattr(self.model, "skip_controller", None) is self:
             del self.model.skip_controller
 

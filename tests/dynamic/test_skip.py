@@ -106,3 +106,21 @@ def test_modes_fits_separate_text_and_image_thresholds_on_the_vl_model():
     assert shared.rule.tau["text"] == shared.rule.tau["image"]
     # the frontier search includes (close to) the shared split, so it cannot be much worse
     assert per_modality_kl <= shared.rule.calibration_kl * 1.05
+
+
+def test_skipped_pairs_are_exact_zeros_in_every_transformers_experts_implementation(text_model_and_batches):
+    loaded, batches = text_model_and_batches
+    controller = fit_skipping(loaded.model, loaded.adapter, batches[:1], SkipConfig(method="odp", target=0.4), progress=False)
+    ids = batches[0].inputs["input_ids"][:1]
+    try:
+        outputs = {}
+        for implementation in ("eager", "grouped_mm", "batched_mm"):
+            loaded.model.set_experts_implementation(implementation)
+            with torch.no_grad():
+                outputs[implementation] = loaded.model(input_ids=ids).logits
+        assert all(torch.isfinite(o).all() for o in outputs.values())
+        for o in outputs.values():
+            assert (o - outputs["eager"]).norm() / outputs["eager"].norm() < 1e-4
+    finally:
+        loaded.model.set_experts_implementation("grouped_mm")
+        controller.remove()
