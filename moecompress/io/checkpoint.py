@@ -75,8 +75,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _persistent_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """State dict without tied duplicates; unquantized float tensors cast to `dtype`."""
+def persistent_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates, on the CPU; unquantized float tensors cast to `dtype` if given."""
     seen: set[tuple[int, tuple]] = set()
     state = {}
     packed_names = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, PackedLinear) for b, _ in m.named_buffers()}
@@ -85,7 +85,7 @@ def _persistent_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
         if key in seen:
             continue
         seen.add(key)
-        if tensor.is_floating_point() and name not in packed_names and ".skip_predictor." not in name:
+        if dtype is not None and tensor.is_floating_point() and name not in packed_names and ".skip_predictor." not in name:
             tensor = tensor.to(dtype)
         state[name] = tensor.detach().cpu().contiguous()
     return state
@@ -137,7 +137,7 @@ def save_checkpoint(
     """Write `model` (with `PackedExperts` modules) as a packed checkpoint at `output`, atomically."""
     output = Path(output)
     with atomic_folder(output) as tmp:
-        state = _persistent_state(model, dtype)
+        state = persistent_state(model, dtype)
         shards = _shards(state, max_shard_bytes)
         names = (
             ["model.safetensors"]

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.data import CalibrationBatch
 from ..errors import CheckpointError, RecipeError
+from ..io.checkpoint import persistent_state
 from ..models.base import ModelAdapter
 from ..training.distill import DistillConfig, distill
 from .neurons import slice_neurons, stage_widths, taylor_neuron_scores, top_neurons
@@ -150,14 +151,7 @@ def _save_completed(model: nn.Module, state_dir: Path, progress: dict) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    seen, unique = set(), {}
-    for name, tensor in state.items():  # tied weights are stored once
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key not in seen:
-            seen.add(key)
-            unique[name] = tensor
-    save_file(unique, str(tmp / "model.safetensors"))
+    save_file(persistent_state(model), str(tmp / "model.safetensors"))
     (tmp / "progress.json").write_text(json.dumps(progress))
     old = state_dir / ".completed.old"
     if final.exists():
