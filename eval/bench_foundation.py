@@ -43,6 +43,12 @@ CONFIGS = {
 }
 
 
+def perplexities(model, tokenizer, max_windows: int | None = None, names=tuple(DATA)) -> dict[str, float]:
+    """Perplexity of `model` on the evaluation sets `names` (the first `max_windows` 512-token windows of each)."""
+    return {name: perplexity(model, tokenizer, str(DATA[name]), max_windows=max_windows, progress=False).ppl
+            for name in names}
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
@@ -70,8 +76,7 @@ def main() -> None:
     rows = []
 
     def evaluate(model) -> dict:
-        return {name: perplexity(model, tokenizer, str(DATA[name]), max_windows=args.max_windows, progress=False).ppl
-                for name in args.data}
+        return perplexities(model, tokenizer, args.max_windows, args.data)
 
     base = evaluate(load_model(str(TEXT)).model)
     rows.append({"config": "bf16 (reference)", "bits/param": 16.0, "ckpt MB": folder_bytes(TEXT) / 1e6, **base})

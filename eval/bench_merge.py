@@ -15,11 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_foundation import DATA, REPO, SHARED, TEXT, VL, print_table
+from bench_foundation import DATA, REPO, SHARED, TEXT, VL, perplexities, print_table
 from transformers import AutoTokenizer
 
 import moecompress
-from moecompress.evaluation.perplexity import perplexity
 from moecompress.models import load_model
 from moecompress.recipe import Recipe
 
@@ -49,8 +48,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(TEXT)
 
     def evaluate(model) -> dict:
-        return {name: perplexity(model, tokenizer, str(path), max_windows=args.max_windows, progress=False).ppl
-                for name, path in DATA.items()}
+        return perplexities(model, tokenizer, args.max_windows)
 
     base = {} if args.vl_only else evaluate(load_model(str(TEXT)).model)
     rows = [] if args.vl_only else [{"config": "bf16 (reference, 16 experts/layer)", **base}]

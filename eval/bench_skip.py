@@ -13,11 +13,10 @@ import json
 import time
 from pathlib import Path
 
-from bench_foundation import DATA, SHARED, TEXT, VL, print_table
+from bench_foundation import DATA, SHARED, TEXT, VL, perplexities, print_table
 from transformers import AutoTokenizer
 
 from moecompress.dynamic.skip import SkipConfig, cut_learned_mask, fit_skipping
-from moecompress.evaluation.perplexity import perplexity
 from moecompress.models import load_model
 from moecompress.pipeline import calibration_batches
 from moecompress.recipe import Recipe
@@ -48,8 +47,7 @@ def main() -> None:
     def evaluate(controller=None) -> dict:
         if controller is not None:
             controller.reset_stats()
-        row = {name: perplexity(loaded.model, tokenizer, str(path), max_windows=args.max_windows, progress=False).ppl
-               for name, path in DATA.items()}
+        row = perplexities(loaded.model, tokenizer, args.max_windows)
         if controller is not None:
             row["skipped"] = controller.stats.skipped()
         return row

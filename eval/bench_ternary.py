@@ -14,11 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_foundation import DATA, REPO, SHARED, TEXT, VL, folder_bytes, print_table
+from bench_foundation import DATA, REPO, SHARED, TEXT, VL, folder_bytes, perplexities, print_table
 from transformers import AutoTokenizer
 
 import moecompress
-from moecompress.evaluation.perplexity import perplexity
 from moecompress.models import load_model
 from moecompress.recipe import Recipe
 
@@ -53,8 +52,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(TEXT)
 
     def evaluate(model) -> dict:
-        return {name: perplexity(model, tokenizer, str(path), max_windows=args.max_windows, progress=False).ppl
-                for name, path in DATA.items()}
+        return perplexities(model, tokenizer, args.max_windows)
 
     base = evaluate(load_model(str(TEXT)).model)
     rows = [{"config": "bf16 (reference)", "bits/param": 16.0, "expert MB": expert_mb_bf16(), **base}]

@@ -41,6 +41,15 @@ def _assign(similarity: torch.Tensor, capacity: int) -> torch.Tensor:
     return labels
 
 
+def _capacity(n: int, k: int, max_cluster_size: int | None) -> int:
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot make {k} clusters of {n} experts")
+    capacity = max_cluster_size or -(-2 * n // k)
+    if capacity * k < n:
+        raise ValueError(f"max_cluster_size {capacity} x {k} clusters cannot hold {n} experts")
+    return capacity
+
+
 def cluster_experts(features: torch.Tensor, k: int, seed: int = 0, iterations: int = 50,
                     max_cluster_size: int | None = None) -> torch.Tensor:
     """Labels [E] in [0, k) from expert feature vectors [E, D] (e.g. outputs on shared calibration tokens).
@@ -49,11 +58,7 @@ def cluster_experts(features: torch.Tensor, k: int, seed: int = 0, iterations: i
     experts (default ceil(2E / k)), so one dominant direction cannot swallow the layer.
     """
     n = features.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"cannot make {k} clusters of {n} experts")
-    capacity = max_cluster_size or -(-2 * n // k)
-    if capacity * k < n:
-        raise ValueError(f"max_cluster_size {capacity} x {k} clusters cannot hold {n} experts")
+    capacity = _capacity(n, k, max_cluster_size)
     points = _normalize(features.double())
     generator = torch.Generator().manual_seed(seed)
     centroids = points[kmeans_plus_plus(points, k, generator)]
@@ -81,22 +86,12 @@ def group_around_dominant(features: torch.Tensor, frequencies: torch.Tensor, k: 
     little weight in a frequency-weighted merge, are thus never merged with each other while two busy
     experts are forced together."""
     n = features.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"cannot make {k} clusters of {n} experts")
-    capacity = max_cluster_size or -(-2 * n // k)
-    if capacity * k < n:
-        raise ValueError(f"max_cluster_size {capacity} x {k} clusters cannot hold {n} experts")
+    capacity = _capacity(n, k, max_cluster_size)
     anchors = torch.argsort(frequencies.double(), descending=True, stable=True)[:k]
     points = _normalize(features.double())
     labels = torch.full((n,), -1, dtype=torch.long)
     labels[anchors] = torch.arange(k)
     others = torch.tensor([e for e in range(n) if e not in set(anchors.tolist())], dtype=torch.long)
-    if others.numel():
-        sizes = torch.ones(k, dtype=torch.long)
-        similarity = points[others] @ points[anchors].T
-        for i in torch.argsort(similarity.max(dim=1).values, descending=True).tolist():
-            for c in torch.argsort(similarity[i], descending=True).tolist():
-                if sizes[c] < capacity:
-                    labels[others[i]], sizes[c] = c, sizes[c] + 1
-                    break
+    if others.numel():  # each anchor already fills one place of its cluster
+        labels[others] = _assign(points[others] @ points[anchors].T, capacity - 1)
     return labels
