@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--learned-steps", type=int, default=200)
     parser.add_argument("--vl", action="store_true")
     parser.add_argument("--vl-only", action="store_true")
+    parser.add_argument("--methods", nargs="+", default=["odp", "modes", "learned"], choices=["odp", "modes", "learned"])
     parser.add_argument("--vl-targets", nargs="+", type=float, default=[0.3, 0.5])
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -55,7 +56,7 @@ def main() -> None:
     base = evaluate()
     rows = [{"config": "bf16, top-2 (reference)", "skipped": 0.0, **base}]
     print(json.dumps(rows[-1]), flush=True)
-    for method in ("odp", "modes", "learned"):
+    for method in args.methods:
         controller = None
         for target in args.targets:
             start = time.perf_counter()

@@ -7,8 +7,8 @@ activations, then stored in the checkpoint's `quantization_config.dynamic_skip` 
            output when layer l's routed experts are all skipped (tokens of that modality), normalised to
            mean 1 over layers; separate text/image thresholds chosen along the frontier of equal skip
            ratio by the calibration KL (`per_modality: false`: one shared threshold).
-  learned  MC# OTP-style top-any mask: a linear predictor per layer on [hidden, sorted top-k weights]
-           decides which of the non-top experts to keep; trained with KL to the unskipped model +
+  learned  MC# OTP-style top-any mask: a linear predictor per layer on [hidden, log(weight / top weight)]
+           (initialised as the ODP rule) decides which of the non-top experts to keep; trained with KL to the unskipped model +
            penalty x expected kept fraction (Gumbel-sigmoid, straight-through), then its cut is set to hit
            the target. The top expert of a token is always kept.
 Skipped pairs get index E (transformers' "no expert" slot) and weight 0: they are not computed.
@@ -77,16 +77,22 @@ class SkipRule:
 
 
 class SkipPredictor(nn.Module):
-    """Keep-logits for a token's top-k slots (sorted by weight) from [hidden, sorted weights]; starts at 'keep all'."""
+    """Keep-logits for a token's top-k slots (sorted by weight) from [hidden, log(weight / top weight)].
+    It starts as the ODP rule (logit = log ratio + 3, so nearly everything is kept) and learns
+    hidden-state-dependent corrections."""
 
     def __init__(self, hidden_size: int, top_k: int):
         super().__init__()
         self.linear = nn.Linear(hidden_size + top_k, top_k)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.constant_(self.linear.bias, 3.0)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.weight[:, hidden_size:].copy_(torch.eye(top_k))
+            self.linear.bias.fill_(3.0)
 
     def forward(self, hidden: torch.Tensor, sorted_weights: torch.Tensor) -> torch.Tensor:
-        features = torch.cat([hidden.float(), sorted_weights.float()], dim=-1)
+        w = sorted_weights.float().clamp(min=1e-9)
+        log_ratio = (w / w[:, :1]).log()
+        features = torch.cat([hidden.float(), log_ratio], dim=-1)
         return self.linear(features.to(self.linear.weight.dtype)).float()
 
 
