@@ -149,6 +149,8 @@ def distill(
             t_out = (student if teacher is None else teacher)(**inputs, use_cache=False, output_hidden_states=want_hidden)
         s_out = student(**inputs, use_cache=False, output_hidden_states=want_hidden)
         mask = inputs.get("attention_mask")
+        if batch.image_mask is not None and batch.image_mask.any():  # predictions at image positions are never used
+            mask = (torch.ones_like(batch.image_mask) if mask is None else mask.bool()) & ~batch.image_mask.to(s_out.logits.device)
         loss = distillation_loss(s_out.logits, t_out.logits, mask, config.temperature)
         if want_hidden:
             target = t_out.hidden_states[-1].float()
