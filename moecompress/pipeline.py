@@ -27,8 +27,9 @@ from .quant.experts import (
     quantize_block_experts,
 )
 from .quant.qtensor import QuantFormat
-from .recipe import Recipe
+from .recipe import CalibrationConfig, Recipe
 from .runtime.packed_experts import PackedExperts, PackedLinear
+from .training.distill import DistillData
 
 
 @dataclass
@@ -234,9 +235,8 @@ def compress(
     return CompressionResult(loaded.model, loaded, report)
 
 
-def training_batches(loaded: LoadedModel, recipe: Recipe, stage: str = "recovery", trust_remote_code: bool = False) -> list[CalibrationBatch]:
-    """Training data of the recovery or slim stage: text windows (+ image+text items for VL models), shuffled together."""
-    r, cal = getattr(recipe, stage), recipe.calibration
+def training_batches(loaded: LoadedModel, r: DistillData, cal: CalibrationConfig, trust_remote_code: bool = False) -> list[CalibrationBatch]:
+    """Training data of a distillation stage: text windows (+ image+text items for VL models), shuffled together."""
     processor = load_tokenizer_or_processor(loaded.source, loaded.adapter.is_multimodal, trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     batches = text_calibration_batches(r.dataset or cal.dataset, tokenizer, r.num_samples, r.seq_len, r.batch_size, r.seed)
@@ -257,7 +257,7 @@ def slim_stage(loaded: LoadedModel, recipe: Recipe, batches: list[CalibrationBat
     state_dir = Path(str(Path(output).expanduser()) + ".slim-state") if output is not None else None
     return slim_experts(
         loaded.model, loaded.adapter, teacher.model if teacher else None, batches,
-        training_batches(loaded, recipe, "slim", trust_remote_code) if teacher else [], recipe.slim, state_dir,
+        training_batches(loaded, recipe.slim, recipe.calibration, trust_remote_code) if teacher else [], recipe.slim, state_dir,
         job_fingerprint(recipe.to_yaml(), loaded.source), progress, cpu=recipe.device == "cpu",
     )
 
@@ -290,7 +290,7 @@ def recover(
         load_model(loaded.source, trust_remote_code=trust_remote_code)
     state_dir = Path(str(Path(output).expanduser()) + ".recovery-state") if output is not None else None
     report = recover_quantized_experts(
-        loaded.model, teacher.model, loaded.adapter, training_batches(loaded, recipe, "recovery", trust_remote_code), recipe.recovery,
+        loaded.model, teacher.model, loaded.adapter, training_batches(loaded, recipe.recovery, recipe.calibration, trust_remote_code), recipe.recovery,
         state_dir, job_fingerprint(recipe.to_yaml(), loaded.source), progress, cpu=recipe.device == "cpu",
     )
     loaded.model.eval()

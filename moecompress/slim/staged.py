@@ -24,18 +24,17 @@ from ..calibration.data import CalibrationBatch
 from ..errors import CheckpointError, RecipeError
 from ..io.checkpoint import persistent_state
 from ..models.base import ModelAdapter
-from ..training.distill import DistillConfig, distill
+from ..training.distill import DistillConfig, DistillData, distill
 from .neurons import slice_neurons, stage_widths, taylor_neuron_scores, top_neurons
 
 TRAINABLE = ("all", "experts")
 
 
 @dataclass
-class SlimConfig:
+class SlimConfig(DistillData):
     """Keep `target` of the routed-expert parameters by cutting every expert's intermediate width, over
     `stages` stages; after each, `steps_per_stage` distillation steps (0: one-shot, no training).
-    Neuron scores use `importance_batches` calibration batches; training data: `dataset` (default: the
-    calibration dataset) cut into num_samples x seq_len windows (+ vl_num_samples image items for VL models).
+    Neuron scores use `importance_batches` calibration batches; training data and loss: `DistillData`.
     train: all (every weight of the student) | experts (routed experts only)."""
 
     enabled: bool = False
@@ -46,15 +45,6 @@ class SlimConfig:
     steps_per_stage: int = 100
     lr: float = 1e-4
     train: str = "all"
-    temperature: float = 1.0
-    hidden_weight: float = 0.0
-    dataset: str | None = None
-    num_samples: int = 512
-    vl_num_samples: int = 128
-    seq_len: int = 256
-    batch_size: int = 4
-    checkpoint_every: int = 50
-    seed: int = 1
 
     def validate(self) -> SlimConfig:
         if not 0 < self.target < 1:
@@ -67,8 +57,7 @@ class SlimConfig:
         return self
 
     def distill_config(self) -> DistillConfig:
-        return DistillConfig(steps=max(self.steps_per_stage, 1), lr=self.lr, temperature=self.temperature,
-                             hidden_weight=self.hidden_weight, checkpoint_every=self.checkpoint_every).validate("slim")
+        return self.make_distill_config(max(self.steps_per_stage, 1), self.lr, "slim")
 
 
 @dataclass

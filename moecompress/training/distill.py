@@ -47,6 +47,27 @@ class DistillConfig:
 
 
 @dataclass
+class DistillData:
+    """Training data and loss settings shared by the distillation stages (recovery, slimming): `dataset`
+    (default: the calibration dataset) cut into num_samples x seq_len windows in batches of batch_size, plus
+    vl_num_samples image+text items for VL models; state saved every checkpoint_every steps."""
+
+    dataset: str | None = None
+    num_samples: int = 512
+    vl_num_samples: int = 128
+    seq_len: int = 256
+    batch_size: int = 4
+    temperature: float = 1.0
+    hidden_weight: float = 0.0
+    checkpoint_every: int = 50
+    seed: int = 1
+
+    def make_distill_config(self, steps: int, lr: float, where: str) -> DistillConfig:
+        return DistillConfig(steps=steps, lr=lr, temperature=self.temperature, hidden_weight=self.hidden_weight,
+                             checkpoint_every=self.checkpoint_every).validate(where)
+
+
+@dataclass
 class DistillReport:
     steps: int
     resumed_from: int

@@ -21,7 +21,7 @@ from ..quant.packing import pack, unpack
 from ..quant.qtensor import SCALE_DTYPE, QTensor, QuantFormat
 from ..quant.ternary import expand_scales
 from ..runtime.packed_experts import ExpertList, PackedExperts, PackedLinear
-from .distill import DistillConfig, DistillReport, distill
+from .distill import DistillConfig, DistillData, DistillReport, distill
 
 QAT_INITS = ("original", "quantized")
 
@@ -100,7 +100,7 @@ class QATExperts(ExpertList):
 
 
 @dataclass
-class RecoveryConfig:
+class RecoveryConfig(DistillData):
     """Quantization-aware distillation after PTQ. `lr` for latent weights, `scale_lr` for the scales;
     training data: `dataset` (default: the calibration dataset) cut into num_samples x seq_len windows, plus
     vl_num_samples image+text items of calibration.vl_dataset for VL models. The state is saved every
@@ -114,19 +114,9 @@ class RecoveryConfig:
     scale_lr: float = 3e-5
     init: str = "original"
     teacher: str | None = None
-    dataset: str | None = None
-    num_samples: int = 512
-    vl_num_samples: int = 128
-    seq_len: int = 256
-    batch_size: int = 4
-    temperature: float = 1.0
-    hidden_weight: float = 0.0
-    checkpoint_every: int = 50
-    seed: int = 1
 
     def distill_config(self) -> DistillConfig:
-        return DistillConfig(steps=self.steps, lr=self.lr, temperature=self.temperature,
-                             hidden_weight=self.hidden_weight, checkpoint_every=self.checkpoint_every).validate("recovery")
+        return self.make_distill_config(self.steps, self.lr, "recovery")
 
 
 def recover_quantized_experts(
