@@ -103,8 +103,8 @@ class SkipStats:
 
     def skipped(self, modality: str | None = None) -> float:
         names = MODALITIES if modality is None else (modality,)
-        total = sum(self.total[m] for m in names)
-        return 1 - sum(self.kept[m] for m in names) / total if total else 0.0
+        total = int(sum(self.total[m] for m in names))
+        return 1 - int(sum(self.kept[m] for m in names)) / total if total else 0.0
 
 
 class SkipController:
@@ -186,9 +186,9 @@ class SkipController:
                 return logits, weights * self._train_mask(position, view, args[0], weights), indices
             else:
                 keep = self._keep(position, view, args[0], weights, image)
-            for m, sel in (("text", ~image), ("image", image)):
-                self.stats.total[m] += int(sel.sum()) * weights.shape[1]
-                self.stats.kept[m] += int(keep[sel].sum())
+            for m, sel in (("text", ~image), ("image", image)):  # device tensors: no host sync per layer
+                self.stats.total[m] += sel.sum() * weights.shape[1]
+                self.stats.kept[m] += (keep & sel[:, None]).sum()
             return logits, weights.masked_fill(~keep, 0), indices.masked_fill(~keep, view.num_experts)
         return hook
 
