@@ -13,20 +13,58 @@ from pathlib import Path
 from .errors import MoECompressError
 
 
-def _load_for_eval(path: str, trust_remote_code: bool):
-    """A packed checkpoint (moecompress.json present) or any supported original model."""
+def _load_for_eval(path: str, trust_remote_code: bool, cache_dequantized: bool = True):
+    """A packed checkpoint (moecompress.json present) or any supported original model, its processor and load seconds."""
     from .api import load
-    from .io.checkpoint import MANIFEST
     from .models import get_adapter, load_model, read_config
     from .pipeline import load_tokenizer_or_processor
 
     config = read_config(path, trust_remote_code)
     multimodal = get_adapter(config.model_type).is_multimodal
-    if (Path(path) / MANIFEST).is_file():
-        model = load(path, cache_dequantized=True, trust_remote_code=trust_remote_code)
+    start = time.perf_counter()
+    if _is_checkpoint(path):
+        model = load(path, cache_dequantized=cache_dequantized, trust_remote_code=trust_remote_code)
     else:
         model = load_model(path, trust_remote_code=trust_remote_code).model
-    return model, load_tokenizer_or_processor(path, multimodal, trust_remote_code)
+    seconds = time.perf_counter() - start
+    return model, load_tokenizer_or_processor(path, multimodal, trust_remote_code), seconds
+
+
+def data_label(path: str) -> str:
+    """How results name an evaluation file: its stem, with the folder when the stem alone says nothing (test.txt)."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.stem}" if p.stem in ("test", "eval", "validation", "valid", "train", "data") else p.stem
+
+
+def _is_checkpoint(path: str) -> bool:
+    from .io.checkpoint import MANIFEST
+
+    return (Path(path).expanduser() / MANIFEST).is_file()
+
+
+def _record(args, kind: str, results: dict) -> dict:
+    """Add `results` to the run record (--record, or the checkpoint's own run.json); return where it went."""
+    from .evaluation.records import RUN_RECORD, RunRecord, add_evaluation, read_record
+    from .io.checkpoint import read_manifest
+
+    location = args.record or (args.model if _is_checkpoint(args.model) else None)
+    if args.no_record or location is None:
+        return results
+    if (Path(args.model).expanduser() / RUN_RECORD).is_file():
+        new = read_record(args.model)
+        new.evaluations = {}
+    elif _is_checkpoint(args.model):  # written before run records existed: what its manifest says
+        summary = read_manifest(args.model).get("summary", {})
+        new = RunRecord(name=Path(args.model.rstrip("/")).name, model=args.model, base_model=summary.get("model"),
+                        recipe=summary.get("recipe"), method=summary.get("recipe", "unknown"),
+                        expert_bits_per_param=summary.get("bits_per_expert_param"), compression=summary)
+    else:
+        from .evaluation.efficiency import stored_itemsize
+
+        new = RunRecord(name=Path(args.model.rstrip("/")).name, model=args.model, method="uncompressed",
+                        expert_bits_per_param=8.0 * stored_itemsize(args.model))
+    new.name = args.name or new.name
+    return {**results, "record": str(add_evaluation(location, kind, results, new))}
 
 
 def cmd_compress(args) -> dict:
@@ -113,14 +151,14 @@ def cmd_analyze(args) -> dict:
 def cmd_eval_ppl(args) -> dict:
     from .evaluation.perplexity import perplexity
 
-    model, processor = _load_for_eval(args.model, args.trust_remote_code)
+    model, processor, _ = _load_for_eval(args.model, args.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     results = {}
     for d in args.data:
         _reset_skip_stats(model)
-        results[Path(d).stem] = {**perplexity(model, tokenizer, d, args.seq_len, args.batch_size, args.max_windows).to_dict(),
+        results[data_label(d)] = {**perplexity(model, tokenizer, d, args.seq_len, args.batch_size, args.max_windows).to_dict(),
                                  **_skip_stats(model)}
-    return results
+    return _record(args, "ppl", results)
 
 
 def _reset_skip_stats(model) -> None:
@@ -141,10 +179,67 @@ def _skip_stats(model) -> dict:
 def cmd_eval_vlqa(args) -> dict:
     from .evaluation.vlqa import vl_qa_accuracy
 
-    model, processor = _load_for_eval(args.model, args.trust_remote_code)
+    model, processor, _ = _load_for_eval(args.model, args.trust_remote_code)
     _reset_skip_stats(model)
-    result = vl_qa_accuracy(model, processor, args.data, args.batch_size, args.max_items)
-    return {**result.to_dict(), **_skip_stats(model)}
+    result = vl_qa_accuracy(model, processor, args.data, args.batch_size, args.max_items,
+                            **({"prompt": args.prompt} if args.prompt else {}))
+    return _record(args, "vlqa", {data_label(args.data): {**result.to_dict(), **_skip_stats(model)}})
+
+
+def cmd_eval_lm(args) -> dict:
+    from .evaluation.lm_tasks import lm_eval_tasks
+
+    model, processor, _ = _load_for_eval(args.model, args.trust_remote_code)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tasks = [t for t in args.tasks.split(",") if t]
+    limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
+    results = lm_eval_tasks(model, tokenizer, tasks, args.include_path, limit, args.num_fewshot, args.batch_size)
+    return _record(args, "lm_eval", results)
+
+
+def cmd_eval_efficiency(args) -> dict:
+    from .evaluation.efficiency import measure_efficiency
+    from .evaluation.perplexity import evaluation_stream
+    from .models import get_adapter
+
+    # The packed path as deployed: experts dequantized on every forward, no cache.
+    model, processor, seconds = _load_for_eval(args.model, args.trust_remote_code, cache_dequantized=False)
+    tokens = evaluation_stream(args.data, getattr(processor, "tokenizer", processor))
+    result = measure_efficiency(model, get_adapter(model.config.model_type), args.model, tokens, seconds,
+                                args.prefill_tokens, args.decode_tokens)
+    return _record(args, "efficiency", result.to_dict())
+
+
+def cmd_report(args) -> dict:
+    from .evaluation.records import read_record
+    from .report import write_report
+
+    records = [read_record(r) for r in args.runs]
+    base = read_record(args.base) if args.base else None
+    written = write_report(records, args.output, base, args.title)
+    return {name: str(path) for name, path in written.items()}
+
+
+def cmd_export(args) -> dict:
+    from .errors import RecipeError
+    from .io.hub import prepare_hub_folder, upload
+    from .io.interop import export_interop
+
+    output = args.output or f"{str(args.checkpoint).rstrip('/')}-{args.format}"
+    if not args.hub:
+        if args.format == "moecompress":
+            raise RecipeError("nothing to export: pass --format compressed-tensors|gptq to convert, or --hub REPO_ID.")
+        return {"output": str(export_interop(args.checkpoint, output, args.format)), "format": args.format}
+    base = None
+    if args.base:
+        from .evaluation.records import read_record
+
+        base = read_record(args.base)
+    folder = prepare_hub_folder(args.checkpoint, output, args.hub, args.format, args.base_model, base)
+    result = {"output": str(folder), "format": args.format, "files": sorted(p.name for p in folder.iterdir())}
+    if args.dry_run:
+        return {**result, "uploaded": False}
+    return {**result, "uploaded": True, "commit": upload(folder, args.hub, args.private, args.token, args.endpoint)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p):
         p.add_argument("--trust-remote-code", action="store_true", help="allow custom code shipped with the model/processor")
         p.add_argument("--json", help="also write the result as JSON to this file")
+
+    def record(p):
+        common(p)
+        p.add_argument("--record", help="run record to add the results to (default: the checkpoint's run.json; "
+                                         "required to keep results of an uncompressed model)")
+        p.add_argument("--name", help="name of a new run record (default: the model folder's name)")
+        p.add_argument("--no-record", action="store_true", help="do not write the results to any run record")
 
     p = sub.add_parser("compress", help="quantize the routed experts and write a packed checkpoint")
     p.add_argument("model", help="model folder or hub id")
@@ -211,15 +313,55 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-windows", type=int)
-    common(e)
+    record(e)
     e.set_defaults(run=cmd_eval_ppl)
     e = eval_sub.add_parser("vlqa", help="visual QA exact-match accuracy (image+text jsonl)")
     e.add_argument("model")
     e.add_argument("--data", required=True)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-items", type=int)
-    common(e)
+    e.add_argument("--prompt", help="prompt template over the jsonl fields, e.g. '{question} Answer:' "
+                                    "(default: the shapes-vl question prompt)")
+    record(e)
     e.set_defaults(run=cmd_eval_vlqa)
+    e = eval_sub.add_parser("lm", help="lm-evaluation-harness tasks (offline ones in eval/tasks, or any lm-eval task name)")
+    e.add_argument("model")
+    e.add_argument("--tasks", required=True, help="comma-separated, e.g. moe_wiki_mc,moe_code_mc or hellaswag,arc_easy")
+    e.add_argument("--include-path", help="folder of extra task YAMLs (default: the repository's eval/tasks)")
+    e.add_argument("--limit", type=float, help="items per task (an int), or a fraction below 1")
+    e.add_argument("--num-fewshot", type=int)
+    e.add_argument("--batch-size", type=int, default=8)
+    record(e)
+    e.set_defaults(run=cmd_eval_lm)
+    e = eval_sub.add_parser("efficiency", help="bytes, bits/param, active params/token, expert activation ratio, load time, tokens/s")
+    e.add_argument("model")
+    e.add_argument("--data", required=True, help="text whose first tokens are the benchmark prompt (and measure skipping)")
+    e.add_argument("--prefill-tokens", type=int, default=512)
+    e.add_argument("--decode-tokens", type=int, default=32)
+    record(e)
+    e.set_defaults(run=cmd_eval_efficiency)
+    p = sub.add_parser("export", help="convert to compressed-tensors / GPTQ, or prepare and upload a Hub repo with a model card")
+    p.add_argument("checkpoint", help="a moecompress checkpoint folder")
+    p.add_argument("-o", "--output", help="folder to write (default: <checkpoint>-<format>)")
+    p.add_argument("--format", choices=("moecompress", "compressed-tensors", "gptq"), default="moecompress",
+                   help="weight layout; compressed-tensors and gptq need one integer bit width for every expert")
+    p.add_argument("--hub", metavar="REPO_ID", help="prepare a Hub repo folder (weights, card, recipe) and upload it")
+    p.add_argument("--dry-run", action="store_true", help="with --hub: write the folder only, upload nothing")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--base-model", help="Hub id of the source model for the card (default: the run record's source)")
+    p.add_argument("--base", help="run record of the base model: the card shows its scores and recovery %%")
+    p.add_argument("--token", help="Hub token (default: the logged-in one)")
+    p.add_argument("--endpoint", help="Hub endpoint (default: huggingface.co or $HF_ENDPOINT)")
+    common(p)
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("report", help="compare run records: Markdown + HTML with Pareto, recovery and heatmap plots")
+    p.add_argument("runs", nargs="+", help="checkpoint folders (their run.json) or run-record .json files")
+    p.add_argument("--base", help="the reference run (e.g. the uncompressed model's record) for recovery %%")
+    p.add_argument("-o", "--output", required=True, help="folder for report.md, report.html and the PNGs")
+    p.add_argument("--title", default="moecompress report")
+    common(p)
+    p.set_defaults(run=cmd_report)
     return parser
 
 

@@ -27,3 +27,7 @@ class CheckpointError(MoECompressError):
 
 class BudgetError(MoECompressError):
     """A bit or size budget cannot be met."""
+
+
+class HubError(MoECompressError):
+    """Creating or uploading to a Hugging Face Hub repository failed."""

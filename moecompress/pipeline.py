@@ -17,6 +17,7 @@ from .allocation.allocate import avg_bits_for_bytes
 from .calibration.data import CalibrationBatch, text_calibration_batches, vl_calibration_batches
 from .calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
 from .errors import CalibrationDataError, ModelLoadError, UnsupportedModelError
+from .evaluation.records import RUN_RECORD, RunRecord
 from .models import LoadedModel, MoEBlockView, get_adapter, load_model
 from .models.base import ModelAdapter
 from .quant.experts import (
@@ -227,12 +228,40 @@ def compress(
         report.seconds = time.perf_counter() - start
         report.output = str(save_checkpoint(
             loaded.model, output, recipe.to_yaml(), loaded.source, report.to_dict(), getattr(torch, recipe.save_dtype),
-            extra_files={"plan.json": json.dumps(plan.to_dict(), indent=1)} if plan else None,
+            extra_files={RUN_RECORD: json.dumps(run_record(report, recipe, plan, reports, Path(output)).to_dict(), indent=1),
+                         **({"plan.json": json.dumps(plan.to_dict(), indent=1)} if plan else {})},
         ))
         for state in (".slim-state", ".recovery-state"):  # only an interrupted job needs its training state
             shutil.rmtree(str(Path(output).expanduser()) + state, ignore_errors=True)
     report.seconds = time.perf_counter() - start
     return CompressionResult(loaded.model, loaded, report)
+
+
+def run_record(report: CompressionReport, recipe: Recipe, plan: CompressionPlan | None,
+               reports: list[ExpertQuantReport], output: Path) -> RunRecord:
+    """The record `moecompress report` and the model card read: what was done, bits per expert, routing shares."""
+    if plan is None:
+        method = "bf16 experts" if recipe.quantization.method == "none" else recipe.quantization.method
+    elif len(plan.formats) == 1:
+        method = f"{recipe.quantization.method} {plan.formats[0].name}"
+    else:
+        method = f"{recipe.quantization.method} mixed {plan.method} ({plan.average_bits:.2f} bits)"
+    stages = [name for name, done in (("merge", report.merge), ("slim", report.slim), ("recovery", report.recovery),
+                                      ("skip", report.skip)) if done]
+    record = RunRecord(name=output.name, model=str(output.expanduser().resolve()), base_model=report.model,
+                       recipe=recipe.name, method=" + ".join([method, *stages]),
+                       expert_bits_per_param=report.bits_per_expert_param,
+                       compression={**report.to_dict(), "rare_experts": len(report.rare_experts)})
+    if plan is not None:
+        record.bit_allocation = {"layers": plan.layers, "values": plan.bits.mean(dim=2).tolist()}
+    if reports:
+        layers = sorted({r.layer for r in reports})
+        tokens = torch.zeros(len(layers), max(r.expert for r in reports) + 1)
+        for r in reports:
+            tokens[layers.index(r.layer), r.expert] = r.tokens
+        record.importance = {"layers": layers, "metric": "share of the layer's calibration routings",
+                             "values": (tokens / tokens.sum(1, keepdim=True).clamp(min=1)).tolist()}
+    return record
 
 
 def training_batches(loaded: LoadedModel, r: DistillData, cal: CalibrationConfig, trust_remote_code: bool = False) -> list[CalibrationBatch]:

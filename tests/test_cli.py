@@ -18,3 +18,42 @@ def test_unknown_recipe_key_is_a_clear_error(capsys, tmp_path, tiny_text_path):
     recipe.write_text("quantization:\n  group: 64\n")
     assert main(["compress", str(tiny_text_path), "--recipe", str(recipe), "-o", str(tmp_path / "o")]) == 2
     assert "Did you mean 'group_size'" in capsys.readouterr().err
+
+
+def _copy(folder, dest):
+    dest.mkdir()
+    for f in folder.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def test_eval_results_go_to_the_checkpoint_record_or_to_record_file(compressed_tiny_text, tiny_text_path, tmp_path):
+    import json
+
+    from moecompress.evaluation.records import read_record
+
+    from .conftest import WIKI
+
+    ckpt = _copy(compressed_tiny_text[1], tmp_path / "ckpt")
+    assert main(["eval", "ppl", str(ckpt), "--data", str(WIKI), "--max-windows", "2"]) == 0
+    ppl = read_record(ckpt).evaluations["ppl"]["wikitext-2/test"]
+    assert ppl["windows"] == 2 and 20 < ppl["ppl"] < 200
+    assert main(["eval", "ppl", str(tiny_text_path), "--data", str(WIKI), "--max-windows", "2",
+                 "--record", str(tmp_path / "bf16.json"), "--name", "bf16"]) == 0
+    base = read_record(tmp_path / "bf16.json")
+    assert base.name == "bf16" and base.expert_bits_per_param == 16 and base.evaluations["ppl"]["wikitext-2/test"]["windows"] == 2
+    assert not (tiny_text_path / "run.json").exists()
+    assert json.loads((ckpt / "moecompress.json").read_text())["format"] == "moecompress"
+
+    (ckpt / "run.json").unlink()  # a checkpoint from before run records: the manifest fills the record
+    assert main(["eval", "ppl", str(ckpt), "--data", str(WIKI), "--max-windows", "1"]) == 0
+    record = read_record(ckpt)
+    assert record.recipe == "test-w4" and record.base_model == str(tiny_text_path) and record.expert_bits_per_param > 4
+
+
+def test_export_needs_a_target_and_converts_without_hub(compressed_tiny_text, tmp_path, capsys):
+    _, out = compressed_tiny_text
+    assert main(["export", str(out), "-o", str(tmp_path / "x")]) == 2
+    assert "--format compressed-tensors|gptq" in capsys.readouterr().err
+    assert main(["export", str(out), "--format", "compressed-tensors", "-o", str(tmp_path / "ct")]) == 0
+    assert (tmp_path / "ct" / "model.safetensors").is_file() and not (tmp_path / "x").exists()

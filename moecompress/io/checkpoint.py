@@ -103,6 +103,25 @@ def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[s
     return shards + [current] if current else shards
 
 
+def write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 4 << 30) -> list[str]:
+    """Write `state` as safetensors shards (+ index when more than one) into `folder`; return the file names."""
+    shards = _shards(state, max_shard_bytes)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for name, shard in zip(names, shards):
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {k: n for n, s in zip(names, shards) for k in s},
+        }
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names
+
+
 @contextmanager
 def atomic_folder(output: Path):
     """Yield a temporary folder next to `output`; on success it replaces `output`, on error it is removed."""
@@ -137,22 +156,7 @@ def save_checkpoint(
     """Write `model` (with `PackedExperts` modules) as a packed checkpoint at `output`, atomically."""
     output = Path(output)
     with atomic_folder(output) as tmp:
-        state = persistent_state(model, dtype)
-        shards = _shards(state, max_shard_bytes)
-        names = (
-            ["model.safetensors"]
-            if len(shards) == 1
-            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        )
-        for name, shard in zip(names, shards):
-            save_file(shard, str(tmp / name), metadata={"format": "pt"})
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                "weight_map": {k: n for n, s in zip(names, shards) for k in s},
-            }
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
+        names = write_shards(persistent_state(model, dtype), tmp, max_shard_bytes)
         config = model.config
         config.quantization_config = quantization_config(model)
         config.dtype = dtype

@@ -1,0 +1,97 @@
+"""Run records: one JSON file per model (`run.json` inside a packed checkpoint), read by `moecompress report`
+and the model card. `compress` writes the compression half; every `moecompress eval` adds its results."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+RUN_RECORD = "run.json"
+SCHEMA = "moecompress.run/1"
+
+
+@dataclass
+class RunRecord:
+    """name: label in reports; model: what was evaluated; base_model: what it was compressed from (None for a base).
+    bit_allocation / importance: {"layers": [...], "values": [[per expert]]}, mean code bits and routing share.
+    evaluations: {"ppl": {data: {...}}, "lm_eval": {task: {...}}, "vlqa": {data: {...}}, "efficiency": {...}}."""
+
+    name: str
+    model: str
+    base_model: str | None = None
+    recipe: str | None = None
+    method: str = "unknown"
+    expert_bits_per_param: float | None = None
+    compression: dict = field(default_factory=dict)
+    bit_allocation: dict | None = None
+    importance: dict | None = None
+    evaluations: dict = field(default_factory=dict)
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunRecord:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def size_bytes(self) -> int | None:
+        """Checkpoint weight bytes when measured, else the compressed experts' bytes."""
+        efficiency = self.evaluations.get("efficiency", {})
+        return efficiency.get("checkpoint_bytes") or self.compression.get("expert_bytes")
+
+
+def record_path(location: str | Path) -> Path:
+    """`location` itself when it is a .json file, else `<location>/run.json`."""
+    path = Path(location).expanduser()
+    return path if path.suffix == ".json" else path / RUN_RECORD
+
+
+def read_record(location: str | Path) -> RunRecord:
+    path = record_path(location)
+    if not path.is_file():
+        raise CheckpointError(
+            f"no run record at {path}. `moecompress compress` writes one into its output folder; for any other "
+            "model run `moecompress eval ... --record FILE.json` first."
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}).") from exc
+    if data.get("schema") != SCHEMA:
+        raise CheckpointError(f"{path} is not a moecompress run record (schema {data.get('schema')!r}, expected {SCHEMA!r}).")
+    return RunRecord.from_dict(data)
+
+
+def write_record(record: RunRecord, location: str | Path) -> Path:
+    """Write atomically (temporary file + rename)."""
+    path = record_path(location)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(record.to_dict(), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def add_evaluation(location: str | Path, kind: str, results: dict, new_record: RunRecord | None = None) -> Path:
+    """Merge `results` into `evaluations[kind]` of the record at `location` (created from `new_record` if absent)."""
+    path = record_path(location)
+    if path.is_file():
+        record = read_record(path)
+    elif new_record is not None:
+        record = new_record
+    else:
+        raise CheckpointError(f"no run record at {path} to add {kind} results to.")
+    if kind == "efficiency":
+        record.evaluations[kind] = results
+    else:
+        record.evaluations.setdefault(kind, {}).update(results)
+    return write_record(record, path)
