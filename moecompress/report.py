@@ -97,11 +97,18 @@ def plot_pareto(records: list[RunRecord], path: Path) -> bool:
     return True
 
 
-def plot_heatmap(grid: dict, title: str, colorbar: str, path: Path, cmap: str) -> None:
+def plot_heatmap(grid: dict, title: str, colorbar: str, path: Path, cmap: str,
+                 value_range: tuple[float, float] | None = None, annotate: bool = False) -> None:
+    """Layer x expert heatmap; `value_range` shares one colour scale between runs, `annotate` prints each value."""
     plt = _plt()
     values = grid["values"]
     fig, ax = plt.subplots(figsize=(1.8 + 0.38 * len(values[0]), 1.4 + 0.42 * len(values)))
-    image = ax.imshow(values, aspect="auto", cmap=cmap)
+    vmin, vmax = value_range or (None, None)
+    image = ax.imshow(values, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
+    if annotate:
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:g}", ha="center", va="center", fontsize=7, color="grey")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_xticks(range(len(values[0])))
@@ -217,10 +224,12 @@ def write_report(records: list[RunRecord], output: str | Path, base: RunRecord |
         figures.append(("Perplexity vs checkpoint size; the dashed line joins the Pareto-optimal runs.", output / "pareto.png"))
     if base is not None and plot_recovery(records, base, output / "recovery.png"):
         figures.append((f"Recovery % of {base.name} per metric (100 % = no loss).", output / "recovery.png"))
+    all_bits = [v for r in records if r.bit_allocation for row in r.bit_allocation["values"] for v in row]
+    bit_range = (min(all_bits), max(all_bits) + 1e-6) if all_bits else None
     for r in records:
         if r.bit_allocation:
             path = output / f"bits_{_slug(r.name)}.png"
-            plot_heatmap(r.bit_allocation, f"{r.name}: code bits per expert", "bits", path, "magma")
+            plot_heatmap(r.bit_allocation, f"{r.name}: code bits per expert", "bits", path, "magma", bit_range, annotate=True)
             figures.append((f"{r.name}: bit allocation per expert (mean over gate/up/down).", path))
         if r.importance:
             path = output / f"importance_{_slug(r.name)}.png"

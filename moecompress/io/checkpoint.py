@@ -111,8 +111,11 @@ def write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: 
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
+    umask = os.umask(0)
+    os.umask(umask)
     for name, shard in zip(names, shards):
         save_file(shard, str(folder / name), metadata={"format": "pt"})
+        os.chmod(folder / name, 0o666 & ~umask)  # safetensors writes 0600 files; give them the usual permissions
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},

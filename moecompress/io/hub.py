@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import CheckpointError, HubError
+from ..evaluation.efficiency import checkpoint_bytes
 from ..evaluation.records import RunRecord, read_record
 from ..report import markdown_table, metrics, recovery
 from .checkpoint import MANIFEST, atomic_folder, verify_checkpoint
@@ -24,11 +25,10 @@ def engines(fmt_name: str, config: dict) -> list[str]:
             "transformers + compressed-tensors (`AutoModelForCausalLM.from_pretrained`; experts are dequantized at load"
             + (")" if sym else "; asymmetric MoE experts need huggingface/transformers#47430)"),
             "vLLM and SGLang (compressed-tensors WNA16 MoE kernels)",
-            "moecompress (the source checkpoint)",
         ]
     if fmt_name == "gptq":
         return ["GPTQModel (`GPTQModel.load`, checked with 7.7.0 on CPU)",
-                "vLLM and SGLang GPTQ MoE kernels (GPTQ v1 layout)", "moecompress (the source checkpoint)"]
+                "vLLM and SGLang GPTQ MoE kernels (GPTQ v1 layout)"]
     qc = config.get("quantization_config", {})
     try:
         uniform_format(config)
@@ -65,7 +65,7 @@ def evaluation_rows(record: RunRecord, base: RunRecord | None) -> tuple[list[str
 
 
 def model_card(record: RunRecord, config: dict, fmt_name: str, repo_id: str, base_model: str,
-               base: RunRecord | None, recipe_yaml: str) -> str:
+               base: RunRecord | None, recipe_yaml: str, weight_bytes: int) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     multimodal = "vision_config" in config
@@ -80,14 +80,14 @@ def model_card(record: RunRecord, config: dict, fmt_name: str, repo_id: str, bas
     )
     c = record.compression
     facts = [["method", record.method], ["recipe", f"`{record.recipe}`"], ["checkpoint format", fmt_name],
-             ["routed-expert bits per parameter (codes + scales + zeros)", f"{record.expert_bits_per_param:.3f}"
+             ["routed-expert bits per parameter (codes + scales + zeros, moecompress layout)", f"{record.expert_bits_per_param:.3f}"
               if record.expert_bits_per_param else ""],
              ["routed-expert bytes", f"{c.get('expert_bytes', 0) / 1e6:.2f} MB"], ["expert parameters", f"{c.get('expert_params', 0):,}"],
              ["calibration tokens", f"{c.get('calibration_tokens', 0):,}"],
              ["kept in source precision", "attention, routers, shared experts, embeddings, norms" + (", vision tower" if multimodal else "")]]
+    facts.append(["weight files of this repository", f"{weight_bytes / 1e6:.2f} MB"])
     efficiency = record.evaluations.get("efficiency")
     if efficiency:
-        facts.append(["checkpoint bytes (weights)", f"{efficiency['checkpoint_bytes'] / 1e6:.2f} MB"])
         facts.append(["active parameters per token", f"{efficiency['active_params_per_token'] / 1e6:.2f} M"])
     header, rows = evaluation_rows(record, base)
     evaluation = (markdown_table(header, rows) + "\n\nRecovery % = this model / base for accuracies, base / this model for "
@@ -110,11 +110,27 @@ def model_card(record: RunRecord, config: dict, fmt_name: str, repo_id: str, bas
 {chr(10).join(f"- {e}" for e in engines(fmt_name, config))}
 
 ## Recipe
+<details><summary>recipe.yaml</summary>
+
 ```yaml
 {recipe_yaml.strip()}
 ```
+</details>
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _is_hub_id(name: str | None) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not name or Path(name).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def prepare_hub_folder(checkpoint: str | Path, output: str | Path, repo_id: str, fmt_name: str = "moecompress",
@@ -127,9 +143,9 @@ def prepare_hub_folder(checkpoint: str | Path, output: str | Path, repo_id: str,
     verify_checkpoint(source)
     record = read_record(source)
     base_model = base_model or record.base_model
-    if not base_model or Path(base_model).expanduser().exists():
+    if not _is_hub_id(base_model):
         raise CheckpointError(
-            f"the card's base_model must be a Hub id, but the source is the local path '{base_model}': "
+            f"the card's base_model must be a Hub id, but the source is '{base_model}' (a local path?): "
             "pass --base-model OWNER/NAME (the id the source model is published under)."
         )
     with atomic_folder(Path(output)) as tmp:
@@ -141,7 +157,8 @@ def prepare_hub_folder(checkpoint: str | Path, output: str | Path, repo_id: str,
             write_interop_files(source, tmp, fmt_name)
         config = json.loads((tmp / "config.json").read_text())
         recipe = (source / "recipe.yaml").read_text() if (source / "recipe.yaml").is_file() else ""
-        (tmp / "README.md").write_text(model_card(record, config, fmt_name, repo_id, base_model, base, recipe))
+        card = model_card(record, config, fmt_name, repo_id, base_model, base, recipe, checkpoint_bytes(tmp))
+        (tmp / "README.md").write_text(card)
     return Path(output).expanduser().resolve()
 
 

@@ -106,3 +106,14 @@ def test_a_failed_save_leaves_no_output(compressed_tiny_text, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="disk full"):
         checkpoint.save_checkpoint(result.model, target, "name: x\n", "src")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_weight_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    names = checkpoint.write_shards({"a": torch.randn(3), "b": torch.randn(4)}, tmp_path, max_shard_bytes=12)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert all((tmp_path / n).stat().st_mode & 0o777 == 0o666 & ~umask for n in names)
+    assert (tmp_path / "model.safetensors.index.json").is_file()

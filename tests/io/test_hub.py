@@ -44,7 +44,7 @@ def test_card_has_hub_metadata_evaluation_with_recovery_and_loading(evaluated_ch
 
 def test_local_base_model_path_needs_a_hub_id(evaluated_checkpoint, tmp_path):
     ckpt, _ = evaluated_checkpoint
-    with pytest.raises(CheckpointError, match="--base-model"):
+    with pytest.raises(CheckpointError, match=r"a local path\?\): pass --base-model"):
         prepare_hub_folder(ckpt, tmp_path / "hub", "someone/tiny-w4")
     assert not (tmp_path / "hub").exists()
 
