@@ -49,8 +49,6 @@ def _module_params(module: nn.Module, itemsize: int) -> tuple[int, int]:
 
 def _stored_experts(experts: nn.Module) -> int:
     inner = getattr(experts, "experts", experts)  # MappedExperts wraps the merged experts
-    if isinstance(experts, ExpertList) or not isinstance(inner, nn.Module):
-        return len(experts)
     return len(inner) if isinstance(inner, ExpertList) else int(inner.gate_up_proj.shape[0])
 
 

@@ -75,7 +75,7 @@ def model_card(record: RunRecord, config: dict, fmt_name: str, repo_id: str, bas
             *(["mixed-precision"] if len(formats) > 1 else []), *(["ternary"] if any(f.get("ternary") for f in formats) else [])]
     data = ModelCardData(
         base_model=base_model, base_model_relation="quantized", tags=tags,
-        library_name="transformers" if fmt_name == "compressed-tensors" else fmt_name if fmt_name == "moecompress" else "gptqmodel",
+        library_name={"moecompress": "moecompress", "compressed-tensors": "transformers", "gptq": "gptqmodel"}[fmt_name],
         pipeline_tag="image-text-to-text" if multimodal else "text-generation",
     )
     c = record.compression
@@ -84,8 +84,8 @@ def model_card(record: RunRecord, config: dict, fmt_name: str, repo_id: str, bas
               if record.expert_bits_per_param else ""],
              ["routed-expert bytes", f"{c.get('expert_bytes', 0) / 1e6:.2f} MB"], ["expert parameters", f"{c.get('expert_params', 0):,}"],
              ["calibration tokens", f"{c.get('calibration_tokens', 0):,}"],
-             ["kept in source precision", "attention, routers, shared experts, embeddings, norms" + (", vision tower" if multimodal else "")]]
-    facts.append(["weight files of this repository", f"{weight_bytes / 1e6:.2f} MB"])
+             ["kept in source precision", "attention, routers, shared experts, embeddings, norms" + (", vision tower" if multimodal else "")],
+             ["weight files of this repository", f"{weight_bytes / 1e6:.2f} MB"]]
     efficiency = record.evaluations.get("efficiency")
     if efficiency:
         facts.append(["active parameters per token", f"{efficiency['active_params_per_token'] / 1e6:.2f} M"])
