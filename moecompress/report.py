@@ -158,7 +158,7 @@ def _fmt(value, digits: int = 2) -> str:
 def comparison_table(records: list[RunRecord], base: RunRecord | None) -> tuple[list[str], list[list[str]]]:
     keys = list(dict.fromkeys(k for r in records for k in metrics(r)))
     labels = {k: m.label for r in records for k, m in metrics(r).items()}
-    header = ["run", "method", "expert bits/param", "size MB", *[labels[k] for k in keys]]
+    header = ["run", "method", "expert bits/param", "checkpoint MB", *[labels[k] for k in keys]]
     base_metrics = metrics(base) if base else {}
     if base:
         header.append("mean recovery %")

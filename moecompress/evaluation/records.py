@@ -44,9 +44,10 @@ class RunRecord:
         return cls(**known)
 
     def size_bytes(self) -> int | None:
-        """Checkpoint weight bytes when measured, else the compressed experts' bytes."""
-        efficiency = self.evaluations.get("efficiency", {})
-        return efficiency.get("checkpoint_bytes") or self.compression.get("expert_bytes")
+        """Bytes of the model's weight files: as measured by `eval efficiency`, else read from its folder."""
+        from .efficiency import checkpoint_bytes
+
+        return self.evaluations.get("efficiency", {}).get("checkpoint_bytes") or checkpoint_bytes(self.model) or None
 
 
 def record_path(location: str | Path) -> Path:
