@@ -39,6 +39,8 @@ def lm_eval_tasks(
     from lm_eval.tasks import TaskManager
 
     include = Path(include_path) if include_path else DEFAULT_INCLUDE_PATH
+    if include_path and not include.is_dir():
+        raise CalibrationDataError(f"--include-path '{include_path}' is not a folder of lm-eval task YAMLs.")
     manager = TaskManager(include_path=str(include) if include.is_dir() else None)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
@@ -53,9 +55,9 @@ def lm_eval_tasks(
             model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
             log_samples=False, bootstrap_iters=1000,
         )
-    except FileNotFoundError as exc:
+    except OSError as exc:  # a missing data file, or a hub dataset that cannot be reached
         raise CalibrationDataError(
-            f"a task's data file is missing ({exc}); the offline tasks in eval/tasks read ../shared/data relative "
-            "to the repository root: run from there."
+            f"a task's data could not be read ({exc}). The offline tasks in eval/tasks read ../shared/data relative "
+            "to the repository root (run from there); standard tasks download their datasets from the Hub."
         ) from exc
     return {task: _metrics(values) for task, values in results["results"].items()}
