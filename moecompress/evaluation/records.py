@@ -3,6 +3,7 @@ and the model card. `compress` writes the compression half; every `moecompress e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -75,10 +76,16 @@ def read_record(location: str | Path) -> RunRecord:
 def write_record(record: RunRecord, location: str | Path) -> Path:
     """Write atomically (temporary file + rename)."""
     path = record_path(location)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(record.to_dict(), indent=1))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record.to_dict(), indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise CheckpointError(f"cannot write the run record {path} ({exc}); pass --record FILE.json to keep the "
+                              "results elsewhere, or --no-record.") from exc
     return path
 
 

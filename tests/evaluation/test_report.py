@@ -33,6 +33,13 @@ def test_records_merge_results_and_reject_foreign_json(tmp_path):
         read_record(tmp_path / "missing")
 
 
+def test_unwritable_record_location_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CheckpointError, match="--no-record"):
+        write_record(RunRecord(name="x", model="m"), blocker / "sub" / "r.json")
+
+
 def _record(name, ppl, size, acc, bits=None):
     return RunRecord(name=name, model=name, method=name, expert_bits_per_param=bits,
                      bit_allocation={"layers": [0, 1], "values": [[4, 2, 3], [2, 2, 4]]} if bits else None,
