@@ -140,7 +140,7 @@ def prepare_hub_folder(checkpoint: str | Path, output: str | Path, repo_id: str,
     if fmt_name not in FORMATS:
         raise CheckpointError(f"unknown format '{fmt_name}'; use one of {FORMATS}.")
     source = Path(checkpoint).expanduser()
-    verify_checkpoint(source)
+    verify_checkpoint(source, check_hashes=False)  # fail fast; the hashes are checked once, when the weights are read
     record = read_record(source)
     base_model = base_model or record.base_model
     if not _is_hub_id(base_model):
@@ -150,6 +150,7 @@ def prepare_hub_folder(checkpoint: str | Path, output: str | Path, repo_id: str,
         )
     with atomic_folder(Path(output)) as tmp:
         if fmt_name == "moecompress":
+            verify_checkpoint(source)
             for file in source.iterdir():
                 if file.is_file():
                     shutil.copyfile(file, tmp / file.name)
