@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .io.checkpoint import verify_checkpoint
+from .io.checkpoint import read_manifest
+from .io.integrity import read_config
 from .models import get_adapter
 from .pipeline import compress, set_dequant_cache
 
@@ -25,22 +26,26 @@ def load(
 ) -> nn.Module:
     """Rebuild a model from a moecompress checkpoint folder; experts run through the packed modules.
 
-    verify: check every weight file against the manifest's size and sha256 first.
+    verify: check every weight file's sha256 against the manifest (sizes, tensor names and shapes, and the
+    config's quantization section are always checked, whatever the loader).
     cache_dequantized: keep dequantized expert weights after first use (fast CPU eval, more memory).
     """
     from transformers import AutoConfig
 
-    from .io import hf_integration  # noqa: F401  registers the quantizer
+    from .io import hf_integration  # registers the quantizer, which verifies the checkpoint
 
-    verify_checkpoint(path, check_hashes=verify)
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    adapter = get_adapter(config.model_type)
+    read_manifest(path)  # a missing folder or manifest is reported before transformers looks at it
+    read_config(Path(path).expanduser())  # without its quantization section transformers would load random experts
+    token = hf_integration._verify_hashes.set(verify)
     try:
-        model = adapter.auto_model_class().from_pretrained(
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        model = get_adapter(config.model_type).auto_model_class().from_pretrained(
             str(path), dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"could not load the checkpoint '{path}': {exc}") from exc
+    finally:
+        hf_integration._verify_hashes.reset(token)
     model.eval()
     set_dequant_cache(model, cache_dequantized)
     return model

@@ -6,11 +6,12 @@ import argparse
 import json
 import logging
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
 
-from .errors import MoECompressError
+from .errors import MoECompressError, NonFiniteError
 
 
 def _load_for_eval(path: str, trust_remote_code: bool, cache_dequantized: bool = True):
@@ -67,11 +68,23 @@ def _record(args, kind: str, results: dict) -> dict:
     return {**results, "record": str(add_evaluation(location, kind, results, new))}
 
 
+def _check_record_target(args) -> None:
+    """Before any model is loaded: a --record file must be a run record (or new) in a writable folder."""
+    from .evaluation.records import read_record, record_path
+    from .io.outputs import check_file_output
+
+    if args.record and not args.no_record:
+        check_file_output(record_path(args.record), "--record")
+        if record_path(args.record).exists():
+            read_record(args.record)
+
+
 def cmd_compress(args) -> dict:
     from .pipeline import compress
 
     recipe = _recipe_with_overrides(args)
-    result = compress(args.model, recipe, args.output, trust_remote_code=args.trust_remote_code, plan=args.plan)
+    result = compress(args.model, recipe, args.output, trust_remote_code=args.trust_remote_code, plan=args.plan,
+                      overwrite=args.overwrite)
     report = result.report.to_dict()
     report["rare_experts"] = len(report["rare_experts"])
     return report
@@ -97,60 +110,74 @@ def _recipe_with_overrides(args):
 def cmd_upcycle(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .errors import ModelLoadError
-    from .io.checkpoint import atomic_folder
+    from .errors import ModelLoadError, RecipeError
+    from .io.outputs import atomic_folder, claim_output
+    from .models import read_config
     from .training.upcycle import upcycle_dense_to_mote
 
-    try:
-        dense = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load the dense model '{args.model}': {exc}") from exc
-    moe = upcycle_dense_to_mote(dense, args.experts, args.top_k, args.routed_share, args.noise)
-    with atomic_folder(Path(args.output)) as tmp:
-        moe.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    if not 1 <= args.top_k <= args.experts:
+        raise RecipeError(f"--top-k {args.top_k} with --experts {args.experts}: the router picks 1 to --experts experts.")
+    if not 0 < args.routed_share <= 1 or args.noise < 0:
+        raise RecipeError("--routed-share must be in (0, 1] and --noise >= 0.")
+    with claim_output(args.output, [args.model], args.overwrite):
+        read_config(args.model, args.trust_remote_code)
+        try:
+            dense = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load the dense model '{args.model}': {exc}") from exc
+        moe = upcycle_dense_to_mote(dense, args.experts, args.top_k, args.routed_share, args.noise)
+        with atomic_folder(args.output, [args.model], args.overwrite, kind="model") as tmp:
+            moe.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     return {"output": str(Path(args.output).resolve()), "experts": args.experts, "top_k": args.top_k,
             "next": f"moecompress compress {args.output} --recipe pipelines/ternary-experts.yaml (recovery.teacher: {args.model})"}
 
 
 def cmd_plan(args) -> dict:
+    from .io.outputs import atomic_folder, claim_output
     from .models import load_model
     from .pipeline import calibration_batches, plan_allocation
 
     recipe = _recipe_with_overrides(args)
     if recipe.allocation.method == "uniform":
         recipe.allocation.method = "lp"
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    plan, stats = plan_allocation(loaded, recipe, calibration_batches(loaded, recipe, args.trust_remote_code))
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    stats.save(out)
-    plan.save(out / "plan.json")
-    plan.heatmap(out / "plan.png")
+        recipe.validate()
+    with claim_output(args.output, [args.model], args.overwrite):
+        loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+        plan, stats = plan_allocation(loaded, recipe, calibration_batches(loaded, recipe, args.trust_remote_code))
+        with atomic_folder(args.output, [args.model], args.overwrite, kind="plan") as tmp:
+            stats.save(tmp)
+            plan.save(tmp / "plan.json")
+            plan.heatmap(tmp / "plan.png")
     print(plan.table(), file=sys.stderr)
-    return {"output": str(out), "average_bits": plan.average_bits, "method": plan.method, **plan.details}
+    return {"output": str(Path(args.output).resolve()), "average_bits": plan.average_bits, "method": plan.method,
+            **plan.details}
 
 
 def cmd_analyze(args) -> dict:
     from .analysis.importance import write_analysis
     from .calibration.engine import collect_expert_stats
+    from .io.outputs import atomic_folder, claim_output
     from .models import load_model
     from .pipeline import calibration_batches
 
     recipe = _recipe_with_overrides(args)
     recipe.calibration.seq_len = args.seq_len
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    batches = calibration_batches(loaded, recipe, args.trust_remote_code)
-    stats = collect_expert_stats(loaded.model, loaded.adapter, batches, args.model,
-                                 measure_drop_loss=not args.no_drop_loss, device=recipe.device)
-    out = write_analysis(stats, args.output)
-    return {"output": str(out), "files": sorted(p.name for p in out.iterdir())}
+    with claim_output(args.output, [args.model], args.overwrite):
+        loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+        batches = calibration_batches(loaded, recipe, args.trust_remote_code)
+        stats = collect_expert_stats(loaded.model, loaded.adapter, batches, args.model,
+                                     measure_drop_loss=not args.no_drop_loss, device=recipe.device)
+        with atomic_folder(args.output, [args.model], args.overwrite, kind="analysis") as tmp:
+            files = sorted(p.name for p in write_analysis(stats, tmp).iterdir())
+    return {"output": str(Path(args.output).resolve()), "files": files}
 
 
 def cmd_eval_ppl(args) -> dict:
     from .evaluation.perplexity import perplexity
 
+    _check_record_target(args)
     model, processor, _ = _load_for_eval(args.model, args.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     results = {}
@@ -179,6 +206,7 @@ def _skip_stats(model) -> dict:
 def cmd_eval_vlqa(args) -> dict:
     from .evaluation.vlqa import vl_qa_accuracy
 
+    _check_record_target(args)
     model, processor, _ = _load_for_eval(args.model, args.trust_remote_code)
     _reset_skip_stats(model)
     result = vl_qa_accuracy(model, processor, args.data, args.batch_size, args.max_items,
@@ -189,6 +217,7 @@ def cmd_eval_vlqa(args) -> dict:
 def cmd_eval_lm(args) -> dict:
     from .evaluation.lm_tasks import lm_eval_tasks
 
+    _check_record_target(args)
     model, processor, _ = _load_for_eval(args.model, args.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -202,6 +231,7 @@ def cmd_eval_efficiency(args) -> dict:
     from .evaluation.perplexity import evaluation_stream
     from .models import get_adapter
 
+    _check_record_target(args)
     # The packed path as deployed: experts dequantized on every forward, no cache.
     model, processor, seconds = _load_for_eval(args.model, args.trust_remote_code, cache_dequantized=False)
     tokens = evaluation_stream(args.data, getattr(processor, "tokenizer", processor))
@@ -212,12 +242,14 @@ def cmd_eval_efficiency(args) -> dict:
 
 def cmd_report(args) -> dict:
     from .evaluation.records import read_record
+    from .io.outputs import atomic_folder
     from .report import write_report
 
     records = [read_record(r) for r in args.runs]
     base = read_record(args.base) if args.base else None
-    written = write_report(records, args.output, base, args.title)
-    return {name: str(path) for name, path in written.items()}
+    with atomic_folder(args.output, [*args.runs, args.base], args.overwrite, kind="report") as tmp:
+        written = write_report(records, tmp, base, args.title)
+    return {name: str(Path(args.output).resolve() / path.name) for name, path in written.items()}
 
 
 def cmd_export(args) -> dict:
@@ -229,26 +261,61 @@ def cmd_export(args) -> dict:
     if not args.hub:
         if args.format == "moecompress":
             raise RecipeError("nothing to export: pass --format compressed-tensors|gptq to convert, or --hub REPO_ID.")
-        return {"output": str(export_interop(args.checkpoint, output, args.format)), "format": args.format}
+        return {"output": str(export_interop(args.checkpoint, output, args.format, args.overwrite)), "format": args.format}
     base = None
     if args.base:
         from .evaluation.records import read_record
 
         base = read_record(args.base)
-    folder = prepare_hub_folder(args.checkpoint, output, args.hub, args.format, args.base_model, base)
+    folder = prepare_hub_folder(args.checkpoint, output, args.hub, args.format, args.base_model, base, args.overwrite)
     result = {"output": str(folder), "format": args.format, "files": sorted(p.name for p in folder.iterdir())}
     if args.dry_run:
         return {**result, "uploaded": False}
     return {**result, "uploaded": True, "commit": upload(folder, args.hub, args.private, args.token, args.endpoint)}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2) instead of usage + message."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is too small; use an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive finite number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moecompress", description="Compress Mixture-of-Experts models.")
+    parser = _Parser(prog="moecompress", description="Compress Mixture-of-Experts models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
         p.add_argument("--trust-remote-code", action="store_true", help="allow custom code shipped with the model/processor")
         p.add_argument("--json", help="also write the result as JSON to this file")
+
+    def overwrite(p):
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier moecompress output at -o (anything else there is never replaced)")
 
     def record(p):
         common(p)
@@ -260,14 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="quantize the routed experts and write a packed checkpoint")
     p.add_argument("model", help="model folder or hub id")
     p.add_argument("--recipe", help="YAML recipe (pipelines/*.yaml); default: GPTQ w4 g128")
-    p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
+    p.add_argument("-o", "--output", required=True, help="output folder: a new path (written atomically)")
     p.add_argument("--calib", help="override calibration.dataset (jsonl/txt file or hub dataset)")
     p.add_argument("--vl-calib", help="override calibration.vl_dataset (image+text jsonl)")
-    p.add_argument("--num-samples", type=int, help="override calibration.num_samples")
+    p.add_argument("--num-samples", type=_at_least(1), help="override calibration.num_samples")
     p.add_argument("--device", help="compute device for the layer being processed (cpu, cuda, cuda:1)")
     p.add_argument("--plan", help="plan.json from `moecompress plan` (bits per expert); skips the allocation")
-    p.add_argument("--avg-bits", type=float, help="override allocation.avg_bits")
-    p.add_argument("--recovery-steps", type=int, help="override recovery.steps (0 turns recovery training off)")
+    p.add_argument("--avg-bits", type=_positive_float, help="override allocation.avg_bits")
+    p.add_argument("--recovery-steps", type=_at_least(0), help="override recovery.steps (0 turns recovery training off)")
+    overwrite(p)
     common(p)
     p.set_defaults(run=cmd_compress)
 
@@ -275,11 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--recipe", help="recipe with an `allocation` section (method lp when left uniform)")
     p.add_argument("-o", "--output", required=True, help="folder for plan.json, plan.png, expert_stats.safetensors")
-    p.add_argument("--avg-bits", type=float, help="override allocation.avg_bits")
+    p.add_argument("--avg-bits", type=_positive_float, help="override allocation.avg_bits")
     p.add_argument("--calib")
     p.add_argument("--vl-calib")
-    p.add_argument("--num-samples", type=int)
+    p.add_argument("--num-samples", type=_at_least(1))
     p.add_argument("--device")
+    overwrite(p)
     common(p)
     p.set_defaults(run=cmd_plan)
 
@@ -287,21 +356,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--calib", help="calibration text (default: the recipe default calib_mix.jsonl)")
     p.add_argument("--vl-calib", help="image+text jsonl for VL models")
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--num-samples", type=_at_least(1), default=64)
+    p.add_argument("--seq-len", type=_at_least(2), default=512)
     p.add_argument("--no-drop-loss", action="store_true", help="skip the drop-one-expert reconstruction loss")
     p.add_argument("--device", default="cpu")
     p.add_argument("-o", "--output", required=True)
+    overwrite(p)
     common(p)
     p.set_defaults(run=cmd_analyze)
 
     p = sub.add_parser("upcycle", help="dense Qwen2 -> Qwen2-MoE with the FFN as full-precision shared expert (MoTE)")
     p.add_argument("model", help="dense model folder or hub id")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--experts", type=_at_least(1), default=8)
+    p.add_argument("--top-k", type=_at_least(1), default=2)
     p.add_argument("--routed-share", type=float, default=0.5, help="share of the FFN output given to the routed experts")
     p.add_argument("--noise", type=float, default=0.01, help="relative noise added to each routed copy (breaks symmetry)")
+    overwrite(p)
     common(p)
     p.set_defaults(run=cmd_upcycle)
 
@@ -310,16 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     e = eval_sub.add_parser("ppl", help="perplexity over 512-token windows")
     e.add_argument("model")
     e.add_argument("--data", nargs="+", required=True, help="text files (.txt, .jsonl)")
-    e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--max-windows", type=int)
+    e.add_argument("--seq-len", type=_at_least(2), default=512)
+    e.add_argument("--batch-size", type=_at_least(1), default=8)
+    e.add_argument("--max-windows", type=_at_least(1), help="evaluate only the first N windows (default: all)")
     record(e)
     e.set_defaults(run=cmd_eval_ppl)
     e = eval_sub.add_parser("vlqa", help="visual QA exact-match accuracy (image+text jsonl)")
     e.add_argument("model")
     e.add_argument("--data", required=True)
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--max-items", type=int)
+    e.add_argument("--batch-size", type=_at_least(1), default=32)
+    e.add_argument("--max-items", type=_at_least(1))
     e.add_argument("--prompt", help="prompt template over the jsonl fields, e.g. '{question} Answer:' "
                                     "(default: the shapes-vl question prompt)")
     record(e)
@@ -328,16 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model")
     e.add_argument("--tasks", required=True, help="comma-separated, e.g. moe_wiki_mc,moe_code_mc or hellaswag,arc_easy")
     e.add_argument("--include-path", help="folder of extra task YAMLs (default: the repository's eval/tasks)")
-    e.add_argument("--limit", type=float, help="items per task (an int), or a fraction below 1")
-    e.add_argument("--num-fewshot", type=int)
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--limit", type=_positive_float, help="items per task (an int), or a fraction below 1")
+    e.add_argument("--num-fewshot", type=_at_least(0))
+    e.add_argument("--batch-size", type=_at_least(1), default=8)
     record(e)
     e.set_defaults(run=cmd_eval_lm)
     e = eval_sub.add_parser("efficiency", help="bytes, bits/param, active params/token, expert activation ratio, load time, tokens/s")
     e.add_argument("model")
     e.add_argument("--data", required=True, help="text whose first tokens are the benchmark prompt (and measure skipping)")
-    e.add_argument("--prefill-tokens", type=int, default=512)
-    e.add_argument("--decode-tokens", type=int, default=32)
+    e.add_argument("--prefill-tokens", type=_at_least(1), default=512)
+    e.add_argument("--decode-tokens", type=_at_least(1), default=32)
     record(e)
     e.set_defaults(run=cmd_eval_efficiency)
     p = sub.add_parser("export", help="convert to compressed-tensors / GPTQ, or prepare and upload a Hub repo with a model card")
@@ -352,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="run record of the base model: the card shows its scores and recovery %%")
     p.add_argument("--token", help="Hub token (default: the logged-in one)")
     p.add_argument("--endpoint", help="Hub endpoint (default: huggingface.co or $HF_ENDPOINT)")
+    overwrite(p)
     common(p)
     p.set_defaults(run=cmd_export)
 
@@ -360,26 +432,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="the reference run (e.g. the uncompressed model's record) for recovery %%")
     p.add_argument("-o", "--output", required=True, help="folder for report.md, report.html and the PNGs")
     p.add_argument("--title", default="moecompress report")
+    overwrite(p)
     common(p)
     p.set_defaults(run=cmd_report)
     return parser
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .io.outputs import check_file_output, write_text_atomic
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a killed job ends like Ctrl-C: temporary files removed
     try:
+        if getattr(args, "json", None):
+            check_file_output(args.json, "--json")
         result = args.run(args)
+        result = {"result": result, "wall_seconds": round(time.perf_counter() - start, 2),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        try:
+            text = json.dumps(result, indent=2, allow_nan=False)
+        except ValueError:
+            raise NonFiniteError("the result holds a NaN or infinite number; nothing was recorded as valid. "
+                                 "Check the model and data that produced it.") from None
+        if getattr(args, "json", None):
+            write_text_atomic(args.json, text)
     except MoECompressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    result = {"result": result, "wall_seconds": round(time.perf_counter() - start, 2),
-              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    text = json.dumps(result, indent=2)
+    except OSError as exc:  # disk full, permissions, ... while reading or writing
+        print(f"error: {_one_line(exc)}. Free space or fix the permissions, then run the command again.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written at the output path (an earlier output there is unchanged).",
+              file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(text)
-    if getattr(args, "json", None):
-        Path(args.json).write_text(text)
     return 0
 
 

@@ -31,3 +31,11 @@ class BudgetError(MoECompressError):
 
 class HubError(MoECompressError):
     """Creating or uploading to a Hugging Face Hub repository failed."""
+
+
+class OutputError(MoECompressError):
+    """The output path would overwrite or delete data moecompress did not write, or another run holds it."""
+
+
+class NonFiniteError(MoECompressError):
+    """A weight, scale or evaluation result is NaN or infinite."""

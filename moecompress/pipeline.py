@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -18,6 +19,7 @@ from .calibration.data import CalibrationBatch, text_calibration_batches, vl_cal
 from .calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
 from .errors import CalibrationDataError, ModelLoadError, UnsupportedModelError
 from .evaluation.records import RUN_RECORD, RunRecord
+from .io.outputs import claim_output
 from .models import LoadedModel, MoEBlockView, get_adapter, load_model
 from .models.base import ModelAdapter
 from .quant.experts import (
@@ -71,7 +73,7 @@ def load_tokenizer_or_processor(source: str, multimodal: bool, trust_remote_code
         if multimodal:
             return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
         return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         hint = " This processor ships custom code: pass --trust-remote-code." if multimodal and not trust_remote_code else ""
         raise ModelLoadError(f"could not load the tokenizer/processor of '{source}': {exc}.{hint}") from exc
 
@@ -152,12 +154,26 @@ def compress(
     trust_remote_code: bool = False,
     progress: bool = True,
     plan: CompressionPlan | str | Path | None = None,
+    overwrite: bool = False,
 ) -> CompressionResult:
     """Compress the routed experts of `model` (folder, hub id or `LoadedModel`) as `recipe` says (or at the
-    bits of a precomputed `plan`); save the packed checkpoint to `output` if given."""
+    bits of a precomputed `plan`); save the packed checkpoint to `output` if given: a new path, or with
+    `overwrite` an earlier moecompress output. The output is checked and locked before any work starts."""
     recipe = _as_recipe(recipe)
+    if plan is not None and not isinstance(plan, CompressionPlan):
+        plan = CompressionPlan.load(plan)
+    source = model.source if isinstance(model, LoadedModel) else model
+    with claim_output(output, [source], overwrite) if output is not None else contextlib.nullcontext():
+        return _compress(model, recipe, output, trust_remote_code, progress, plan, overwrite)
+
+
+def _compress(model, recipe: Recipe, output, trust_remote_code: bool, progress: bool, plan: CompressionPlan | None,
+              overwrite: bool) -> CompressionResult:
     start = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
+    if plan is not None and recipe.merge.method == "none":
+        views = loaded.adapter.moe_blocks(loaded.model)
+        plan.check_fits([v.layer_index for v in views], views[0].num_experts)
     batches = calibration_batches(loaded, recipe, trust_remote_code)
     reductions = []
     if recipe.merge.method != "none":
@@ -169,8 +185,9 @@ def compress(
         plan = None
     elif plan is None:
         plan, _ = plan_allocation(loaded, recipe, batches, progress)
-    elif not isinstance(plan, CompressionPlan):
-        plan = CompressionPlan.load(plan)
+    else:
+        views = loaded.adapter.moe_blocks(loaded.model)
+        plan.check_fits([v.layer_index for v in views], views[0].num_experts)
     q = recipe.quantization
     gptq = GPTQOptions(damp=q.damp, act_order=q.act_order, clip_search=q.clip_search, ternary_scale=q.ternary_scale)
     rare = RareExpertPolicy(q.rare_experts.policy, q.rare_experts.min_tokens)
@@ -230,6 +247,7 @@ def compress(
             loaded.model, output, recipe.to_yaml(), loaded.source, report.to_dict(), getattr(torch, recipe.save_dtype),
             extra_files={RUN_RECORD: json.dumps(run_record(report, recipe, plan, reports, Path(output)).to_dict(), indent=1),
                          **({"plan.json": json.dumps(plan.to_dict(), indent=1)} if plan else {})},
+            overwrite=overwrite,
         ))
         for state in (".slim-state", ".recovery-state"):  # only an interrupted job needs its training state
             shutil.rmtree(str(Path(output).expanduser()) + state, ignore_errors=True)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import yaml
 
@@ -92,14 +94,18 @@ class Recipe:
             (q.ternary_scale in TERNARY_SCALE_METHODS, f"quantization.ternary_scale '{q.ternary_scale}': use one of {list(TERNARY_SCALE_METHODS)}"),
             (0 < q.damp < 1, f"quantization.damp {q.damp}: use a fraction of the mean Hessian diagonal in (0, 1), e.g. 0.01"),
             (q.rare_experts.policy in RARE_POLICIES, f"quantization.rare_experts.policy '{q.rare_experts.policy}': use one of {list(RARE_POLICIES)}"),
-            (self.calibration.num_samples > 0 and self.calibration.seq_len > 1, "calibration.num_samples and seq_len must be positive"),
+            (self.calibration.num_samples > 0 and self.calibration.seq_len > 1 and self.calibration.batch_size > 0
+             and self.calibration.vl_num_samples >= 0,
+             "calibration.num_samples and batch_size must be >= 1, seq_len >= 2, vl_num_samples >= 0"),
             (self.recovery.init in QAT_INITS, f"recovery.init '{self.recovery.init}': use one of {list(QAT_INITS)}"),
             (self.save_dtype in ("bfloat16", "float16", "float32"), f"save_dtype '{self.save_dtype}': use bfloat16, float16 or float32"),
         ]
         for ok, message in checks:
             if not ok:
                 raise RecipeError(f"recipe '{self.name}': {message}")
+        check_device(self.device)
         self.allocation.validate()
+        self.allocation.check_budget([q.format_for(k) for k in self.allocation.candidates], QuantFormat(q.bits, q.group_size, q.sym))
         self.merge.validate()
         if self.merge.method != "none" and self.merge.router == "keep" and q.method != "none":
             raise RecipeError(f"recipe '{self.name}': merge.router keep cannot be quantized yet; use merge.router: shrink.")
@@ -135,18 +141,64 @@ class Recipe:
             hint = f" Shipped recipes: {', '.join(sorted(p.name for p in shipped.glob('*.yaml')))}." if shipped.is_dir() else ""
             raise RecipeError(f"recipe file '{path}' does not exist.{hint}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path} is not valid YAML: {exc}") from exc
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a mapping of keys to values, got {type(data).__name__}.")
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(data, where=str(path)).resolve_paths(path.resolve().parent)
+
+    def resolve_paths(self, folder: Path) -> Recipe:
+        """Relative data and teacher paths of a recipe file are relative to the file's folder (hub ids stay)."""
+        for section, key in _PATH_KEYS:
+            owner = getattr(self, section)
+            value = getattr(owner, key)
+            if value and not Path(value).expanduser().is_absolute():
+                candidate = folder / value
+                if candidate.exists() or value.startswith(".") or Path(value).suffix in (".jsonl", ".txt", ".json"):
+                    setattr(owner, key, str(candidate.resolve()))
+        return self
+
+
+_PATH_KEYS = (("calibration", "dataset"), ("calibration", "vl_dataset"), ("recovery", "dataset"),
+              ("recovery", "teacher"), ("slim", "dataset"))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def check_device(device: str) -> str:
+    """`cpu`, `cuda` or `cuda:N` that this machine has."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise RecipeError(f"device '{device}' is not a device name; use cpu, cuda or cuda:N.") from exc
+    if parsed.type not in ("cpu", "cuda"):
+        raise RecipeError(f"device '{device}': moecompress runs on cpu or cuda; use one of those.")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device '{device}': this machine has no CUDA device (or torch is a CPU build); use --device cpu.")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise RecipeError(f"device '{device}': only {torch.cuda.device_count()} CUDA devices are visible.")
+    return device
 
 
 def _build(cls, data: dict[str, Any], where: str):
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
@@ -157,13 +209,31 @@ def _build(cls, data: dict[str, Any], where: str):
         if dataclasses.is_dataclass(default):
             kwargs[key] = _build(type(default), value, f"{where}.{key}")
         else:
-            kwargs[key] = _coerce(value, default, f"{where}.{key}")
+            kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     return cls(**kwargs)
 
 
-def _coerce(value, default, where: str):
-    if default is None or value is None or isinstance(value, type(default)):
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+def _coerce(value, hint, where: str):
+    """`value` checked against the field's type hint (int, float, str, bool, None, unions, list[X], dict[K, V]);
+    ints become floats where a float is expected; a bool is never a number."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(value, option, where)
+            except RecipeError:
+                continue
+    elif origin is list and isinstance(value, list):
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict and isinstance(value, dict):
+        return {_coerce(k, args[0], f"{where} key"): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    elif hint is type(None) and value is None:
+        return None
+    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    raise RecipeError(f"{where}: expected {type(default).__name__}, got {value!r}.")
+    elif hint in (int, str, bool) and type(value) is hint:
+        return value
+    elif hint is Any:
+        return value
+    expected = str(hint).replace("typing.", "") if origin else getattr(hint, "__name__", str(hint))
+    raise RecipeError(f"{where}: expected {expected}, got {value!r}.")

@@ -61,9 +61,21 @@ class AllocationConfig:
             problems.append(f"allocation candidates/fixed {bad or '[]'}: use values from {[*SUPPORTED_BITS, TERNARY]}")
         if self.max_bytes is not None and (not isinstance(self.max_bytes, int) or self.max_bytes <= 0):
             problems.append(f"allocation.max_bytes {self.max_bytes!r}: use a positive number of bytes")
+        if any(w < 0 for w in self.modality_weights.values()) or not 0 < self.profile_tokens:
+            problems.append("allocation.modality_weights must be >= 0 and profile_tokens >= 1")
         if problems:
             raise RecipeError("; ".join(problems))
         return self
+
+    def check_budget(self, candidate_formats: list[QuantFormat], integer_format: QuantFormat) -> None:
+        """Known before any profiling: an avg_bits below the cheapest candidate's cost fits no plan."""
+        if self.method == "uniform" or self.max_bytes is not None:
+            return
+        cheapest = min(candidate_formats, key=storage_bits)
+        smallest = storage_bits(cheapest) - (storage_bits(integer_format) - integer_format.code_bits)
+        if self.avg_bits < smallest - 1e-9:
+            raise BudgetError(f"allocation.avg_bits {self.avg_bits:g} is infeasible: the smallest feasible budget is "
+                              f"{smallest:.4g} (every expert at {cheapest.name}). Raise avg_bits or add a smaller candidate.")
 
     @property
     def profile_keys(self) -> list[int | str]:

@@ -53,12 +53,26 @@ class CompressionPlan:
     @classmethod
     def load(cls, path: str | Path) -> CompressionPlan:
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(Path(path).expanduser().read_text())
             formats = [QuantFormat.from_dict(f) for f in data["formats"]]
-            return cls(data["layers"], torch.tensor(data["choice"], dtype=torch.long), formats,
+            plan = cls([int(x) for x in data["layers"]], torch.tensor(data["choice"], dtype=torch.long), formats,
                        data.get("method", "unknown"), data.get("details", {}))
-        except (OSError, json.JSONDecodeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"cannot read the plan '{path}' ({exc}); create one with `moecompress plan`.") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot read the plan '{path}' ({type(exc).__name__}: {exc}); create one with "
+                                  "`moecompress plan`.") from None
+        if plan.choice.dim() != 3 or plan.choice.shape[0] != len(plan.layers) or plan.choice.shape[2] != len(PROJECTIONS) \
+                or plan.choice.numel() == 0 or int(plan.choice.min()) < 0 or int(plan.choice.max()) >= len(formats):
+            raise CheckpointError(f"the plan '{path}' is malformed: 'choice' must be [layers, experts, 3] indices into "
+                                  f"its {len(formats)} formats; create it again with `moecompress plan`.")
+        return plan
+
+    def check_fits(self, layers: list[int], num_experts: int, where: str = "plan") -> CompressionPlan:
+        """Raise unless the plan covers exactly these MoE layers with `num_experts` experts each."""
+        if list(self.layers) != list(layers) or self.choice.shape[1] != num_experts:
+            raise CheckpointError(f"the {where} covers MoE layers {self.layers} with {self.choice.shape[1]} experts, but "
+                                  f"the model has layers {list(layers)} with {num_experts}; make the plan from this model "
+                                  "(and the same merge settings) with `moecompress plan`.")
+        return self
 
     def table(self) -> str:
         """Per layer: mean bits and how many experts sit at each expert-mean bit width."""

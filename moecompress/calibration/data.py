@@ -33,23 +33,37 @@ def read_texts(source: str, text_field: str = "text", split: str = "train") -> l
     """Documents from a .jsonl file (one {"text": ...} per line), a plain-text file, or a hub dataset name."""
     path = Path(source).expanduser()
     if path.is_file():
-        if path.suffix == ".jsonl":
-            texts = []
-            with path.open() as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        texts.append(json.loads(line)[text_field])
-                    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                        raise CalibrationDataError(
-                            f"{source}:{line_no}: expected a JSON object with a '{text_field}' field ({exc})."
-                        ) from exc
-            return texts
-        return [path.read_text()]
+        if path.suffix != ".jsonl":
+            return [read_text_file(path)]
+        texts = []
+        for line_no, line in enumerate(read_text_file(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[text_field]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CalibrationDataError(
+                    f"{source}:{line_no}: expected a JSON object with a '{text_field}' field ({exc})."
+                ) from exc
+            if not isinstance(text, str):
+                raise CalibrationDataError(f"{source}:{line_no}: '{text_field}' must be a string, got {text!r}.")
+            texts.append(text)
+        return texts
+    if path.exists():
+        raise CalibrationDataError(f"data path '{source}' is a folder; pass a .jsonl or .txt file.")
     if path.suffix in (".jsonl", ".txt", ".json") or source.startswith((".", "/", "~")):
         raise CalibrationDataError(f"data file '{source}' does not exist.")
     return _hub_texts(source, text_field, split)
+
+
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file; a binary or otherwise encoded file is a clear error."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationDataError(f"'{path}' is not UTF-8 text (byte {exc.start}); pass a UTF-8 .txt or .jsonl file.") from None
+    except OSError as exc:
+        raise CalibrationDataError(f"cannot read '{path}': {exc.strerror}.") from None
 
 
 def _hub_texts(name: str, text_field: str, split: str) -> list[str]:
@@ -109,12 +123,15 @@ def read_vl_items(source: str) -> list[dict]:
     if not path.is_file():
         raise CalibrationDataError(f"vision-language data file '{source}' does not exist.")
     items = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    for line_no, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
-        item = json.loads(line)
-        if "image" not in item:
-            raise CalibrationDataError(f"{source}:{line_no}: an image+text item needs an 'image' field.")
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CalibrationDataError(f"{source}:{line_no}: not a JSON object ({exc}).") from None
+        if not isinstance(item, dict) or not isinstance(item.get("image"), str):
+            raise CalibrationDataError(f"{source}:{line_no}: an image+text item needs an 'image' field (a file path).")
         item["image"] = str((path.parent / item["image"]).resolve())
         items.append(item)
     return items
@@ -132,8 +149,11 @@ def vl_calibration_batches(
     batches = []
     for i, item in enumerate(items[:num_samples]):
         kind = "question" if (i % 2 and "question" in item) or "caption" not in item else "caption"
-        prompt = templates[kind].format(**item)
-        with Image.open(item["image"]) as image:
-            inputs = dict(processor(images=[image.convert("RGB")], text=[prompt], return_tensors="pt"))
+        try:
+            prompt = templates[kind].format(**item)
+            with Image.open(item["image"]) as image:
+                inputs = dict(processor(images=[image.convert("RGB")], text=[prompt], return_tensors="pt"))
+        except (OSError, KeyError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise CalibrationDataError(f"{source}: item {item['image']}: {type(exc).__name__}: {exc}.") from None
         batches.append(CalibrationBatch(inputs, inputs["input_ids"] == image_token_id))
     return batches

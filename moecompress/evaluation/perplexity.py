@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..calibration.data import read_texts, token_stream
-from ..errors import CalibrationDataError
+from ..calibration.data import read_text_file, read_texts, token_stream
+from ..errors import CalibrationDataError, NonFiniteError
 
 
 @dataclass
@@ -31,7 +31,7 @@ class PerplexityResult:
 def evaluation_stream(source: str, tokenizer) -> torch.Tensor:
     path = Path(source).expanduser()
     if path.is_file() and path.suffix != ".jsonl":
-        return torch.tensor(tokenizer(path.read_text(), add_special_tokens=False)["input_ids"], dtype=torch.long)
+        return torch.tensor(tokenizer(read_text_file(path), add_special_tokens=False)["input_ids"], dtype=torch.long)
     return token_stream(read_texts(source), tokenizer)
 
 
@@ -51,7 +51,7 @@ def perplexity(
     windows = list(stream.split(seq_len))
     if windows[-1].numel() < 2:
         windows.pop()
-    if max_windows:
+    if max_windows is not None:
         windows = windows[:max_windows]
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
@@ -65,4 +65,7 @@ def perplexity(
         total_nll += float(nll)
         total_tokens += ids[:, 1:].numel()
     mean = total_nll / total_tokens
+    if not math.isfinite(mean):
+        raise NonFiniteError(f"the model's loss on '{source}' is {mean} (non-finite logits): its weights hold NaN/Inf "
+                             "or overflow in this dtype; check the checkpoint, or evaluate in float32.")
     return PerplexityResult(str(source), math.exp(mean), mean, total_tokens, len(windows))

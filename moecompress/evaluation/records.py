@@ -11,7 +11,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NonFiniteError
 
 RUN_RECORD = "run.json"
 SCHEMA = "moecompress.run/1"
@@ -66,10 +66,11 @@ def read_record(location: str | Path) -> RunRecord:
         )
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}).") from exc
-    if data.get("schema") != SCHEMA:
-        raise CheckpointError(f"{path} is not a moecompress run record (schema {data.get('schema')!r}, expected {SCHEMA!r}).")
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise CheckpointError(f"{path} is not a moecompress run record (schema {data.get('schema') if isinstance(data, dict) else type(data).__name__!r}, "
+                              f"expected {SCHEMA!r}); name a new file or an existing run record.")
     return RunRecord.from_dict(data)
 
 
@@ -78,8 +79,12 @@ def write_record(record: RunRecord, location: str | Path) -> Path:
     path = record_path(location)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
+        text = json.dumps(record.to_dict(), indent=1, allow_nan=False)
+    except ValueError:
+        raise NonFiniteError(f"a result for {path} is NaN or infinite; it was not recorded.") from None
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(record.to_dict(), indent=1))
+        tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):

@@ -12,28 +12,31 @@ half-written checkpoint at the output path.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import CheckpointError
 from ..models.base import PROJECTIONS
 from ..quant.qtensor import QuantFormat
 from ..runtime.packed_experts import PackedExperts, PackedLinear
+from .integrity import (
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    canonical_sha256,
+    file_sha256,
+    read_manifest,
+    stored_tensors,
+    verify_checkpoint,
+)
+from .outputs import MANIFEST, atomic_folder
 
-MANIFEST = "moecompress.json"
-FORMAT_VERSION = 1
-QUANT_METHOD = "moecompress"
-_AUX_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model", "chat_template*",
+__all__ = ["MANIFEST", "read_manifest", "save_checkpoint", "verify_checkpoint", "write_shards"]
+AUX_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model", "chat_template*",
                  "generation_config.json", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json", "*.py")
 
 
@@ -65,14 +68,6 @@ def quantization_config(model: nn.Module) -> dict:
         **({"expert_maps": expert_maps} if expert_maps else {}),
         **({"dynamic_skip": model.skip_controller.rule.to_dict()} if hasattr(model, "skip_controller") else {}),
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def persistent_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -125,27 +120,6 @@ def write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: 
     return names
 
 
-@contextmanager
-def atomic_folder(output: Path):
-    """Yield a temporary folder next to `output`; on success it replaces `output`, on error it is removed."""
-    output = output.expanduser().resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        backup = None
-        if output.exists():
-            backup = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(output, backup)
-        os.replace(tmp, output)
-        if backup is not None:
-            shutil.rmtree(backup)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def save_checkpoint(
     model: nn.Module,
     output: str | Path,
@@ -155,10 +129,11 @@ def save_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     max_shard_bytes: int = 4 << 30,
     extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write `model` (with `PackedExperts` modules) as a packed checkpoint at `output`, atomically."""
-    output = Path(output)
-    with atomic_folder(output) as tmp:
+    """Write `model` (with `PackedExperts` modules) as a packed checkpoint at `output`, atomically. `output` must
+    be new or (with `overwrite`) an earlier moecompress output; never the source or a folder around it."""
+    with atomic_folder(output, [source], overwrite, kind="checkpoint") as tmp:
         names = write_shards(persistent_state(model, dtype), tmp, max_shard_bytes)
         config = model.config
         config.quantization_config = quantization_config(model)
@@ -174,75 +149,30 @@ def save_checkpoint(
             if isinstance(module, PackedLinear):
                 tensors[name] = {"method": getattr(module, "method", "gptq"), **module.fmt.to_dict(),
                                  "shape": [module.out_features, module.in_features]}
+        files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)} for n in names}
+        stored = stored_tensors(tmp, {"files": files})
         manifest = {
             "format": QUANT_METHOD,
             "format_version": FORMAT_VERSION,
             "source_model": source,
             "summary": summary or {},
+            "config": {"quantization_config_sha256": canonical_sha256(config.quantization_config)},
             "tensors": tensors,
-            "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in names},
+            "weights": {k: {"file": f, "dtype": d, "shape": shape} for k, (shape, d, f) in stored.items()},
+            "files": files,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return output.expanduser().resolve()
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return Path(output).expanduser().resolve()
 
 
 def _copy_aux_files(source: str, dest: Path) -> None:
+    """Tokenizer, processor and generation files of `source`: regular files inside it, no dotfiles."""
     folder = Path(source).expanduser()
     if not folder.is_dir():
         return
-    for pattern in _AUX_PATTERNS:
+    root = folder.resolve()
+    for pattern in AUX_PATTERNS:
         for path in folder.glob(pattern):
-            if path.is_file() and not (dest / path.name).exists():
+            inside = root in path.resolve().parents
+            if path.is_file() and inside and not path.name.startswith(".") and not (dest / path.name).exists():
                 shutil.copyfile(path, dest / path.name)
-
-
-def read_manifest(path: str | Path) -> dict:
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder '{path}' does not exist.")
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(
-            f"'{path}' has no {MANIFEST}: it is not a moecompress checkpoint (or it was not fully written). "
-            "Re-run `moecompress compress` to create it."
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{manifest_path} is not valid JSON ({exc}); the checkpoint is corrupt.") from exc
-    if manifest.get("format") != QUANT_METHOD or manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{manifest_path}: format {manifest.get('format')} v{manifest.get('format_version')} is not readable by "
-            f"this moecompress (format v{FORMAT_VERSION}); upgrade moecompress."
-        )
-    return manifest
-
-
-def verify_checkpoint(path: str | Path, check_hashes: bool = True) -> dict:
-    """Check that every weight file is present, complete and unmodified; return the manifest."""
-    folder = Path(path).expanduser()
-    manifest = read_manifest(folder)
-    for name, meta in manifest["files"].items():
-        file = folder / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint file {file} is missing; copy the whole folder or re-export it.")
-        size = file.stat().st_size
-        if size != meta["bytes"]:
-            raise CheckpointError(
-                f"{file} is {size} bytes but the manifest says {meta['bytes']}: the file is truncated or was "
-                "replaced. Re-download or re-export the checkpoint."
-            )
-        if check_hashes and _sha256(file) != meta["sha256"]:
-            raise CheckpointError(f"{file} does not match its sha256 in {MANIFEST}: the file is corrupt. Re-download it.")
-        try:
-            with safe_open(str(file), "pt"):
-                pass
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{file} is not a readable safetensors file ({exc}).") from exc
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path} is missing.")
-    qc = json.loads(config_path.read_text()).get("quantization_config", {})
-    if qc.get("quant_method") != QUANT_METHOD:
-        raise CheckpointError(f"{config_path} has no moecompress quantization_config; the folder does not match its manifest.")
-    return manifest

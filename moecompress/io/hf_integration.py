@@ -4,16 +4,46 @@ on the meta device before the weights are read."""
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..errors import CheckpointError
 from ..models.base import PROJECTIONS
 from ..quant.qtensor import QuantFormat
 from ..runtime.packed_experts import PackedExperts
-from .checkpoint import FORMAT_VERSION, QUANT_METHOD
+from .integrity import (
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    check_model_against_files,
+    read_manifest,
+    stored_tensors,
+    verify_checkpoint,
+)
+from .outputs import MANIFEST
+
+# moecompress.load(verify=False) turns the sha256 check off for its own from_pretrained call.
+_verify_hashes: ContextVar[bool] = ContextVar("moecompress_verify_hashes", default=True)
+
+
+def _checkpoint_folder(checkpoint_files: list[str] | None, name_or_path: str) -> Path:
+    """The folder holding the weight files and the manifest; a Hub repo's manifest is fetched beside them."""
+    if not checkpoint_files:
+        raise CheckpointError("a moecompress checkpoint is loaded from its safetensors files; none were found.")
+    folder = Path(checkpoint_files[0]).parent
+    if (folder / MANIFEST).is_file() or Path(name_or_path).expanduser().exists():
+        return folder
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(name_or_path, MANIFEST)).parent
+    except Exception as exc:  # offline, missing file, auth: any of them means no manifest to verify against
+        raise CheckpointError(f"'{name_or_path}' has no {MANIFEST} beside its weights ({type(exc).__name__}); "
+                              "download the whole repository (snapshot_download) and load the folder.") from exc
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -40,7 +70,7 @@ class MoECompressConfig(QuantizationConfigMixin):
 class MoECompressHfQuantizer(HfQuantizer):
     requires_calibration = True
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         from torch import nn
 
         from ..merge.apply import MappedExperts
@@ -68,6 +98,9 @@ class MoECompressHfQuantizer(HfQuantizer):
             from ..models import get_adapter
 
             add_predictor_modules(model, get_adapter(model.config.model_type))
+        folder = _checkpoint_folder(checkpoint_files, getattr(model.config, "_name_or_path", ""))
+        verify_checkpoint(folder, check_hashes=_verify_hashes.get())
+        check_model_against_files(model, stored_tensors(folder, read_manifest(folder)), folder)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -7,12 +7,15 @@ import json
 import shutil
 from pathlib import Path
 
+import yaml
+
 from ..errors import CheckpointError, HubError
 from ..evaluation.efficiency import checkpoint_bytes
-from ..evaluation.records import RunRecord, read_record
+from ..evaluation.records import RUN_RECORD, RunRecord, read_record
 from ..report import markdown_table, metrics, recovery
-from .checkpoint import MANIFEST, atomic_folder, verify_checkpoint
+from .checkpoint import AUX_PATTERNS, MANIFEST, verify_checkpoint
 from .interop import EXPORT_FORMATS, uniform_format, write_interop_files
+from .outputs import atomic_folder
 
 FORMATS = ("moecompress", *EXPORT_FORMATS)
 
@@ -134,13 +137,15 @@ def _is_hub_id(name: str | None) -> bool:
 
 
 def prepare_hub_folder(checkpoint: str | Path, output: str | Path, repo_id: str, fmt_name: str = "moecompress",
-                       base_model: str | None = None, base: RunRecord | None = None) -> Path:
+                       base_model: str | None = None, base: RunRecord | None = None, overwrite: bool = False) -> Path:
     """Write the folder that `upload_folder` sends: weights in `fmt_name`, config, processor files, recipe,
-    run record and README.md (the model card). Written atomically."""
+    run record and README.md (the model card). Only the files the format defines are copied (no dotfiles, no
+    links leading out of the checkpoint), and local paths in the metadata become hub ids or file names.
+    Written atomically."""
     if fmt_name not in FORMATS:
         raise CheckpointError(f"unknown format '{fmt_name}'; use one of {FORMATS}.")
     source = Path(checkpoint).expanduser()
-    verify_checkpoint(source, check_hashes=False)  # fail fast; the hashes are checked once, when the weights are read
+    manifest = verify_checkpoint(source, check_hashes=False)  # fail fast; hashes are checked when the weights are read
     record = read_record(source)
     base_model = base_model or record.base_model
     if not _is_hub_id(base_model):
@@ -148,19 +153,53 @@ def prepare_hub_folder(checkpoint: str | Path, output: str | Path, repo_id: str,
             f"the card's base_model must be a Hub id, but the source is '{base_model}' (a local path?): "
             "pass --base-model OWNER/NAME (the id the source model is published under)."
         )
-    with atomic_folder(Path(output)) as tmp:
+    public = {str(source.resolve()): repo_id, record.model: repo_id, **{
+        s: base_model for s in (record.base_model, manifest.get("source_model")) if s}}
+    with atomic_folder(output, [checkpoint], overwrite, kind="export") as tmp:
         if fmt_name == "moecompress":
             verify_checkpoint(source)
-            for file in source.iterdir():
-                if file.is_file():
-                    shutil.copyfile(file, tmp / file.name)
+            for name in checkpoint_files(source, manifest):
+                shutil.copyfile(source / name, tmp / name)
         else:
             write_interop_files(source, tmp, fmt_name)
+        for name in (RUN_RECORD, MANIFEST, "moecompress_export.json", "plan.json"):
+            if (tmp / name).is_file():
+                (tmp / name).write_text(json.dumps(portable(json.loads((tmp / name).read_text()), public), indent=1))
+        recipe = yaml.safe_dump(portable(yaml.safe_load((source / "recipe.yaml").read_text()), public), sort_keys=False) \
+            if (source / "recipe.yaml").is_file() else ""
+        if recipe:
+            (tmp / "recipe.yaml").write_text(recipe)
         config = json.loads((tmp / "config.json").read_text())
-        recipe = (source / "recipe.yaml").read_text() if (source / "recipe.yaml").is_file() else ""
         card = model_card(record, config, fmt_name, repo_id, base_model, base, recipe, checkpoint_bytes(tmp))
         (tmp / "README.md").write_text(card)
     return Path(output).expanduser().resolve()
+
+
+def checkpoint_files(folder: Path, manifest: dict) -> list[str]:
+    """The files a moecompress checkpoint consists of: weights, index, manifest, config, recipe, records and the
+    tokenizer/processor files; never a dotfile or anything that resolves outside the folder."""
+    names = {*manifest["files"], MANIFEST, "config.json", "model.safetensors.index.json", "recipe.yaml", RUN_RECORD,
+             "plan.json"}
+    names |= {p.name for pattern in AUX_PATTERNS for p in folder.glob(pattern)}
+    root = folder.resolve()
+    return sorted(n for n in names if not n.startswith(".") and (folder / n).is_file()
+                  and (folder / n).resolve().parent == root)
+
+
+def portable(value, public: dict[str, str]):
+    """`value` (parsed JSON/YAML) with local paths replaced: known ones by their hub id, other absolute
+    paths by their file name, so nothing published names a folder of this machine."""
+    if isinstance(value, dict):
+        return {k: portable(v, public) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, public) for v in value]
+    if isinstance(value, str):
+        if value in public:
+            return public[value]
+        if value.startswith(("/", "~")):
+            resolved = str(Path(value).expanduser().resolve())
+            return public.get(resolved, Path(value).name)
+    return value
 
 
 def upload(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None,
@@ -174,7 +213,7 @@ def upload(folder: str | Path, repo_id: str, private: bool = False, token: str |
     api = api or HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", ignore_patterns=[".*"],
                                    commit_message=f"Upload {folder.name} (moecompress export)")
     except Exception as exc:  # HTTP status, network and auth errors of huggingface_hub's client alike
         raise HubError(

@@ -21,7 +21,8 @@ from safetensors import safe_open
 from ..errors import CheckpointError
 from ..quant.packing import pack_codes
 from ..quant.qtensor import QuantFormat
-from .checkpoint import _copy_aux_files, atomic_folder, verify_checkpoint, write_shards
+from .checkpoint import _copy_aux_files, verify_checkpoint, write_shards
+from .outputs import atomic_folder
 
 EXPORT_FORMATS = ("compressed-tensors", "gptq")
 _PACKED_SUFFIX = re.compile(r"^(?P<module>.+\.experts\.\d+\.(gate|up|down)_proj)\.(?P<tensor>weight_packed|weight_scale|weight_zero_point)$")
@@ -129,9 +130,9 @@ def uniform_format(config: dict) -> QuantFormat:
     return formats[0]
 
 
-def export_interop(checkpoint: str | Path, output: str | Path, fmt_name: str) -> Path:
+def export_interop(checkpoint: str | Path, output: str | Path, fmt_name: str, overwrite: bool = False) -> Path:
     """Write `checkpoint` (a moecompress folder) at `output` in `fmt_name` ("compressed-tensors" or "gptq"), atomically."""
-    with atomic_folder(Path(output)) as tmp:
+    with atomic_folder(output, [checkpoint], overwrite, kind="export") as tmp:
         write_interop_files(checkpoint, tmp, fmt_name)
     return Path(output).expanduser().resolve()
 
@@ -182,4 +183,4 @@ def write_interop_files(checkpoint: str | Path, dest: Path, fmt_name: str) -> No
         if (folder / extra).is_file():
             (dest / extra).write_text((folder / extra).read_text())
     (dest / "moecompress_export.json").write_text(json.dumps(
-        {"exported_from": str(folder.resolve()), "format": fmt_name, "source_model": manifest.get("source_model")}, indent=2))
+        {"exported_from": folder.resolve().name, "format": fmt_name, "source_model": manifest.get("source_model")}, indent=2))

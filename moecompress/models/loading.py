@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from ..errors import ModelLoadError, UnsupportedModelError
-from .base import ModelAdapter
+from ..errors import ModelLoadError, NonFiniteError, UnsupportedModelError
+from .base import PROJECTIONS, ModelAdapter
 from .registry import get_adapter, supported_model_types
 
 
@@ -21,8 +22,9 @@ class LoadedModel:
 
 
 def _looks_like_path(source: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything else (or anything that exists) is a local path."""
-    return Path(source).exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    """Hub ids are `org/name`; anything else (or anything that exists) is a local path. A bare `name` that is no
+    local folder is reported here instead of being looked up on the Hub (every MoE there has an org)."""
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
 
 
 def read_config(source: str, trust_remote_code: bool = False):
@@ -30,13 +32,15 @@ def read_config(source: str, trust_remote_code: bool = False):
 
     if _looks_like_path(source):
         folder = Path(source).expanduser()
+        if folder.is_file():
+            raise ModelLoadError(f"'{source}' is a file; pass the model folder that holds config.json and the weights.")
         if not folder.is_dir():
             raise ModelLoadError(f"model folder '{source}' does not exist. Pass an existing folder or a hub id (org/name).")
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"'{source}' has no config.json, so it is not a transformers model folder.")
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(
             f"could not read the config of '{source}': {exc}. Check the path or hub id, network access, "
             "and HF_TOKEN for gated models."
@@ -56,11 +60,28 @@ def load_model(
         model = adapter.auto_model_class().from_pretrained(
             source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"could not load the weights of '{source}': {exc}") from exc
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise ModelLoadError(f"could not load the weights of '{source}': {' '.join(str(exc).split())}. Re-download "
+                             "the model (a weight file is truncated or damaged?).") from exc
     model.eval()
     require_moe(model, adapter, source)
+    require_finite(model, adapter, source)
     return LoadedModel(model, adapter, source)
+
+
+def require_finite(model: nn.Module, adapter: ModelAdapter, source: str) -> None:
+    """Refuse a source with NaN/Inf weights, naming the tensor (layer, expert and projection for experts)."""
+    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if not bad:
+        return
+    for view in adapter.moe_blocks(model):
+        for e in range(view.num_experts):
+            weights = view.expert_weights(e)
+            for proj in PROJECTIONS:
+                if not bool(torch.isfinite(weights[proj]).all()):
+                    raise NonFiniteError(f"'{source}': layer {view.layer_index} expert {e} {proj} holds NaN/Inf values; "
+                                         "fix or re-download the source model.")
+    raise NonFiniteError(f"'{source}': {bad[0]} holds NaN/Inf values; fix or re-download the source model.")
 
 
 def require_moe(model: nn.Module, adapter: ModelAdapter, source: str) -> None:

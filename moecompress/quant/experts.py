@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..calibration.engine import ExpertObserver
+from ..errors import NonFiniteError
 from ..models.base import PROJECTIONS, ExpertWeights, MoEBlockView
 from ..runtime.packed_experts import PackedExperts
 from .gptq import quantize_gptq
@@ -90,6 +91,9 @@ def quantize_block_experts(
         quantized = {}
         for proj in PROJECTIONS:
             w = weights[proj].float()
+            where = f"layer {view.layer_index} expert {e} {proj}"
+            if not bool(torch.isfinite(w).all()):
+                raise NonFiniteError(f"{where}: the source weight holds NaN/Inf values; fix or re-download the model.")
             if hessians is None:
                 quantized[proj] = quantize_rtn(w, formats[e][proj], gptq.clip_search, gptq.ternary_scale)
             else:
@@ -98,6 +102,9 @@ def quantize_block_experts(
                     w, h, formats[e][proj], gptq.damp, gptq.act_order, gptq.block_size, gptq.clip_search,
                     gptq.ternary_scale,
                 )
+            if not bool(torch.isfinite(quantized[proj].scales.float()).all()):
+                raise NonFiniteError(f"{where}: a quantization scale overflows float16 (|w| > 65504 x levels); "
+                                     "this weight cannot be stored in this format.")
         view.set_expert_weights(e, ExpertWeights(*(quantized[p].dequantize() for p in PROJECTIONS)))
         packed.append({p: pack(q) for p, q in quantized.items()})
         tokens = int(observer.tokens[e].sum())

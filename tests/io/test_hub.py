@@ -62,7 +62,7 @@ def test_upload_sends_create_repo_and_one_commit_with_every_file(evaluated_check
     (commit,) = hub.commits
     assert commit["path"] == "/api/models/someone/tiny-w4/commit/main"
     sent = commit["files"]
-    assert set(sent) == {p.name for p in folder.iterdir()}
+    assert set(sent) == {p.name for p in folder.iterdir() if not p.name.startswith(".")}  # our marker stays local
     for name, content in sent.items():
         assert content == (folder / name).read_bytes(), name
     assert json.loads(sent["config.json"])["quantization_config"]["quant_method"] == "compressed-tensors"

@@ -152,11 +152,14 @@ def test_mixed_precision_export_is_refused_before_writing(compressed_tiny_text, 
     qc["formats"].append(QuantFormat(2, 128).to_dict())
     first = next(iter(qc["experts"]))
     qc["experts"][first][0] = [1, 1, 1]
+    with pytest.raises(CheckpointError, match="--format moecompress"):
+        uniform_format(config)
+    # The same edit made to a checkpoint's config.json is tampering: refused before anything is written.
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     for f in out.iterdir():
         (mixed / f.name).write_bytes(f.read_bytes())
     (mixed / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="--format moecompress"):
+    with pytest.raises(CheckpointError, match="quantization_config was changed"):
         export_interop(mixed, tmp_path / "ct", "compressed-tensors")
     assert not (tmp_path / "ct").exists()
