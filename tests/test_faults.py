@@ -19,8 +19,11 @@ from moecompress.io.outputs import claim_output
 
 from .conftest import CALIB, TINY_VL, WIKI, require_shared
 
-QUICK = {"name": "quick", "calibration": {"dataset": str(CALIB), "num_samples": 2, "seq_len": 64},
-         "quantization": {"method": "rtn"}}
+QUICK = {
+    "name": "quick",
+    "calibration": {"dataset": str(CALIB), "num_samples": 2, "seq_len": 64},
+    "quantization": {"method": "rtn"},
+}
 
 
 def tree(root: Path) -> dict:
@@ -82,6 +85,7 @@ def no_model_load(monkeypatch):
 
 # --- output safety -------------------------------------------------------------------------------------------
 
+
 def test_output_holding_user_files_is_refused(capsys, tmp_path, model_dir, no_model_load):
     out = tmp_path / "out"
     out.mkdir()
@@ -90,15 +94,18 @@ def test_output_holding_user_files_is_refused(capsys, tmp_path, model_dir, no_mo
     assert "did not write" in msg and (out / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("where,why", [("self", "inside the input"), ("child", "inside the input"),
-                                        ("parent", "contains the input")])
+@pytest.mark.parametrize(
+    "where,why", [("self", "is the input"), ("child", "inside the input"), ("parent", "contains the input")]
+)
 def test_output_on_the_source_or_above_it_is_refused(capsys, model_dir, no_model_load, where, why):
     target = {"self": model_dir, "child": model_dir / "w4", "parent": model_dir.parent}[where]
     assert why in refused(capsys, ["compress", model_dir, "-o", target, "--overwrite"], model_dir.parent.parent)
 
 
 @pytest.mark.parametrize("target", [".", ".."])
-def test_output_on_the_working_directory_or_above_is_refused(capsys, tmp_path, model_dir, no_model_load, monkeypatch, target):
+def test_output_on_the_working_directory_or_above_is_refused(
+    capsys, tmp_path, model_dir, no_model_load, monkeypatch, target
+):
     work = tmp_path / "work"
     work.mkdir()
     (work / "draft.txt").write_text("x")
@@ -106,14 +113,17 @@ def test_output_on_the_working_directory_or_above_is_refused(capsys, tmp_path, m
     assert "working directory" in refused(capsys, ["compress", model_dir, "-o", target, "--overwrite"], tmp_path)
 
 
-@pytest.mark.parametrize("command", [
-    ["export", "{ckpt}", "--format", "compressed-tensors"],
-    ["export", "{ckpt}", "--hub", "me/x", "--base-model", "org/x", "--dry-run"],
-    ["plan", "{model}", "--avg-bits", "3"],
-    ["analyze", "{model}"],
-    ["report", "{ckpt}"],
-    ["upcycle", "{model}"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["export", "{ckpt}", "--format", "compressed-tensors"],
+        ["export", "{ckpt}", "--hub", "me/x", "--base-model", "org/x", "--dry-run"],
+        ["plan", "{model}", "--avg-bits", "3"],
+        ["analyze", "{model}"],
+        ["report", "{ckpt}"],
+        ["upcycle", "{model}"],
+    ],
+)
 def test_every_writing_command_refuses_a_user_folder(capsys, tmp_path, ckpt, model_dir, command):
     out = tmp_path / "mine"
     out.mkdir()
@@ -129,7 +139,9 @@ def test_earlier_output_needs_overwrite_and_is_then_replaced(capsys, tmp_path, m
     assert "--overwrite" in refused(capsys, ["compress", model_dir, "--recipe", recipe, "-o", out], tmp_path)
     assert main(["compress", str(model_dir), "--recipe", str(recipe), "-o", str(out), "--overwrite"]) == 0
     assert (out / "moecompress.json").is_file() and (out / ".moecompress-output").is_file()
-    assert json.loads((out / "moecompress.json").read_bytes())["files"] == json.loads(first)["files"]  # same job, same weights
+    assert (
+        json.loads((out / "moecompress.json").read_bytes())["files"] == json.loads(first)["files"]
+    )  # same job, same weights
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "w4"]  # no lock, temporary or backup left
 
 
@@ -183,11 +195,14 @@ def test_interrupt_ends_with_one_line_and_keeps_the_previous_output(capsys, tmp_
         raise KeyboardInterrupt
 
     monkeypatch.setattr("moecompress.io.checkpoint.write_shards", ctrl_c)  # in the middle of writing the new output
-    msg = refused(capsys, ["compress", model_dir, "--recipe", recipe, "-o", out, "--overwrite"], tmp_path, out, status=130)
+    msg = refused(
+        capsys, ["compress", model_dir, "--recipe", recipe, "-o", out, "--overwrite"], tmp_path, out, status=130
+    )
     assert "interrupted" in msg
 
 
 # --- integrity on every load path ------------------------------------------------------------------------------
+
 
 def _rewrite_manifest(ckpt: Path, edit) -> None:
     manifest = json.loads((ckpt / "moecompress.json").read_text())
@@ -202,6 +217,7 @@ def _rehash(ckpt: Path) -> None:
     def edit(m):
         for name in m["files"]:
             m["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": file_sha256(ckpt / name)}
+
     _rewrite_manifest(ckpt, edit)
 
 
@@ -212,8 +228,10 @@ def _edit_config(ckpt: Path, edit, rehash_config: bool) -> None:
     edit(config["quantization_config"])
     (ckpt / "config.json").write_text(json.dumps(config))
     if rehash_config:
-        _rewrite_manifest(ckpt, lambda m: m["config"].update(
-            quantization_config_sha256=canonical_sha256(config["quantization_config"])))
+        _rewrite_manifest(
+            ckpt,
+            lambda m: m["config"].update(quantization_config_sha256=canonical_sha256(config["quantization_config"])),
+        )
 
 
 def test_flipped_bytes_fail_transformers_from_pretrained_too(ckpt, capsys):
@@ -233,7 +251,9 @@ def test_hash_check_opt_out_still_checks_structure(ckpt, monkeypatch):
     (ckpt / "model.safetensors").write_bytes(bytes(data))
     moecompress.load(ckpt, verify=False)  # documented opt-out: sizes and structure only
     monkeypatch.setenv("MOECOMPRESS_VERIFY_HASHES", "0")
-    (ckpt / "config.json").write_text((ckpt / "config.json").read_text().replace('"group_size": 128', '"group_size": 64'))
+    (ckpt / "config.json").write_text(
+        (ckpt / "config.json").read_text().replace('"group_size": 128', '"group_size": 64')
+    )
     with pytest.raises(CheckpointError, match="quantization_config was changed"):
         moecompress.load(ckpt)
 
@@ -244,11 +264,14 @@ def test_empty_files_table_is_an_error(ckpt, capsys):
 
 
 @pytest.mark.parametrize("rehash_config", [False, True])
-@pytest.mark.parametrize("edit,why", [
-    (lambda qc: qc["experts"].pop(next(iter(qc["experts"]))), "packed modules"),
-    (lambda qc: qc["experts"][next(iter(qc["experts"]))].pop(), "packed modules"),
-    (lambda qc: qc["formats"][0].update(group_size=129), "g129"),
-])
+@pytest.mark.parametrize(
+    "edit,why",
+    [
+        (lambda qc: qc["experts"].pop(next(iter(qc["experts"]))), "packed modules"),
+        (lambda qc: qc["experts"][next(iter(qc["experts"]))].pop(), "packed modules"),
+        (lambda qc: qc["formats"][0].update(group_size=129), "g129"),
+    ],
+)
 def test_config_edits_are_caught_even_with_a_matching_hash(ckpt, capsys, edit, why, rehash_config):
     _edit_config(ckpt, edit, rehash_config)
     msg = refused(capsys, ["eval", "ppl", ckpt, "--data", WIKI, "--max-windows", "1"], ckpt.parent)
@@ -266,9 +289,14 @@ def test_config_without_its_quantization_section_is_refused(ckpt, capsys):
     assert "no moecompress quantization_config" in refused(capsys, ["eval", "ppl", ckpt, "--data", WIKI], ckpt.parent)
 
 
-@pytest.mark.parametrize("tensor", ["model.layers.1.mlp.experts.3.up_proj.weight_scale",
-                                    "model.layers.0.mlp.experts.0.down_proj.weight_packed",
-                                    "model.layers.2.self_attn.q_proj.weight"])
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        "model.layers.1.mlp.experts.3.up_proj.weight_scale",
+        "model.layers.0.mlp.experts.0.down_proj.weight_packed",
+        "model.layers.2.self_attn.q_proj.weight",
+    ],
+)
 @pytest.mark.parametrize("manifest_too", [False, True])
 def test_tensor_missing_from_the_weights_is_an_error(ckpt, tensor, manifest_too):
     state = load_file(ckpt / "model.safetensors")
@@ -281,29 +309,36 @@ def test_tensor_missing_from_the_weights_is_an_error(ckpt, tensor, manifest_too)
         moecompress.load(ckpt)
 
 
-@pytest.mark.parametrize("edit,why", [
-    (lambda t: t.update(bits=3), "w3"),
-    (lambda t: t.update(shape=[256, 512]), "wrong shape"),
-])
+@pytest.mark.parametrize(
+    "edit,why",
+    [
+        (lambda t: t.update(bits=3), "w3"),
+        (lambda t: t.update(shape=[256, 512]), "wrong shape"),
+    ],
+)
 def test_manifest_formats_and_shapes_are_checked(ckpt, edit, why):
     _rewrite_manifest(ckpt, lambda m: edit(m["tensors"]["model.layers.0.mlp.experts.5.gate_proj"]))
     with pytest.raises(CheckpointError, match=why):
         moecompress.load(ckpt)
 
 
-@pytest.mark.parametrize("text,why", [
-    ('[1, 2]', "expected a JSON object"),
-    ('{"format": "moecompress", "format_version": "2"}', "version '2'"),
-    ('{"format": "moecompress", "format_version": 2}', "'files'"),
-    ('{"format": "moecompress", "format_version": 2, "files": {"../x.safetensors": {}}, "tensors": {}}', "plain"),
-    ("not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "text,why",
+    [
+        ("[1, 2]", "expected a JSON object"),
+        ('{"format": "moecompress", "format_version": "2"}', "version '2'"),
+        ('{"format": "moecompress", "format_version": 2}', "'files'"),
+        ('{"format": "moecompress", "format_version": 2, "files": {"../x.safetensors": {}}, "tensors": {}}', "plain"),
+        ("not json", "not valid JSON"),
+    ],
+)
 def test_malformed_manifests_are_clear_errors(ckpt, capsys, text, why):
     (ckpt / "moecompress.json").write_text(text)
     assert why in refused(capsys, ["eval", "ppl", ckpt, "--data", WIKI], ckpt.parent)
 
 
 # --- finite numbers --------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def nan_model(tmp_path, model_dir):
@@ -346,14 +381,29 @@ def test_non_finite_perplexity_is_an_error_not_nan_json():
 
 # --- hub export --------------------------------------------------------------------------------------------------
 
+
 def test_hub_export_copies_only_checkpoint_files_and_no_local_paths(ckpt, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("password")
     (ckpt / ".env").write_text("HF_TOKEN=hf_secret")
     (ckpt / "tokenizer_extra.json").symlink_to(secret)  # matches the tokenizer* pattern, points outside
     (ckpt / "notes.md").write_text("private notes")
-    assert main(["export", str(ckpt), "--hub", "me/tiny-w4", "--base-model", "org/tiny", "--dry-run",
-                 "-o", str(tmp_path / "hub")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(ckpt),
+                "--hub",
+                "me/tiny-w4",
+                "--base-model",
+                "org/tiny",
+                "--dry-run",
+                "-o",
+                str(tmp_path / "hub"),
+            ]
+        )
+        == 0
+    )
     hub = tmp_path / "hub"
     published = sorted(p.name for p in hub.iterdir() if not p.name.startswith(".moecompress"))
     assert ".env" not in published and "tokenizer_extra.json" not in published and "notes.md" not in published
@@ -369,35 +419,50 @@ def test_hub_export_copies_only_checkpoint_files_and_no_local_paths(ckpt, tmp_pa
 
 # --- validation up front ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args,why", [
-    (["--seq-len", "0"], "--seq-len"), (["--seq-len", "1"], "--seq-len"), (["--seq-len", "-5"], "--seq-len"),
-    (["--batch-size", "0"], "--batch-size"), (["--max-windows", "-1"], "--max-windows"),
-    (["--max-windows", "0"], "--max-windows"),
-])
+
+@pytest.mark.parametrize(
+    "args,why",
+    [
+        (["--seq-len", "0"], "--seq-len"),
+        (["--seq-len", "1"], "--seq-len"),
+        (["--seq-len", "-5"], "--seq-len"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--max-windows", "-1"], "--max-windows"),
+        (["--max-windows", "0"], "--max-windows"),
+    ],
+)
 def test_eval_numbers_are_checked(capsys, ckpt, args, why):
     assert why in refused(capsys, ["eval", "ppl", ckpt, "--data", WIKI, *args], ckpt.parent)
 
 
-@pytest.mark.parametrize("recipe,why", [
-    ({"calibration": {"batch_size": 0}}, "batch_size"),
-    ({"device": "tpu"}, "use cpu, cuda"),
-    ({"quantization": {"group_size": True}}, "expected int, got True"),
-    ({"allocation": {"method": "lp", "modality_weights": {"text": "high"}}}, "modality_weights.text"),
-    ({"allocation": {"method": "lp", "avg_bits": 1.0}}, "infeasible"),
-    ("quantization:\n  bits: 4\n  bits: 3\n", "given twice"),
-    ("quantization: [1, 2", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "recipe,why",
+    [
+        ({"calibration": {"batch_size": 0}}, "batch_size"),
+        ({"device": "tpu"}, "use cpu, cuda"),
+        ({"quantization": {"group_size": True}}, "expected int, got True"),
+        ({"allocation": {"method": "lp", "modality_weights": {"text": "high"}}}, "modality_weights.text"),
+        ({"allocation": {"method": "lp", "avg_bits": 1.0}}, "infeasible"),
+        ("quantization:\n  bits: 4\n  bits: 3\n", "given twice"),
+        ("quantization: [1, 2", "not valid YAML"),
+    ],
+)
 def test_recipe_values_are_checked_before_loading(capsys, tmp_path, model_dir, no_model_load, recipe, why):
     path = write_recipe(tmp_path, recipe)
-    assert why in refused(capsys, ["compress", model_dir, "--recipe", path, "-o", tmp_path / "o"], tmp_path, tmp_path / "o")
+    assert why in refused(
+        capsys, ["compress", model_dir, "--recipe", path, "-o", tmp_path / "o"], tmp_path, tmp_path / "o"
+    )
 
 
-@pytest.mark.parametrize("args,why", [
-    (["--num-samples", "0"], "--num-samples"),
-    (["--avg-bits", "nan"], "--avg-bits"),
-    (["--device", "cuda"], "CUDA"),
-    (["--json", "/nonexistent-dir/r.json"], "--json"),
-])
+@pytest.mark.parametrize(
+    "args,why",
+    [
+        (["--num-samples", "0"], "--num-samples"),
+        (["--avg-bits", "nan"], "--avg-bits"),
+        (["--device", "cuda"], "CUDA"),
+        (["--json", "/nonexistent-dir/r.json"], "--json"),
+    ],
+)
 def test_compress_arguments_are_checked_before_loading(capsys, tmp_path, model_dir, no_model_load, args, why):
     if args[0] == "--device" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -412,26 +477,37 @@ def test_plan_that_does_not_fit_the_model_is_refused(capsys, tmp_path, model_dir
     small.save(tmp_path / "small.json")
     recipe = write_recipe(tmp_path, QUICK)
     assert "covers MoE layers [0, 1]" in refused(
-        capsys, ["compress", model_dir, "--recipe", recipe, "--plan", tmp_path / "small.json", "-o", tmp_path / "o"],
-        tmp_path, tmp_path / "o")
+        capsys,
+        ["compress", model_dir, "--recipe", recipe, "--plan", tmp_path / "small.json", "-o", tmp_path / "o"],
+        tmp_path,
+        tmp_path / "o",
+    )
     bad = CompressionPlan.uniform([0, 1, 2, 3], 16, QuantFormat(4, 128))
     bad.choice[1, 2, 0] = -1
     bad.save(tmp_path / "negative.json")
     assert "malformed" in refused(
-        capsys, ["compress", model_dir, "--recipe", recipe, "--plan", tmp_path / "negative.json", "-o", tmp_path / "o"],
-        tmp_path, tmp_path / "o")
+        capsys,
+        ["compress", model_dir, "--recipe", recipe, "--plan", tmp_path / "negative.json", "-o", tmp_path / "o"],
+        tmp_path,
+        tmp_path / "o",
+    )
 
 
-@pytest.mark.parametrize("content,why", [
-    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary", "not UTF-8"),
-    ("caf\xe9".encode("latin-1"), "not UTF-8"),
-    (b'{"text": null}\n', "must be a string"),
-    (b'{"txt": "a"}\n', "'text' field"),
-])
+@pytest.mark.parametrize(
+    "content,why",
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary", "not UTF-8"),
+        ("caf\xe9".encode("latin-1"), "not UTF-8"),
+        (b'{"text": null}\n', "must be a string"),
+        (b'{"txt": "a"}\n', "'text' field"),
+    ],
+)
 def test_bad_calibration_and_evaluation_data(capsys, tmp_path, model_dir, ckpt, content, why):
     data = tmp_path / "data.jsonl"
     data.write_bytes(content)
-    assert why in refused(capsys, ["compress", model_dir, "--calib", data, "-o", tmp_path / "o"], tmp_path, tmp_path / "o")
+    assert why in refused(
+        capsys, ["compress", model_dir, "--calib", data, "-o", tmp_path / "o"], tmp_path, tmp_path / "o"
+    )
     assert why in refused(capsys, ["eval", "ppl", ckpt, "--data", data], tmp_path)
 
 
@@ -449,8 +525,9 @@ def test_model_path_that_is_a_file_or_a_bare_name(capsys, tmp_path, model_dir):
 
 
 def test_upcycle_top_k_above_experts(capsys, tmp_path, model_dir):
-    assert "--top-k 8" in refused(capsys, ["upcycle", model_dir, "--experts", "4", "--top-k", "8", "-o", tmp_path / "o"],
-                                  tmp_path, tmp_path / "o")
+    assert "--top-k 8" in refused(
+        capsys, ["upcycle", model_dir, "--experts", "4", "--top-k", "8", "-o", tmp_path / "o"], tmp_path, tmp_path / "o"
+    )
 
 
 def test_record_file_holding_a_list_is_refused_before_loading(capsys, tmp_path, model_dir, no_model_load):
@@ -477,8 +554,9 @@ def test_recipe_data_paths_are_relative_to_the_recipe_file(tmp_path, monkeypatch
     (tmp_path / "recipes").mkdir()
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "calib.jsonl").write_text('{"text": "hello"}\n')
-    path = write_recipe(tmp_path / "recipes", {"calibration": {"dataset": "../data/calib.jsonl",
-                                                               "vl_dataset": "org/hub-dataset"}})
+    path = write_recipe(
+        tmp_path / "recipes", {"calibration": {"dataset": "../data/calib.jsonl", "vl_dataset": "org/hub-dataset"}}
+    )
     monkeypatch.chdir(tmp_path / "data")
     recipe = Recipe.from_yaml(path)
     assert recipe.calibration.dataset == str(tmp_path / "data" / "calib.jsonl")

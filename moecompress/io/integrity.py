@@ -52,7 +52,9 @@ def hashes_enabled(default: bool = True) -> bool:
 
 def _require(ok: bool, where: Path, what: str) -> None:
     if not ok:
-        raise CheckpointError(f"{where}: {what}; the manifest is malformed. Re-run `moecompress compress` to rewrite it.")
+        raise CheckpointError(
+            f"{where}: {what}; the manifest is malformed. Re-run `moecompress compress` to rewrite it."
+        )
 
 
 def _is_int(value) -> bool:
@@ -68,43 +70,72 @@ def validate_manifest(manifest, where: Path) -> dict:
     _require(isinstance(manifest, dict), where, f"expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("format_version")
     if manifest.get("format") != QUANT_METHOD or not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
-        raise CheckpointError(f"{where}: format {manifest.get('format')!r} version {version!r} is not readable by this "
-                              f"moecompress (format {QUANT_METHOD!r} versions 1-{FORMAT_VERSION}); upgrade moecompress "
-                              "or re-create the checkpoint.")
+        raise CheckpointError(
+            f"{where}: format {manifest.get('format')!r} version {version!r} is not readable by this "
+            f"moecompress (format {QUANT_METHOD!r} versions 1-{FORMAT_VERSION}); upgrade moecompress "
+            "or re-create the checkpoint."
+        )
     files, tensors = manifest.get("files"), manifest.get("tensors")
     _require(isinstance(files, dict) and files, where, "'files' must list every weight file")
     for name, meta in files.items():
-        _require(name == Path(name).name and not name.startswith(".") and name.endswith(".safetensors"), where,
-                 f"file name {name!r} is not a plain .safetensors file name")
-        _require(isinstance(meta, dict) and _is_int(meta.get("bytes")) and isinstance(meta.get("sha256"), str)
-                 and bool(_SHA256.match(meta["sha256"])), where, f"files[{name!r}] needs integer 'bytes' and a hex 'sha256'")
+        _require(
+            name == Path(name).name and not name.startswith(".") and name.endswith(".safetensors"),
+            where,
+            f"file name {name!r} is not a plain .safetensors file name",
+        )
+        _require(
+            isinstance(meta, dict)
+            and _is_int(meta.get("bytes"))
+            and isinstance(meta.get("sha256"), str)
+            and bool(_SHA256.match(meta["sha256"])),
+            where,
+            f"files[{name!r}] needs integer 'bytes' and a hex 'sha256'",
+        )
     _require(isinstance(tensors, dict), where, "'tensors' must map every packed projection to its format")
     for name, meta in tensors.items():
-        _require(isinstance(meta, dict) and _is_shape(meta.get("shape")) and len(meta["shape"]) == 2, where,
-                 f"tensors[{name!r}] needs a 2-D 'shape'")
+        _require(
+            isinstance(meta, dict) and _is_shape(meta.get("shape")) and len(meta["shape"]) == 2,
+            where,
+            f"tensors[{name!r}] needs a 2-D 'shape'",
+        )
         try:
             QuantFormat.from_dict(meta)
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where}: tensors[{name!r}] has no valid format ({exc}); the manifest is malformed.") from exc
+            raise CheckpointError(
+                f"{where}: tensors[{name!r}] has no valid format ({exc}); the manifest is malformed."
+            ) from exc
     if version >= 2:
         weights, config = manifest.get("weights"), manifest.get("config")
         _require(isinstance(weights, dict) and weights, where, "'weights' must list every stored tensor")
         for name, meta in weights.items():
-            _require(isinstance(meta, dict) and meta.get("file") in files and isinstance(meta.get("dtype"), str)
-                     and _is_shape(meta.get("shape")), where, f"weights[{name!r}] needs a listed 'file', 'dtype' and 'shape'")
-        _require(isinstance(config, dict) and isinstance(config.get("quantization_config_sha256"), str), where,
-                 "'config' must hold quantization_config_sha256")
+            _require(
+                isinstance(meta, dict)
+                and meta.get("file") in files
+                and isinstance(meta.get("dtype"), str)
+                and _is_shape(meta.get("shape")),
+                where,
+                f"weights[{name!r}] needs a listed 'file', 'dtype' and 'shape'",
+            )
+        _require(
+            isinstance(config, dict) and isinstance(config.get("quantization_config_sha256"), str),
+            where,
+            "'config' must hold quantization_config_sha256",
+        )
     return manifest
 
 
 def read_manifest(path: str | Path) -> dict:
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder '{path}' does not exist" + (" (it is a file)" if folder.exists() else "") + ".")
+        raise CheckpointError(
+            f"checkpoint folder '{path}' does not exist" + (" (it is a file)" if folder.exists() else "") + "."
+        )
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        raise CheckpointError(f"'{path}' has no {MANIFEST}: it is not a moecompress checkpoint (or it was not fully "
-                              "written). Re-run `moecompress compress` to create it.")
+        raise CheckpointError(
+            f"'{path}' has no {MANIFEST}: it is not a moecompress checkpoint (or it was not fully "
+            "written). Re-run `moecompress compress` to create it."
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -133,10 +164,14 @@ def _check_files(folder: Path, manifest: dict, check_hashes: bool) -> None:
             raise CheckpointError(f"checkpoint file {file} is missing; copy the whole folder or re-export it.")
         size = file.stat().st_size
         if size != meta["bytes"]:
-            raise CheckpointError(f"{file} is {size} bytes but the manifest says {meta['bytes']}: the file is truncated "
-                                  "or was replaced. Re-download or re-export the checkpoint.")
+            raise CheckpointError(
+                f"{file} is {size} bytes but the manifest says {meta['bytes']}: the file is truncated "
+                "or was replaced. Re-download or re-export the checkpoint."
+            )
         if check_hashes and file_sha256(file) != meta["sha256"]:
-            raise CheckpointError(f"{file} does not match its sha256 in {MANIFEST}: the file is corrupt. Re-download it.")
+            raise CheckpointError(
+                f"{file} does not match its sha256 in {MANIFEST}: the file is corrupt. Re-download it."
+            )
 
 
 def _compare(expected: dict[str, list[int]], found: dict[str, list[int]], what: str, folder: Path) -> None:
@@ -144,11 +179,16 @@ def _compare(expected: dict[str, list[int]], found: dict[str, list[int]], what: 
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
     reshaped = sorted(k for k in set(expected) & set(found) if list(expected[k]) != list(found[k]))
-    problems = [f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)})"
-                for label, names in (("missing", missing), ("unexpected", extra), ("wrong shape", reshaped)) if names]
+    problems = [
+        f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)})"
+        for label, names in (("missing", missing), ("unexpected", extra), ("wrong shape", reshaped))
+        if names
+    ]
     if problems:
-        raise CheckpointError(f"{folder}: {what} disagree ({'; '.join(problems)}). The checkpoint was edited or "
-                              "damaged; re-download or re-create it.")
+        raise CheckpointError(
+            f"{folder}: {what} disagree ({'; '.join(problems)}). The checkpoint was edited or "
+            "damaged; re-download or re-create it."
+        )
 
 
 def read_config(folder: Path) -> dict:
@@ -169,16 +209,24 @@ def expected_packed_formats(qc: dict, folder: Path) -> dict[str, QuantFormat]:
     """{projection module: format} that config.json's quantization_config declares."""
     try:
         formats = [QuantFormat.from_dict(f) for f in qc["formats"]]
-        return {f"{module}.{e}.{p}": formats[i] for module, rows in qc["experts"].items()
-                for e, row in enumerate(rows) for p, i in zip(PROJECTIONS, row, strict=True)}
+        return {
+            f"{module}.{e}.{p}": formats[i]
+            for module, rows in qc["experts"].items()
+            for e, row in enumerate(rows)
+            for p, i in zip(PROJECTIONS, row, strict=True)
+        }
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        raise CheckpointError(f"{folder / 'config.json'}: quantization_config is malformed ({type(exc).__name__}: {exc}).") from exc
+        raise CheckpointError(
+            f"{folder / 'config.json'}: quantization_config is malformed ({type(exc).__name__}: {exc})."
+        ) from exc
 
 
 def packed_buffer_shapes(module: str, fmt: QuantFormat, shape: list[int]) -> dict[str, list[int]]:
     out_features, in_features = shape
-    shapes = {f"{module}.weight_packed": [out_features, packed_layout(fmt, in_features)[0]],
-              f"{module}.weight_scale": [fmt.scale_rows(out_features), fmt.groups(in_features)]}
+    shapes = {
+        f"{module}.weight_packed": [out_features, packed_layout(fmt, in_features)[0]],
+        f"{module}.weight_scale": [fmt.scale_rows(out_features), fmt.groups(in_features)],
+    }
     if not fmt.ternary:
         shapes[f"{module}.weight_zero_point"] = [out_features, fmt.groups(in_features)]
     return shapes
@@ -193,26 +241,45 @@ def verify_checkpoint(path: str | Path, check_hashes: bool = True) -> dict:
     stored = stored_tensors(folder, manifest)
     found = {k: v[0] for k, v in stored.items()}
     if "weights" in manifest:
-        _compare({k: m["shape"] for k, m in manifest["weights"].items()}, found, f"the weight files and {MANIFEST}", folder)
+        _compare(
+            {k: m["shape"] for k, m in manifest["weights"].items()}, found, f"the weight files and {MANIFEST}", folder
+        )
         moved = [k for k, m in manifest["weights"].items() if stored[k][1:] != (m["dtype"], m["file"])]
         if moved:
-            raise CheckpointError(f"{folder}: {moved[0]} has another dtype or file than {MANIFEST} says; re-download it.")
+            raise CheckpointError(
+                f"{folder}: {moved[0]} has another dtype or file than {MANIFEST} says; re-download it."
+            )
     qc = read_config(folder)["quantization_config"]
     if "config" in manifest and canonical_sha256(qc) != manifest["config"]["quantization_config_sha256"]:
-        raise CheckpointError(f"{folder / 'config.json'}: quantization_config was changed after the checkpoint was written "
-                              f"(its hash differs from {MANIFEST}); restore the original config.json.")
+        raise CheckpointError(
+            f"{folder / 'config.json'}: quantization_config was changed after the checkpoint was written "
+            f"(its hash differs from {MANIFEST}); restore the original config.json."
+        )
     declared = expected_packed_formats(qc, folder)
-    _compare({k: [] for k in declared}, {k: [] for k in manifest["tensors"]}, f"config.json and {MANIFEST} packed modules", folder)
+    _compare(
+        {k: [] for k in declared},
+        {k: [] for k in manifest["tensors"]},
+        f"config.json and {MANIFEST} packed modules",
+        folder,
+    )
     for module, fmt in declared.items():
         if QuantFormat.from_dict(manifest["tensors"][module]) != fmt:
-            raise CheckpointError(f"{folder}: {module} is {QuantFormat.from_dict(manifest['tensors'][module]).name} in "
-                                  f"{MANIFEST} but {fmt.name} in config.json; restore the original files.")
-    packed = {k: v for m, meta in manifest["tensors"].items() for k, v in packed_buffer_shapes(m, declared[m], meta["shape"]).items()}
+            raise CheckpointError(
+                f"{folder}: {module} is {QuantFormat.from_dict(manifest['tensors'][module]).name} in "
+                f"{MANIFEST} but {fmt.name} in config.json; restore the original files."
+            )
+    packed = {
+        k: v
+        for m, meta in manifest["tensors"].items()
+        for k, v in packed_buffer_shapes(m, declared[m], meta["shape"]).items()
+    }
     _compare(packed, {k: found[k] for k in packed if k in found}, "packed tensor shapes and their formats", folder)
     return manifest
 
 
-def check_model_against_files(model: torch.nn.Module, stored: dict[str, tuple[list[int], str, str]], folder: Path) -> None:
+def check_model_against_files(
+    model: torch.nn.Module, stored: dict[str, tuple[list[int], str, str]], folder: Path
+) -> None:
     """The (meta-device) model about to be filled needs exactly the stored tensors (tied copies aside), same shapes."""
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     expected = {k: list(t.shape) for k, t in model.state_dict().items()}
@@ -220,4 +287,3 @@ def check_model_against_files(model: torch.nn.Module, stored: dict[str, tuple[li
     for key in tied - set(found):
         expected.pop(key, None)
     _compare(expected, found, "the model built from config.json and the weight files", folder)
-

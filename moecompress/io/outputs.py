@@ -44,7 +44,9 @@ def check_output(path: str | Path, sources: Iterable[str | Path | None] = (), ov
     """The resolved output path, or an `OutputError` naming why writing there could destroy data."""
     out = Path(path).expanduser().resolve()
     for source in filter(None, map(_local, sources)):
-        if out == source or source in out.parents:
+        if out == source:
+            raise OutputError(f"output '{path}' is the input '{source}'; choose a new path for the output.")
+        if source in out.parents:
             raise OutputError(f"output '{path}' is inside the input '{source}'; choose a path outside it.")
         if out in source.parents:
             raise OutputError(f"output '{path}' contains the input '{source}'; choose a new path for the output.")
@@ -53,14 +55,20 @@ def check_output(path: str | Path, sources: Iterable[str | Path | None] = (), ov
         raise OutputError(f"output '{path}' is the working directory or above it; choose a new folder, e.g. out/NAME.")
     if out.exists():
         if not out.is_dir():
-            raise OutputError(f"output '{path}' is an existing file; choose a new folder path (the file is left alone).")
+            raise OutputError(
+                f"output '{path}' is an existing file; choose a new folder path (the file is left alone)."
+            )
         if any(out.iterdir()):
             if not is_moecompress_output(out):
-                raise OutputError(f"output '{path}' exists and holds files that moecompress did not write; "
-                                  "choose a new path (nothing there was touched).")
+                raise OutputError(
+                    f"output '{path}' exists and holds files that moecompress did not write; "
+                    "choose a new path (nothing there was touched)."
+                )
             if not overwrite:
-                raise OutputError(f"output '{path}' holds an earlier moecompress output; pass --overwrite to replace "
-                                  "it, or choose a new path.")
+                raise OutputError(
+                    f"output '{path}' holds an earlier moecompress output; pass --overwrite to replace "
+                    "it, or choose a new path."
+                )
     parent = next(p for p in out.parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot create output '{path}': '{parent}' is not a writable folder; choose another path.")
@@ -101,8 +109,10 @@ def _lock(out: Path) -> int:
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise OutputError(f"another moecompress run is writing '{out}' (lock {lock_path}); wait for it to "
-                                  "finish or choose another output path.") from None
+                raise OutputError(
+                    f"another moecompress run is writing '{out}' (lock {lock_path}); wait for it to "
+                    "finish or choose another output path."
+                ) from None
             raise
         try:
             same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
@@ -126,7 +136,9 @@ def _clean_stale(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def claim_output(path: str | Path, sources: Iterable[str | Path | None] = (), overwrite: bool = False) -> Iterator[Path]:
+def claim_output(
+    path: str | Path, sources: Iterable[str | Path | None] = (), overwrite: bool = False
+) -> Iterator[Path]:
     """Check `path` (see `check_output`) and hold the output lock for the duration; yields the resolved path.
     Folders created above the output are removed again if no output appears."""
     out = check_output(path, sources, overwrite)
@@ -154,8 +166,9 @@ def claim_output(path: str | Path, sources: Iterable[str | Path | None] = (), ov
 
 
 @contextlib.contextmanager
-def atomic_folder(output: str | Path, sources: Iterable[str | Path | None] = (), overwrite: bool = False,
-                  kind: str = "output") -> Iterator[Path]:
+def atomic_folder(
+    output: str | Path, sources: Iterable[str | Path | None] = (), overwrite: bool = False, kind: str = "output"
+) -> Iterator[Path]:
     """Yield an empty temporary folder beside `output`; on success it replaces `output` (marked as ours), on
     error or interrupt it is removed and `output` is left as it was."""
     with claim_output(output, sources, overwrite) as out:
