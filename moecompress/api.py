@@ -11,7 +11,8 @@ from .errors import CheckpointError
 from .io.checkpoint import read_manifest
 from .io.integrity import read_config
 from .models import get_adapter
-from .pipeline import compress, set_dequant_cache
+from .pipeline import compress
+from .runtime.packed_experts import set_dequant_cache
 
 __all__ = ["compress", "load"]
 

@@ -17,8 +17,8 @@ from .errors import MoECompressError, NonFiniteError
 def _load_for_eval(path: str, trust_remote_code: bool, cache_dequantized: bool = True):
     """A packed checkpoint (moecompress.json present) or any supported original model, its processor and load seconds."""
     from .api import load
+    from .calibration.batches import load_tokenizer_or_processor
     from .models import get_adapter, load_model, read_config
-    from .pipeline import load_tokenizer_or_processor
 
     config = read_config(path, trust_remote_code)
     multimodal = get_adapter(config.model_type).is_multimodal
@@ -135,9 +135,10 @@ def cmd_upcycle(args) -> dict:
 
 
 def cmd_plan(args) -> dict:
+    from .calibration.batches import calibration_batches
     from .io.outputs import atomic_folder, claim_output
     from .models import load_model
-    from .pipeline import calibration_batches, plan_allocation
+    from .stages import plan_allocation
 
     recipe = _recipe_with_overrides(args)
     if recipe.allocation.method == "uniform":
@@ -157,10 +158,10 @@ def cmd_plan(args) -> dict:
 
 def cmd_analyze(args) -> dict:
     from .analysis.importance import write_analysis
+    from .calibration.batches import calibration_batches
     from .calibration.engine import collect_expert_stats
     from .io.outputs import atomic_folder, claim_output
     from .models import load_model
-    from .pipeline import calibration_batches
 
     recipe = _recipe_with_overrides(args)
     recipe.calibration.seq_len = args.seq_len

@@ -1,10 +1,10 @@
-"""The compression pipeline: load -> calibrate layer by layer -> quantize experts -> pack -> save."""
+"""The compression pipeline: load -> calibration batches -> the stages of `stages.STAGES` -> pack -> save."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import random
+import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -13,26 +13,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .allocation import CompressionPlan, allocate
-from .allocation.allocate import avg_bits_for_bytes
-from .calibration.data import CalibrationBatch, text_calibration_batches, vl_calibration_batches
-from .calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
-from .errors import CalibrationDataError, ModelLoadError, UnsupportedModelError
+from .allocation import CompressionPlan
+from .calibration.batches import calibration_batches, load_tokenizer_or_processor, training_batches
 from .evaluation.records import RUN_RECORD, RunRecord
 from .io.outputs import claim_output
-from .models import LoadedModel, MoEBlockView, get_adapter, load_model
-from .models.base import ModelAdapter
-from .quant.experts import (
-    ExpertQuantReport,
-    GPTQOptions,
-    RareExpertPolicy,
-    install_packed_experts,
-    quantize_block_experts,
-)
-from .quant.qtensor import QuantFormat
-from .recipe import CalibrationConfig, Recipe
-from .runtime.packed_experts import PackedExperts, PackedLinear
-from .training.distill import DistillData
+from .models import LoadedModel, load_model
+from .quant.experts import ExpertQuantReport
+from .recipe import Recipe
+from .runtime.packed_experts import PackedLinear, set_dequant_cache
+from .stages import STAGES, RunContext, plan_allocation
+
+__all__ = ["CompressionReport", "CompressionResult", "calibration_batches", "compress", "load_tokenizer_or_processor",
+           "plan_allocation", "set_dequant_cache", "training_batches"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +47,7 @@ class CompressionReport:
     merge: dict | None = None
     slim: dict | None = None
     skip: dict | None = None
+    stage_seconds: dict = field(default_factory=dict)
     output: str | None = None
 
     def to_dict(self) -> dict:
@@ -64,35 +59,6 @@ class CompressionResult:
     model: nn.Module
     loaded: LoadedModel
     report: CompressionReport
-
-
-def load_tokenizer_or_processor(source: str, multimodal: bool, trust_remote_code: bool = False):
-    from transformers import AutoProcessor, AutoTokenizer
-
-    try:
-        if multimodal:
-            return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, ImportError) as exc:
-        hint = " This processor ships custom code: pass --trust-remote-code." if multimodal and not trust_remote_code else ""
-        raise ModelLoadError(f"could not load the tokenizer/processor of '{source}': {exc}.{hint}") from exc
-
-
-def calibration_batches(loaded: LoadedModel, recipe: Recipe, trust_remote_code: bool = False) -> list[CalibrationBatch]:
-    cal = recipe.calibration
-    processor = load_tokenizer_or_processor(loaded.source, loaded.adapter.is_multimodal, trust_remote_code)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    batches = text_calibration_batches(cal.dataset, tokenizer, cal.num_samples, cal.seq_len, cal.batch_size, cal.seed)
-    if loaded.adapter.is_multimodal:
-        if not cal.vl_dataset:
-            raise CalibrationDataError(
-                f"'{loaded.source}' is a vision-language model: set calibration.vl_dataset to an image+text jsonl "
-                "so that image tokens are calibrated too."
-            )
-        batches += vl_calibration_batches(
-            cal.vl_dataset, processor, loaded.model.config.image_token_id, cal.vl_num_samples, cal.seed
-        )
-    return batches
 
 
 def expert_bytes(model: nn.Module) -> tuple[int, int]:
@@ -109,42 +75,6 @@ def _as_recipe(recipe: Recipe | str | Path | None) -> Recipe:
     if recipe is None:
         return Recipe()
     return recipe if isinstance(recipe, Recipe) else Recipe.from_yaml(recipe)
-
-
-def plan_allocation(
-    loaded: LoadedModel, recipe: Recipe, batches: list[CalibrationBatch], progress: bool = True
-) -> tuple[CompressionPlan, object]:
-    """Profile every expert's quantization error at the candidate bit widths, then allocate bits.
-    Returns (plan, ExpertStats)."""
-    q, a = recipe.quantization, recipe.allocation
-    views = loaded.adapter.moe_blocks(loaded.model)
-    if a.method == "uniform":
-        return CompressionPlan.uniform([v.layer_index for v in views], views[0].num_experts, q.format), None
-    formats = [q.format_for(k) for k in a.profile_keys]
-    integer_format = QuantFormat(q.bits, q.group_size, q.sym)
-    if a.max_bytes is not None:
-        a.avg_bits = avg_bits_for_bytes(a.max_bytes, *_unquantized_bytes_and_expert_params(loaded, recipe),
-                                        [q.format_for(k) for k in a.candidates], integer_format)
-    stats = collect_expert_stats(loaded.model, loaded.adapter, batches, loaded.source, measure_drop_loss=False,
-                                 device=recipe.device, progress=progress, profile_formats=formats,
-                                 profile_max_tokens=a.profile_tokens)
-    return allocate(stats, a, integer_format), stats
-
-
-def _unquantized_bytes_and_expert_params(loaded: LoadedModel, recipe: Recipe) -> tuple[int, int]:
-    """Checkpoint bytes of everything but the routed experts (tied tensors once), and the expert parameter count."""
-    expert_tensors = {id(p) for v in loaded.adapter.moe_blocks(loaded.model) for p in v.experts.parameters()}
-    element = torch.empty(0, dtype=getattr(torch, recipe.save_dtype)).element_size()
-    seen, fixed, experts = set(), 0, 0
-    for tensor in list(loaded.model.parameters()) + list(loaded.model.buffers()):
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        if id(tensor) in expert_tensors:
-            experts += tensor.numel()
-        else:
-            fixed += tensor.numel() * (element if tensor.is_floating_point() else tensor.element_size())
-    return fixed, experts
 
 
 def compress(
@@ -171,59 +101,34 @@ def _compress(model, recipe: Recipe, output, trust_remote_code: bool, progress: 
               overwrite: bool) -> CompressionResult:
     start = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
-    if plan is not None and recipe.merge.method == "none":
-        views = loaded.adapter.moe_blocks(loaded.model)
-        plan.check_fits([v.layer_index for v in views], views[0].num_experts)
-    batches = calibration_batches(loaded, recipe, trust_remote_code)
-    reductions = []
-    if recipe.merge.method != "none":
-        from .merge.apply import reduce_experts
+    quantized = recipe.quantization.method != "none"
+    ctx = RunContext(loaded, recipe, [], Path(output) if output is not None else None, trust_remote_code, progress,
+                     plan if quantized else None)
+    if ctx.plan is not None and recipe.merge.method == "none":
+        ctx.plan.check_fits(*ctx.moe_layers())  # before calibration: a plan for another model is refused at once
+    ctx.batches = calibration_batches(loaded, recipe, trust_remote_code)
+    seconds = {}
+    for stage in STAGES:
+        if not stage.enabled(recipe):
+            continue
+        began = time.perf_counter()
+        result = stage.run(ctx)
+        seconds[stage.name] = round(time.perf_counter() - began, 2)
+        log.info("stage %s done in %.1f s", stage.name, seconds[stage.name])
+        if result is not None:
+            ctx.reports[stage.name] = result
 
-        reductions = reduce_experts(loaded, batches, recipe.merge, recipe.device, progress)
-    slim = slim_stage(loaded, recipe, batches, output, trust_remote_code, progress).to_dict() if recipe.slim.enabled else None
-    if recipe.quantization.method == "none":
-        plan = None
-    elif plan is None:
-        plan, _ = plan_allocation(loaded, recipe, batches, progress)
-    else:
-        views = loaded.adapter.moe_blocks(loaded.model)
-        plan.check_fits([v.layer_index for v in views], views[0].num_experts)
-    q = recipe.quantization
-    gptq = GPTQOptions(damp=q.damp, act_order=q.act_order, clip_search=q.clip_search, ternary_scale=q.ternary_scale)
-    rare = RareExpertPolicy(q.rare_experts.policy, q.rare_experts.min_tokens)
-    results: dict[int, tuple[list, list[ExpertQuantReport]]] = {}
-
-    def quantize_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
-        results[view.layer_index] = quantize_block_experts(view, observer, plan.layer_formats(view.layer_index), q.method, gptq, rare)
-        return True
-
-    if q.method != "none":
-        run_layerwise(loaded.model, loaded.adapter, batches, quantize_layer, recipe.device, progress=progress, desc="compress")
-        for view in loaded.adapter.moe_blocks(loaded.model):
-            install_packed_experts(view, *results[view.layer_index])
-
-    recovery = None
-    if recipe.recovery.enabled:
-        recovery = recover(loaded, recipe, output, trust_remote_code, progress).to_dict()
-    skip = None
-    if recipe.skip.method != "none":
-        from .dynamic.skip import fit_skipping
-
-        set_dequant_cache(loaded.model, True)  # many calibration forwards; packed experts dequantized once
-        try:
-            skip = fit_skipping(loaded.model, loaded.adapter, batches, recipe.skip, progress, cpu=recipe.device == "cpu").rule.to_dict()
-        finally:
-            set_dequant_cache(loaded.model, False)
-    reports = [r for _, layer_reports in results.values() for r in layer_reports]
+    reports, plan = ctx.quant_reports, ctx.plan
     nbytes, params = expert_bytes(loaded.model)
-    if q.method == "none":
+    if not quantized:
         params = sum(p.numel() for v in loaded.adapter.moe_blocks(loaded.model) for p in v.experts.parameters())
         nbytes = params * torch.empty(0, dtype=getattr(torch, recipe.save_dtype)).element_size()
+    min_tokens = recipe.quantization.rare_experts.min_tokens
     report = CompressionReport(
         model=loaded.source,
         recipe=recipe.name,
         seconds=0.0,
-        calibration_tokens=sum(b.num_tokens for b in batches),
+        calibration_tokens=sum(b.num_tokens for b in ctx.batches),
         expert_params=params,
         expert_bytes=nbytes,
         bits_per_expert_param=8 * nbytes / max(params, 1),
@@ -231,13 +136,9 @@ def _compress(model, recipe: Recipe, output, trust_remote_code: bool, progress: 
         allocation=plan.method if plan else "none",
         experts_gptq=sum(r.method == "gptq" for r in reports),
         experts_rtn=sum(r.method == "rtn" for r in reports),
-        rare_experts=[asdict(r) for r in reports if r.tokens < rare.min_tokens],
-        recovery=recovery,
-        merge={"method": recipe.merge.method, "router": recipe.merge.router,
-               "experts_per_layer": [r.kept for r in reductions],
-               "prune_errors": [r.error for r in reductions if r.error is not None]} if reductions else None,
-        slim=slim,
-        skip=skip,
+        rare_experts=[asdict(r) for r in reports if r.tokens < min_tokens],
+        stage_seconds=seconds,
+        **{name: ctx.reports.get(name) for name in ("recovery", "merge", "slim", "skip")},
     )
     if output is not None:
         from .io.checkpoint import save_checkpoint
@@ -249,8 +150,8 @@ def _compress(model, recipe: Recipe, output, trust_remote_code: bool, progress: 
                          **({"plan.json": json.dumps(plan.to_dict(), indent=1)} if plan else {})},
             overwrite=overwrite,
         ))
-        for state in (".slim-state", ".recovery-state"):  # only an interrupted job needs its training state
-            shutil.rmtree(str(Path(output).expanduser()) + state, ignore_errors=True)
+        for stage in ("slim", "recovery"):  # only an interrupted job needs its training state
+            shutil.rmtree(ctx.state_dir(stage), ignore_errors=True)
     report.seconds = time.perf_counter() - start
     return CompressionResult(loaded.model, loaded, report)
 
@@ -280,73 +181,3 @@ def run_record(report: CompressionReport, recipe: Recipe, plan: CompressionPlan 
         record.importance = {"layers": layers, "metric": "share of the layer's calibration routings",
                              "values": (tokens / tokens.sum(1, keepdim=True).clamp(min=1)).tolist()}
     return record
-
-
-def training_batches(loaded: LoadedModel, r: DistillData, cal: CalibrationConfig, trust_remote_code: bool = False) -> list[CalibrationBatch]:
-    """Training data of a distillation stage: text windows (+ image+text items for VL models), shuffled together."""
-    processor = load_tokenizer_or_processor(loaded.source, loaded.adapter.is_multimodal, trust_remote_code)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    batches = text_calibration_batches(r.dataset or cal.dataset, tokenizer, r.num_samples, r.seq_len, r.batch_size, r.seed)
-    if loaded.adapter.is_multimodal and cal.vl_dataset and r.vl_num_samples:
-        batches += vl_calibration_batches(cal.vl_dataset, processor, loaded.model.config.image_token_id, r.vl_num_samples, r.seed)
-    random.Random(r.seed).shuffle(batches)
-    return batches
-
-
-def slim_stage(loaded: LoadedModel, recipe: Recipe, batches: list[CalibrationBatch], output: str | Path | None = None,
-               trust_remote_code: bool = False, progress: bool = True):
-    """Staged neuron slimming of the routed experts of `loaded.model`, distilled from the source model.
-    Resumable when `output` is given: the state lives in `<output>.slim-state/`."""
-    from .slim.staged import slim_experts
-    from .training.qat import job_fingerprint
-
-    teacher = load_model(loaded.source, trust_remote_code=trust_remote_code) if recipe.slim.steps_per_stage else None
-    state_dir = Path(str(Path(output).expanduser()) + ".slim-state") if output is not None else None
-    return slim_experts(
-        loaded.model, loaded.adapter, teacher.model if teacher else None, batches,
-        training_batches(loaded, recipe.slim, recipe.calibration, trust_remote_code) if teacher else [], recipe.slim, state_dir,
-        job_fingerprint(recipe.to_yaml(), loaded.source), progress, cpu=recipe.device == "cpu",
-    )
-
-
-def _load_teacher(source: str, trust_remote_code: bool) -> LoadedModel:
-    """Any causal LM (dense or MoE) as a distillation teacher."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load the recovery teacher '{source}': {exc}") from exc
-    config = model.config
-    try:
-        adapter = get_adapter(config.model_type)
-    except UnsupportedModelError:
-        adapter = ModelAdapter()
-    return LoadedModel(model.eval(), adapter, source)
-
-
-def recover(
-    loaded: LoadedModel, recipe: Recipe, output: str | Path | None = None, trust_remote_code: bool = False,
-    progress: bool = True,
-):
-    """Quantization-aware distillation of the packed experts of `loaded.model` from the original model.
-    Resumable when `output` is given: the state lives in `<output>.recovery-state/`."""
-    from .training.qat import job_fingerprint, recover_quantized_experts
-
-    teacher = _load_teacher(recipe.recovery.teacher, trust_remote_code) if recipe.recovery.teacher else \
-        load_model(loaded.source, trust_remote_code=trust_remote_code)
-    state_dir = Path(str(Path(output).expanduser()) + ".recovery-state") if output is not None else None
-    report = recover_quantized_experts(
-        loaded.model, teacher.model, loaded.adapter, training_batches(loaded, recipe.recovery, recipe.calibration, trust_remote_code), recipe.recovery,
-        state_dir, job_fingerprint(recipe.to_yaml(), loaded.source), progress, cpu=recipe.device == "cpu",
-    )
-    loaded.model.eval()
-    del teacher
-    return report
-
-
-def set_dequant_cache(model: nn.Module, enabled: bool) -> None:
-    """Keep dequantized expert weights between forwards (faster CPU evaluation, full-precision memory)."""
-    for module in model.modules():
-        if isinstance(module, PackedExperts):
-            module.set_cache_dequantized(enabled)

@@ -145,20 +145,18 @@ def test_earlier_output_needs_overwrite_and_is_then_replaced(capsys, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "w4"]  # no lock, temporary or backup left
 
 
-def test_a_second_writer_of_the_same_output_is_refused(capsys, tmp_path, model_dir):
+def test_the_output_lock_is_held_during_a_claim_and_removed_after(tmp_path, model_dir):
+    import fcntl
+
     out = tmp_path / "w4"
     with claim_output(out, [model_dir]):
-        # the claim is held by this process; a second run holds its own lock file handle: simulate it by
-        # opening the lock as another process would
-        import fcntl
-
-        fd = os.open(out.parent / f".{out.name}.lock", os.O_RDWR)
+        fd = os.open(tmp_path / ".w4.lock", os.O_RDWR)  # what a second process would try
         try:
-            with pytest.raises(OSError):
+            with pytest.raises(BlockingIOError):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         finally:
             os.close(fd)
-    assert not (tmp_path / ".w4.lock").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_second_cli_run_on_a_locked_output_is_refused(capsys, tmp_path, model_dir, no_model_load):

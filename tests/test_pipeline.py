@@ -44,3 +44,29 @@ def test_ternary_with_recovery_saves_exactly_what_it_trained(tiny_text_path, tmp
     ids = torch.randint(0, 8000, (1, 64))
     with torch.no_grad():
         assert torch.equal(result.model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_compress_runs_the_enabled_stages_in_order_with_one_context(tiny_text_path, monkeypatch):
+    from moecompress import stages
+
+    seen = []
+
+    class Probe:
+        name = "probe"
+
+        def enabled(self, recipe):
+            return True
+
+        def run(self, ctx):
+            # after quantization: the context carries the plan, the packed model and one report per expert
+            seen.append((ctx.plan.formats[0].bits, len(ctx.quant_reports), ctx.recipe.name))
+            return {"packed_linears": sum(isinstance(m, PackedLinear) for m in ctx.loaded.model.modules())}
+
+    monkeypatch.setattr("moecompress.pipeline.STAGES", (*stages.STAGES[:4], Probe(), *stages.STAGES[4:]))
+    recipe = Recipe.from_dict({"name": "probe-w3", "calibration": {"dataset": str(require_shared(CALIB)), "num_samples": 2,
+                                                                   "seq_len": 64},
+                               "quantization": {"method": "rtn", "bits": 3}})
+    result = moecompress.compress(str(tiny_text_path), recipe, progress=False)
+    assert seen == [(3, 4 * 16, "probe-w3")]
+    assert list(result.report.stage_seconds) == ["allocation", "quantize", "probe"]  # merge/slim/recovery/skip off
+    assert [s.name for s in stages.STAGES] == ["merge", "slim", "allocation", "quantize", "recovery", "skip"]

@@ -118,3 +118,10 @@ class PackedExperts(ExpertList):
         for module in self.modules():
             if isinstance(module, PackedLinear):
                 module.cache_dequantized, module._cache = enabled, None
+
+
+def set_dequant_cache(model: nn.Module, enabled: bool) -> None:
+    """Keep dequantized expert weights between forwards (faster CPU evaluation, full-precision memory)."""
+    for module in model.modules():
+        if isinstance(module, PackedExperts):
+            module.set_cache_dequantized(enabled)

@@ -1,0 +1,298 @@
+"""Compression stages. Each is an object with a `name`, `enabled(recipe)` and `run(ctx) -> report dict | None`;
+they share one `RunContext` (model, recipe, calibration batches, output, plan, results). `pipeline.compress`
+runs `STAGES` in order, so a new stage is its math in its own package, a class here and its recipe section."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .allocation import CompressionPlan, allocate
+from .allocation.allocate import avg_bits_for_bytes
+from .calibration.batches import training_batches
+from .calibration.data import CalibrationBatch
+from .calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
+from .errors import ModelLoadError, UnsupportedModelError
+from .models import LoadedModel, MoEBlockView, get_adapter, load_model
+from .models.base import ModelAdapter
+from .quant.experts import (
+    ExpertQuantReport,
+    GPTQOptions,
+    RareExpertPolicy,
+    install_packed_experts,
+    quantize_block_experts,
+)
+from .quant.qtensor import QuantFormat
+from .recipe import Recipe
+from .runtime.packed_experts import set_dequant_cache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What the stages of one `compress` run share. `plan`: the bits of every expert (given, or made by the
+    allocation stage); `quant_reports`: one per quantized expert; `reports`: each stage's report by name."""
+
+    loaded: LoadedModel
+    recipe: Recipe
+    batches: list[CalibrationBatch]
+    output: Path | None = None
+    trust_remote_code: bool = False
+    progress: bool = True
+    plan: CompressionPlan | None = None
+    quant_reports: list[ExpertQuantReport] = field(default_factory=list)
+    reports: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def cpu(self) -> bool:
+        return self.recipe.device == "cpu"
+
+    def state_dir(self, stage: str) -> Path | None:
+        """Where a resumable stage keeps its state: `<output>.<stage>-state/` (none without an output)."""
+        return Path(str(self.output.expanduser()) + f".{stage}-state") if self.output is not None else None
+
+    def fingerprint(self) -> str:
+        from .training.qat import job_fingerprint
+
+        return job_fingerprint(self.recipe.to_yaml(), self.loaded.source)
+
+    def moe_layers(self) -> tuple[list[int], int]:
+        views = self.loaded.adapter.moe_blocks(self.loaded.model)
+        return [v.layer_index for v in views], views[0].num_experts
+
+
+class Stage(Protocol):
+    name: str
+
+    def enabled(self, recipe: Recipe) -> bool: ...
+
+    def run(self, ctx: RunContext) -> dict | None: ...
+
+
+class MergeStage:
+    """Sub-MoE / averaging / pruning: fewer routed experts per layer (`merge:`)."""
+
+    name = "merge"
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.merge.method != "none"
+
+    def run(self, ctx: RunContext) -> dict:
+        from .merge.apply import reduce_experts
+
+        m = ctx.recipe.merge
+        reductions = reduce_experts(ctx.loaded, ctx.batches, m, ctx.recipe.device, ctx.progress)
+        return {
+            "method": m.method,
+            "router": m.router,
+            "experts_per_layer": [r.kept for r in reductions],
+            "prune_errors": [r.error for r in reductions if r.error is not None],
+        }
+
+
+class SlimStage:
+    """Staged neuron slimming distilled from the source model (`slim:`); resumable from `<output>.slim-state/`."""
+
+    name = "slim"
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.slim.enabled
+
+    def run(self, ctx: RunContext) -> dict:
+        from .slim.staged import slim_experts
+
+        r, loaded = ctx.recipe, ctx.loaded
+        teacher = load_model(loaded.source, trust_remote_code=ctx.trust_remote_code) if r.slim.steps_per_stage else None
+        data = training_batches(loaded, r.slim, r.calibration, ctx.trust_remote_code) if teacher else []
+        return slim_experts(
+            loaded.model,
+            loaded.adapter,
+            teacher.model if teacher else None,
+            ctx.batches,
+            data,
+            r.slim,
+            ctx.state_dir("slim"),
+            ctx.fingerprint(),
+            ctx.progress,
+            cpu=ctx.cpu,
+        ).to_dict()
+
+
+class AllocationStage:
+    """The format of every expert projection: the given plan (checked against the model) or the allocator's."""
+
+    name = "allocation"
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.quantization.method != "none"
+
+    def run(self, ctx: RunContext) -> None:
+        if ctx.plan is None:
+            ctx.plan, _ = plan_allocation(ctx.loaded, ctx.recipe, ctx.batches, ctx.progress)
+        else:
+            ctx.plan.check_fits(*ctx.moe_layers())
+
+
+class QuantizeStage:
+    """GPTQ / RTN / ternary of every routed expert, layer by layer, then packed modules installed."""
+
+    name = "quantize"
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.quantization.method != "none"
+
+    def run(self, ctx: RunContext) -> None:
+        q, loaded = ctx.recipe.quantization, ctx.loaded
+        gptq = GPTQOptions(damp=q.damp, act_order=q.act_order, clip_search=q.clip_search, ternary_scale=q.ternary_scale)
+        rare = RareExpertPolicy(q.rare_experts.policy, q.rare_experts.min_tokens)
+        results: dict[int, tuple[list, list[ExpertQuantReport]]] = {}
+
+        def quantize_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
+            formats = ctx.plan.layer_formats(view.layer_index)
+            results[view.layer_index] = quantize_block_experts(view, observer, formats, q.method, gptq, rare)
+            return True
+
+        run_layerwise(
+            loaded.model,
+            loaded.adapter,
+            ctx.batches,
+            quantize_layer,
+            ctx.recipe.device,
+            progress=ctx.progress,
+            desc="compress",
+        )
+        for view in loaded.adapter.moe_blocks(loaded.model):
+            install_packed_experts(view, *results[view.layer_index])
+        ctx.quant_reports = [r for _, layer_reports in results.values() for r in layer_reports]
+
+
+class RecoveryStage:
+    """Quantization-aware distillation of the packed experts (`recovery:`); resumable from `<output>.recovery-state/`."""
+
+    name = "recovery"
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.recovery.enabled
+
+    def run(self, ctx: RunContext) -> dict:
+        from .training.qat import recover_quantized_experts
+
+        r, loaded = ctx.recipe, ctx.loaded
+        teacher = (
+            _load_teacher(r.recovery.teacher, ctx.trust_remote_code)
+            if r.recovery.teacher
+            else load_model(loaded.source, trust_remote_code=ctx.trust_remote_code)
+        )
+        data = training_batches(loaded, r.recovery, r.calibration, ctx.trust_remote_code)
+        report = recover_quantized_experts(
+            loaded.model,
+            teacher.model,
+            loaded.adapter,
+            data,
+            r.recovery,
+            ctx.state_dir("recovery"),
+            ctx.fingerprint(),
+            ctx.progress,
+            cpu=ctx.cpu,
+        )
+        loaded.model.eval()
+        return report.to_dict()
+
+
+class SkipStage:
+    """Fit a dynamic expert-skipping rule on the calibration data (`skip:`)."""
+
+    name = "skip"
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.skip.method != "none"
+
+    def run(self, ctx: RunContext) -> dict:
+        from .dynamic.skip import fit_skipping
+
+        model = ctx.loaded.model
+        set_dequant_cache(model, True)  # many calibration forwards; packed experts dequantized once
+        try:
+            return fit_skipping(
+                model, ctx.loaded.adapter, ctx.batches, ctx.recipe.skip, ctx.progress, cpu=ctx.cpu
+            ).rule.to_dict()
+        finally:
+            set_dequant_cache(model, False)
+
+
+STAGES: tuple[Stage, ...] = (
+    MergeStage(),
+    SlimStage(),
+    AllocationStage(),
+    QuantizeStage(),
+    RecoveryStage(),
+    SkipStage(),
+)
+
+
+def plan_allocation(
+    loaded: LoadedModel, recipe: Recipe, batches: list[CalibrationBatch], progress: bool = True
+) -> tuple[CompressionPlan, object]:
+    """Profile every expert's quantization error at the candidate bit widths, then allocate bits.
+    Returns (plan, ExpertStats)."""
+    q, a = recipe.quantization, recipe.allocation
+    views = loaded.adapter.moe_blocks(loaded.model)
+    if a.method == "uniform":
+        return CompressionPlan.uniform([v.layer_index for v in views], views[0].num_experts, q.format), None
+    formats = [q.format_for(k) for k in a.profile_keys]
+    integer_format = QuantFormat(q.bits, q.group_size, q.sym)
+    if a.max_bytes is not None:
+        a.avg_bits = avg_bits_for_bytes(
+            a.max_bytes,
+            *_unquantized_bytes_and_expert_params(loaded, recipe),
+            [q.format_for(k) for k in a.candidates],
+            integer_format,
+        )
+    stats = collect_expert_stats(
+        loaded.model,
+        loaded.adapter,
+        batches,
+        loaded.source,
+        measure_drop_loss=False,
+        device=recipe.device,
+        progress=progress,
+        profile_formats=formats,
+        profile_max_tokens=a.profile_tokens,
+    )
+    return allocate(stats, a, integer_format), stats
+
+
+def _unquantized_bytes_and_expert_params(loaded: LoadedModel, recipe: Recipe) -> tuple[int, int]:
+    """Checkpoint bytes of everything but the routed experts (tied tensors once), and the expert parameter count."""
+    expert_tensors = {id(p) for v in loaded.adapter.moe_blocks(loaded.model) for p in v.experts.parameters()}
+    element = torch.empty(0, dtype=getattr(torch, recipe.save_dtype)).element_size()
+    seen, fixed, experts = set(), 0, 0
+    for tensor in list(loaded.model.parameters()) + list(loaded.model.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if id(tensor) in expert_tensors:
+            experts += tensor.numel()
+        else:
+            fixed += tensor.numel() * (element if tensor.is_floating_point() else tensor.element_size())
+    return fixed, experts
+
+
+def _load_teacher(source: str, trust_remote_code: bool) -> LoadedModel:
+    """Any causal LM (dense or MoE) as a distillation teacher."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the recovery teacher '{source}': {exc}") from exc
+    try:
+        adapter = get_adapter(model.config.model_type)
+    except UnsupportedModelError:
+        adapter = ModelAdapter()
+    return LoadedModel(model.eval(), adapter, source)
