@@ -30,6 +30,7 @@ class Efficiency:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     device: str
+    expert_kernels: str = ""          # which code ran the routed experts (native-avx2, torch, dense grouped_mm ...)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,5 +111,20 @@ def measure_efficiency(
     return Efficiency(
         checkpoint_bytes=size, bits_per_param=8 * size / budget["total_params"], expert_activations_skipped=skipped,
         load_seconds=load_seconds, prefill_tokens_per_s=prompt.shape[1] / statistics.median(times),
-        decode_tokens_per_s=(out.shape[1] - short.shape[1]) / decode_seconds, device=str(device), **budget,
+        decode_tokens_per_s=(out.shape[1] - short.shape[1]) / decode_seconds, device=str(device),
+        expert_kernels=expert_kernels(model), **budget,
     )
+
+
+def expert_kernels(model: nn.Module) -> str:
+    """What runs the routed experts: for packed ones the decode kernel (prefill dequantizes and multiplies in
+    torch), for dense ones transformers' experts implementation and the weights' dtype."""
+    from ..runtime import native
+    from ..runtime.packed_experts import PackedExperts
+
+    packed = next((m for m in model.modules() if isinstance(m, PackedExperts)), None)
+    if packed is not None:
+        device = next(packed.buffers()).device
+        return f"packed: decode {native.kernel_name() if device.type == 'cpu' else 'torch'}, prefill torch dequant+matmul"
+    impl = getattr(model.config, "_experts_implementation", None) or "eager"
+    return f"dense {impl} ({next(model.parameters()).dtype})".replace("torch.", "")

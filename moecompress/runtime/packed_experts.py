@@ -14,6 +14,8 @@ from ..models.base import PROJECTIONS, ExpertWeights
 from ..quant.packing import PackedTensor, packed_layout, unpack
 from ..quant.qtensor import SCALE_DTYPE, QuantFormat
 
+_pack_epoch = 0  # bumped whenever packed weights are replaced in place
+
 
 class PackedLinear(nn.Module):
     """A bias-free linear layer whose weight is a `PackedTensor` held as buffers (no zero point for ternary)."""
@@ -37,11 +39,13 @@ class PackedLinear(nn.Module):
         )
 
     def load_packed(self, packed: PackedTensor) -> None:
+        global _pack_epoch
         if tuple(packed.shape) != (self.out_features, self.in_features) or packed.fmt != self.fmt:
             raise ValueError(f"packed tensor {packed.shape} {packed.fmt.name} does not fit {self}")
         for name, tensor in packed.tensors().items():
             getattr(self, name).copy_(tensor)
         self._cache = None
+        _pack_epoch += 1  # native kernel tables built before this point may hold repacked copies: rebuild them
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self._cache is not None and self._cache.dtype == dtype:
@@ -109,10 +113,31 @@ class ExpertList(nn.Module):
 
 
 class PackedExperts(ExpertList):
-    """Routed experts whose projections are `PackedLinear`s."""
+    """Routed experts whose projections are `PackedLinear`s. On CPU, a call with few tokens (decode) runs the
+    native fused kernel (`runtime/native.py`) where it is available; otherwise the torch reference path."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, formats: list[dict[str, QuantFormat]], act_fn: nn.Module):
         super().__init__([PackedExpert(hidden_size, intermediate_size, f) for f in formats], hidden_size, intermediate_size, act_fn)
+
+    def native_usable(self, hidden_states: torch.Tensor) -> bool:
+        from . import native
+
+        return (hidden_states.device.type == "cpu" and hidden_states.shape[0] <= native.MAX_TOKENS
+                and not (torch.is_grad_enabled() and hidden_states.requires_grad)
+                and type(self.act_fn).__name__ in ("SiLU", "SiLUActivation") and native.library() is not None)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if not self.native_usable(hidden_states):
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+        from .native import table_for
+
+        return table_for(self, _pack_epoch).forward(hidden_states, top_k_index, top_k_weights)
+
+    def _apply(self, fn, recurse=True):
+        from .native import drop_table
+
+        drop_table(self)  # buffers may move or change dtype: the kernel table points into them
+        return super()._apply(fn, recurse)
 
     def set_cache_dequantized(self, enabled: bool) -> None:
         for module in self.modules():

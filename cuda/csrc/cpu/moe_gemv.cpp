@@ -1,0 +1,295 @@
+// Packed-expert decode kernels for CPU: group-wise dequant GEMV over the stored bit streams and a fused MoE
+// layer forward (gate/up -> SiLU x up -> down -> weighted sum) over the active experts, in one call.
+//
+// Weights are read as stored by moecompress (docs/FORMAT.md): per output row a little-endian bit stream of
+// `bits`-wide codes (2, 3, 4 or 8 bits; ternary formats use 2-bit codes, base-3 rows are repacked to 2-bit
+// codes once at load by the caller), fp16 scales and uint8 zero points per (row, group). Never a float copy
+// of a weight: each row is decoded 8 codes at a time into registers and used for every token of the call.
+//
+//   y[t, n] = sum_g scale[n, g] * (sum_{k in g} x[t, k] q[n, k] - zero[n, g] * sum_{k in g} x[t, k])
+//
+// Plain C ABI (no torch headers): built by moecompress/runtime/native.py with g++ into a cache and called
+// through ctypes. AVX2+FMA code is chosen at run time when the CPU has it; a portable path otherwise.
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmath>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+extern "C" {
+
+struct ProjDesc {
+    const uint8_t* packed;    // row-major rows of `row_bytes` bytes
+    const uint16_t* scale;    // fp16 [scale_rows, groups]
+    const uint8_t* zero;      // uint8 [out, groups], or null: fixed zero `fixed_zero`
+    int64_t row_bytes;
+    int32_t out_features, in_features;
+    int32_t bits, group;      // group: columns per scale (in_features for one group per row / tensor)
+    int32_t groups, scale_rows;  // scale_rows: out_features, or 1 (one scale per tensor)
+    int32_t fixed_zero;
+    int32_t pad_;
+};
+
+}  // extern "C"
+
+namespace {
+
+constexpr int kMaxTokens = 8;
+
+inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else {  // subnormal
+            int e = -1;
+            uint32_t m = mant;
+            do { ++e; m <<= 1; } while ((m & 0x400u) == 0);
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((m & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// Eight consecutive codes starting at code k of a row (bits <= 4): the low 8*bits bits of the result.
+inline uint32_t window(const uint8_t* row, int64_t row_bytes, int64_t k, int bits) {
+    const int64_t bit = k * bits, byte = bit >> 3;
+    uint64_t w = 0;
+    if (byte + 8 <= row_bytes)
+        memcpy(&w, row + byte, 8);  // one unaligned load
+    else
+        memcpy(&w, row + byte, (size_t)(row_bytes - byte));  // the row's last bytes: never read past it
+    return (uint32_t)(w >> (bit & 7));
+}
+
+inline int code_at(const uint8_t* row, int64_t k, int bits) {
+    if (bits == 8) return row[k];
+    const int64_t bit = k * bits, byte = bit >> 3;
+    const int shift = (int)(bit & 7);
+    uint32_t w = row[byte];
+    if (shift + bits > 8) w |= (uint32_t)row[byte + 1] << 8;
+    return (int)((w >> shift) & ((1u << bits) - 1));
+}
+
+// Portable row kernel: acc[t] = sum over the row's groups as in the header formula.
+void row_scalar(const ProjDesc& d, int n, const float* x, int T, const float* xsum, float* y, int ldy) {
+    const uint8_t* row = d.packed + (int64_t)n * d.row_bytes;
+    const int srow = d.scale_rows == 1 ? 0 : n;
+    for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] = 0.f;
+    for (int g = 0; g < d.groups; ++g) {
+        const int k0 = g * d.group, k1 = k0 + d.group < d.in_features ? k0 + d.group : d.in_features;
+        const float s = half_to_float(d.scale[(int64_t)srow * d.groups + g]);
+        const float z = d.zero ? (float)d.zero[(int64_t)n * d.groups + g] : (float)d.fixed_zero;
+        float dot[kMaxTokens] = {0};
+        for (int k = k0; k < k1; ++k) {
+            const float q = (float)code_at(row, k, d.bits);
+            for (int t = 0; t < T; ++t) dot[t] += x[(int64_t)t * d.in_features + k] * q;
+        }
+        for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] += s * (dot[t] - z * xsum[(int64_t)t * d.groups + g]);
+    }
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 decode8(const uint8_t* row, int64_t row_bytes, int64_t k, int bits,
+                                                           __m256i shifts, __m256i mask) {
+    if (bits == 8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + k))));
+    const __m256i codes = _mm256_srlv_epi32(_mm256_set1_epi32((int)window(row, row_bytes, k, bits)), shifts);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(codes, mask));
+}
+
+// T tokens at once, a compile-time count so that the 2*T accumulators (two independent FMA chains per
+// token, 16 codes per step) stay in registers.
+// Block decoding for 4- and 2-bit codes: 8 bytes widened to 8 int32 lanes hold 16 (or 32) codes, taken out by
+// shifts without a per-lane variable shift. The lanes then hold codes in a strided order (4-bit: even codes,
+// then odd; 2-bit: code 4j+s in segment s), so `xp` is x permuted the same way per block (`permute_x`).
+template <int T>
+__attribute__((target("avx2,fma"))) inline void block4(const uint8_t* row, int64_t k, const float* xp, int64_t K,
+                                                       __m256* a, __m256* b) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + k / 2)));
+    const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
+    const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+    for (int t = 0; t < T; ++t) {
+        a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + t * K + k), lo, a[t]);
+        b[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + t * K + k + 8), hi, b[t]);
+    }
+}
+
+template <int T>
+__attribute__((target("avx2,fma"))) inline void block2(const uint8_t* row, int64_t k, const float* xp, int64_t K,
+                                                       __m256* a, __m256* b) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + k / 4)));
+    const __m256i m = _mm256_set1_epi32(3);
+    const __m256 c0 = _mm256_cvtepi32_ps(_mm256_and_si256(v, m));
+    const __m256 c1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 2), m));
+    const __m256 c2 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4), m));
+    const __m256 c3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 6));
+    for (int t = 0; t < T; ++t) {
+        const float* xt = xp + t * K + k;
+        a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xt), c0, a[t]);
+        b[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xt + 8), c1, b[t]);
+        a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xt + 16), c2, a[t]);
+        b[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xt + 24), c3, b[t]);
+    }
+}
+
+// Codes per block of the fast path for this projection, or 0 (3-/8-bit, or groups that split a block).
+int block_codes(const ProjDesc& d) {
+    const int block = d.bits == 4 ? 16 : d.bits == 2 ? 32 : 0;
+    return block && d.group % block == 0 ? block : 0;
+}
+
+// xp[t, k]: x reordered within each whole block as the block decoders read it (tail columns unchanged).
+void permute_x(const float* x, int T, int64_t K, int block, float* xp) {
+    const int per_byte = block / 8, stride = 8;
+    for (int t = 0; t < T; ++t) {
+        const float* xt = x + t * K;
+        float* pt = xp + t * K;
+        const int64_t whole = K / block * block;
+        for (int64_t k0 = 0; k0 < whole; k0 += block)
+            for (int s = 0; s < per_byte; ++s)
+                for (int j = 0; j < stride; ++j) pt[k0 + s * stride + j] = xt[k0 + per_byte * j + s];
+        for (int64_t k = whole; k < K; ++k) pt[k] = xt[k];
+    }
+}
+
+template <int T>
+__attribute__((target("avx2,fma"))) void row_avx2(const ProjDesc& d, int n, const float* x, const float* xp,
+                                                  const float* xsum, float* y, int ldy) {
+    const uint8_t* row = d.packed + (int64_t)n * d.row_bytes;
+    const int srow = d.scale_rows == 1 ? 0 : n, bits = d.bits;
+    const int64_t K = d.in_features;
+    const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    float out[T];
+    for (int t = 0; t < T; ++t) out[t] = 0.f;
+    for (int g = 0; g < d.groups; ++g) {
+        const int64_t k0 = (int64_t)g * d.group, k1 = k0 + d.group < K ? k0 + d.group : K;
+        __m256 a[T], b[T];
+        for (int t = 0; t < T; ++t) a[t] = b[t] = _mm256_setzero_ps();
+        int64_t k = k0;
+        if (xp != nullptr && bits == 4)
+            for (; k + 16 <= k1; k += 16) block4<T>(row, k, xp, K, a, b);
+        else if (xp != nullptr && bits == 2)
+            for (; k + 32 <= k1; k += 32) block2<T>(row, k, xp, K, a, b);
+        for (; k + 16 <= k1; k += 16) {
+            const __m256 q0 = decode8(row, d.row_bytes, k, bits, shifts, mask);
+            const __m256 q1 = decode8(row, d.row_bytes, k + 8, bits, shifts, mask);
+            for (int t = 0; t < T; ++t) {
+                a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k), q0, a[t]);
+                b[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k + 8), q1, b[t]);
+            }
+        }
+        for (; k + 8 <= k1; k += 8) {
+            const __m256 q0 = decode8(row, d.row_bytes, k, bits, shifts, mask);
+            for (int t = 0; t < T; ++t) a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k), q0, a[t]);
+        }
+        const float s = half_to_float(d.scale[(int64_t)srow * d.groups + g]);
+        const float z = d.zero ? (float)d.zero[(int64_t)n * d.groups + g] : (float)d.fixed_zero;
+        for (int t = 0; t < T; ++t) {
+            float dot = hsum(_mm256_add_ps(a[t], b[t]));
+            for (int64_t j = k; j < k1; ++j) dot += x[t * K + j] * (float)code_at(row, j, bits);
+            out[t] += s * (dot - z * xsum[(int64_t)t * d.groups + g]);
+        }
+    }
+    for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] = out[t];
+}
+
+using RowFn = void (*)(const ProjDesc&, int, const float*, const float*, const float*, float*, int);
+const RowFn kRowAvx2[kMaxTokens + 1] = {nullptr, row_avx2<1>, row_avx2<2>, row_avx2<3>, row_avx2<4>,
+                                        row_avx2<5>, row_avx2<6>, row_avx2<7>, row_avx2<8>};
+
+bool has_avx2() {
+    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return yes;
+}
+
+// y[T, out] = x[T, in] W^T for T <= kMaxTokens.
+void gemv(const ProjDesc& d, const float* x, int T, float* y) {
+    std::vector<float> xsum((size_t)T * d.groups, 0.f);
+    for (int t = 0; t < T; ++t)
+        for (int k = 0; k < d.in_features; ++k) xsum[(size_t)t * d.groups + k / d.group] += x[(int64_t)t * d.in_features + k];
+    const RowFn avx2 = has_avx2() ? kRowAvx2[T] : nullptr;
+    const int block = avx2 ? block_codes(d) : 0;
+    std::vector<float> xp(block ? (size_t)T * d.in_features : 0);
+    if (block) permute_x(x, T, d.in_features, block, xp.data());
+    const float* xpp = block ? xp.data() : nullptr;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < d.out_features; ++n) {
+        if (avx2)
+            avx2(d, n, x, xpp, xsum.data(), y, d.out_features);
+        else
+            row_scalar(d, n, x, T, xsum.data(), y, d.out_features);
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// 2: AVX2+FMA path, 1: portable path.
+int moe_cpu_isa() { return has_avx2() ? 2 : 1; }
+
+// y[T, out] = x[T, in] W^T for one packed projection; any T (processed 8 tokens at a time).
+void moe_packed_linear(const ProjDesc* d, const float* x, int64_t T, float* y) {
+    std::vector<float> buf;
+    for (int64_t t0 = 0; t0 < T; t0 += kMaxTokens) {
+        const int n = (int)(T - t0 < kMaxTokens ? T - t0 : kMaxTokens);
+        buf.assign((size_t)n * d->out_features, 0.f);
+        gemv(*d, x + t0 * d->in_features, n, buf.data());
+        memcpy(y + t0 * d->out_features, buf.data(), buf.size() * sizeof(float));
+    }
+}
+
+// One MoE layer: out[T, H] = sum_k w[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, k], over the
+// experts `projs[3e .. 3e+2]` (gate, up, down; each expert its own format). Ids outside [0, E) are skipped.
+void moe_experts_forward(const ProjDesc* projs, int32_t num_experts, const float* x, const int64_t* ids,
+                         const float* weights, int64_t T, int32_t K, int32_t hidden, int32_t inter, float* out) {
+    memset(out, 0, sizeof(float) * (size_t)T * hidden);
+    std::vector<std::vector<std::pair<int64_t, float>>> routed(num_experts);
+    for (int64_t t = 0; t < T; ++t)
+        for (int k = 0; k < K; ++k) {
+            const int64_t e = ids[t * K + k];
+            if (e >= 0 && e < num_experts) routed[e].push_back({t, weights[t * K + k]});
+        }
+    std::vector<float> xs, gate, up, down;
+    for (int e = 0; e < num_experts; ++e) {
+        const auto& pairs = routed[e];
+        for (size_t p0 = 0; p0 < pairs.size(); p0 += kMaxTokens) {
+            const int n = (int)(pairs.size() - p0 < (size_t)kMaxTokens ? pairs.size() - p0 : kMaxTokens);
+            xs.resize((size_t)n * hidden);
+            for (int i = 0; i < n; ++i) memcpy(&xs[(size_t)i * hidden], x + pairs[p0 + i].first * hidden, sizeof(float) * hidden);
+            gate.assign((size_t)n * inter, 0.f);
+            up.assign((size_t)n * inter, 0.f);
+            down.assign((size_t)n * hidden, 0.f);
+            gemv(projs[3 * e], xs.data(), n, gate.data());
+            gemv(projs[3 * e + 1], xs.data(), n, up.data());
+            for (size_t i = 0; i < gate.size(); ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+            gemv(projs[3 * e + 2], gate.data(), n, down.data());
+            for (int i = 0; i < n; ++i) {
+                float* o = out + pairs[p0 + i].first * hidden;
+                const float w = pairs[p0 + i].second;
+                for (int h = 0; h < hidden; ++h) o[h] += w * down[(size_t)i * hidden + h];
+            }
+        }
+    }
+}
+
+}  // extern "C"

@@ -1,0 +1,203 @@
+"""Native CPU kernels for packed experts (`cuda/csrc/cpu/moe_gemv.cpp`): group-wise dequant GEMV straight from
+the stored bit streams and a fused MoE layer forward, one native call per layer.
+
+The source is compiled with the system C++ compiler on first use into a cache (`$MOECOMPRESS_CACHE` or
+`~/.cache/moecompress/native`, keyed by the source's hash) and loaded with ctypes: plain C ABI, no torch
+headers, so no CUDA torch is needed to build it. Where no compiler is found, or the build fails, the torch
+reference path runs and one warning says why. `MOECOMPRESS_KERNELS=torch` forces the reference path.
+
+Layout: the on-disk format is read as it is (rows of `bits`-wide codes, fp16 scales, uint8 zeros), except
+base-3 ternary rows, which are repacked once per module to 2-bit codes (1.6 -> 2 bits per weight read, for
+8-codes-per-instruction SIMD decoding instead of a division chain per trit).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import uuid
+import weakref
+from pathlib import Path
+
+import torch
+
+from ..quant.packing import pack_codes, unpack_trits
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parents[2] / "cuda" / "csrc" / "cpu" / "moe_gemv.cpp"
+FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra"]
+MAX_TOKENS = 16  # above this many tokens per call (prefill), dequantize + matmul is faster
+
+
+class ProjDesc(ctypes.Structure):
+    _fields_ = [
+        ("packed", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("zero", ctypes.c_void_p),
+        ("row_bytes", ctypes.c_int64),
+        ("out_features", ctypes.c_int32),
+        ("in_features", ctypes.c_int32),
+        ("bits", ctypes.c_int32),
+        ("group", ctypes.c_int32),
+        ("groups", ctypes.c_int32),
+        ("scale_rows", ctypes.c_int32),
+        ("fixed_zero", ctypes.c_int32),
+        ("pad_", ctypes.c_int32),
+    ]
+
+
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MOECOMPRESS_CACHE", Path.home() / ".cache" / "moecompress")) / "native"
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ('{compiler}') on PATH; install g++ or set CXX")
+    if not SOURCE.is_file():
+        raise RuntimeError(f"kernel source {SOURCE} is missing (install moecompress from its repository)")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"moe_gemv-{key}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+        log.info("compiling the native CPU expert kernels (once) into %s", target)
+        try:
+            result = subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
+            if result.returncode:
+                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first use; None (after one warning) where it cannot be had."""
+    global _library, _failure
+    if _library is not None or _failure is not None:
+        return _library
+    if os.environ.get("MOECOMPRESS_KERNELS", "native") == "torch":
+        _failure = "MOECOMPRESS_KERNELS=torch"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (RuntimeError, OSError) as exc:
+        _failure = str(exc)
+        log.warning(
+            "moecompress: native CPU kernels unavailable (%s); packed experts run on the slower torch path.", exc
+        )
+        return None
+    lib.moe_cpu_isa.restype = ctypes.c_int
+    lib.moe_packed_linear.argtypes = [ctypes.POINTER(ProjDesc), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.moe_experts_forward.argtypes = [
+        ctypes.POINTER(ProjDesc),
+        ctypes.c_int32,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int32,
+        ctypes.c_int32,
+        ctypes.c_int32,
+        ctypes.c_void_p,
+    ]
+    _library = lib
+    return lib
+
+
+def kernel_name() -> str:
+    """Which path CPU packed experts take: native-avx2, native-portable, or torch (with the reason)."""
+    lib = library()
+    if lib is None:
+        return f"torch ({_failure})"
+    return {2: "native-avx2", 1: "native-portable"}[lib.moe_cpu_isa()]
+
+
+def describe(linear) -> tuple[ProjDesc, list[torch.Tensor]]:
+    """The kernel's view of a `PackedLinear` (and the tensors it points into, to keep alive)."""
+    fmt, (out_features, in_features) = linear.fmt, (linear.out_features, linear.in_features)
+    packed = linear.weight_packed
+    if fmt.packing == "base3":
+        packed = pack_codes(unpack_trits(packed, in_features), 2)
+    packed, scale = packed.contiguous(), linear.weight_scale.contiguous()
+    zero = None if fmt.ternary else linear.weight_zero_point.contiguous()
+    desc = ProjDesc(
+        packed.data_ptr(),
+        scale.data_ptr(),
+        zero.data_ptr() if zero is not None else None,
+        packed.shape[1] * packed.element_size(),
+        out_features,
+        in_features,
+        2 if fmt.ternary else fmt.bits,
+        fmt.effective_group(in_features),
+        fmt.groups(in_features),
+        fmt.scale_rows(out_features),
+        1,
+        0,
+    )
+    return desc, [t for t in (packed, scale, zero) if t is not None]
+
+
+def packed_linear(linear, x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] W^T through the native GEMV (float32)."""
+    lib = library()
+    desc, keep = describe(linear)
+    flat = x.reshape(-1, linear.in_features).to(torch.float32).contiguous()
+    y = torch.empty(flat.shape[0], linear.out_features, dtype=torch.float32)
+    lib.moe_packed_linear(ctypes.byref(desc), flat.data_ptr(), flat.shape[0], y.data_ptr())
+    del keep
+    return y.reshape(*x.shape[:-1], linear.out_features)
+
+
+class ExpertTable:
+    """Descriptors of every projection of a `PackedExperts` (gate, up, down per expert), built once."""
+
+    def __init__(self, experts):
+        described = [describe(getattr(e, p)) for e in experts for p in ("gate_proj", "up_proj", "down_proj")]
+        self.array = (ProjDesc * len(described))(*(d for d, _ in described))
+        self.keep = [t for _, ts in described for t in ts]
+        self.num_experts, self.hidden, self.intermediate = len(experts), experts.hidden_size, experts.intermediate_size
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        x = hidden.to(torch.float32).contiguous()
+        ids = top_k_index.to(torch.int64).contiguous()
+        weights = top_k_weights.to(torch.float32).contiguous()
+        out = torch.empty_like(x)
+        library().moe_experts_forward(
+            self.array,
+            self.num_experts,
+            x.data_ptr(),
+            ids.data_ptr(),
+            weights.data_ptr(),
+            x.shape[0],
+            ids.shape[1],
+            self.hidden,
+            self.intermediate,
+            out.data_ptr(),
+        )
+        return out.to(hidden.dtype)
+
+
+_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PackedExperts -> (epoch, ExpertTable)
+
+
+def table_for(experts, epoch: int) -> ExpertTable:
+    """The module's kernel table, rebuilt when packed weights were replaced since (`epoch`)."""
+    cached = _tables.get(experts)
+    if cached is None or cached[0] != epoch:
+        cached = _tables[experts] = (epoch, ExpertTable(experts))
+    return cached[1]
+
+
+def drop_table(experts) -> None:
+    _tables.pop(experts, None)

@@ -1,0 +1,127 @@
+"""Native CPU kernels against float64 references computed from the packed data (fresh random inputs)."""
+
+import logging
+
+import pytest
+import torch
+
+from moecompress.quant.packing import pack
+from moecompress.quant.qtensor import QuantFormat
+from moecompress.quant.rtn import quantize_rtn
+from moecompress.runtime import native
+from moecompress.runtime.packed_experts import ExpertList, PackedExperts, PackedLinear
+
+FORMATS = [
+    QuantFormat(2, 32),
+    QuantFormat(2, 128, True),
+    QuantFormat(3, 64),
+    QuantFormat(3, -1, True),
+    QuantFormat(4, 128),
+    QuantFormat(4, 32, True),
+    QuantFormat(4, 100),
+    QuantFormat(8, 64),
+    QuantFormat(8, -1, True),
+    QuantFormat.make_ternary(128, "bits"),
+    QuantFormat.make_ternary(-1, "base3"),
+    QuantFormat.make_ternary(0, "base3"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _kernels():
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable here: {native.kernel_name()}")
+
+
+def packed_linear(out_features: int, in_features: int, fmt: QuantFormat) -> PackedLinear:
+    linear = PackedLinear(out_features, in_features, fmt)
+    linear.load_packed(pack(quantize_rtn(torch.randn(out_features, in_features), fmt)))
+    return linear
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("shape", [(37, 200), (64, 256), (5, 21)])  # odd N, K not a multiple of 32 or the group
+@pytest.mark.parametrize("tokens", [1, 3, 8, 11])
+def test_gemv_matches_the_float64_reference_of_the_packed_weight(fmt, shape, tokens):
+    torch.manual_seed(torch.seed() % 2**31)  # fresh inputs every run
+    linear = packed_linear(*shape, fmt)
+    x = torch.randn(tokens, shape[1])
+    reference = x.double() @ linear.dequantize(torch.float64).T
+    assert rel_err(native.packed_linear(linear, x), reference) < 1e-5
+
+
+def mixed_experts(num_experts: int = 6, hidden: int = 72, intermediate: int = 40) -> PackedExperts:
+    formats = [
+        dict(zip(("gate_proj", "up_proj", "down_proj"), (FORMATS[(3 * e + i) % len(FORMATS)] for i in range(3))))
+        for e in range(num_experts)
+    ]
+    module = PackedExperts(hidden, intermediate, formats, torch.nn.SiLU())
+    for expert, fmts in zip(module, formats):
+        for proj, fmt in fmts.items():
+            linear = getattr(expert, proj)
+            linear.load_packed(pack(quantize_rtn(torch.randn(linear.out_features, linear.in_features), fmt)))
+    return module
+
+
+def float64_moe(module: PackedExperts, x, ids, weights) -> torch.Tensor:
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = module[int(ids[t, k])]
+            w = {p: getattr(e, p).dequantize(torch.float64) for p in ("gate_proj", "up_proj", "down_proj")}
+            xt = x[t].double()
+            h = torch.nn.functional.silu(w["gate_proj"] @ xt) * (w["up_proj"] @ xt)
+            out[t] += float(weights[t, k]) * (w["down_proj"] @ h)
+    return out
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+def test_fused_moe_forward_matches_float64_and_the_reference_path(tokens):
+    module = mixed_experts()
+    x = torch.randn(tokens, 72)
+    ids = torch.stack([torch.randperm(5)[:2] for _ in range(tokens)])  # expert 5 gets no token
+    if tokens == 16:
+        ids[:5, 0] = torch.arange(5)  # and with 16 tokens every other expert is used
+    weights = torch.rand(tokens, 2).softmax(-1)
+    with torch.no_grad():
+        assert module.native_usable(x)
+        fused = module(x, ids, weights)
+        reference = ExpertList.forward(module, x, ids, weights)
+    expected = float64_moe(module, x, ids, weights)
+    assert rel_err(fused, expected) < 1e-5 and rel_err(reference, expected) < 1e-5
+
+
+def test_replaced_weights_rebuild_the_kernel_table():
+    module = mixed_experts()
+    x, ids, weights = torch.randn(2, 72), torch.tensor([[0, 1], [1, 4]]), torch.rand(2, 2)
+    with torch.no_grad():
+        module(x, ids, weights)
+        linear = module[1].down_proj
+        linear.load_packed(pack(quantize_rtn(torch.randn(linear.out_features, linear.in_features), linear.fmt)))
+        assert rel_err(module(x, ids, weights), float64_moe(module, x, ids, weights)) < 1e-5
+
+
+def test_prefill_and_training_use_the_torch_path():
+    module = mixed_experts()
+    assert not module.native_usable(torch.randn(native.MAX_TOKENS + 1, 72))
+    assert not module.native_usable(torch.randn(2, 72, requires_grad=True))
+
+
+def test_without_a_compiler_the_torch_path_runs_with_one_warning(monkeypatch, caplog, tmp_path):
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        assert native.library() is None and native.library() is None
+    assert sum("native CPU kernels unavailable" in r.message for r in caplog.records) == 1
+    assert native.kernel_name().startswith("torch (no C++ compiler")
+    module = mixed_experts()
+    x, ids, weights = torch.randn(3, 72), torch.tensor([[0, 1], [2, 3], [4, 0]]), torch.rand(3, 2)
+    with torch.no_grad():
+        assert not module.native_usable(x)
+        assert rel_err(module(x, ids, weights), float64_moe(module, x, ids, weights)) < 1e-5
