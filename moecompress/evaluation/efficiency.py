@@ -117,14 +117,14 @@ def measure_efficiency(
 
 
 def expert_kernels(model: nn.Module) -> str:
-    """What runs the routed experts: for packed ones the decode kernel (prefill dequantizes and multiplies in
-    torch), for dense ones transformers' experts implementation and the weights' dtype."""
+    """What runs the routed experts: for packed ones the kernel path, for dense ones transformers' experts
+    implementation and the weights' dtype."""
     from ..runtime import native
     from ..runtime.packed_experts import PackedExperts
 
     packed = next((m for m in model.modules() if isinstance(m, PackedExperts)), None)
     if packed is not None:
         device = next(packed.buffers()).device
-        return f"packed: decode {native.kernel_name() if device.type == 'cpu' else 'torch'}, prefill torch dequant+matmul"
+        return f"packed: {native.kernel_name() if device.type == 'cpu' else 'torch dequant+matmul'}"
     impl = getattr(model.config, "_experts_implementation", None) or "eager"
     return f"dense {impl} ({next(model.parameters()).dtype})".replace("torch.", "")

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parents[2] / "cuda" / "csrc" / "cpu" / "moe_gemv.cpp"
 FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra"]
-MAX_TOKENS = 16  # above this many tokens per call (prefill), dequantize + matmul is faster
+# Tokens per call up to which the kernels run (measured on one Qwen3-30B-A3B-shaped layer, 2 cores: 512 tokens
+# 0.47 s native vs 1.1 s dequantize + matmul); above it each expert is dequantized once and multiplied.
+MAX_TOKENS = 4096
 
 
 class ProjDesc(ctypes.Structure):

@@ -113,8 +113,9 @@ class ExpertList(nn.Module):
 
 
 class PackedExperts(ExpertList):
-    """Routed experts whose projections are `PackedLinear`s. On CPU, a call with few tokens (decode) runs the
-    native fused kernel (`runtime/native.py`) where it is available; otherwise the torch reference path."""
+    """Routed experts whose projections are `PackedLinear`s. On CPU the native fused kernel runs
+    (`runtime/native.py`) where it is available, unless dequantized copies are cached (`set_cache_dequantized`,
+    for evaluation) or gradients are needed; otherwise the torch reference path."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, formats: list[dict[str, QuantFormat]], act_fn: nn.Module):
         super().__init__([PackedExpert(hidden_size, intermediate_size, f) for f in formats], hidden_size, intermediate_size, act_fn)
@@ -122,7 +123,8 @@ class PackedExperts(ExpertList):
     def native_usable(self, hidden_states: torch.Tensor) -> bool:
         from . import native
 
-        return (hidden_states.device.type == "cpu" and hidden_states.shape[0] <= native.MAX_TOKENS
+        cached = self.num_experts and self[0].gate_proj.cache_dequantized  # evaluation with dense copies kept
+        return (hidden_states.device.type == "cpu" and hidden_states.shape[0] <= native.MAX_TOKENS and not cached
                 and not (torch.is_grad_enabled() and hidden_states.requires_grad)
                 and type(self.act_fn).__name__ in ("SiLU", "SiLUActivation") and native.library() is not None)
 

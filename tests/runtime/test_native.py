@@ -105,9 +105,11 @@ def test_replaced_weights_rebuild_the_kernel_table():
         assert rel_err(module(x, ids, weights), float64_moe(module, x, ids, weights)) < 1e-5
 
 
-def test_prefill_and_training_use_the_torch_path():
+def test_huge_calls_cached_copies_and_training_use_the_torch_path():
     module = mixed_experts()
     assert not module.native_usable(torch.randn(native.MAX_TOKENS + 1, 72))
+    module.set_cache_dequantized(True)  # evaluation keeps dense copies: torch matmul
+    assert not module.native_usable(torch.randn(2, 72))
     assert not module.native_usable(torch.randn(2, 72, requires_grad=True))
 
 
