@@ -12,6 +12,7 @@ from moecompress.quant.packing import pack
 from moecompress.quant.qtensor import QuantFormat
 from moecompress.quant.rtn import quantize_rtn
 from moecompress.runtime import PackedExperts
+from moecompress.runtime.packed_experts import ExpertList
 from moecompress.training.qat import QATExperts, RecoveryConfig, recover_quantized_experts
 
 from ..models.tiny_models import tiny_model
@@ -42,7 +43,9 @@ def test_fake_quant_experts_compute_exactly_what_the_packed_ones_do():
     qat = QATExperts.from_packed(packed)
     args = routed_inputs(packed)
     with torch.no_grad():
-        assert torch.allclose(qat(*args), packed(*args), rtol=1e-5, atol=1e-6)
+        # the torch reference path does the same float32 arithmetic; the native kernels sum in another order
+        assert torch.allclose(qat(*args), ExpertList.forward(packed, *args), rtol=1e-5, atol=1e-6)
+        assert float((qat(*args) - packed(*args)).norm() / qat(*args).norm()) < 1e-5
     again = qat.to_packed()
     for a, b in zip(packed.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
