@@ -118,11 +118,11 @@ def library() -> ctypes.CDLL | None:
 
 
 def kernel_name() -> str:
-    """Which path CPU packed experts take: native-avx2, native-portable, or torch (with the reason)."""
+    """Which path CPU packed experts take: native-avx512, native-avx2, native-portable, or torch (with the reason)."""
     lib = library()
     if lib is None:
         return f"torch ({_failure})"
-    return {2: "native-avx2", 1: "native-portable"}[lib.moe_cpu_isa()]
+    return {3: "native-avx512", 2: "native-avx2", 1: "native-portable"}[lib.moe_cpu_isa()]
 
 
 def describe(linear) -> tuple[ProjDesc, list[torch.Tensor]]:

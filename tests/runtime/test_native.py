@@ -27,10 +27,15 @@ FORMATS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _kernels():
+@pytest.fixture(autouse=True, params=["widest", "avx2"])
+def _kernels(request, monkeypatch):
+    """Every test on the widest ISA this CPU has, and again with AVX-512 turned off (the AVX2 code)."""
     if native.library() is None:
         pytest.skip(f"native kernels unavailable here: {native.kernel_name()}")
+    if request.param == "avx2":
+        monkeypatch.setenv("MOECOMPRESS_NO_AVX512", "1")
+        if native.kernel_name() != "native-avx2":
+            pytest.skip("this CPU has no AVX2")
 
 
 def packed_linear(out_features: int, in_features: int, fmt: QuantFormat) -> PackedLinear:

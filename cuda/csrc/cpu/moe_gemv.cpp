@@ -9,9 +9,14 @@
 //   y[t, n] = sum_g scale[n, g] * (sum_{k in g} x[t, k] q[n, k] - zero[n, g] * sum_{k in g} x[t, k])
 //
 // Plain C ABI (no torch headers): built by moecompress/runtime/native.py with g++ into a cache and called
-// through ctypes. AVX2+FMA code is chosen at run time when the CPU has it; a portable path otherwise.
+// through ctypes. AVX-512 (F/BW/VL) or AVX2+FMA code is chosen at run time when the CPU has it
+// (MOECOMPRESS_NO_AVX512=1 stops at AVX2); a portable path otherwise.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 flags _mm512_undefined_* inside its own headers
+#endif
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cmath>
@@ -150,22 +155,25 @@ __attribute__((target("avx2,fma"))) inline void block2(const uint8_t* row, int64
     }
 }
 
-// Codes per block of the fast path for this projection, or 0 (3-/8-bit, or groups that split a block).
-int block_codes(const ProjDesc& d) {
-    const int block = d.bits == 4 ? 16 : d.bits == 2 ? 32 : 0;
+// Codes per block of the fast path for this projection with `lanes` floats per vector (8: AVX2, 16: AVX-512),
+// or 0 (no block decoder for these bits, or groups that split a block).
+int block_codes(const ProjDesc& d, int lanes) {
+    const bool wide = lanes == 16;
+    const int block = d.bits == 4 ? 2 * lanes : d.bits == 2 ? 4 * lanes : (d.bits == 8 && wide) ? lanes : 0;
     return block && d.group % block == 0 ? block : 0;
 }
 
-// xp[t, k]: x reordered within each whole block as the block decoders read it (tail columns unchanged).
-void permute_x(const float* x, int T, int64_t K, int block, float* xp) {
-    const int per_byte = block / 8, stride = 8;
+// xp[t, k]: x reordered within each whole block as the block decoders read it (tail columns unchanged):
+// lane j of segment s holds code per_byte * j + s.
+void permute_x(const float* x, int T, int64_t K, int block, int lanes, float* xp) {
+    const int per_byte = block / lanes;
     for (int t = 0; t < T; ++t) {
         const float* xt = x + t * K;
         float* pt = xp + t * K;
         const int64_t whole = K / block * block;
         for (int64_t k0 = 0; k0 < whole; k0 += block)
             for (int s = 0; s < per_byte; ++s)
-                for (int j = 0; j < stride; ++j) pt[k0 + s * stride + j] = xt[k0 + per_byte * j + s];
+                for (int j = 0; j < lanes; ++j) pt[k0 + s * lanes + j] = xt[k0 + per_byte * j + s];
         for (int64_t k = whole; k < K; ++k) pt[k] = xt[k];
     }
 }
@@ -216,6 +224,81 @@ using RowFn = void (*)(const ProjDesc&, int, const float*, const float*, const f
 const RowFn kRowAvx2[kMaxTokens + 1] = {nullptr, row_avx2<1>, row_avx2<2>, row_avx2<3>, row_avx2<4>,
                                         row_avx2<5>, row_avx2<6>, row_avx2<7>, row_avx2<8>};
 
+// AVX-512: the same block decoders with 16 lanes (4-bit: 16 bytes -> 32 codes; 2-bit: 64 codes; 8-bit: 16),
+// then the AVX2 code for what is left of a group (3-bit codes, tails).
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+
+AVX512_TARGET inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+template <int T>
+AVX512_TARGET void row_avx512(const ProjDesc& d, int n, const float* x, const float* xp, const float* xsum, float* y,
+                              int ldy) {
+    const uint8_t* row = d.packed + (int64_t)n * d.row_bytes;
+    const int srow = d.scale_rows == 1 ? 0 : n, bits = d.bits;
+    const int64_t K = d.in_features;
+    const int block = xp != nullptr ? (bits == 4 ? 32 : bits == 2 ? 64 : 16) : 0;
+    const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    float out[T];
+    for (int t = 0; t < T; ++t) out[t] = 0.f;
+    for (int g = 0; g < d.groups; ++g) {
+        const int64_t k0 = (int64_t)g * d.group, k1 = k0 + d.group < K ? k0 + d.group : K;
+        __m512 a[T], b[T];
+        __m256 c[T];
+        for (int t = 0; t < T; ++t) a[t] = b[t] = _mm512_setzero_ps(), c[t] = _mm256_setzero_ps();
+        int64_t k = k0;
+        if (block)
+            for (; k + block <= k1; k += block) {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + k * bits / 8)));
+                if (bits == 8) {
+                    const __m512 q = _mm512_cvtepi32_ps(v);
+                    for (int t = 0; t < T; ++t) a[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + t * K + k), q, a[t]);
+                } else if (bits == 4) {
+                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));
+                    const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                    for (int t = 0; t < T; ++t) {
+                        a[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + t * K + k), lo, a[t]);
+                        b[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + t * K + k + 16), hi, b[t]);
+                    }
+                } else {
+                    const __m512i m = _mm512_set1_epi32(3);
+                    const __m512 c0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, m));
+                    const __m512 c1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 2), m));
+                    const __m512 c2 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 4), m));
+                    const __m512 c3 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 6));
+                    for (int t = 0; t < T; ++t) {
+                        const float* xt = xp + t * K + k;
+                        a[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xt), c0, a[t]);
+                        b[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xt + 16), c1, b[t]);
+                        a[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xt + 32), c2, a[t]);
+                        b[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xt + 48), c3, b[t]);
+                    }
+                }
+            }
+        for (; k + 8 <= k1; k += 8) {
+            const __m256 q = decode8(row, d.row_bytes, k, bits, shifts, mask);
+            for (int t = 0; t < T; ++t) c[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k), q, c[t]);
+        }
+        const float s = half_to_float(d.scale[(int64_t)srow * d.groups + g]);
+        const float z = d.zero ? (float)d.zero[(int64_t)n * d.groups + g] : (float)d.fixed_zero;
+        for (int t = 0; t < T; ++t) {
+            float dot = hsum512(_mm512_add_ps(a[t], b[t])) + hsum(c[t]);
+            for (int64_t j = k; j < k1; ++j) dot += x[t * K + j] * (float)code_at(row, j, bits);
+            out[t] += s * (dot - z * xsum[(int64_t)t * d.groups + g]);
+        }
+    }
+    for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] = out[t];
+}
+
+const RowFn kRowAvx512[kMaxTokens + 1] = {nullptr, row_avx512<1>, row_avx512<2>, row_avx512<3>, row_avx512<4>,
+                                          row_avx512<5>, row_avx512<6>, row_avx512<7>, row_avx512<8>};
+
+bool has_avx512() {
+    static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+    return yes && getenv("MOECOMPRESS_NO_AVX512") == nullptr;
+}
+
 bool has_avx2() {
     static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     return yes;
@@ -226,10 +309,11 @@ void gemv(const ProjDesc& d, const float* x, int T, float* y) {
     std::vector<float> xsum((size_t)T * d.groups, 0.f);
     for (int t = 0; t < T; ++t)
         for (int k = 0; k < d.in_features; ++k) xsum[(size_t)t * d.groups + k / d.group] += x[(int64_t)t * d.in_features + k];
-    const RowFn avx2 = has_avx2() ? kRowAvx2[T] : nullptr;
-    const int block = avx2 ? block_codes(d) : 0;
+    const int lanes = has_avx512() ? 16 : has_avx2() ? 8 : 0;
+    const RowFn avx2 = lanes == 16 ? kRowAvx512[T] : lanes == 8 ? kRowAvx2[T] : nullptr;
+    const int block = avx2 ? block_codes(d, lanes) : 0;
     std::vector<float> xp(block ? (size_t)T * d.in_features : 0);
-    if (block) permute_x(x, T, d.in_features, block, xp.data());
+    if (block) permute_x(x, T, d.in_features, block, lanes, xp.data());
     const float* xpp = block ? xp.data() : nullptr;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < d.out_features; ++n) {
@@ -244,8 +328,8 @@ void gemv(const ProjDesc& d, const float* x, int T, float* y) {
 
 extern "C" {
 
-// 2: AVX2+FMA path, 1: portable path.
-int moe_cpu_isa() { return has_avx2() ? 2 : 1; }
+// 3: AVX-512 path, 2: AVX2+FMA path, 1: portable path.
+int moe_cpu_isa() { return has_avx512() ? 3 : has_avx2() ? 2 : 1; }
 
 // y[T, out] = x[T, in] W^T for one packed projection; any T (processed 8 tokens at a time).
 void moe_packed_linear(const ProjDesc* d, const float* x, int64_t T, float* y) {
