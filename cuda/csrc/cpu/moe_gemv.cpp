@@ -13,6 +13,7 @@
 // (MOECOMPRESS_NO_AVX512=1 stops at AVX2); a portable path otherwise.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 flags _mm512_undefined_* inside its own headers
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
 #include <stdint.h>
@@ -106,14 +107,14 @@ void row_scalar(const ProjDesc& d, int n, const float* x, int T, const float* xs
     }
 }
 
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+__attribute__((target("avx2,fma,f16c"))) inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
 }
 
-__attribute__((target("avx2,fma"))) inline __m256 decode8(const uint8_t* row, int64_t row_bytes, int64_t k, int bits,
+__attribute__((target("avx2,fma,f16c"))) inline __m256 decode8(const uint8_t* row, int64_t row_bytes, int64_t k, int bits,
                                                            __m256i shifts, __m256i mask) {
     if (bits == 8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + k))));
     const __m256i codes = _mm256_srlv_epi32(_mm256_set1_epi32((int)window(row, row_bytes, k, bits)), shifts);
@@ -126,7 +127,7 @@ __attribute__((target("avx2,fma"))) inline __m256 decode8(const uint8_t* row, in
 // shifts without a per-lane variable shift. The lanes then hold codes in a strided order (4-bit: even codes,
 // then odd; 2-bit: code 4j+s in segment s), so `xp` is x permuted the same way per block (`permute_x`).
 template <int T>
-__attribute__((target("avx2,fma"))) inline void block4(const uint8_t* row, int64_t k, const float* xp, int64_t K,
+__attribute__((target("avx2,fma,f16c"))) inline void block4(const uint8_t* row, int64_t k, const float* xp, int64_t K,
                                                        __m256* a, __m256* b) {
     const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + k / 2)));
     const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
@@ -138,7 +139,7 @@ __attribute__((target("avx2,fma"))) inline void block4(const uint8_t* row, int64
 }
 
 template <int T>
-__attribute__((target("avx2,fma"))) inline void block2(const uint8_t* row, int64_t k, const float* xp, int64_t K,
+__attribute__((target("avx2,fma,f16c"))) inline void block2(const uint8_t* row, int64_t k, const float* xp, int64_t K,
                                                        __m256* a, __m256* b) {
     const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + k / 4)));
     const __m256i m = _mm256_set1_epi32(3);
@@ -179,7 +180,7 @@ void permute_x(const float* x, int T, int64_t K, int block, int lanes, float* xp
 }
 
 template <int T>
-__attribute__((target("avx2,fma"))) void row_avx2(const ProjDesc& d, int n, const float* x, const float* xp,
+__attribute__((target("avx2,fma,f16c"))) void row_avx2(const ProjDesc& d, int n, const float* x, const float* xp,
                                                   const float* xsum, float* y, int ldy) {
     const uint8_t* row = d.packed + (int64_t)n * d.row_bytes;
     const int srow = d.scale_rows == 1 ? 0 : n, bits = d.bits;
@@ -187,7 +188,8 @@ __attribute__((target("avx2,fma"))) void row_avx2(const ProjDesc& d, int n, cons
     const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
     float out[T];
-    for (int t = 0; t < T; ++t) out[t] = 0.f;
+    __m256 tot[T];
+    for (int t = 0; t < T; ++t) out[t] = 0.f, tot[t] = _mm256_setzero_ps();
     for (int g = 0; g < d.groups; ++g) {
         const int64_t k0 = (int64_t)g * d.group, k1 = k0 + d.group < K ? k0 + d.group : K;
         __m256 a[T], b[T];
@@ -209,15 +211,18 @@ __attribute__((target("avx2,fma"))) void row_avx2(const ProjDesc& d, int n, cons
             const __m256 q0 = decode8(row, d.row_bytes, k, bits, shifts, mask);
             for (int t = 0; t < T; ++t) a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k), q0, a[t]);
         }
-        const float s = half_to_float(d.scale[(int64_t)srow * d.groups + g]);
+        // scale the group's vector sums into the row's (no horizontal sum per group)
+        const float s = _cvtsh_ss(d.scale[(int64_t)srow * d.groups + g]);
         const float z = d.zero ? (float)d.zero[(int64_t)n * d.groups + g] : (float)d.fixed_zero;
+        const __m256 vs = _mm256_set1_ps(s);
         for (int t = 0; t < T; ++t) {
-            float dot = hsum(_mm256_add_ps(a[t], b[t]));
-            for (int64_t j = k; j < k1; ++j) dot += x[t * K + j] * (float)code_at(row, j, bits);
-            out[t] += s * (dot - z * xsum[(int64_t)t * d.groups + g]);
+            tot[t] = _mm256_fmadd_ps(vs, _mm256_add_ps(a[t], b[t]), tot[t]);
+            float tail = 0.f;
+            for (int64_t j = k; j < k1; ++j) tail += x[t * K + j] * (float)code_at(row, j, bits);
+            out[t] += s * (tail - z * xsum[(int64_t)t * d.groups + g]);
         }
     }
-    for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] = out[t];
+    for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] = out[t] + hsum(tot[t]);
 }
 
 using RowFn = void (*)(const ProjDesc&, int, const float*, const float*, const float*, float*, int);
@@ -226,7 +231,7 @@ const RowFn kRowAvx2[kMaxTokens + 1] = {nullptr, row_avx2<1>, row_avx2<2>, row_a
 
 // AVX-512: the same block decoders with 16 lanes (4-bit: 16 bytes -> 32 codes; 2-bit: 64 codes; 8-bit: 16),
 // then the AVX2 code for what is left of a group (3-bit codes, tails).
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
 AVX512_TARGET inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
 
@@ -240,7 +245,9 @@ AVX512_TARGET void row_avx512(const ProjDesc& d, int n, const float* x, const fl
     const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
     float out[T];
-    for (int t = 0; t < T; ++t) out[t] = 0.f;
+    __m512 tot[T];
+    __m256 ctot[T];
+    for (int t = 0; t < T; ++t) out[t] = 0.f, tot[t] = _mm512_setzero_ps(), ctot[t] = _mm256_setzero_ps();
     for (int g = 0; g < d.groups; ++g) {
         const int64_t k0 = (int64_t)g * d.group, k1 = k0 + d.group < K ? k0 + d.group : K;
         __m512 a[T], b[T];
@@ -279,15 +286,18 @@ AVX512_TARGET void row_avx512(const ProjDesc& d, int n, const float* x, const fl
             const __m256 q = decode8(row, d.row_bytes, k, bits, shifts, mask);
             for (int t = 0; t < T; ++t) c[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k), q, c[t]);
         }
-        const float s = half_to_float(d.scale[(int64_t)srow * d.groups + g]);
+        const float s = _cvtsh_ss(d.scale[(int64_t)srow * d.groups + g]);
         const float z = d.zero ? (float)d.zero[(int64_t)n * d.groups + g] : (float)d.fixed_zero;
+        const __m512 vs = _mm512_set1_ps(s);
         for (int t = 0; t < T; ++t) {
-            float dot = hsum512(_mm512_add_ps(a[t], b[t])) + hsum(c[t]);
-            for (int64_t j = k; j < k1; ++j) dot += x[t * K + j] * (float)code_at(row, j, bits);
-            out[t] += s * (dot - z * xsum[(int64_t)t * d.groups + g]);
+            tot[t] = _mm512_fmadd_ps(vs, _mm512_add_ps(a[t], b[t]), tot[t]);
+            ctot[t] = _mm256_fmadd_ps(_mm512_castps512_ps256(vs), c[t], ctot[t]);
+            float tail = 0.f;
+            for (int64_t j = k; j < k1; ++j) tail += x[t * K + j] * (float)code_at(row, j, bits);
+            out[t] += s * (tail - z * xsum[(int64_t)t * d.groups + g]);
         }
     }
-    for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] = out[t];
+    for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] = out[t] + hsum512(tot[t]) + hsum(ctot[t]);
 }
 
 const RowFn kRowAvx512[kMaxTokens + 1] = {nullptr, row_avx512<1>, row_avx512<2>, row_avx512<3>, row_avx512<4>,
@@ -295,12 +305,13 @@ const RowFn kRowAvx512[kMaxTokens + 1] = {nullptr, row_avx512<1>, row_avx512<2>,
 
 bool has_avx512() {
     static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
+                            __builtin_cpu_supports("f16c");
     return yes && getenv("MOECOMPRESS_NO_AVX512") == nullptr;
 }
 
 bool has_avx2() {
-    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     return yes;
 }
 
