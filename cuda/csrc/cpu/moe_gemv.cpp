@@ -117,7 +117,12 @@ __attribute__((target("avx2,fma,f16c"))) inline float hsum(__m256 v) {
 __attribute__((target("avx2,fma,f16c"))) inline __m256 decode8(const uint8_t* row, int64_t row_bytes, int64_t k, int bits,
                                                            __m256i shifts, __m256i mask) {
     if (bits == 8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + k))));
-    const __m256i codes = _mm256_srlv_epi32(_mm256_set1_epi32((int)window(row, row_bytes, k, bits)), shifts);
+    uint32_t w;
+    if (bits == 3 && (k & 7) == 0 && k * 3 / 8 + 4 <= row_bytes)
+        memcpy(&w, row + k * 3 / 8, 4);  // 8 three-bit codes are 3 whole bytes: no shift
+    else
+        w = window(row, row_bytes, k, bits);
+    const __m256i codes = _mm256_srlv_epi32(_mm256_set1_epi32((int)w), shifts);
     return _mm256_cvtepi32_ps(_mm256_and_si256(codes, mask));
 }
 
@@ -282,6 +287,18 @@ AVX512_TARGET void row_avx512(const ProjDesc& d, int n, const float* x, const fl
                     }
                 }
             }
+        if (bits == 3 && (k & 7) == 0) {  // 16 codes = two 3-byte words, one per 256-bit half, natural order
+            const __m512i sh3 = _mm512_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21);
+            for (; k + 16 <= k1 && k * 3 / 8 + 8 <= d.row_bytes; k += 16) {
+                uint32_t w0, w1;
+                memcpy(&w0, row + k * 3 / 8, 4);
+                memcpy(&w1, row + k * 3 / 8 + 3, 4);
+                const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)w0)),
+                                                     _mm256_set1_epi32((int)w1), 1);
+                const __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(v, sh3), _mm512_set1_epi32(7)));
+                for (int t = 0; t < T; ++t) a[t] = _mm512_fmadd_ps(_mm512_loadu_ps(x + t * K + k), q, a[t]);
+            }
+        }
         for (; k + 8 <= k1; k += 8) {
             const __m256 q = decode8(row, d.row_bytes, k, bits, shifts, mask);
             for (int t = 0; t < T; ++t) c[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k), q, c[t]);
