@@ -352,6 +352,102 @@ void gemv(const ProjDesc& d, const float* x, int T, float* y) {
     }
 }
 
+// Many tokens (prefill): each row is dequantized once into an L1 buffer (w = scale * (q - zero), blocks in the
+// permuted order of `permute_x`) and then dotted with every token, 4 at a time; AVX-512 only.
+AVX512_TARGET void dequant_row(const ProjDesc& d, int n, int block, float* w) {
+    const uint8_t* row = d.packed + (int64_t)n * d.row_bytes;
+    const int srow = d.scale_rows == 1 ? 0 : n, bits = d.bits;
+    const int64_t K = d.in_features;
+    const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    for (int g = 0; g < d.groups; ++g) {
+        const int64_t k0 = (int64_t)g * d.group, k1 = k0 + d.group < K ? k0 + d.group : K;
+        const float s = _cvtsh_ss(d.scale[(int64_t)srow * d.groups + g]);
+        const float z = d.zero ? (float)d.zero[(int64_t)n * d.groups + g] : (float)d.fixed_zero;
+        const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+        int64_t k = k0;
+        if (block)
+            for (; k + block <= k1; k += block) {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + k * bits / 8)));
+                const int parts = block / 16, step = 8 / parts;  // codes per byte, and bits per code
+                for (int p = 0; p < parts; ++p) {
+                    __m512i c = _mm512_srli_epi32(v, p * step);
+                    if (parts > 1) c = _mm512_and_si512(c, _mm512_set1_epi32((1 << step) - 1));
+                    _mm512_storeu_ps(w + k + 16 * p, _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c), vz), vs));
+                }
+            }
+        for (; k + 8 <= k1; k += 8) {
+            const __m256 q = decode8(row, d.row_bytes, k, bits, shifts, mask);
+            _mm256_storeu_ps(w + k, _mm256_mul_ps(_mm256_sub_ps(q, _mm512_castps512_ps256(vz)), _mm512_castps512_ps256(vs)));
+        }
+        for (; k < k1; ++k) w[k] = s * ((float)code_at(row, k, bits) - z);
+    }
+}
+
+// y[t, r] for R dequantized rows (stride K) and NT tokens: R*NT accumulators, so each x load serves R rows and
+// each row load NT tokens (x is streamed from L2 once per R rows, not once per row).
+template <int R, int NT>
+AVX512_TARGET void dot_tile(const float* w, const float* x, int64_t K, float* y, int ldy) {
+    __m512 acc[R][NT];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 xv[NT];
+        for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(x + t * K + k);
+        for (int r = 0; r < R; ++r) {
+            const __m512 wv = _mm512_loadu_ps(w + r * K + k);
+            for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_fmadd_ps(xv[t], wv, acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < NT; ++t) {
+            float tail = 0.f;
+            for (int64_t j = k; j < K; ++j) tail += w[r * K + j] * x[t * K + j];
+            y[(int64_t)t * ldy + r] = hsum512(acc[r][t]) + tail;
+        }
+}
+
+template <int R>
+AVX512_TARGET void dot_rows(const float* w, const float* x, int64_t K, int64_t T, float* y, int ldy) {
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4) dot_tile<R, 4>(w, x + t * K, K, y + t * ldy, ldy);
+    for (; t < T; ++t) dot_tile<R, 1>(w, x + t * K, K, y + t * ldy, ldy);
+}
+
+AVX512_TARGET void gemm_rows(const ProjDesc& d, const float* x, int64_t T, float* y) {
+    constexpr int kRows = 4;
+    const int64_t K = d.in_features;
+    const int block = block_codes(d, 16);
+    std::vector<float> xp(block ? (size_t)T * K : 0);
+    if (block) permute_x(x, (int)T, K, block, 16, xp.data());
+    const float* xq = block ? xp.data() : x;
+    const int tiles = (d.out_features + kRows - 1) / kRows;
+#pragma omp parallel
+    {
+        std::vector<float> w((size_t)kRows * K);
+#pragma omp for schedule(static)
+        for (int tile = 0; tile < tiles; ++tile) {
+            const int n0 = tile * kRows, rows = d.out_features - n0 < kRows ? d.out_features - n0 : kRows;
+            for (int r = 0; r < rows; ++r) dequant_row(d, n0 + r, block, w.data() + r * K);
+            if (rows == kRows)
+                dot_rows<kRows>(w.data(), xq, K, T, y + n0, d.out_features);
+            else
+                for (int r = 0; r < rows; ++r) dot_rows<1>(w.data() + r * K, xq, K, T, y + n0 + r, d.out_features);
+        }
+    }
+}
+
+// y[T, out] = x[T, in] W^T for any T: 8 tokens per pass over the codes, or (AVX-512, more than 8 tokens) each
+// row dequantized once for all of them.
+void project(const ProjDesc& d, const float* x, int64_t T, float* y) {
+    if (T > kMaxTokens && has_avx512()) return gemm_rows(d, x, T, y);
+    for (int64_t t0 = 0; t0 < T; t0 += kMaxTokens) {
+        const int n = (int)(T - t0 < kMaxTokens ? T - t0 : kMaxTokens);
+        gemv(d, x + t0 * d.in_features, n, y + t0 * d.out_features);
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -359,16 +455,8 @@ extern "C" {
 // 3: AVX-512 path, 2: AVX2+FMA path, 1: portable path.
 int moe_cpu_isa() { return has_avx512() ? 3 : has_avx2() ? 2 : 1; }
 
-// y[T, out] = x[T, in] W^T for one packed projection; any T (processed 8 tokens at a time).
-void moe_packed_linear(const ProjDesc* d, const float* x, int64_t T, float* y) {
-    std::vector<float> buf;
-    for (int64_t t0 = 0; t0 < T; t0 += kMaxTokens) {
-        const int n = (int)(T - t0 < kMaxTokens ? T - t0 : kMaxTokens);
-        buf.assign((size_t)n * d->out_features, 0.f);
-        gemv(*d, x + t0 * d->in_features, n, buf.data());
-        memcpy(y + t0 * d->out_features, buf.data(), buf.size() * sizeof(float));
-    }
-}
+// y[T, out] = x[T, in] W^T for one packed projection, any T.
+void moe_packed_linear(const ProjDesc* d, const float* x, int64_t T, float* y) { project(*d, x, T, y); }
 
 // One MoE layer: out[T, H] = sum_k w[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, k], over the
 // experts `projs[3e .. 3e+2]` (gate, up, down; each expert its own format). Ids outside [0, E) are skipped.
@@ -384,22 +472,21 @@ void moe_experts_forward(const ProjDesc* projs, int32_t num_experts, const float
     std::vector<float> xs, gate, up, down;
     for (int e = 0; e < num_experts; ++e) {
         const auto& pairs = routed[e];
-        for (size_t p0 = 0; p0 < pairs.size(); p0 += kMaxTokens) {
-            const int n = (int)(pairs.size() - p0 < (size_t)kMaxTokens ? pairs.size() - p0 : kMaxTokens);
-            xs.resize((size_t)n * hidden);
-            for (int i = 0; i < n; ++i) memcpy(&xs[(size_t)i * hidden], x + pairs[p0 + i].first * hidden, sizeof(float) * hidden);
-            gate.assign((size_t)n * inter, 0.f);
-            up.assign((size_t)n * inter, 0.f);
-            down.assign((size_t)n * hidden, 0.f);
-            gemv(projs[3 * e], xs.data(), n, gate.data());
-            gemv(projs[3 * e + 1], xs.data(), n, up.data());
-            for (size_t i = 0; i < gate.size(); ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-            gemv(projs[3 * e + 2], gate.data(), n, down.data());
-            for (int i = 0; i < n; ++i) {
-                float* o = out + pairs[p0 + i].first * hidden;
-                const float w = pairs[p0 + i].second;
-                for (int h = 0; h < hidden; ++h) o[h] += w * down[(size_t)i * hidden + h];
-            }
+        const int64_t n = (int64_t)pairs.size();
+        if (n == 0) continue;
+        xs.resize((size_t)n * hidden);
+        for (int64_t i = 0; i < n; ++i) memcpy(&xs[(size_t)i * hidden], x + pairs[i].first * hidden, sizeof(float) * hidden);
+        gate.assign((size_t)n * inter, 0.f);
+        up.assign((size_t)n * inter, 0.f);
+        down.assign((size_t)n * hidden, 0.f);
+        project(projs[3 * e], xs.data(), n, gate.data());
+        project(projs[3 * e + 1], xs.data(), n, up.data());
+        for (size_t i = 0; i < gate.size(); ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+        project(projs[3 * e + 2], gate.data(), n, down.data());
+        for (int64_t i = 0; i < n; ++i) {
+            float* o = out + pairs[i].first * hidden;
+            const float w = pairs[i].second;
+            for (int h = 0; h < hidden; ++h) o[h] += w * down[(size_t)i * hidden + h];
         }
     }
 }
