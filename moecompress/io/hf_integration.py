@@ -20,9 +20,7 @@ from .integrity import (
     FORMAT_VERSION,
     QUANT_METHOD,
     check_model_against_files,
-    read_manifest,
-    stored_tensors,
-    verify_checkpoint,
+    verify_checkpoint_files,
 )
 from .outputs import MANIFEST
 
@@ -99,8 +97,8 @@ class MoECompressHfQuantizer(HfQuantizer):
 
             add_predictor_modules(model, get_adapter(model.config.model_type))
         folder = _checkpoint_folder(checkpoint_files, getattr(model.config, "_name_or_path", ""))
-        verify_checkpoint(folder, check_hashes=_verify_hashes.get())
-        check_model_against_files(model, stored_tensors(folder, read_manifest(folder)), folder)
+        _, stored = verify_checkpoint_files(folder, check_hashes=_verify_hashes.get())
+        check_model_against_files(model, stored, folder)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

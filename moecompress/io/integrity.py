@@ -235,6 +235,13 @@ def packed_buffer_shapes(module: str, fmt: QuantFormat, shape: list[int]) -> dic
 def verify_checkpoint(path: str | Path, check_hashes: bool = True) -> dict:
     """Check the manifest, every weight file (presence, size, sha256, header), config.json's quantization
     section and the packed tensors' formats and shapes against each other; return the manifest."""
+    return verify_checkpoint_files(path, check_hashes)[0]
+
+
+def verify_checkpoint_files(
+    path: str | Path, check_hashes: bool = True
+) -> tuple[dict, dict[str, tuple[list[int], str, str]]]:
+    """`verify_checkpoint`, also returning what the weight files hold ({tensor: (shape, dtype, file)})."""
     folder = Path(path).expanduser()
     manifest = read_manifest(folder)
     _check_files(folder, manifest, hashes_enabled(check_hashes))
@@ -274,7 +281,7 @@ def verify_checkpoint(path: str | Path, check_hashes: bool = True) -> dict:
         for k, v in packed_buffer_shapes(m, declared[m], meta["shape"]).items()
     }
     _compare(packed, {k: found[k] for k in packed if k in found}, "packed tensor shapes and their formats", folder)
-    return manifest
+    return manifest, stored
 
 
 def check_model_against_files(
