@@ -68,9 +68,10 @@ def read_record(location: str | Path) -> RunRecord:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}).") from exc
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise CheckpointError(f"{path} is not a moecompress run record (schema {data.get('schema') if isinstance(data, dict) else type(data).__name__!r}, "
-                              f"expected {SCHEMA!r}); name a new file or an existing run record.")
+    found = data.get("schema") if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+    if found != SCHEMA:
+        raise CheckpointError(f"{path} is not a moecompress run record (found {found!r}, expected schema {SCHEMA!r}); "
+                              "name a new file or an existing run record.")
     return RunRecord.from_dict(data)
 
 

@@ -36,7 +36,7 @@ from .integrity import (
 from .outputs import MANIFEST, atomic_folder
 
 __all__ = ["MANIFEST", "read_manifest", "save_checkpoint", "verify_checkpoint", "write_shards"]
-AUX_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model", "chat_template*",
+_AUX_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model", "chat_template*",
                  "generation_config.json", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json", "*.py")
 
 
@@ -139,7 +139,7 @@ def save_checkpoint(
         config.quantization_config = quantization_config(model)
         config.dtype = dtype
         config.save_pretrained(tmp)
-        _copy_aux_files(source, tmp)
+        copy_aux_files(source, tmp)
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
@@ -165,14 +165,16 @@ def save_checkpoint(
     return Path(output).expanduser().resolve()
 
 
-def _copy_aux_files(source: str, dest: Path) -> None:
-    """Tokenizer, processor and generation files of `source`: regular files inside it, no dotfiles."""
+def copy_aux_files(source: str, dest: Path) -> None:
+    """Tokenizer, processor and generation files of `source`: no dotfiles, and no links leading out of the folder
+    (or, for a Hugging Face cache snapshot, out of its blob store)."""
     folder = Path(source).expanduser()
     if not folder.is_dir():
         return
     root = folder.resolve()
-    for pattern in AUX_PATTERNS:
+    roots = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+    for pattern in _AUX_PATTERNS:
         for path in folder.glob(pattern):
-            inside = root in path.resolve().parents
+            inside = any(r in path.resolve().parents for r in roots)
             if path.is_file() and inside and not path.name.startswith(".") and not (dest / path.name).exists():
                 shutil.copyfile(path, dest / path.name)

@@ -13,7 +13,7 @@ from ..errors import CheckpointError, HubError
 from ..evaluation.efficiency import checkpoint_bytes
 from ..evaluation.records import RUN_RECORD, RunRecord, read_record
 from ..report import markdown_table, metrics, recovery
-from .checkpoint import AUX_PATTERNS, MANIFEST, verify_checkpoint
+from .checkpoint import MANIFEST, copy_aux_files, verify_checkpoint
 from .interop import EXPORT_FORMATS, uniform_format, write_interop_files
 from .outputs import atomic_folder
 
@@ -160,6 +160,7 @@ def prepare_hub_folder(checkpoint: str | Path, output: str | Path, repo_id: str,
             verify_checkpoint(source)
             for name in checkpoint_files(source, manifest):
                 shutil.copyfile(source / name, tmp / name)
+            copy_aux_files(str(source), tmp)
         else:
             write_interop_files(source, tmp, fmt_name)
         for name in (RUN_RECORD, MANIFEST, "moecompress_export.json", "plan.json"):
@@ -176,14 +177,10 @@ def prepare_hub_folder(checkpoint: str | Path, output: str | Path, repo_id: str,
 
 
 def checkpoint_files(folder: Path, manifest: dict) -> list[str]:
-    """The files a moecompress checkpoint consists of: weights, index, manifest, config, recipe, records and the
-    tokenizer/processor files; never a dotfile or anything that resolves outside the folder."""
+    """The files moecompress writes into a checkpoint (tokenizer/processor files are `copy_aux_files`'s)."""
     names = {*manifest["files"], MANIFEST, "config.json", "model.safetensors.index.json", "recipe.yaml", RUN_RECORD,
              "plan.json"}
-    names |= {p.name for pattern in AUX_PATTERNS for p in folder.glob(pattern)}
-    root = folder.resolve()
-    return sorted(n for n in names if not n.startswith(".") and (folder / n).is_file()
-                  and (folder / n).resolve().parent == root)
+    return sorted(n for n in names if (folder / n).is_file())
 
 
 def portable(value, public: dict[str, str]):

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from ..errors import CheckpointError
 from ..quant.packing import pack_codes
 from ..quant.qtensor import QuantFormat
-from .checkpoint import _copy_aux_files, verify_checkpoint, write_shards
+from .checkpoint import copy_aux_files, verify_checkpoint, write_shards
 from .outputs import atomic_folder
 
 EXPORT_FORMATS = ("compressed-tensors", "gptq")
@@ -178,7 +178,7 @@ def write_interop_files(checkpoint: str | Path, dest: Path, fmt_name: str) -> No
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     if fmt_name == "gptq":
         (dest / "quantize_config.json").write_text(json.dumps(config["quantization_config"], indent=2))
-    _copy_aux_files(str(folder), dest)
+    copy_aux_files(str(folder), dest)
     for extra in ("recipe.yaml", "run.json"):
         if (folder / extra).is_file():
             (dest / extra).write_text((folder / extra).read_text())

@@ -117,3 +117,20 @@ def test_weight_files_get_the_usual_permissions(tmp_path):
     assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     assert all((tmp_path / n).stat().st_mode & 0o777 == 0o666 & ~umask for n in names)
     assert (tmp_path / "model.safetensors.index.json").is_file()
+
+
+def test_aux_files_follow_links_only_inside_the_folder_or_a_hub_cache_blob_store(tmp_path):
+    import os
+
+    (tmp_path / "blobs").mkdir()
+    snapshot = tmp_path / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "blobs" / "x").write_text("tokenizer")
+    os.symlink("../../blobs/x", snapshot / "tokenizer.json")  # how the Hugging Face cache stores files
+    (tmp_path / "secret").write_text("password")
+    os.symlink(tmp_path / "secret", snapshot / "tokenizer_config.json")
+    (snapshot / ".tokenizer.py").write_text("x")
+    out = tmp_path / "out"
+    out.mkdir()
+    checkpoint.copy_aux_files(str(snapshot), out)
+    assert [p.name for p in out.iterdir()] == ["tokenizer.json"] and (out / "tokenizer.json").read_text() == "tokenizer"
