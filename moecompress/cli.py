@@ -84,7 +84,7 @@ def cmd_compress(args) -> dict:
 
     recipe = _recipe_with_overrides(args)
     result = compress(args.model, recipe, args.output, trust_remote_code=args.trust_remote_code, plan=args.plan,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, stream=not args.no_stream, max_shard_bytes=args.max_shard_size)
     report = result.report.to_dict()
     report["rare_experts"] = len(report["rare_experts"])
     return report
@@ -137,7 +137,6 @@ def cmd_upcycle(args) -> dict:
 def cmd_plan(args) -> dict:
     from .calibration.batches import calibration_batches
     from .io.outputs import atomic_folder, claim_output
-    from .models import load_model
     from .stages import plan_allocation
 
     recipe = _recipe_with_overrides(args)
@@ -145,7 +144,7 @@ def cmd_plan(args) -> dict:
         recipe.allocation.method = "lp"
         recipe.validate()
     with claim_output(args.output, [args.model], args.overwrite):
-        loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+        loaded = _open_model(args)
         plan, stats = plan_allocation(loaded, recipe, calibration_batches(loaded, recipe, args.trust_remote_code))
         with atomic_folder(args.output, [args.model], args.overwrite, kind="plan") as tmp:
             stats.save(tmp)
@@ -161,15 +160,14 @@ def cmd_analyze(args) -> dict:
     from .calibration.batches import calibration_batches
     from .calibration.engine import collect_expert_stats
     from .io.outputs import atomic_folder, claim_output
-    from .models import load_model
 
     recipe = _recipe_with_overrides(args)
     recipe.calibration.seq_len = args.seq_len
     with claim_output(args.output, [args.model], args.overwrite):
-        loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+        loaded = _open_model(args)
         batches = calibration_batches(loaded, recipe, args.trust_remote_code)
         stats = collect_expert_stats(loaded.model, loaded.adapter, batches, args.model,
-                                     measure_drop_loss=not args.no_drop_loss, device=recipe.device)
+                                     measure_drop_loss=not args.no_drop_loss, device=recipe.device, layers_from=loaded)
         with atomic_folder(args.output, [args.model], args.overwrite, kind="analysis") as tmp:
             files = sorted(p.name for p in write_analysis(stats, tmp).iterdir())
     return {"output": str(Path(args.output).resolve()), "files": files}
@@ -283,6 +281,31 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _size(text: str) -> int:
+    """A byte count such as 5GB, 500MB, 2GiB or 1000000."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40}
+    number = text.strip().upper().rstrip("BITKMG") or "x"
+    unit = text.strip().upper()[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB") from None
+    if not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size; write e.g. 5GB")
+    return int(value)
+
+
+def _open_model(args):
+    """The source for a layer-wise pass: streamed from disk (one layer in memory), or loaded whole with --no-stream."""
+    from .models import load_model
+    from .models.streaming import open_streamed
+
+    if args.no_stream:
+        return load_model(args.model, trust_remote_code=args.trust_remote_code)
+    return open_streamed(args.model, trust_remote_code=args.trust_remote_code)
+
+
 def _at_least(minimum: int):
     def parse(text: str) -> int:
         try:
@@ -318,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true",
                        help="replace an earlier moecompress output at -o (anything else there is never replaced)")
 
+    def no_stream(p):
+        p.add_argument("--no-stream", action="store_true",
+                       help="load the whole model in memory (float32) instead of one decoder layer at a time")
+
     def record(p):
         common(p)
         p.add_argument("--record", help="run record to add the results to (default: the checkpoint's run.json; "
@@ -336,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="plan.json from `moecompress plan` (bits per expert); skips the allocation")
     p.add_argument("--avg-bits", type=_positive_float, help="override allocation.avg_bits")
     p.add_argument("--recovery-steps", type=_at_least(0), help="override recovery.steps (0 turns recovery training off)")
+    p.add_argument("--max-shard-size", type=_size, default=5 * 10**9, help="largest weight file (default 5GB)")
     overwrite(p)
+    no_stream(p)
     common(p)
     p.set_defaults(run=cmd_compress)
 
@@ -350,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_at_least(1))
     p.add_argument("--device")
     overwrite(p)
+    no_stream(p)
     common(p)
     p.set_defaults(run=cmd_plan)
 
@@ -363,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("-o", "--output", required=True)
     overwrite(p)
+    no_stream(p)
     common(p)
     p.set_defaults(run=cmd_analyze)
 

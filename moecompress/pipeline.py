@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,9 +17,12 @@ from torch import nn
 
 from .allocation import CompressionPlan
 from .calibration.batches import calibration_batches, load_tokenizer_or_processor, training_batches
+from .errors import ModelLoadError
 from .evaluation.records import RUN_RECORD, RunRecord
-from .io.outputs import claim_output
+from .io.layer_store import LayerStore, state_folder
+from .io.outputs import claim_output, disk_errors
 from .models import LoadedModel, load_model
+from .models.streaming import StreamedModel, local_folder, open_streamed, source_tensors
 from .quant.experts import ExpertQuantReport
 from .recipe import Recipe
 from .runtime.packed_experts import PackedLinear, set_dequant_cache
@@ -48,6 +53,7 @@ class CompressionReport:
     slim: dict | None = None
     skip: dict | None = None
     stage_seconds: dict = field(default_factory=dict)
+    engine: str = "in-memory"  # or "streamed": layers read from disk one at a time, written as finished
     output: str | None = None
 
     def to_dict(self) -> dict:
@@ -56,9 +62,23 @@ class CompressionReport:
 
 @dataclass
 class CompressionResult:
-    model: nn.Module
+    """The compressed model and the report. After a streamed run `model` is read back from the written checkpoint
+    on first use (the run itself never held the whole model)."""
+
     loaded: LoadedModel
     report: CompressionReport
+    _model: nn.Module | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            if not isinstance(self.loaded, StreamedModel):
+                self._model = self.loaded.model
+            else:
+                from .api import load
+
+                self._model = load(self.report.output, verify=False)
+        return self._model
 
 
 def expert_bytes(model: nn.Module) -> tuple[int, int]:
@@ -85,38 +105,62 @@ def compress(
     progress: bool = True,
     plan: CompressionPlan | str | Path | None = None,
     overwrite: bool = False,
+    stream: bool = True,
+    max_shard_bytes: int = 5 * 10**9,
 ) -> CompressionResult:
     """Compress the routed experts of `model` (folder, hub id or `LoadedModel`) as `recipe` says (or at the
     bits of a precomputed `plan`); save the packed checkpoint to `output` if given: a new path, or with
-    `overwrite` an earlier moecompress output. The output is checked and locked before any work starts."""
+    `overwrite` an earlier moecompress output. The output is checked and locked before any work starts.
+
+    stream: read one decoder layer at a time from the source's safetensors and write each finished layer to
+    `<output>.compress-state/` at once, so memory stays at about one layer and a killed run resumes where it
+    stopped (only when every enabled stage is layer-wise: quantization with or without allocation; merging,
+    slimming, recovery and skipping work on the whole model in memory). The result is bit-identical either way."""
     recipe = _as_recipe(recipe)
     if plan is not None and not isinstance(plan, CompressionPlan):
         plan = CompressionPlan.load(plan)
     source = model.source if isinstance(model, LoadedModel) else model
     with claim_output(output, [source], overwrite) if output is not None else contextlib.nullcontext():
-        return _compress(model, recipe, output, trust_remote_code, progress, plan, overwrite)
+        if isinstance(model, str) and stream and output is not None and not whole_model_stages(recipe):
+            loaded = open_streamed(model, trust_remote_code=trust_remote_code)
+        else:
+            if isinstance(model, str) and stream and output is not None:
+                log.warning("stages %s work on the whole model: loading it in memory (float32: about %.1f GB)",
+                            ", ".join(whole_model_stages(recipe)), 4 * parameter_count(model) / 1e9)
+            loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
+        return _compress(loaded, recipe, output, trust_remote_code, progress, plan, overwrite, max_shard_bytes)
 
 
-def _compress(model, recipe: Recipe, output, trust_remote_code: bool, progress: bool, plan: CompressionPlan | None,
-              overwrite: bool) -> CompressionResult:
+def whole_model_stages(recipe: Recipe) -> list[str]:
+    """The enabled stages that cannot stream (they train or evaluate the whole model); without quantization there
+    is nothing layer-wise to stream either."""
+    if recipe.quantization.method == "none":
+        return ["save"]
+    return [s.name for s in STAGES if s.enabled(recipe) and s.name not in ("allocation", "quantize")]
+
+
+def _compress(loaded: LoadedModel, recipe: Recipe, output, trust_remote_code: bool, progress: bool,
+              plan: CompressionPlan | None, overwrite: bool, max_shard_bytes: int) -> CompressionResult:
     start = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
     quantized = recipe.quantization.method != "none"
+    streamed = isinstance(loaded, StreamedModel)
     ctx = RunContext(loaded, recipe, [], Path(output) if output is not None else None, trust_remote_code, progress,
                      plan if quantized else None)
+    if streamed and output is not None:
+        ctx.store = LayerStore(state_folder(output), job_fingerprint(loaded, recipe, ctx.plan))
     if ctx.plan is not None and recipe.merge.method == "none":
         ctx.plan.check_fits(*ctx.moe_layers())  # before calibration: a plan for another model is refused at once
     ctx.batches = calibration_batches(loaded, recipe, trust_remote_code)
-    seconds = {}
-    for stage in STAGES:
-        if not stage.enabled(recipe):
-            continue
-        began = time.perf_counter()
-        result = stage.run(ctx)
-        seconds[stage.name] = round(time.perf_counter() - began, 2)
-        log.info("stage %s done in %.1f s", stage.name, seconds[stage.name])
-        if result is not None:
-            ctx.reports[stage.name] = result
+    try:
+        seconds = _run_stages(ctx)
+    except BaseException:
+        if ctx.store is not None:
+            with contextlib.suppress(Exception):
+                ctx.store.flush()  # the layer in flight is finished too
+        if ctx.store is not None and ctx.store.done():
+            log.warning("finished layers %d-%d are kept in %s: rerun the same command to resume after them",
+                        ctx.store.done()[0], ctx.store.done()[-1], ctx.store.folder)
+        raise
 
     reports, plan = ctx.quant_reports, ctx.plan
     nbytes, params = expert_bytes(loaded.model)
@@ -138,22 +182,61 @@ def _compress(model, recipe: Recipe, output, trust_remote_code: bool, progress: 
         experts_rtn=sum(r.method == "rtn" for r in reports),
         rare_experts=[asdict(r) for r in reports if r.tokens < min_tokens],
         stage_seconds=seconds,
+        engine="streamed" if streamed else "in-memory",
         **{name: ctx.reports.get(name) for name in ("recovery", "merge", "slim", "skip")},
     )
     if output is not None:
         from .io.checkpoint import save_checkpoint
 
+        dtype = getattr(torch, recipe.save_dtype)
+        tensors = [*loaded.outside_state(dtype).items(), *((t.name, t) for t in ctx.store.layer_tensors())] \
+            if ctx.store is not None else None
         report.seconds = time.perf_counter() - start
-        report.output = str(save_checkpoint(
-            loaded.model, output, recipe.to_yaml(), loaded.source, report.to_dict(), getattr(torch, recipe.save_dtype),
-            extra_files={RUN_RECORD: json.dumps(run_record(report, recipe, plan, reports, Path(output)).to_dict(), indent=1),
-                         **({"plan.json": json.dumps(plan.to_dict(), indent=1)} if plan else {})},
-            overwrite=overwrite,
-        ))
+        with disk_errors(f"the checkpoint {output}", ctx.store.folder if ctx.store is not None else None):
+            report.output = str(save_checkpoint(
+                loaded.model, output, recipe.to_yaml(), loaded.source, report.to_dict(), dtype, max_shard_bytes,
+                extra_files={RUN_RECORD: json.dumps(run_record(report, recipe, plan, reports, Path(output)).to_dict(),
+                                                    indent=1),
+                             **({"plan.json": json.dumps(plan.to_dict(), indent=1)} if plan else {})},
+                overwrite=overwrite, tensors=tensors,
+            ))
         for stage in ("slim", "recovery"):  # only an interrupted job needs its training state
             shutil.rmtree(ctx.state_dir(stage), ignore_errors=True)
+        if ctx.store is not None:
+            ctx.store.remove()
     report.seconds = time.perf_counter() - start
-    return CompressionResult(loaded.model, loaded, report)
+    return CompressionResult(loaded, report)
+
+
+def _run_stages(ctx: RunContext) -> dict[str, float]:
+    seconds = {}
+    for stage in STAGES:
+        if not stage.enabled(ctx.recipe):
+            continue
+        began = time.perf_counter()
+        result = stage.run(ctx)
+        seconds[stage.name] = round(time.perf_counter() - began, 2)
+        log.info("stage %s done in %.1f s", stage.name, seconds[stage.name])
+        if result is not None:
+            ctx.reports[stage.name] = result
+    return seconds
+
+
+def job_fingerprint(loaded: StreamedModel, recipe: Recipe, plan: CompressionPlan | None) -> str:
+    """What a resumed run must share with the run it continues: recipe, plan, and the source's files."""
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in {t.file for t in loaded.tensors.values()})
+    config = (local_folder(loaded.source) / "config.json").read_text()
+    job = {"recipe": recipe.to_yaml(), "plan": plan.to_dict() if plan else None, "files": files, "config": config}
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+
+
+def parameter_count(source: str) -> int:
+    """Parameters in `source`'s safetensors headers (0 when it has none to read)."""
+    try:
+        tensors = source_tensors(local_folder(source))
+    except ModelLoadError:
+        return 0
+    return sum(math.prod(t.shape) for t in tensors.values())
 
 
 def run_record(report: CompressionReport, recipe: Recipe, plan: CompressionPlan | None,

@@ -32,6 +32,7 @@ class CalibrationConfig:
     vl_dataset: str | None = None
     vl_num_samples: int = 128
     seed: int = 0
+    activation_dtype: str = "float32"  # calibration activations held between layers; bfloat16 halves them
 
 
 @dataclass
@@ -99,6 +100,8 @@ class Recipe:
              "calibration.num_samples and batch_size must be >= 1, seq_len >= 2, vl_num_samples >= 0"),
             (self.recovery.init in QAT_INITS, f"recovery.init '{self.recovery.init}': use one of {list(QAT_INITS)}"),
             (self.save_dtype in ("bfloat16", "float16", "float32"), f"save_dtype '{self.save_dtype}': use bfloat16, float16 or float32"),
+            (self.calibration.activation_dtype in ("float32", "bfloat16"),
+             f"calibration.activation_dtype '{self.calibration.activation_dtype}': use float32 or bfloat16"),
         ]
         for ok, message in checks:
             if not ok:

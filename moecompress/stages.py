@@ -5,7 +5,7 @@ runs `STAGES` in order, so a new stage is its math in its own package, a class h
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +17,8 @@ from .calibration.batches import training_batches
 from .calibration.data import CalibrationBatch
 from .calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
 from .errors import ModelLoadError, UnsupportedModelError
+from .io.checkpoint import persistent_state
+from .io.layer_store import LayerStore
 from .models import LoadedModel, MoEBlockView, get_adapter, load_model
 from .models.base import ModelAdapter
 from .quant.experts import (
@@ -47,6 +49,7 @@ class RunContext:
     plan: CompressionPlan | None = None
     quant_reports: list[ExpertQuantReport] = field(default_factory=list)
     reports: dict[str, dict] = field(default_factory=dict)
+    store: LayerStore | None = None  # a streamed run's finished layers (resumable); None: the model is in memory
 
     @property
     def cpu(self) -> bool:
@@ -132,14 +135,21 @@ class AllocationStage:
         return recipe.quantization.method != "none"
 
     def run(self, ctx: RunContext) -> None:
+        saved = ctx.store.folder / "plan.json" if ctx.store is not None else None
+        if ctx.plan is None and saved is not None and saved.is_file():
+            ctx.plan = CompressionPlan.load(saved)  # a resumed run: the profiling pass was done before the kill
         if ctx.plan is None:
             ctx.plan, _ = plan_allocation(ctx.loaded, ctx.recipe, ctx.batches, ctx.progress)
+            if ctx.store is not None:
+                ctx.store.save_json("plan.json", ctx.plan.to_dict())
         else:
             ctx.plan.check_fits(*ctx.moe_layers())
 
 
 class QuantizeStage:
-    """GPTQ / RTN / ternary of every routed expert, layer by layer, then packed modules installed."""
+    """GPTQ / RTN / ternary of every routed expert, layer by layer, each block then replaced by packed experts.
+    Streamed (`ctx.store`): each finished layer is written to the store as the checkpoint will hold it, and a
+    resumed run starts after the last stored layer."""
 
     name = "quantize"
 
@@ -147,28 +157,50 @@ class QuantizeStage:
         return recipe.quantization.method != "none"
 
     def run(self, ctx: RunContext) -> None:
-        q, loaded = ctx.recipe.quantization, ctx.loaded
+        q, loaded, store = ctx.recipe.quantization, ctx.loaded, ctx.store
         gptq = GPTQOptions(damp=q.damp, act_order=q.act_order, clip_search=q.clip_search, ternary_scale=q.ternary_scale)
         rare = RareExpertPolicy(q.rare_experts.policy, q.rare_experts.min_tokens)
-        results: dict[int, tuple[list, list[ExpertQuantReport]]] = {}
+        views = {v.layer_index: v for v in loaded.adapter.moe_blocks(loaded.model)}
+        reports: dict[int, list[ExpertQuantReport]] = {}
+        packed: dict[int, list] = {}
+        resume = store.resume_point() if store is not None else None
+        for index in store.done() if resume is not None else []:
+            reports[index] = _restore_layer(views.get(index), store.record(index))
+        if resume is not None:
+            log.info("resuming after layer %d from %s", resume[0] - 1, store.folder)
 
         def quantize_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
             formats = ctx.plan.layer_formats(view.layer_index)
-            results[view.layer_index] = quantize_block_experts(view, observer, formats, q.method, gptq, rare)
+            packed[view.layer_index], reports[view.layer_index] = quantize_block_experts(
+                view, observer, formats, q.method, gptq, rare)
             return True
 
-        run_layerwise(
-            loaded.model,
-            loaded.adapter,
-            ctx.batches,
-            quantize_layer,
-            ctx.recipe.device,
-            progress=ctx.progress,
-            desc="compress",
-        )
-        for view in loaded.adapter.moe_blocks(loaded.model):
-            install_packed_experts(view, *results[view.layer_index])
-        ctx.quant_reports = [r for _, layer_reports in results.values() for r in layer_reports]
+        def layer_done(index: int, layer: torch.nn.Module, hidden: list[torch.Tensor]) -> None:
+            if index in packed:
+                install_packed_experts(views[index], packed.pop(index), reports[index])
+            if store is not None:
+                prefix = f"{loaded.adapter.layers_prefix(loaded.model)}.{index}."
+                state = {prefix + k: v for k, v in persistent_state(layer, getattr(torch, ctx.recipe.save_dtype)).items()}
+                record = {"reports": [asdict(r) for r in reports.get(index, [])],
+                          "formats": [{p: f.to_dict() for p, f in e.items()} for e in ctx.plan.layer_formats(index)]
+                          if index in views else None}
+                store.save_layer(index, state, record, hidden)
+
+        run_layerwise(loaded.model, loaded.adapter, ctx.batches, quantize_layer, ctx.recipe.device,
+                      collect_hessians=q.method == "gptq", progress=ctx.progress, desc="compress", layers_from=loaded,
+                      on_layer_done=layer_done, resume=resume,
+                      activation_dtype=getattr(torch, ctx.recipe.calibration.activation_dtype))
+        ctx.quant_reports = [r for index in sorted(reports) for r in reports[index]]
+
+
+def _restore_layer(view: MoEBlockView | None, record: dict) -> list[ExpertQuantReport]:
+    """A layer finished by an earlier run: its quantization reports, and meta packed experts in the skeleton (for the
+    checkpoint's config and manifest; the tensors themselves are in the store)."""
+    reports = [ExpertQuantReport(**r) for r in record["reports"]]
+    if view is not None and record["formats"] is not None:
+        formats = [{p: QuantFormat.from_dict(f) for p, f in e.items()} for e in record["formats"]]
+        install_packed_experts(view, None, reports, formats)
+    return reports
 
 
 class RecoveryStage:
@@ -263,6 +295,8 @@ def plan_allocation(
         progress=progress,
         profile_formats=formats,
         profile_max_tokens=a.profile_tokens,
+        layers_from=loaded,
+        activation_dtype=getattr(torch, recipe.calibration.activation_dtype),
     )
     return allocate(stats, a, integer_format), stats
 

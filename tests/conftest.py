@@ -30,7 +30,8 @@ def tiny_text_path() -> Path:
 
 @pytest.fixture(scope="session")
 def compressed_tiny_text(tmp_path_factory, tiny_text_path):
-    """moe-tiny-text, GPTQ w4 g128 on a small calibration set, saved to disk."""
+    """moe-tiny-text, GPTQ w4 g128 on a small calibration set, saved to disk; compressed in memory, so that
+    `result.model` is the pipeline's own model (tests compare it with what loads from disk)."""
     from moecompress import compress
     from moecompress.recipe import Recipe
 
@@ -39,5 +40,5 @@ def compressed_tiny_text(tmp_path_factory, tiny_text_path):
         "calibration": {"dataset": str(require_shared(CALIB)), "num_samples": 16, "seq_len": 256},
     })
     out = tmp_path_factory.mktemp("ckpt") / "tiny-w4"
-    result = compress(str(tiny_text_path), recipe, output=out, progress=False)
+    result = compress(str(tiny_text_path), recipe, output=out, progress=False, stream=False)
     return result, out

@@ -15,7 +15,7 @@ def test_lp_mixed_precision_compresses_saves_and_reloads(tiny_text_path, tmp_pat
         "calibration": {"dataset": str(require_shared(CALIB)), "num_samples": 8, "seq_len": 256},
         "allocation": {"method": "lp", "avg_bits": 2.5, "candidates": [2, 3, 4], "profile_tokens": 512},
     })
-    result = moecompress.compress(str(tiny_text_path), recipe, output=tmp_path / "mc", progress=False)
+    result = moecompress.compress(str(tiny_text_path), recipe, output=tmp_path / "mc", progress=False, stream=False)
     bits = {m.fmt.bits for m in result.model.modules() if isinstance(m, PackedLinear)}
     assert len(bits) > 1
     assert result.report.code_bits_per_expert_param <= 2.5

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.base import MODALITIES, PROJECTIONS, ExpertWeights, ModelAdapter, MoEBlockView
+from ..models.loading import LoadedModel
 from ..quant.qtensor import QuantFormat
 from ..quant.rtn import quantize_rtn
 from .data import CalibrationBatch
@@ -27,13 +28,24 @@ class _StopForward(Exception):
 
 @dataclass
 class LayerInputs:
-    """Per calibration batch: hidden states entering the current layer, the decoder-layer keyword
-    arguments (position embeddings, masks), adapter extras (e.g. DeepStack features), image mask."""
+    """Per calibration batch: hidden states entering the current layer (held in `hold` dtype, computed in
+    `compute` dtype), the decoder-layer keyword arguments (position embeddings, masks), adapter extras (e.g.
+    DeepStack features), image mask."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
     extras: list[dict]
     image_masks: list[torch.Tensor]
+    hold: torch.dtype | None = None
+    compute: torch.dtype | None = None
+
+    def keep(self, hidden: list[torch.Tensor]) -> None:
+        self.hidden = [h.to(self.hold) for h in hidden] if self.hold is not None else hidden
+
+    def batches(self):
+        """(hidden in the compute dtype, kwargs, extras, image mask) per calibration batch."""
+        for hidden, kwargs, extras, mask in zip(self.hidden, self.kwargs, self.extras, self.image_masks):
+            yield hidden.to(self.compute) if self.compute is not None else hidden, kwargs, extras, mask
 
     @property
     def num_tokens(self) -> int:
@@ -50,19 +62,11 @@ def _to(value, device):
     return value
 
 
-def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
-    inside = {id(t) for t in layers.parameters()} | {id(t) for t in layers.buffers()}
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if id(tensor) not in inside:
-            tensor.data = tensor.data.to(device)
-
-
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module, adapter: ModelAdapter, batches: list[CalibrationBatch], device: torch.device
 ) -> LayerInputs:
     layers = adapter.decoder_layers(model)
-    _move_outside_layers(model, layers, device)
     captured = LayerInputs([], [], [], [])
 
     def text_model_hook(module, args, kwargs):
@@ -94,7 +98,7 @@ def capture_layer_inputs(
 @torch.no_grad()
 def forward_layer(layer: nn.Module, adapter: ModelAdapter, index: int, inputs: LayerInputs) -> list[torch.Tensor]:
     outputs = []
-    for hidden, kwargs, extras in zip(inputs.hidden, inputs.kwargs, inputs.extras):
+    for hidden, kwargs, extras, _ in inputs.batches():
         out = layer(hidden, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         outputs.append(adapter.after_layer(index, out, extras))
@@ -238,6 +242,8 @@ def collect_expert_stats(
     progress: bool = True,
     profile_formats: list[QuantFormat] | None = None,
     profile_max_tokens: int = 4096,
+    layers_from: LoadedModel | None = None,
+    activation_dtype: torch.dtype | None = None,
 ) -> ExpertStats:
     """Calibration pass without changing the model: routing, output and drop-loss statistics per expert,
     and the RTN error profile at each of `profile_formats` when given."""
@@ -250,11 +256,13 @@ def collect_expert_stats(
 
     run_layerwise(model, adapter, batches, record, device, collect_hessians=False,
                   measure_drop_loss=measure_drop_loss, progress=progress, desc="analyze",
-                  observer_options={"profile_formats": profile_formats, "profile_max_tokens": profile_max_tokens})
+                  observer_options={"profile_formats": profile_formats, "profile_max_tokens": profile_max_tokens},
+                  layers_from=layers_from, activation_dtype=activation_dtype)
     return stats
 
 
 LayerCallback = Callable[[MoEBlockView, ExpertObserver], bool]
+LayerDone = Callable[[int, nn.Module, list[torch.Tensor]], None]
 
 
 @torch.no_grad()
@@ -269,19 +277,35 @@ def run_layerwise(
     progress: bool = True,
     desc: str = "layers",
     observer_options: dict | None = None,
+    layers_from: LoadedModel | None = None,
+    on_layer_done: LayerDone | None = None,
+    resume: tuple[int, list[torch.Tensor]] | None = None,
+    activation_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """Walk the decoder; `on_moe_layer(view, observer)` sees each MoE block after its calibration pass
     and returns True when it changed the layer (then the layer's outputs are recomputed).
-    Returns the last decoder layer's outputs, one tensor per batch."""
+    `layers_from` hands out the layers (a `StreamedModel` reads each from disk; default: `model`'s own);
+    `on_layer_done(index, layer, outputs)` sees every finished layer before it is released; `resume`
+    (first layer, its inputs) skips the layers before it; `activation_dtype` holds the activations between layers
+    in that dtype (e.g. bfloat16), each layer still computing in the model's. Returns the last layer's outputs."""
     device = torch.device(device)
+    source = layers_from if layers_from is not None else LoadedModel(model, adapter, "")
+    source.prepare_layers(device)
     inputs = capture_layer_inputs(model, adapter, batches, device)
+    source.after_capture()
+    inputs.hold, inputs.compute = activation_dtype, inputs.hidden[0].dtype
+    inputs.keep(inputs.hidden)
+    first = 0
+    if resume is not None:
+        first = resume[0]
+        inputs.keep([h.to(device) for h in resume[1]])
     views = {v.layer_index: v for v in adapter.moe_blocks(model)}
-    layers = adapter.decoder_layers(model)
-    for index in tqdm(range(len(layers)), desc=desc, disable=not progress):
-        layer = layers[index].to(device)
+    count = len(adapter.decoder_layers(model))
+    for index in tqdm(range(first, count), desc=desc, disable=not progress, initial=first, total=count):
+        layer = source.load_layer(index, device)
         view = views.get(index)
         if view is None:
-            inputs.hidden = forward_layer(layer, adapter, index, inputs)
+            inputs.keep(forward_layer(layer, adapter, index, inputs))
         else:
             observer = ExpertObserver(
                 view, inputs.num_tokens, collect_hessians, measure_drop_loss, seed=index, **(observer_options or {})
@@ -289,14 +313,19 @@ def run_layerwise(
             handle = view.block.register_forward_hook(observer.hook)
             outputs = []
             try:
-                for hidden, kwargs, extras, mask in zip(inputs.hidden, inputs.kwargs, inputs.extras, inputs.image_masks):
+                for hidden, kwargs, extras, mask in inputs.batches():
                     observer.image_mask = mask
                     out = layer(hidden, **kwargs)
                     out = out[0] if isinstance(out, tuple) else out
                     outputs.append(adapter.after_layer(index, out, extras))
             finally:
                 handle.remove()
+            source.trim()
             changed = on_moe_layer(view, observer)
-            inputs.hidden = forward_layer(layer, adapter, index, inputs) if changed else outputs
-        layers[index] = layer.to("cpu") if device.type != "cpu" else layer
+            del observer
+            source.trim()
+            inputs.keep(forward_layer(layer, adapter, index, inputs) if changed else outputs)
+        if on_layer_done is not None:
+            on_layer_done(index, layer, inputs.hidden)
+        source.release_layer(index)
     return inputs.hidden

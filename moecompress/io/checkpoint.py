@@ -13,12 +13,11 @@ half-written checkpoint at the output path.
 from __future__ import annotations
 
 import json
-import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..models.base import PROJECTIONS
@@ -34,6 +33,7 @@ from .integrity import (
     verify_checkpoint,
 )
 from .outputs import MANIFEST, atomic_folder
+from .tensorfiles import StoredTensor, write_sharded
 
 __all__ = ["MANIFEST", "read_manifest", "save_checkpoint", "verify_checkpoint", "write_shards"]
 _AUX_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model", "chat_template*",
@@ -86,38 +86,9 @@ def persistent_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict
     return state
 
 
-def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards, current, size = [], {}, 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor
-        size += nbytes
-    return shards + [current] if current else shards
-
-
-def write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 4 << 30) -> list[str]:
+def write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 5 * 10**9) -> list[str]:
     """Write `state` as safetensors shards (+ index when more than one) into `folder`; return the file names."""
-    shards = _shards(state, max_shard_bytes)
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    umask = os.umask(0)
-    os.umask(umask)
-    for name, shard in zip(names, shards):
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        os.chmod(folder / name, 0o666 & ~umask)  # safetensors writes 0600 files; give them the usual permissions
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-            "weight_map": {k: n for n, s in zip(names, shards) for k in s},
-        }
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return names
+    return write_sharded(folder, state.items(), max_shard_bytes)
 
 
 def save_checkpoint(
@@ -127,14 +98,17 @@ def save_checkpoint(
     source: str,
     summary: dict | None = None,
     dtype: torch.dtype = torch.bfloat16,
-    max_shard_bytes: int = 4 << 30,
+    max_shard_bytes: int = 5 * 10**9,
     extra_files: dict[str, str] | None = None,
     overwrite: bool = False,
+    tensors: Iterable[tuple[str, torch.Tensor | StoredTensor]] | None = None,
 ) -> Path:
     """Write `model` (with `PackedExperts` modules) as a packed checkpoint at `output`, atomically. `output` must
-    be new or (with `overwrite`) an earlier moecompress output; never the source or a folder around it."""
+    be new or (with `overwrite`) an earlier moecompress output; never the source or a folder around it.
+    `tensors`: the weights to store when `model` does not hold them (a streamed run: its layers are on disk)."""
     with atomic_folder(output, [source], overwrite, kind="checkpoint") as tmp:
-        names = write_shards(persistent_state(model, dtype), tmp, max_shard_bytes)
+        state = tensors if tensors is not None else persistent_state(model, dtype).items()
+        names = write_sharded(tmp, state, max_shard_bytes)
         config = model.config
         config.quantization_config = quantization_config(model)
         config.dtype = dtype

@@ -89,7 +89,8 @@ class MoECompressHfQuantizer(HfQuantizer):
             fused = getattr(parent, child)
             hidden, intermediate = fused.down_proj.shape[1], fused.down_proj.shape[2]
             per_expert = [dict(zip(PROJECTIONS, (formats[i] for i in row))) for row in rows]
-            setattr(parent, child, PackedExperts(hidden, intermediate, per_expert, fused.act_fn))
+            with torch.device("meta"):  # the packed tensors go straight from the files into these buffers
+                setattr(parent, child, PackedExperts(hidden, intermediate, per_expert, fused.act_fn))
         skip = self.quantization_config.dynamic_skip
         if skip and skip["method"] == "learned":
             from ..dynamic.skip import add_predictor_modules

@@ -99,6 +99,17 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def disk_errors(what: str, kept: Path | None = None) -> Iterator[None]:
+    """Turn a failed write (disk full, quota, file-size limit, permissions) into an `OutputError` naming it."""
+    try:
+        yield
+    except OSError as exc:
+        why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else str(exc)
+        keep = f" Finished layers are kept in {kept}: rerun the same command to resume." if kept is not None else ""
+        raise OutputError(f"could not write {what}: {why}; free space (or fix the cause) and rerun.{keep}") from exc
+
+
 def _lock(out: Path) -> int:
     """Exclusive flock on `.<name>.lock`; retried if the lock file was replaced while we waited for it."""
     lock_path = out.parent / f".{out.name}.lock"

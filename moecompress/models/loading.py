@@ -16,9 +16,33 @@ from .registry import get_adapter, supported_model_types
 
 @dataclass
 class LoadedModel:
+    """A model in memory with its adapter. The layer walk of calibration asks it for one decoder layer at a time
+    (`load_layer` / `release_layer`); here every layer is resident and only moved to the compute device and back.
+    `streaming.StreamedModel` reads each layer from disk instead."""
+
     model: nn.Module
     adapter: ModelAdapter
     source: str
+
+    def prepare_layers(self, device: str | torch.device) -> None:
+        """Put everything outside the decoder layers (embeddings, vision tower, rotary tables) on `device`."""
+        layers = self.adapter.decoder_layers(self.model)
+        inside = {id(t) for t in layers.parameters()} | {id(t) for t in layers.buffers()}
+        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+            if id(tensor) not in inside:
+                tensor.data = tensor.data.to(device)
+
+    def after_capture(self) -> None:
+        """The first layer's inputs are captured: what lies outside the layers may be freed (a streamed model does)."""
+
+    def load_layer(self, index: int, device: str | torch.device) -> nn.Module:
+        return self.adapter.decoder_layers(self.model)[index].to(device)
+
+    def release_layer(self, index: int) -> None:
+        self.adapter.decoder_layers(self.model)[index].to("cpu")
+
+    def trim(self) -> None:
+        """Between the steps of a layer: give freed memory back to the OS (a streamed model does)."""
 
 
 def _looks_like_path(source: str) -> bool:
@@ -71,17 +95,33 @@ def load_model(
 
 def require_finite(model: nn.Module, adapter: ModelAdapter, source: str) -> None:
     """Refuse a source with NaN/Inf weights, naming the tensor (layer, expert and projection for experts)."""
-    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
-    if not bad:
-        return
-    for view in adapter.moe_blocks(model):
+    bad = _non_finite(model)
+    if bad:
+        _raise_non_finite(adapter.moe_blocks(model), source, bad[0])
+
+
+def require_finite_layer(loaded: LoadedModel, index: int) -> None:
+    """`require_finite` for decoder layer `index` alone (the layer a streamed model just read)."""
+    prefix = loaded.adapter.layers_prefix(loaded.model)
+    bad = _non_finite(loaded.adapter.decoder_layers(loaded.model)[index], f"{prefix}.{index}.")
+    if bad:
+        views = [v for v in loaded.adapter.moe_blocks(loaded.model) if v.layer_index == index]
+        _raise_non_finite(views, loaded.source, bad[0])
+
+
+def _non_finite(module: nn.Module, prefix: str = "") -> list[str]:
+    return [prefix + n for n, p in module.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+
+
+def _raise_non_finite(views, source: str, first_bad: str) -> None:
+    for view in views:
         for e in range(view.num_experts):
             weights = view.expert_weights(e)
             for proj in PROJECTIONS:
                 if not bool(torch.isfinite(weights[proj]).all()):
                     raise NonFiniteError(f"'{source}': layer {view.layer_index} expert {e} {proj} holds NaN/Inf values; "
                                          "fix or re-download the source model.")
-    raise NonFiniteError(f"'{source}': {bad[0]} holds NaN/Inf values; fix or re-download the source model.")
+    raise NonFiniteError(f"'{source}': {first_bad} holds NaN/Inf values; fix or re-download the source model.")
 
 
 def require_moe(model: nn.Module, adapter: ModelAdapter, source: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -113,16 +114,23 @@ def quantize_block_experts(
 
 
 def install_packed_experts(
-    view: MoEBlockView, packed: list[dict[str, PackedTensor]], reports: list[ExpertQuantReport]
+    view: MoEBlockView,
+    packed: list[dict[str, PackedTensor]] | None,
+    reports: list[ExpertQuantReport],
+    formats: list[dict[str, QuantFormat]] | None = None,
 ) -> PackedExperts:
-    """Replace the block's fused experts module with a `PackedExperts` holding `packed`."""
+    """Replace the block's fused experts module with a `PackedExperts` holding `packed`; with `packed` None, an
+    empty one of `formats` on the meta device (a streamed layer whose tensors are already on disk)."""
     fused = view.experts
     intermediate, hidden = fused.down_proj.shape[2], fused.down_proj.shape[1]
-    module = PackedExperts(hidden, intermediate, [{p: t.fmt for p, t in e.items()} for e in packed], fused.act_fn)
-    for expert, tensors, report in zip(module, packed, reports):
-        for proj, tensor in tensors.items():
+    formats = formats or [{p: t.fmt for p, t in e.items()} for e in packed]
+    with torch.device("meta") if packed is None else contextlib.nullcontext():
+        module = PackedExperts(hidden, intermediate, formats, fused.act_fn)
+    for e, (expert, report) in enumerate(zip(module, reports)):
+        for proj in PROJECTIONS:
             linear = getattr(expert, proj)
-            linear.load_packed(tensor)
+            if packed is not None:
+                linear.load_packed(packed[e][proj])
             linear.method = report.method
     view.block.experts = module
     return module

@@ -101,7 +101,7 @@ def test_a_failed_save_leaves_no_output(compressed_tiny_text, tmp_path, monkeypa
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", crash)
+    monkeypatch.setattr("moecompress.io.tensorfiles._tensor_bytes", crash)
     target = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk full"):
         checkpoint.save_checkpoint(result.model, target, "name: x\n", "src")

@@ -1,0 +1,271 @@
+"""A model whose decoder layers stay on disk until they are worked on.
+
+The skeleton is built on the meta device (non-persistent buffers such as rotary tables are real); `load_layer`
+reads one decoder layer's tensors from the source safetensors shards (opened, memory-mapped, for that read
+only), applies transformers' own checkpoint conversions (e.g. per-expert -> fused expert tensors) and casts them
+to the compute dtype on the compute device; `release_layer` turns the layer back into meta tensors. Everything
+outside the decoder layers but the output head is loaded once, for the embedding pass. Peak memory is one
+layer plus the calibration activations, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import ModelLoadError
+from ..io.tensorfiles import StoredTensor, TensorFileError, read_header
+from .base import ModelAdapter
+from .loading import LoadedModel, read_config, require_finite_layer, require_moe
+from .registry import get_adapter
+
+_WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "vocab*", "merges.txt", "*.py", "*.jinja"]
+
+
+def local_folder(source: str) -> Path:
+    """The folder holding `source`'s files: itself, or the Hub snapshot (config, weights, tokenizer) it names."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=_WEIGHT_PATTERNS))
+    except Exception as exc:  # network, auth and not-found errors have no common base class
+        raise ModelLoadError(
+            f"could not download '{source}' from the Hub: {exc}. Check the id, network access "
+            "and HF_TOKEN for gated models."
+        ) from exc
+
+
+def source_tensors(folder: Path) -> dict[str, StoredTensor]:
+    """Every tensor of the checkpoint in `folder`, after checking that each shard the index names exists, is
+    complete, and holds what the index says it holds."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{index} is not a valid safetensors index ({exc}); re-download the model.") from exc
+        files = sorted(set(weight_map.values()))
+    elif (folder / "model.safetensors").is_file():
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        raise ModelLoadError(
+            f"'{folder}' has no safetensors weights (model.safetensors or model.safetensors."
+            "index.json); convert the checkpoint to safetensors, or pass --no-stream."
+        )
+    tensors: dict[str, StoredTensor] = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise ModelLoadError(
+                f"weight file {folder / name}, named by {index.name}, is missing; re-download the model."
+            )
+        try:
+            tensors.update(read_header(folder / name))
+        except TensorFileError as exc:
+            raise ModelLoadError(f"could not load the weights of '{folder}': {exc}; re-download the model.") from exc
+    for key, name in (weight_map or {}).items():
+        if key not in tensors or tensors[key].file.name != name:
+            raise ModelLoadError(f"{index} puts '{key}' in {name}, which does not hold it; re-download the model.")
+    return tensors
+
+
+class StreamedModel(LoadedModel):
+    """`LoadedModel` whose `model` is a meta skeleton; decoder layers are read from disk one at a time."""
+
+    def __init__(
+        self, model: nn.Module, adapter: ModelAdapter, source: str, tensors: dict[str, StoredTensor], dtype: torch.dtype
+    ):
+        super().__init__(model, adapter, source)
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        self.dtype, self.tensors = dtype, tensors
+        self.mapping = get_model_conversion_mapping(model)
+        converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
+        renamings = [m for m in self.mapping if not isinstance(m, WeightConverter)]
+        targets = model.state_dict()
+        self.layers_prefix = adapter.layers_prefix(model)
+        layer_re = re.compile(rf"^{re.escape(self.layers_prefix)}\.(\d+)\.")
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is model.get_input_embeddings().weight
+        self.head = head if head is not None and not tied else None  # loaded only to be written
+        head_prefix = next((n + "." for n, m in model.named_modules() if m is self.head), None)
+        self.layer_keys: dict[int, list[str]] = {}
+        self.outside_keys: list[str] = []  # what the embedding pass needs
+        self.head_keys: list[str] = []
+        for key in tensors:
+            target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, targets)
+            target = target if target in targets or key not in targets else key
+            if target not in targets:
+                continue  # e.g. DeepSeek-V3's multi-token-prediction layer: transformers does not load it either
+            match = layer_re.match(target)
+            if match:
+                self.layer_keys.setdefault(int(match.group(1)), []).append(key)
+            else:
+                (self.head_keys if head_prefix and target.startswith(head_prefix) else self.outside_keys).append(key)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.adapter.decoder_layers(self.model)
+
+    def _load(self, keys: list[str], device: str | torch.device) -> None:
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            with contextlib.ExitStack() as stack:
+                handles = {}
+                for key in keys:
+                    file = self.tensors[key].file
+                    if file not in handles:
+                        handles[file] = stack.enter_context(safe_open(str(file), "pt"))
+                state = {key: handles[self.tensors[key].file].get_slice(key) for key in keys}
+                # in the stored dtype: converting (e.g. stacking experts) at bf16 halves the peak; cast after
+                config = LoadStateDictConfig(
+                    dtype=None, dtype_plan={"*": None}, device_map={"": str(device)}, weight_mapping=self.mapping
+                )
+                info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ModelLoadError(
+                f"could not read the weights of '{self.source}': {' '.join(str(exc).split())}; re-download the model."
+            ) from exc
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        if info.mismatched_keys or info.conversion_errors:
+            bad = sorted(info.mismatched_keys or info.conversion_errors)[0]
+            raise ModelLoadError(
+                f"'{self.source}': tensor {bad} does not fit the model's config; the checkpoint "
+                "and config.json disagree."
+            )
+
+    def prepare_layers(self, device: str | torch.device) -> None:
+        """Load what the embedding pass needs: everything outside the decoder layers except the output head."""
+        self._load(self.outside_keys, device)
+        self.model.tie_weights()
+        head = {id(t) for t in self.head.parameters()} if self.head is not None else set()
+        for name, tensor in self._tensors(self.model, skip=self.layers):
+            if tensor.device.type == "meta" and id(tensor) not in head:
+                raise ModelLoadError(f"'{self.source}' has no weight for {name}; the checkpoint is incomplete.")
+        _cast(self.model, self.dtype, skip=self.layers)
+
+    def after_capture(self) -> None:
+        """The layer inputs are captured: embeddings and vision tower are not needed until the checkpoint is
+        written (for Qwen3-30B-A3B the float32 embedding alone is 1.2 GB)."""
+        _to_meta(self.model, skip=self.layers)
+        _trim_heap()
+
+    def load_layer(self, index: int, device: str | torch.device) -> nn.Module:
+        layer = self.layers[index]
+        self._load(self.layer_keys.get(index, []), device)
+        missing = [name for name, t in self._tensors(layer) if t.device.type == "meta"]
+        if missing:
+            raise ModelLoadError(
+                f"'{self.source}' has no weight for {self.layers_prefix}.{index}.{missing[0]}; the "
+                "checkpoint is incomplete (a shard missing from the index?). Re-download the model."
+            )
+        _cast(layer, self.dtype)
+        _trim_heap()
+        require_finite_layer(self, index)
+        return layer
+
+    def release_layer(self, index: int) -> None:
+        _to_meta(self.layers[index])
+        _trim_heap()
+
+    def trim(self) -> None:
+        _trim_heap()
+
+    def outside_state(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Every persistent tensor outside the decoder layers (tied ones once), cast like a saved checkpoint."""
+        self._load(self.outside_keys + self.head_keys, "cpu")
+        self.model.tie_weights()
+        seen, state = set(), {}
+        prefix = self.layers_prefix + "."
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            if name.startswith(prefix) or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            state[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).detach().cpu().contiguous()
+        _to_meta(self.model, skip=self.layers)
+        return state
+
+    @staticmethod
+    def _tensors(module: nn.Module, skip: nn.Module | None = None):
+        inside = {id(t) for t in skip.parameters()} | {id(t) for t in skip.buffers()} if skip is not None else set()
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if id(t) not in inside:
+                yield name, t
+
+
+def _cast(module: nn.Module, dtype: torch.dtype, skip: nn.Module | None = None) -> None:
+    """Loaded floating parameters and persistent buffers to `dtype`, in place (non-persistent buffers, such as
+    rotary tables computed at init, keep theirs, as in `from_pretrained`)."""
+    inside = {id(t) for t in skip.parameters()} | {id(t) for t in skip.buffers()} if skip is not None else set()
+    for sub in module.modules():
+        tensors = [(sub._parameters, n) for n in sub._parameters] + [
+            (sub._buffers, n) for n in sub._buffers if n not in sub._non_persistent_buffers_set
+        ]
+        for store, name in tensors:
+            t = store[name]
+            if t is not None and id(t) not in inside and t.is_floating_point() and t.dtype != dtype and not t.is_meta:
+                t.data = t.data.to(dtype)
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them after a layer's many mid-size frees)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _heap_for_streaming() -> None:
+    """Serve allocations of 1 MiB and more by mmap, so that freeing them returns the memory at once. glibc's
+    default raises that threshold to 32 MiB as large blocks are freed, and a layer's weight-sized blocks then
+    fragment the heap: peak RSS of a streamed run grew by ~40% (MALLOC_MMAP_THRESHOLD_ in the environment wins)."""
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def _to_meta(module: nn.Module, skip: nn.Module | None = None) -> None:
+    """Free a module's parameters and persistent buffers (non-persistent ones, computed at init, stay), but not
+    those inside `skip`."""
+    inside = {id(m) for m in skip.modules()} if skip is not None else set()
+    for sub in module.modules():
+        if id(sub) in inside:
+            continue
+        for name, p in list(sub._parameters.items()):
+            if p is not None:
+                sub._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for name, b in list(sub._buffers.items()):
+            if b is not None and name not in sub._non_persistent_buffers_set:
+                sub._buffers[name] = torch.empty_like(b, device="meta")
+
+
+def open_streamed(source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> StreamedModel:
+    """The meta skeleton of `source` (folder or hub id) with its checkpoint indexed and checked; no weight read."""
+    from accelerate import init_empty_weights
+
+    config = read_config(source, trust_remote_code)
+    adapter = get_adapter(config.model_type)
+    folder = local_folder(source)
+    tensors = source_tensors(folder)
+    with init_empty_weights():
+        model = adapter.auto_model_class().from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    model.eval()
+    require_moe(model, adapter, source)
+    return StreamedModel(model, adapter, source, tensors, dtype)
