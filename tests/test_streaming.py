@@ -26,7 +26,10 @@ from .conftest import CALIB, SHAPES, TINY_VL, require_shared
 SMALL = {"calibration": {"dataset": str(CALIB), "num_samples": 8, "seq_len": 128}}
 RECIPES = {
     "gptq-w4": SMALL,
-    "lp-2.5": {**SMALL, "allocation": {"method": "lp", "avg_bits": 2.5, "candidates": [2, 3, 4], "profile_tokens": 256}},
+    "lp-2.5": {
+        **SMALL,
+        "allocation": {"method": "lp", "avg_bits": 2.5, "candidates": [2, 3, 4], "profile_tokens": 256},
+    },
     "rtn-ternary": {**SMALL, "quantization": {"method": "rtn", "ternary": True, "group_size": -1}},
 }
 
@@ -37,7 +40,9 @@ def tensor_hashes(folder: Path) -> dict[str, str]:
         with safe_open(str(file), "pt") as f:
             for key in f.keys():
                 t = f.get_tensor(key).contiguous()
-                out[key] = f"{t.dtype}{list(t.shape)}" + hashlib.sha256(t.view(-1).view(torch.uint8).numpy()).hexdigest()
+                out[key] = (
+                    f"{t.dtype}{list(t.shape)}" + hashlib.sha256(t.view(-1).view(torch.uint8).numpy()).hexdigest()
+                )
     return out
 
 
@@ -69,16 +74,26 @@ def test_streamed_run_writes_exactly_the_in_memory_tensors(name, in_memory, tiny
     assert config["quantization_config"] == ref_config["quantization_config"]
     assert not (tmp_path / "s.compress-state").exists()  # the state of a finished run is removed
     if name == "lp-2.5":
-        assert json.loads((tmp_path / "s" / "plan.json").read_text()) == json.loads((reference / "plan.json").read_text())
+        assert json.loads((tmp_path / "s" / "plan.json").read_text()) == json.loads(
+            (reference / "plan.json").read_text()
+        )
 
 
 def test_streamed_vl_run_matches_in_memory(tmp_path):
     vl = require_shared(TINY_VL)
-    r = {"name": "vl", "calibration": {**SMALL["calibration"], "num_samples": 4, "vl_num_samples": 4,
-                                       "vl_dataset": str(require_shared(SHAPES) / "calib.jsonl")}}
+    r = {
+        "name": "vl",
+        "calibration": {
+            **SMALL["calibration"],
+            "num_samples": 4,
+            "vl_num_samples": 4,
+            "vl_dataset": str(require_shared(SHAPES) / "calib.jsonl"),
+        },
+    }
     for out, stream in ((tmp_path / "s", True), (tmp_path / "m", False)):
-        result = moecompress.compress(str(vl), Recipe.from_dict(r), out, progress=False, stream=stream,
-                                      trust_remote_code=True)
+        result = moecompress.compress(
+            str(vl), Recipe.from_dict(r), out, progress=False, stream=stream, trust_remote_code=True
+        )
         assert result.report.engine == ("streamed" if stream else "in-memory")
     assert tensor_hashes(tmp_path / "s") == tensor_hashes(tmp_path / "m")
 
@@ -109,8 +124,11 @@ KILLER = textwrap.dedent("""
 
 
 def killed_run(source: Path, output: Path, recipe_file: Path, where: str, layer: int) -> None:
-    child = subprocess.run([sys.executable, "-c", KILLER, str(source), str(output), str(recipe_file), where, str(layer)],
-                           capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, "-c", KILLER, str(source), str(output), str(recipe_file), where, str(layer)],
+        capture_output=True,
+        text=True,
+    )
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
 
 
@@ -168,14 +186,18 @@ def test_sharded_source_and_output_load_everywhere(sharded_source, tmp_path, in_
     quick = tmp_path / "r.yaml"
     quick.write_text(recipe("gptq-w4").to_yaml())
     out = tmp_path / "w4"
-    assert main(["compress", str(sharded_source), "--recipe", str(quick), "-o", str(out), "--max-shard-size", "2MB"]) == 0
+    assert (
+        main(["compress", str(sharded_source), "--recipe", str(quick), "-o", str(out), "--max-shard-size", "2MB"]) == 0
+    )
     assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
     assert tensor_hashes(out) == tensor_hashes(in_memory("gptq-w4"))
     ids = torch.randint(0, 8000, (1, 32))
     with torch.no_grad():
         expected = moecompress.load(in_memory("gptq-w4"))(input_ids=ids).logits
         assert torch.equal(moecompress.load(out)(input_ids=ids).logits, expected)
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(input_ids=ids).logits, expected)
+        assert torch.equal(
+            AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(input_ids=ids).logits, expected
+        )
 
 
 def _index(folder: Path) -> dict:
@@ -198,11 +220,14 @@ def _misplace_key(folder: Path) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
-@pytest.mark.parametrize("damage, message", [
-    (_drop_shard, "is missing"),
-    (_truncate_shard, "is truncated"),
-    (_misplace_key, "which does not hold it"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_drop_shard, "is missing"),
+        (_truncate_shard, "is truncated"),
+        (_misplace_key, "which does not hold it"),
+    ],
+)
 def test_damaged_sources_are_refused_before_any_work(damage, message, sharded_source, tmp_path, capsys):
     damage(sharded_source)
     quick = tmp_path / "r.yaml"
@@ -225,8 +250,11 @@ def test_a_full_disk_keeps_the_finished_layers_for_a_resume(tiny_text_path, tmp_
         sys.exit(main(sys.argv[1:]))
     """)
     out = tmp_path / "w4"
-    child = subprocess.run([sys.executable, "-c", script, "compress", str(tiny_text_path), "--recipe", str(recipe_file),
-                            "-o", str(out)], capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, "-c", script, "compress", str(tiny_text_path), "--recipe", str(recipe_file), "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
     last = child.stderr.strip().splitlines()[-1]
     assert child.returncode == 2 and "the disk is full" in last and "w4.compress-state" in last, child.stderr[-2000:]
     assert not out.exists() and not list(tmp_path.glob(".w4.tmp-*"))
@@ -236,8 +264,10 @@ def test_a_full_disk_keeps_the_finished_layers_for_a_resume(tiny_text_path, tmp_
 
 
 def test_tensor_files_round_trip_and_truncation_is_found(tmp_path):
-    tensors = {f"t{i}": (torch.randn(3, 5 + i) * 7).to(dtype) for i, dtype in
-               enumerate([torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.uint8, torch.int8])}
+    tensors = {
+        f"t{i}": (torch.randn(3, 5 + i) * 7).to(dtype)
+        for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.uint8, torch.int8])
+    }
     tensors["scalar"] = torch.tensor(2.5)
     write_safetensors(tmp_path / "a.safetensors", list(tensors.values()), list(tensors))
     loaded = load_file(tmp_path / "a.safetensors")
@@ -274,8 +304,11 @@ def test_bfloat16_activations_are_held_in_bfloat16_and_change_little(in_memory, 
 
     held = []
     save_layer = LayerStore.save_layer
-    monkeypatch.setattr(LayerStore, "save_layer",
-                        lambda self, i, t, r, hidden: held.append({h.dtype for h in hidden}) or save_layer(self, i, t, r, hidden))
+    monkeypatch.setattr(
+        LayerStore,
+        "save_layer",
+        lambda self, i, t, r, hidden: held.append({h.dtype for h in hidden}) or save_layer(self, i, t, r, hidden),
+    )
     r = recipe("gptq-w4")
     r.calibration.activation_dtype = "bfloat16"
     moecompress.compress(str(tiny_text_path), r, tmp_path / "bf16", progress=False)
