@@ -31,6 +31,8 @@ RECIPES = {
         "allocation": {"method": "lp", "avg_bits": 2.5, "candidates": [2, 3, 4], "profile_tokens": 256},
     },
     "rtn-ternary": {**SMALL, "quantization": {"method": "rtn", "ternary": True, "group_size": -1}},
+    "submoe-25": {**SMALL, "merge": {"method": "subspace", "ratio": 0.25, "sample_tokens": 256}},
+    "prune-25": {**SMALL, "merge": {"method": "prune", "ratio": 0.25, "beam": 2, "sample_tokens": 256}},
 }
 
 
@@ -132,12 +134,14 @@ def killed_run(source: Path, output: Path, recipe_file: Path, where: str, layer:
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
 
 
-@pytest.mark.parametrize("where", ["after", "inside"])
-def test_sigkilled_run_resumes_after_its_last_stored_layer(where, in_memory, tiny_text_path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where, name", [("after", "gptq-w4"), ("inside", "gptq-w4"), ("after", "prune-25")])
+def test_sigkilled_run_resumes_after_its_last_stored_layer(
+    where, name, in_memory, tiny_text_path, tmp_path, monkeypatch
+):
     from moecompress.models.streaming import StreamedModel
 
     recipe_file = tmp_path / "r.yaml"
-    recipe_file.write_text(recipe("gptq-w4").to_yaml())
+    recipe_file.write_text(recipe(name).to_yaml())
     out, state = tmp_path / "w4", tmp_path / "w4.compress-state"
     killed_run(tiny_text_path, out, recipe_file, where, layer=1)
     assert not out.exists()
@@ -148,8 +152,9 @@ def test_sigkilled_run_resumes_after_its_last_stored_layer(where, in_memory, tin
     load_layer = StreamedModel.load_layer
     monkeypatch.setattr(StreamedModel, "load_layer", lambda self, i, d: loads.append(i) or load_layer(self, i, d))
     moecompress.compress(str(tiny_text_path), Recipe.from_yaml(recipe_file), out, progress=False)
-    assert loads == ([2, 3] if where == "after" else [1, 2, 3])
-    assert tensor_hashes(out) == tensor_hashes(in_memory("gptq-w4"))
+    merge_pass = [0, 1, 2, 3] if name == "prune-25" else []  # merging is redone, quantization resumes
+    assert loads == merge_pass + ([2, 3] if where == "after" else [1, 2, 3])
+    assert tensor_hashes(out) == tensor_hashes(in_memory(name))
     assert not state.exists()
 
 

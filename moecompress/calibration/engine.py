@@ -281,13 +281,15 @@ def run_layerwise(
     on_layer_done: LayerDone | None = None,
     resume: tuple[int, list[torch.Tensor]] | None = None,
     activation_dtype: torch.dtype | None = None,
+    keep_changes: bool = False,
 ) -> list[torch.Tensor]:
     """Walk the decoder; `on_moe_layer(view, observer)` sees each MoE block after its calibration pass
     and returns True when it changed the layer (then the layer's outputs are recomputed).
     `layers_from` hands out the layers (a `StreamedModel` reads each from disk; default: `model`'s own);
     `on_layer_done(index, layer, outputs)` sees every finished layer before it is released; `resume`
     (first layer, its inputs) skips the layers before it; `activation_dtype` holds the activations between layers
-    in that dtype (e.g. bfloat16), each layer still computing in the model's. Returns the last layer's outputs."""
+    in that dtype (e.g. bfloat16), each layer still computing in the model's; `keep_changes`: later passes see the
+    layers this one changed (a streamed model keeps them on disk). Returns the last layer's outputs."""
     device = torch.device(device)
     source = layers_from if layers_from is not None else LoadedModel(model, adapter, "")
     source.prepare_layers(device)
@@ -303,7 +305,7 @@ def run_layerwise(
     count = len(adapter.decoder_layers(model))
     for index in tqdm(range(first, count), desc=desc, disable=not progress, initial=first, total=count):
         layer = source.load_layer(index, device)
-        view = views.get(index)
+        view, changed = views.get(index), False
         if view is None:
             inputs.keep(forward_layer(layer, adapter, index, inputs))
         else:
@@ -327,5 +329,5 @@ def run_layerwise(
             inputs.keep(forward_layer(layer, adapter, index, inputs) if changed else outputs)
         if on_layer_done is not None:
             on_layer_done(index, layer, inputs.hidden)
-        source.release_layer(index)
+        source.release_layer(index, changed=keep_changes and changed)
     return inputs.hidden

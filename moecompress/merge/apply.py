@@ -197,7 +197,7 @@ def reduce_experts(loaded: LoadedModel, batches: list[CalibrationBatch], config:
 
     run_layerwise(loaded.model, loaded.adapter, batches, reduce_layer, device, collect_hessians=False,
                   progress=progress, desc=f"{config.method} experts",
-                  observer_options={"reservoir_size": config.sample_tokens})
+                  observer_options={"reservoir_size": config.sample_tokens}, layers_from=loaded, keep_changes=True)
     if config.router == "shrink" or config.method == "prune":
         loaded.adapter.set_num_experts(loaded.model, kept[0])
     return reductions

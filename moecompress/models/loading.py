@@ -38,7 +38,7 @@ class LoadedModel:
     def load_layer(self, index: int, device: str | torch.device) -> nn.Module:
         return self.adapter.decoder_layers(self.model)[index].to(device)
 
-    def release_layer(self, index: int) -> None:
+    def release_layer(self, index: int, changed: bool = False) -> None:
         self.adapter.decoder_layers(self.model)[index].to("cpu")
 
     def trim(self) -> None:

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import ModelLoadError
-from ..io.tensorfiles import StoredTensor, TensorFileError, read_header
+from ..io.tensorfiles import StoredTensor, TensorFileError, read_header, write_safetensors
 from .base import ModelAdapter
 from .loading import LoadedModel, read_config, require_finite_layer, require_moe
 from .registry import get_adapter
@@ -90,6 +91,8 @@ class StreamedModel(LoadedModel):
         from transformers.core_model_loading import WeightConverter, rename_source_key
 
         self.dtype, self.tensors = dtype, tensors
+        self.work_dir: Path | None = None  # where layers changed in place (merged, pruned) are kept between passes
+        self.changed: set[int] = set()
         self.mapping = get_model_conversion_mapping(model)
         converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
         renamings = [m for m in self.mapping if not isinstance(m, WeightConverter)]
@@ -170,6 +173,9 @@ class StreamedModel(LoadedModel):
 
     def load_layer(self, index: int, device: str | torch.device) -> nn.Module:
         layer = self.layers[index]
+        if index in self.changed:  # a layer an earlier pass changed: its own float copy, not the source's
+            layer.load_state_dict(load_file(self._work_file(index), device=str(device)), assign=True)
+            return layer
         self._load(self.layer_keys.get(index, []), device)
         missing = [name for name, t in self._tensors(layer) if t.device.type == "meta"]
         if missing:
@@ -182,9 +188,21 @@ class StreamedModel(LoadedModel):
         require_finite_layer(self, index)
         return layer
 
-    def release_layer(self, index: int) -> None:
+    def release_layer(self, index: int, changed: bool = False) -> None:
+        """Free the layer; with `changed` (a pass changed it in place and later passes need the change, e.g.
+        merged experts) first keep it, in the compute dtype, in `work_dir`."""
+        if changed and self.work_dir is not None:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            state = self.layers[index].state_dict()
+            tmp = self._work_file(index).with_suffix(".tmp")
+            write_safetensors(tmp, list(state.values()), list(state))
+            os.replace(tmp, self._work_file(index))
+            self.changed.add(index)
         _to_meta(self.layers[index])
         _trim_heap()
+
+    def _work_file(self, index: int) -> Path:
+        return self.work_dir / f"changed-{index:05d}.safetensors"
 
     def trim(self) -> None:
         _trim_heap()
