@@ -157,6 +157,7 @@ def _compress(loaded: LoadedModel, recipe: Recipe, output, trust_remote_code: bo
         if ctx.store is not None:
             with contextlib.suppress(Exception):
                 ctx.store.flush()  # the layer in flight is finished too
+            ctx.store.drop_unresumable()
         if ctx.store is not None and ctx.store.done():
             log.warning("finished layers %d-%d are kept in %s: rerun the same command to resume after them",
                         ctx.store.done()[0], ctx.store.done()[-1], ctx.store.folder)

@@ -79,7 +79,7 @@ class Stage(Protocol):
 
 class MergeStage:
     """Sub-MoE / averaging / pruning: fewer routed experts per layer (`merge:`). Streamed, each merged layer is kept
-    in float32 in `<output>.compress-state/merged/` for the quantization pass (a resumed run merges again: the
+    in float32 in `<output>.compress-state/scratch/merged/` for the quantization pass (a resumed run merges again: the
     merge is deterministic, and cheap next to GPTQ)."""
 
     name = "merge"
@@ -92,7 +92,7 @@ class MergeStage:
 
         m = ctx.recipe.merge
         if ctx.store is not None:  # streamed: merged layers wait on disk for the quantization pass
-            ctx.loaded.work_dir = ctx.store.folder / "merged"
+            ctx.loaded.work_dir = ctx.store.scratch("merged")
         reductions = reduce_experts(ctx.loaded, ctx.batches, m, ctx.recipe.device, ctx.progress)
         return {
             "method": m.method,

@@ -130,5 +130,15 @@ class LayerStore:
         self.flush()
         return [t for i in self.done() for t in read_header(self._path("layer", i, "safetensors")).values()]
 
+    def scratch(self, name: str) -> Path:
+        """A folder for work a rerun redoes anyway (e.g. merged layers between passes): dropped on failure."""
+        return self.folder / "scratch" / name
+
+    def drop_unresumable(self) -> None:
+        """After a failure: keep what a rerun resumes from (stored layers, a plan), nothing else."""
+        shutil.rmtree(self.folder / "scratch", ignore_errors=True)
+        if self.folder.is_dir() and not self.done() and not (self.folder / "plan.json").is_file():
+            self.remove()
+
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

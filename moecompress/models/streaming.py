@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..io.outputs import disk_errors
 from ..io.tensorfiles import StoredTensor, TensorFileError, read_header, write_safetensors
 from .base import ModelAdapter
 from .loading import LoadedModel, read_config, require_finite_layer, require_moe
@@ -192,11 +193,12 @@ class StreamedModel(LoadedModel):
         """Free the layer; with `changed` (a pass changed it in place and later passes need the change, e.g.
         merged experts) first keep it, in the compute dtype, in `work_dir`."""
         if changed and self.work_dir is not None:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
             state = self.layers[index].state_dict()
             tmp = self._work_file(index).with_suffix(".tmp")
-            write_safetensors(tmp, list(state.values()), list(state))
-            os.replace(tmp, self._work_file(index))
+            with disk_errors(f"changed layer {index} to {self.work_dir}"):
+                self.work_dir.mkdir(parents=True, exist_ok=True)
+                write_safetensors(tmp, list(state.values()), list(state))
+                os.replace(tmp, self._work_file(index))
             self.changed.add(index)
         _to_meta(self.layers[index])
         _trim_heap()
