@@ -35,7 +35,7 @@ from .integrity import (
 from .outputs import MANIFEST, atomic_folder
 from .tensorfiles import StoredTensor, write_sharded
 
-__all__ = ["MANIFEST", "read_manifest", "save_checkpoint", "verify_checkpoint", "write_shards"]
+__all__ = ["MANIFEST", "read_manifest", "save_checkpoint", "verify_checkpoint"]
 _AUX_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model", "chat_template*",
                  "generation_config.json", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json", "*.py")
 
@@ -84,11 +84,6 @@ def persistent_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict
             tensor = tensor.to(dtype)
         state[name] = tensor.detach().cpu().contiguous()
     return state
-
-
-def write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 5 * 10**9) -> list[str]:
-    """Write `state` as safetensors shards (+ index when more than one) into `folder`; return the file names."""
-    return write_sharded(folder, state.items(), max_shard_bytes)
 
 
 def save_checkpoint(

@@ -21,8 +21,9 @@ from safetensors import safe_open
 from ..errors import CheckpointError
 from ..quant.packing import pack_codes
 from ..quant.qtensor import QuantFormat
-from .checkpoint import copy_aux_files, verify_checkpoint, write_shards
+from .checkpoint import copy_aux_files, verify_checkpoint
 from .outputs import atomic_folder
+from .tensorfiles import write_sharded
 
 EXPORT_FORMATS = ("compressed-tensors", "gptq")
 _PACKED_SUFFIX = re.compile(r"^(?P<module>.+\.experts\.\d+\.(gate|up|down)_proj)\.(?P<tensor>weight_packed|weight_scale|weight_zero_point)$")
@@ -174,7 +175,7 @@ def write_interop_files(checkpoint: str | Path, dest: Path, fmt_name: str) -> No
     else:
         config["quantization_config"] = gptq_config(fmt, list(projection_names.values()))
 
-    write_shards(state, dest)
+    write_sharded(dest, state.items())
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     if fmt_name == "gptq":
         (dest / "quantize_config.json").write_text(json.dumps(config["quantization_config"], indent=2))
