@@ -20,13 +20,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
 from ..models.base import PROJECTIONS
 from ..quant.packing import packed_layout
 from ..quant.qtensor import QuantFormat
 from .outputs import MANIFEST
+from .tensorfiles import TensorFileError, read_header
 
 FORMAT_VERSION = 2
 QUANT_METHOD = "moecompress"
@@ -148,12 +148,10 @@ def stored_tensors(folder: Path, manifest: dict) -> dict[str, tuple[list[int], s
     stored: dict[str, tuple[list[int], str, str]] = {}
     for name in manifest["files"]:
         try:
-            with safe_open(str(folder / name), "pt") as f:
-                for key in f.keys():
-                    piece = f.get_slice(key)
-                    stored[key] = (list(piece.get_shape()), str(piece.get_dtype()), name)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{folder / name} is not a readable safetensors file ({exc}).") from exc
+            header = read_header(folder / name)
+        except TensorFileError as exc:
+            raise CheckpointError(f"{exc}; re-download or re-export the checkpoint.") from exc
+        stored.update({key: (list(t.shape), t.dtype, name) for key, t in header.items()})
     return stored
 
 
