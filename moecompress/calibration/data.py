@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,12 +88,12 @@ def _hub_texts(name: str, text_field: str, split: str) -> list[str]:
 def token_stream(texts: list[str], tokenizer) -> torch.Tensor:
     """Documents tokenized and joined with the EOS token (how the reference models were trained)."""
     eos = tokenizer.eos_token_id
-    ids: list[int] = []
+    ids = array("q")  # 8 bytes a token; a list of Python ints takes 36 (0.4 GB for 10 M calibration tokens)
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.frombuffer(ids, dtype=torch.long).clone() if ids else torch.empty(0, dtype=torch.long)
 
 
 def text_calibration_batches(

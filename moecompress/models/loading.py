@@ -110,7 +110,15 @@ def require_finite_layer(loaded: LoadedModel, index: int) -> None:
 
 
 def _non_finite(module: nn.Module, prefix: str = "") -> list[str]:
-    return [prefix + n for n, p in module.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    return [prefix + n for n, p in module.named_parameters() if p.is_floating_point() and not _finite(p)]
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in `t`, without a bool copy of it (min and max propagate NaN)."""
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t.detach())
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _raise_non_finite(views, source: str, first_bad: str) -> None:

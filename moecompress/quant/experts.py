@@ -59,7 +59,7 @@ def expert_hessians(
 ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """(H for gate/up inputs, H for down inputs, tokens used), or None when GPTQ should not run."""
     own = int(observer.tokens[expert].sum())
-    h_in, h_mid = observer.hessian_in.get(expert), observer.hessian_mid.get(expert)
+    h_in, h_mid = observer.hessian_in.pop(expert, None), observer.hessian_mid.pop(expert, None)  # freed as used
     if own < rare.min_tokens and rare.policy == "rtn":
         return None
     if own < rare.min_tokens and rare.policy == "pool":
