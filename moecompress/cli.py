@@ -157,7 +157,7 @@ def cmd_plan(args) -> dict:
 
 def cmd_analyze(args) -> dict:
     from .analysis.importance import write_analysis
-    from .calibration.batches import calibration_batches
+    from .calibration.batches import activation_holding, calibration_batches
     from .calibration.engine import collect_expert_stats
     from .io.outputs import atomic_folder, claim_output
 
@@ -166,8 +166,10 @@ def cmd_analyze(args) -> dict:
     with claim_output(args.output, [args.model], args.overwrite):
         loaded = _open_model(args)
         batches = calibration_batches(loaded, recipe, args.trust_remote_code)
-        stats = collect_expert_stats(loaded.model, loaded.adapter, batches, args.model,
-                                     measure_drop_loss=not args.no_drop_loss, device=recipe.device, layers_from=loaded)
+        with activation_holding(recipe.calibration) as holding:
+            stats = collect_expert_stats(loaded.model, loaded.adapter, batches, args.model, layers_from=loaded,
+                                         measure_drop_loss=not args.no_drop_loss, device=recipe.device,
+                                         activations=holding)
         with atomic_folder(args.output, [args.model], args.overwrite, kind="analysis") as tmp:
             files = sorted(p.name for p in write_analysis(stats, tmp).iterdir())
     return {"output": str(Path(args.output).resolve()), "files": files}

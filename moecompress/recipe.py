@@ -33,6 +33,7 @@ class CalibrationConfig:
     vl_num_samples: int = 128
     seed: int = 0
     activation_dtype: str = "float32"  # calibration activations held between layers; bfloat16 halves them
+    offload_activations: bool = False  # hold them on disk (state folder, else $TMPDIR), one batch in memory at a time
 
 
 @dataclass

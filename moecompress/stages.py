@@ -13,7 +13,7 @@ import torch
 
 from .allocation import CompressionPlan, allocate
 from .allocation.allocate import avg_bits_for_bytes
-from .calibration.batches import training_batches
+from .calibration.batches import activation_holding, training_batches
 from .calibration.data import CalibrationBatch
 from .calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
 from .errors import ModelLoadError, UnsupportedModelError
@@ -64,6 +64,14 @@ class RunContext:
 
         return job_fingerprint(self.recipe.to_yaml(), self.loaded.source)
 
+    def spill_folder(self, stage: str) -> Path | None:
+        """Where `stage` offloads calibration activations: the state folder's scratch (None: a temporary folder)."""
+        return self.store.scratch(f"activations-{stage}") if self.store is not None else None
+
+    def activations(self, stage: str):
+        """How `stage` holds its calibration activations between layers (a context)."""
+        return activation_holding(self.recipe.calibration, self.spill_folder(stage))
+
     def moe_layers(self) -> tuple[list[int], int]:
         views = self.loaded.adapter.moe_blocks(self.loaded.model)
         return [v.layer_index for v in views], views[0].num_experts
@@ -93,7 +101,8 @@ class MergeStage:
         m = ctx.recipe.merge
         if ctx.store is not None:  # streamed: merged layers wait on disk for the quantization pass
             ctx.loaded.work_dir = ctx.store.scratch("merged")
-        reductions = reduce_experts(ctx.loaded, ctx.batches, m, ctx.recipe.device, ctx.progress)
+        with ctx.activations(self.name) as holding:
+            reductions = reduce_experts(ctx.loaded, ctx.batches, m, ctx.recipe.device, ctx.progress, holding)
         return {
             "method": m.method,
             "router": m.router,
@@ -143,7 +152,7 @@ class AllocationStage:
         if ctx.plan is None and saved is not None and saved.is_file():
             ctx.plan = CompressionPlan.load(saved)  # a resumed run: the profiling pass was done before the kill
         if ctx.plan is None:
-            ctx.plan, _ = plan_allocation(ctx.loaded, ctx.recipe, ctx.batches, ctx.progress)
+            ctx.plan, _ = plan_allocation(ctx.loaded, ctx.recipe, ctx.batches, ctx.progress, ctx.spill_folder(self.name))
             if ctx.store is not None:
                 ctx.store.save_json("plan.json", ctx.plan.to_dict())
         else:
@@ -190,10 +199,10 @@ class QuantizeStage:
                           if index in views else None}
                 store.save_layer(index, state, record, hidden)
 
-        run_layerwise(loaded.model, loaded.adapter, ctx.batches, quantize_layer, ctx.recipe.device,
-                      collect_hessians=q.method == "gptq", progress=ctx.progress, desc="compress", layers_from=loaded,
-                      on_layer_done=layer_done, resume=resume,
-                      activation_dtype=getattr(torch, ctx.recipe.calibration.activation_dtype))
+        with ctx.activations(self.name) as holding:
+            run_layerwise(loaded.model, loaded.adapter, ctx.batches, quantize_layer, ctx.recipe.device,
+                          collect_hessians=q.method == "gptq", progress=ctx.progress, desc="compress",
+                          layers_from=loaded, on_layer_done=layer_done, resume=resume, activations=holding)
         ctx.quant_reports = [r for index in sorted(reports) for r in reports[index]]
 
 
@@ -272,10 +281,14 @@ STAGES: tuple[Stage, ...] = (
 
 
 def plan_allocation(
-    loaded: LoadedModel, recipe: Recipe, batches: list[CalibrationBatch], progress: bool = True
+    loaded: LoadedModel,
+    recipe: Recipe,
+    batches: list[CalibrationBatch],
+    progress: bool = True,
+    spill_to: Path | None = None,
 ) -> tuple[CompressionPlan, object]:
-    """Profile every expert's quantization error at the candidate bit widths, then allocate bits.
-    Returns (plan, ExpertStats)."""
+    """Profile every expert's quantization error at the candidate bit widths, then allocate bits (activations
+    offloaded, if the recipe says so, to `spill_to`). Returns (plan, ExpertStats)."""
     q, a = recipe.quantization, recipe.allocation
     views = loaded.adapter.moe_blocks(loaded.model)
     if a.method == "uniform":
@@ -289,19 +302,20 @@ def plan_allocation(
             [q.format_for(k) for k in a.candidates],
             integer_format,
         )
-    stats = collect_expert_stats(
-        loaded.model,
-        loaded.adapter,
-        batches,
-        loaded.source,
-        measure_drop_loss=False,
-        device=recipe.device,
-        progress=progress,
-        profile_formats=formats,
-        profile_max_tokens=a.profile_tokens,
-        layers_from=loaded,
-        activation_dtype=getattr(torch, recipe.calibration.activation_dtype),
-    )
+    with activation_holding(recipe.calibration, spill_to) as holding:
+        stats = collect_expert_stats(
+            loaded.model,
+            loaded.adapter,
+            batches,
+            loaded.source,
+            measure_drop_loss=False,
+            device=recipe.device,
+            progress=progress,
+            profile_formats=formats,
+            profile_max_tokens=a.profile_tokens,
+            layers_from=loaded,
+            activations=holding,
+        )
     return allocate(stats, a, integer_format), stats
 
 

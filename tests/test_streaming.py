@@ -325,3 +325,34 @@ def test_bfloat16_activations_are_held_in_bfloat16_and_change_little(in_memory, 
         a = moecompress.load(tmp_path / "bf16")(input_ids=ids).logits.double()
         b = moecompress.load(reference)(input_ids=ids).logits.double()
     assert float((a - b).norm() / b.norm()) < 0.05
+
+
+@pytest.mark.parametrize("name, stream", [("gptq-w4", True), ("lp-2.5", False), ("prune-25", True)])
+def test_offloaded_activations_live_on_disk_and_change_nothing(
+    name, stream, in_memory, tiny_text_path, tmp_path, monkeypatch
+):
+    """`calibration.offload_activations`: between layers every batch's activations are a file (in the state folder
+    when streamed, else in $TMPDIR), the tensors written are the in-memory run's, and no file is left behind."""
+    import tempfile
+
+    from moecompress.calibration.engine import LayerInputs
+    from moecompress.io.tensorfiles import DiskTensors
+
+    kept = []
+    keep = LayerInputs.keep
+
+    def watching(self, hidden):
+        keep(self, hidden)
+        kept.append((type(self.hidden), {t.file.parent.parent for t in getattr(self.hidden, "entries", [])}))
+
+    monkeypatch.setattr(LayerInputs, "keep", watching)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    r = recipe(name)
+    r.calibration.offload_activations = True
+    moecompress.compress(str(tiny_text_path), r, tmp_path / "o", progress=False, stream=stream)
+    assert kept and all(kind is DiskTensors for kind, _ in kept)
+    homes = {folder.parent for _, folders in kept for folder in folders}
+    assert homes == ({tmp_path / "o.compress-state" / "scratch"} if stream else {tmp_path / "tmp"})
+    assert not list((tmp_path / "tmp").iterdir()) and not (tmp_path / "o.compress-state").exists()
+    assert tensor_hashes(tmp_path / "o") == tensor_hashes(in_memory(name))

@@ -3,11 +3,17 @@ vision-language models, image+text items."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 from ..errors import CalibrationDataError, ModelLoadError
 from .data import CalibrationBatch, text_calibration_batches, vl_calibration_batches
+from .engine import Activations
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -29,6 +35,21 @@ def load_tokenizer_or_processor(source: str, multimodal: bool, trust_remote_code
             else ""
         )
         raise ModelLoadError(f"could not load the tokenizer/processor of '{source}': {exc}.{hint}") from exc
+
+
+@contextlib.contextmanager
+def activation_holding(cal: CalibrationConfig, folder: Path | None = None):
+    """How `cal` holds the calibration activations between layers: in `cal.activation_dtype`, and with
+    `cal.offload_activations` on disk, in `folder` (the run's state folder) or else a temporary folder (in $TMPDIR)
+    removed afterwards."""
+    dtype = getattr(torch, cal.activation_dtype)
+    if not cal.offload_activations:
+        yield Activations(dtype)
+    elif folder is not None:
+        yield Activations(dtype, folder)
+    else:
+        with tempfile.TemporaryDirectory(prefix="moecompress-activations-") as tmp:
+            yield Activations(dtype, Path(tmp))
 
 
 def calibration_batches(loaded: LoadedModel, recipe: Recipe, trust_remote_code: bool = False) -> list[CalibrationBatch]:

@@ -8,13 +8,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..io.tensorfiles import DiskTensors
 from ..models.base import MODALITIES, PROJECTIONS, ExpertWeights, ModelAdapter, MoEBlockView
 from ..models.loading import LoadedModel
 from ..quant.qtensor import QuantFormat
@@ -44,20 +46,56 @@ def _lean_experts(model: nn.Module):
 
 
 @dataclass
+class Activations:
+    """How calibration activations are held between layers: in `dtype` (None: the model's), and in memory or, with
+    `spill_to`, on disk in that folder (one file per batch, read back one at a time)."""
+
+    dtype: torch.dtype | None = None
+    spill_to: Path | None = None
+
+
+@dataclass
 class LayerInputs:
-    """Per calibration batch: hidden states entering the current layer (held in `hold` dtype, computed in
+    """Per calibration batch: hidden states entering the current layer (held as `holding` says, computed in
     `compute` dtype), the decoder-layer keyword arguments (position embeddings, masks), adapter extras (e.g.
     DeepStack features), image mask."""
 
-    hidden: list[torch.Tensor]
-    kwargs: list[dict]
-    extras: list[dict]
-    image_masks: list[torch.Tensor]
-    hold: torch.dtype | None = None
+    kwargs: list[dict] = field(default_factory=list)
+    extras: list[dict] = field(default_factory=list)
+    image_masks: list[torch.Tensor] = field(default_factory=list)
+    holding: Activations = field(default_factory=Activations)
+    device: torch.device = torch.device("cpu")
     compute: torch.dtype | None = None
+    hidden: list[torch.Tensor] | DiskTensors = field(default_factory=list)
+    _sink: object = None
+    _previous: DiskTensors | None = None
+    _generation: int = 0
 
-    def keep(self, hidden: list[torch.Tensor]) -> None:
-        self.hidden = [h.to(self.hold) for h in hidden] if self.hold is not None else hidden
+    def sink(self) -> list[torch.Tensor] | DiskTensors:
+        """An empty container for the next layer's activations (append `held(out)` to it, then `keep` it)."""
+        if self.holding.spill_to is None:
+            self._sink = []
+        else:  # three generations rotate: a layer's outputs are still read while the next layer's are written
+            self._generation += 1
+            self._sink = DiskTensors(self.holding.spill_to / f"generation-{self._generation % 3}", self.device)
+        return self._sink
+
+    def held(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.to(self.holding.dtype) if self.holding.dtype is not None else hidden
+
+    def keep(self, hidden) -> None:
+        """Make `hidden` the current activations: a container from `sink` as it is, anything else copied into one."""
+        if hidden is self.hidden:
+            return
+        if hidden is not self._sink:
+            sink = self.sink()
+            for h in hidden:
+                sink.append(self.held(h.to(self.device)))
+            hidden = sink
+        stale, old, self.hidden = self._previous, self.hidden, hidden
+        self._previous = old if isinstance(old, DiskTensors) else None
+        if stale is not None:
+            stale.remove()
 
     def batches(self):
         """(hidden in the compute dtype, kwargs, extras, image mask) per calibration batch."""
@@ -81,17 +119,23 @@ def _to(value, device):
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, adapter: ModelAdapter, batches: list[CalibrationBatch], device: torch.device
+    model: nn.Module,
+    adapter: ModelAdapter,
+    batches: list[CalibrationBatch],
+    device: torch.device,
+    holding: Activations | None = None,
 ) -> LayerInputs:
     layers = adapter.decoder_layers(model)
-    captured = LayerInputs([], [], [], [])
+    captured = LayerInputs(holding=holding or Activations(), device=device)
+    captured.hidden = captured.sink()
 
     def text_model_hook(module, args, kwargs):
         captured.extras.append(_to(adapter.capture_extras(kwargs), device))
 
     def first_layer_hook(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden.to(device))
+        captured.compute = hidden.dtype
+        captured.hidden.append(captured.held(hidden.to(device)))
         captured.kwargs.append(_to({k: v for k, v in kwargs.items() if k != "hidden_states"}, device))
         raise _StopForward
 
@@ -113,12 +157,13 @@ def capture_layer_inputs(
 
 
 @torch.no_grad()
-def forward_layer(layer: nn.Module, adapter: ModelAdapter, index: int, inputs: LayerInputs) -> list[torch.Tensor]:
-    outputs = []
+def forward_layer(layer: nn.Module, adapter: ModelAdapter, index: int, inputs: LayerInputs):
+    """The layer's outputs for every batch, in a container from `inputs.sink()` (for `inputs.keep`)."""
+    outputs = inputs.sink()
     for hidden, kwargs, extras, _ in inputs.batches():
         out = layer(hidden, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        outputs.append(adapter.after_layer(index, out, extras))
+        outputs.append(inputs.held(adapter.after_layer(index, out, extras)))
     return outputs
 
 
@@ -262,7 +307,7 @@ def collect_expert_stats(
     profile_formats: list[QuantFormat] | None = None,
     profile_max_tokens: int = 4096,
     layers_from: LoadedModel | None = None,
-    activation_dtype: torch.dtype | None = None,
+    activations: Activations | None = None,
 ) -> ExpertStats:
     """Calibration pass without changing the model: routing, output and drop-loss statistics per expert,
     and the RTN error profile at each of `profile_formats` when given."""
@@ -285,7 +330,7 @@ def collect_expert_stats(
         desc="analyze",
         observer_options={"profile_formats": profile_formats, "profile_max_tokens": profile_max_tokens},
         layers_from=layers_from,
-        activation_dtype=activation_dtype,
+        activations=activations,
     )
     return stats
 
@@ -308,50 +353,41 @@ def run_layerwise(
     observer_options: dict | None = None,
     layers_from: LoadedModel | None = None,
     on_layer_done: LayerDone | None = None,
-    resume: tuple[int, list[torch.Tensor]] | None = None,
-    activation_dtype: torch.dtype | None = None,
+    resume: tuple[int, list[torch.Tensor] | DiskTensors] | None = None,
+    activations: Activations | None = None,
     keep_changes: bool = False,
-) -> list[torch.Tensor]:
+) -> None:
     """Walk the decoder; `on_moe_layer(view, observer)` sees each MoE block after its calibration pass
     and returns True when it changed the layer (then the layer's outputs are recomputed).
     `layers_from` hands out the layers (a `StreamedModel` reads each from disk; default: `model`'s own);
-    `on_layer_done(index, layer, outputs)` sees every finished layer before it is released; `resume`
-    (first layer, its inputs) skips the layers before it; `activation_dtype` holds the activations between layers
-    in that dtype (e.g. bfloat16), each layer still computing in the model's; `keep_changes`: later passes see the
-    layers this one changed (a streamed model keeps them on disk). Returns the last layer's outputs."""
+    `on_layer_done(index, layer, outputs)` sees every finished layer before it is released (outputs may be
+    `DiskTensors`: files that stay until two layers later); `resume` (first layer, its inputs) skips the layers
+    before it; `activations` says how activations are held between layers (dtype, memory or disk), each layer
+    still computing in the model's dtype; `keep_changes`: later passes see the layers this one changed (a streamed
+    model keeps them on disk)."""
     with _lean_experts(model):
         device = torch.device(device)
         source = layers_from if layers_from is not None else LoadedModel(model, adapter, "")
         source.prepare_layers(device)
-        inputs = capture_layer_inputs(model, adapter, batches, device)
+        inputs = capture_layer_inputs(model, adapter, batches, device, activations)
         source.after_capture()
-        inputs.hold, inputs.compute = activation_dtype, inputs.hidden[0].dtype
-        inputs.keep(inputs.hidden)
         first = 0
         if resume is not None:
             first = resume[0]
-            inputs.keep([h.to(device) for h in resume[1]])
+            inputs.keep(resume[1])
         views = {v.layer_index: v for v in adapter.moe_blocks(model)}
         count = len(adapter.decoder_layers(model))
+        options = dict(
+            collect_hessians=collect_hessians, measure_drop_loss=measure_drop_loss, **(observer_options or {})
+        )
         for index in tqdm(range(first, count), desc=desc, disable=not progress, initial=first, total=count):
             layer = source.load_layer(index, device)
             view, changed = views.get(index), False
             if view is None:
                 inputs.keep(forward_layer(layer, adapter, index, inputs))
             else:
-                observer = ExpertObserver(
-                    view, inputs.num_tokens, collect_hessians, measure_drop_loss, seed=index, **(observer_options or {})
-                )
-                handle = view.block.register_forward_hook(observer.hook)
-                outputs = []
-                try:
-                    for hidden, kwargs, extras, mask in inputs.batches():
-                        observer.image_mask = mask
-                        out = layer(hidden, **kwargs)
-                        out = out[0] if isinstance(out, tuple) else out
-                        outputs.append(adapter.after_layer(index, out, extras))
-                finally:
-                    handle.remove()
+                observer = ExpertObserver(view, inputs.num_tokens, seed=index, **options)
+                outputs = _observed_forward(layer, adapter, index, inputs, observer)
                 source.trim()
                 changed = on_moe_layer(view, observer)
                 del observer
@@ -360,4 +396,18 @@ def run_layerwise(
             if on_layer_done is not None:
                 on_layer_done(index, layer, inputs.hidden)
             source.release_layer(index, changed=keep_changes and changed)
-        return inputs.hidden
+
+
+def _observed_forward(layer: nn.Module, adapter: ModelAdapter, index: int, inputs: LayerInputs, observer):
+    """`forward_layer` with `observer` watching the layer's MoE block."""
+    handle = observer.view.block.register_forward_hook(observer.hook)
+    try:
+        outputs = inputs.sink()
+        for hidden, kwargs, extras, mask in inputs.batches():
+            observer.image_mask = mask
+            out = layer(hidden, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            outputs.append(inputs.held(adapter.after_layer(index, out, extras)))
+        return outputs
+    finally:
+        handle.remove()

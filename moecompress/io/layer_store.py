@@ -17,11 +17,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..errors import OutputError
 from .outputs import disk_errors
-from .tensorfiles import StoredTensor, read_header, write_safetensors
+from .tensorfiles import DiskTensors, StoredTensor, read_header, write_safetensors
 
 JOB = "job.json"
 
@@ -76,19 +75,20 @@ class LayerStore:
     def record(self, index: int) -> dict:
         return json.loads(self._path("layer", index, "json").read_text())
 
-    def resume_point(self) -> tuple[int, list[torch.Tensor]] | None:
-        """(first layer to do, its calibration inputs), or None to start at layer 0."""
+    def resume_point(self) -> tuple[int, DiskTensors] | None:
+        """(first layer to do, its calibration inputs, read from disk one at a time), or None to start at layer 0."""
         done = self.done()
         if not done:
             return None
-        hidden = load_file(str(self._path("hidden", done[-1], "safetensors")))
-        return done[-1] + 1, [hidden[str(i)] for i in range(len(hidden))]
+        return done[-1] + 1, DiskTensors.of_file(self._path("hidden", done[-1], "safetensors"))
 
     def save_layer(
-        self, index: int, tensors: dict[str, torch.Tensor], record: dict, hidden: list[torch.Tensor]
+        self, index: int, tensors: dict[str, torch.Tensor], record: dict, hidden: list[torch.Tensor] | DiskTensors
     ) -> None:
-        """Store a finished layer (in the background; the tensors must not change afterwards)."""
+        """Store a finished layer (in the background; the tensors, and the files of `DiskTensors`, must not change
+        until the next `save_layer` or `flush`)."""
         self.flush()
+        hidden = hidden.entries if isinstance(hidden, DiskTensors) else hidden
         self._pending = self._writer.submit(self._write_layer, index, tensors, record, hidden)
 
     def flush(self) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 _MAX_HEADER = 100 << 20
 _DTYPES = {
@@ -77,9 +78,12 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
-def write_safetensors(path: Path, tensors: Iterable[torch.Tensor | StoredTensor], names: Iterable[str]) -> None:
+def write_safetensors(
+    path: Path, tensors: Iterable[torch.Tensor | StoredTensor], names: Iterable[str], sync: bool = True
+) -> None:
     """Write a safetensors file of `tensors` (in-memory tensors, or byte ranges of other files) named `names`,
-    one tensor at a time; the header is laid out first from shapes and dtypes alone."""
+    one tensor at a time; the header is laid out first from shapes and dtypes alone. `sync`: fsync it (scratch
+    files that a rerun recomputes need not be)."""
     items = list(zip(names, tensors))
     header, offset = {}, 0
     for name, t in items:
@@ -101,7 +105,8 @@ def write_safetensors(path: Path, tensors: Iterable[torch.Tensor | StoredTensor]
             else:
                 out.write(_tensor_bytes(t))
         out.flush()
-        os.fsync(out.fileno())
+        if sync:
+            os.fsync(out.fileno())
     os.chmod(path, 0o666 & ~umask)
 
 
@@ -147,3 +152,40 @@ def write_sharded(
         index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, s in zip(names, shards) for n, _ in s}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return names
+
+
+class DiskTensors:
+    """A list of tensors kept on disk, one safetensors file each in `folder`, read back one at a time (calibration
+    activations that should not stay in memory); or, with `entries`, a read-only view of tensors in existing files."""
+
+    def __init__(self, folder: Path | None = None, device: str | torch.device = "cpu", entries=None):
+        self.folder, self.device = folder, str(device)
+        self.entries: list[StoredTensor] = list(entries or [])
+
+    @classmethod
+    def of_file(cls, path: Path, device: str | torch.device = "cpu") -> DiskTensors:
+        """The tensors of one file named 0, 1, ... in that order."""
+        stored = read_header(path)
+        return cls(device=device, entries=[stored[str(i)] for i in range(len(stored))])
+
+    def append(self, tensor: torch.Tensor) -> None:
+        if not self.entries:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{len(self.entries):06d}.safetensors"
+        write_safetensors(path, [tensor], ["t"], sync=False)
+        self.entries.append(read_header(path)["t"])
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self):
+        for t in self.entries:
+            with safe_open(str(t.file), "pt", device=self.device) as f:
+                yield f.get_tensor(t.name)
+
+    def remove(self) -> None:
+        """Delete the files this list wrote (never those of a view)."""
+        if self.folder is not None:
+            for t in self.entries:
+                t.file.unlink(missing_ok=True)
+            self.entries = []

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..calibration.data import CalibrationBatch
-from ..calibration.engine import ExpertObserver, run_layerwise
+from ..calibration.engine import Activations, ExpertObserver, run_layerwise
 from ..errors import RecipeError
 from ..models.base import MODALITIES, PROJECTIONS, ExpertWeights, MoEBlockView
 from ..models.loading import LoadedModel
@@ -181,7 +181,7 @@ def _install(view: MoEBlockView, experts: list[ExpertWeights], router_rows: torc
 
 
 def reduce_experts(loaded: LoadedModel, batches: list[CalibrationBatch], config: MergeConfig, device: str = "cpu",
-                   progress: bool = True) -> list[LayerReduction]:
+                   progress: bool = True, activations: Activations | None = None) -> list[LayerReduction]:
     """Merge or prune the routed experts of every MoE layer of `loaded.model` in place."""
     config.validate()
     if config.method == "none":
@@ -197,7 +197,8 @@ def reduce_experts(loaded: LoadedModel, batches: list[CalibrationBatch], config:
 
     run_layerwise(loaded.model, loaded.adapter, batches, reduce_layer, device, collect_hessians=False,
                   progress=progress, desc=f"{config.method} experts",
-                  observer_options={"reservoir_size": config.sample_tokens}, layers_from=loaded, keep_changes=True)
+                  observer_options={"reservoir_size": config.sample_tokens}, layers_from=loaded, keep_changes=True,
+                  activations=activations)
     if config.router == "shrink" or config.method == "prune":
         loaded.adapter.set_num_experts(loaded.model, kept[0])
     return reductions
