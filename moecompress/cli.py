@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p):
         p.add_argument("--trust-remote-code", action="store_true", help="allow custom code shipped with the model/processor")
         p.add_argument("--json", help="also write the result as JSON to this file")
+        p.add_argument("--adapter", action="append", default=[], metavar="MODULE:CLASS",
+                       help="register a third-party model adapter (repeatable); installed plugins are found through "
+                            "the 'moecompress.adapters' entry point group")
 
     def overwrite(p):
         p.add_argument("--overwrite", action="store_true",
@@ -482,6 +485,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from .io.outputs import check_file_output, write_text_atomic
+    from .models.registry import load_plugin
 
     try:
         args = build_parser().parse_args(argv)
@@ -493,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "json", None):
             check_file_output(args.json, "--json")
+        for spec in getattr(args, "adapter", []):
+            load_plugin(spec)
         result = args.run(args)
         result = {"result": result, "wall_seconds": round(time.perf_counter() - start, 2),
                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

@@ -39,3 +39,7 @@ class OutputError(MoECompressError):
 
 class NonFiniteError(MoECompressError):
     """A weight, scale or evaluation result is NaN or infinite."""
+
+
+class InsufficientMemoryError(MoECompressError):
+    """A stage needs more memory than the machine has; raised before the model is loaded."""

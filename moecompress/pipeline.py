@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,16 +16,16 @@ from torch import nn
 
 from .allocation import CompressionPlan
 from .calibration.batches import calibration_batches, load_tokenizer_or_processor, training_batches
-from .errors import ModelLoadError
 from .evaluation.records import RUN_RECORD, RunRecord
 from .io.layer_store import LayerStore, state_folder
 from .io.outputs import claim_output, disk_errors
 from .models import LoadedModel, load_model
-from .models.streaming import StreamedModel, local_folder, open_streamed, source_tensors
+from .models.streaming import StreamedModel, local_folder, open_streamed, parameter_count
 from .quant.experts import ExpertQuantReport
 from .recipe import Recipe
 from .runtime.packed_experts import PackedLinear, set_dequant_cache
 from .stages import STAGES, RunContext, plan_allocation
+from .training.memory import TrainingMemory, require_room
 
 __all__ = ["CompressionReport", "CompressionResult", "calibration_batches", "compress", "load_tokenizer_or_processor",
            "plan_allocation", "set_dequant_cache", "training_batches"]
@@ -124,11 +123,25 @@ def compress(
         if isinstance(model, str) and stream and output is not None and not whole_model_stages(recipe):
             loaded = open_streamed(model, trust_remote_code=trust_remote_code)
         else:
-            if isinstance(model, str) and stream and output is not None:
-                log.warning("stages %s work on the whole model: loading it in memory (float32: about %.1f GB)",
-                            ", ".join(whole_model_stages(recipe)), 4 * parameter_count(model) / 1e9)
+            if isinstance(model, str):
+                _state_memory_need(model, recipe, trust_remote_code, stream and output is not None)
             loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
         return _compress(loaded, recipe, output, trust_remote_code, progress, plan, overwrite, max_shard_bytes)
+
+
+def _state_memory_need(source: str, recipe: Recipe, trust_remote_code: bool, could_stream: bool) -> None:
+    """Before the whole model is loaded: say why and how much memory it takes; refuse when training cannot fit."""
+    stages = whole_model_stages(recipe)
+    training = [s for s in stages if s in ("slim", "recovery")]
+    params = parameter_count(source)
+    if training and params:
+        skeleton = open_streamed(source, trust_remote_code=trust_remote_code)
+        experts = sum(p.numel() for v in skeleton.adapter.moe_blocks(skeleton.model) for p in v.experts.parameters())
+        teacher = parameter_count(recipe.recovery.teacher) if "recovery" in training and recipe.recovery.teacher else params
+        require_room(TrainingMemory(params, experts, teacher), training, recipe.device)
+    elif could_stream and params:
+        log.warning("stages %s work on the whole model: loading it in memory (float32: about %.1f GB)",
+                    ", ".join(stages), 4 * params / 1e9)
 
 
 def whole_model_stages(recipe: Recipe) -> list[str]:
@@ -229,15 +242,6 @@ def job_fingerprint(loaded: StreamedModel, recipe: Recipe, plan: CompressionPlan
     config = (local_folder(loaded.source) / "config.json").read_text()
     job = {"recipe": recipe.to_yaml(), "plan": plan.to_dict() if plan else None, "files": files, "config": config}
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
-
-
-def parameter_count(source: str) -> int:
-    """Parameters in `source`'s safetensors headers (0 when it has none to read)."""
-    try:
-        tensors = source_tensors(local_folder(source))
-    except ModelLoadError:
-        return 0
-    return sum(math.prod(t.shape) for t in tensors.values())
 
 
 def run_record(report: CompressionReport, recipe: Recipe, plan: CompressionPlan | None,

@@ -5,6 +5,8 @@ runs `STAGES` in order, so a new stage is its math in its own package, a class h
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -13,6 +15,7 @@ import torch
 
 from .allocation import CompressionPlan, allocate
 from .allocation.allocate import avg_bits_for_bytes
+from .allocation.profile import ErrorProfile
 from .calibration.batches import activation_holding, training_batches
 from .calibration.data import CalibrationBatch
 from .calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
@@ -20,7 +23,8 @@ from .errors import ModelLoadError, UnsupportedModelError
 from .io.checkpoint import persistent_state
 from .io.layer_store import LayerStore
 from .models import LoadedModel, MoEBlockView, get_adapter, load_model
-from .models.base import ModelAdapter
+from .models.base import PROJECTIONS, ModelAdapter
+from .models.streaming import parameter_count
 from .quant.experts import (
     ExpertQuantReport,
     GPTQOptions,
@@ -31,6 +35,7 @@ from .quant.experts import (
 from .quant.qtensor import QuantFormat
 from .recipe import Recipe
 from .runtime.packed_experts import set_dequant_cache
+from .training.memory import teacher_placement
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +128,7 @@ class SlimStage:
         from .slim.staged import slim_experts
 
         r, loaded = ctx.recipe, ctx.loaded
-        teacher = load_model(loaded.source, trust_remote_code=ctx.trust_remote_code) if r.slim.steps_per_stage else None
+        teacher = _distill_teacher(ctx, self.name) if r.slim.steps_per_stage else None
         data = training_batches(loaded, r.slim, r.calibration, ctx.trust_remote_code) if teacher else []
         return slim_experts(
             loaded.model,
@@ -228,11 +233,7 @@ class RecoveryStage:
         from .training.qat import recover_quantized_experts
 
         r, loaded = ctx.recipe, ctx.loaded
-        teacher = (
-            _load_teacher(r.recovery.teacher, ctx.trust_remote_code)
-            if r.recovery.teacher
-            else load_model(loaded.source, trust_remote_code=ctx.trust_remote_code)
-        )
+        teacher = _distill_teacher(ctx, self.name, r.recovery.teacher)
         data = training_batches(loaded, r.recovery, r.calibration, ctx.trust_remote_code)
         report = recover_quantized_experts(
             loaded.model,
@@ -311,8 +312,7 @@ def plan_allocation(
             measure_drop_loss=False,
             device=recipe.device,
             progress=progress,
-            profile_formats=formats,
-            profile_max_tokens=a.profile_tokens,
+            collectors=lambda view: [ErrorProfile(view, formats, a.profile_tokens)],
             layers_from=loaded,
             activations=holding,
         )
@@ -335,12 +335,28 @@ def _unquantized_bytes_and_expert_params(loaded: LoadedModel, recipe: Recipe) ->
     return fixed, experts
 
 
-def _load_teacher(source: str, trust_remote_code: bool) -> LoadedModel:
-    """Any causal LM (dense or MoE) as a distillation teacher."""
+def _distill_teacher(ctx: RunContext, stage: str, source: str | None = None) -> LoadedModel:
+    """The teacher of a distillation stage in bfloat16: `source` (any causal LM) or the model being compressed. It
+    stays whole on the device when it fits next to the optimizer states still to come, else accelerate offloads the
+    layers that do not fit to `<output>.<stage>-state/teacher-offload/` (no second float32 copy of the model)."""
+    views = ctx.loaded.adapter.moe_blocks(ctx.loaded.model)
+    expert_params = sum(v.num_experts * sum(v.expert_weights(0)[p].numel() for p in PROJECTIONS) for v in views)
+    folder = ctx.state_dir(stage) or Path(tempfile.gettempdir()) / f"moecompress-{os.getpid()}"
+    placement = teacher_placement(2 * parameter_count(source or ctx.loaded.source), 12 * expert_params,
+                                  folder / "teacher-offload", ctx.recipe.device)
+    if source is None:
+        return load_model(ctx.loaded.source, torch.bfloat16, trust_remote_code=ctx.trust_remote_code, **placement)
+    return _load_teacher(source, ctx.trust_remote_code, placement)
+
+
+def _load_teacher(source: str, trust_remote_code: bool, placement: dict) -> LoadedModel:
+    """Any causal LM (dense or MoE) as a distillation teacher, in bfloat16."""
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.bfloat16, trust_remote_code=trust_remote_code, **placement
+        )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the recovery teacher '{source}': {exc}") from exc
     try:

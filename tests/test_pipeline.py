@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import moecompress
@@ -70,3 +71,55 @@ def test_compress_runs_the_enabled_stages_in_order_with_one_context(tiny_text_pa
     assert seen == [(3, 4 * 16, "probe-w3")]
     assert list(result.report.stage_seconds) == ["allocation", "quantize", "probe"]  # merge/slim/recovery/skip off
     assert [s.name for s in stages.STAGES] == ["merge", "slim", "allocation", "quantize", "recovery", "skip"]
+
+
+def _recovery_recipe() -> Recipe:
+    recipe = Recipe.from_yaml(Path(__file__).resolve().parent.parent / "pipelines" / "ternary-experts.yaml")
+    recipe.calibration = CalibrationConfig(dataset=str(require_shared(CALIB)), num_samples=4, seq_len=128)
+    recipe.quantization.method = "rtn"
+    recipe.recovery.steps, recipe.recovery.num_samples, recipe.recovery.seq_len = 2, 4, 64
+    return recipe
+
+
+def test_a_teacher_that_does_not_fit_is_offloaded_to_disk_and_teaches_the_same(tiny_text_path, tmp_path, monkeypatch):
+    """The recovery teacher is bfloat16; where memory is short accelerate keeps part of it on disk, and the student
+    learns exactly what it learns from a teacher held whole."""
+    from moecompress import stages
+    from moecompress.training import memory
+
+    teachers = []
+    distill_teacher = stages._distill_teacher
+
+    def recording(ctx, stage, source=None):
+        teachers.append(distill_teacher(ctx, stage, source).model)
+        return stages.LoadedModel(teachers[-1], ctx.loaded.adapter, ctx.loaded.source)
+
+    monkeypatch.setattr(stages, "_distill_teacher", recording)
+    moecompress.compress(str(tiny_text_path), _recovery_recipe(), output=tmp_path / "whole", progress=False)
+    placement = memory.teacher_placement
+
+    def short_of_memory(teacher_bytes, reserve, folder, device="cpu"):  # room for two thirds of the teacher
+        return placement(teacher_bytes, (memory.available_bytes() - 2 * teacher_bytes // 3) / memory.HEADROOM, folder,
+                         device)
+
+    monkeypatch.setattr(stages, "teacher_placement", short_of_memory)
+    moecompress.compress(str(tiny_text_path), _recovery_recipe(), output=tmp_path / "offloaded", progress=False)
+    whole, offloaded = teachers
+    assert {p.dtype for p in whole.parameters()} == {torch.bfloat16} and not getattr(whole, "hf_device_map", None)
+    assert "disk" in set(offloaded.hf_device_map.values()) and "cpu" in set(offloaded.hf_device_map.values())
+    assert not (tmp_path / "offloaded.recovery-state").exists()
+    from .test_streaming import tensor_hashes
+
+    assert tensor_hashes(tmp_path / "offloaded") == tensor_hashes(tmp_path / "whole")
+
+
+def test_training_stages_state_their_memory_and_refuse_before_loading_what_cannot_fit(tiny_text_path, tmp_path,
+                                                                                        monkeypatch, caplog):
+    from moecompress.errors import InsufficientMemoryError
+    from moecompress.training import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 10**6)
+    monkeypatch.setattr(moecompress.pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(InsufficientMemoryError, match=r"need 0\.\d GB for the float32 model .* 0\.0 GB is available"):
+        moecompress.compress(str(tiny_text_path), _recovery_recipe(), output=tmp_path / "o", progress=False)
+    assert "bfloat16 teacher" in caplog.text and not (tmp_path / "o").exists()

@@ -12,15 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..io.tensorfiles import DiskTensors
-from ..models.base import MODALITIES, PROJECTIONS, ExpertWeights, ModelAdapter, MoEBlockView
+from ..models.base import MODALITIES, ModelAdapter, MoEBlockView
 from ..models.loading import LoadedModel
-from ..quant.qtensor import QuantFormat
-from ..quant.rtn import quantize_rtn
 from .data import CalibrationBatch
 from .stats import ExpertStats
 
@@ -57,10 +54,10 @@ class Activations:
 @dataclass
 class LayerInputs:
     """Per calibration batch: hidden states entering the current layer (held as `holding` says, computed in
-    `compute` dtype), the decoder-layer keyword arguments (position embeddings, masks), adapter extras (e.g.
-    DeepStack features), image mask."""
+    `compute` dtype), every decoder layer's keyword arguments (position embeddings, the mask of its attention
+    type: full, sliding, chunked, linear), adapter extras (e.g. DeepStack features), image mask."""
 
-    kwargs: list[dict] = field(default_factory=list)
+    kwargs: list[list[dict]] = field(default_factory=list)  # [batch][layer]
     extras: list[dict] = field(default_factory=list)
     image_masks: list[torch.Tensor] = field(default_factory=list)
     holding: Activations = field(default_factory=Activations)
@@ -97,10 +94,11 @@ class LayerInputs:
         if stale is not None:
             stale.remove()
 
-    def batches(self):
-        """(hidden in the compute dtype, kwargs, extras, image mask) per calibration batch."""
+    def batches(self, layer: int):
+        """(hidden in the compute dtype, decoder layer `layer`'s own keyword arguments, extras, image mask) per
+        calibration batch."""
         for hidden, kwargs, extras, mask in zip(self.hidden, self.kwargs, self.extras, self.image_masks):
-            yield hidden.to(self.compute) if self.compute is not None else hidden, kwargs, extras, mask
+            yield hidden.to(self.compute) if self.compute is not None else hidden, kwargs[layer], extras, mask
 
     @property
     def num_tokens(self) -> int:
@@ -125,24 +123,35 @@ def capture_layer_inputs(
     device: torch.device,
     holding: Activations | None = None,
 ) -> LayerInputs:
+    """Run the model's embedding pass on every batch and record, per batch, the first decoder layer's input and
+    each decoder layer's keyword arguments as the model passes them (layers with their own attention type get their
+    own mask). The layers themselves are not run (stand-ins pass the hidden states through), so a streamed model
+    needs no layer weights."""
     layers = adapter.decoder_layers(model)
     captured = LayerInputs(holding=holding or Activations(), device=device)
     captured.hidden = captured.sink()
+    moved: dict[int, object] = {}  # one copy per distinct argument object: layers of one type share their mask
 
     def text_model_hook(module, args, kwargs):
         captured.extras.append(_to(adapter.capture_extras(kwargs), device))
 
-    def first_layer_hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.compute = hidden.dtype
-        captured.hidden.append(captured.held(hidden.to(device)))
-        captured.kwargs.append(_to({k: v for k, v in kwargs.items() if k != "hidden_states"}, device))
-        raise _StopForward
+    def stand_in(index: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                captured.compute = hidden.dtype
+                captured.hidden.append(captured.held(hidden.to(device)))
+                captured.kwargs.append([])
+            captured.kwargs[-1].append({k: _moved(v, device, moved) for k, v in kwargs.items()})
+            if index == len(layers) - 1:
+                raise _StopForward
+            return hidden
 
-    handles = [
-        adapter.text_model(model).register_forward_pre_hook(text_model_hook, with_kwargs=True),
-        layers[0].register_forward_pre_hook(first_layer_hook, with_kwargs=True),
-    ]
+        return forward
+
+    handle = adapter.text_model(model).register_forward_pre_hook(text_model_hook, with_kwargs=True)
+    for index, layer in enumerate(layers):
+        layer.forward = stand_in(index)
     try:
         for batch in batches:
             try:
@@ -151,16 +160,24 @@ def capture_layer_inputs(
                 pass
             captured.image_masks.append(batch.image_mask.to(device))
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
+        for layer in layers:
+            del layer.forward
     return captured
+
+
+def _moved(value, device: torch.device, moved: dict[int, object]):
+    """`value` on `device`, moved once however many layers receive the same object."""
+    if id(value) not in moved:
+        moved[id(value)] = (_to(value, device), value)  # keep `value` alive so that its id stays unique
+    return moved[id(value)][0]
 
 
 @torch.no_grad()
 def forward_layer(layer: nn.Module, adapter: ModelAdapter, index: int, inputs: LayerInputs):
     """The layer's outputs for every batch, in a container from `inputs.sink()` (for `inputs.keep`)."""
     outputs = inputs.sink()
-    for hidden, kwargs, extras, _ in inputs.batches():
+    for hidden, kwargs, extras, _ in inputs.batches(index):
         out = layer(hidden, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         outputs.append(inputs.held(adapter.after_layer(index, out, extras)))
@@ -180,8 +197,7 @@ class ExpertObserver:
         measure_drop_loss: bool = False,
         reservoir_size: int = 2048,
         seed: int = 0,
-        profile_formats: list[QuantFormat] | None = None,
-        profile_max_tokens: int = 4096,
+        collectors: Callable[[MoEBlockView], list] | None = None,
     ):
         self.view = view
         E, M = view.num_experts, len(MODALITIES)
@@ -195,15 +211,12 @@ class ExpertObserver:
         self.block_output_norm_sum = torch.zeros(M, dtype=torch.float64)
         self.hessian_in: dict[int, torch.Tensor] = {}
         self.hessian_mid: dict[int, torch.Tensor] = {}
+        self._blocks: dict[int, torch.Tensor] = {}
         self.reservoir: list[torch.Tensor] = []
         self._reservoir_rate = min(1.0, reservoir_size / max(total_tokens, 1))
         self._generator = torch.Generator().manual_seed(seed)
         self.image_mask: torch.Tensor | None = None
-        self.profile_formats = list(profile_formats or [])
-        self.profile_max_tokens = profile_max_tokens
-        self.quant_error = torch.zeros(E, len(self.profile_formats), len(PROJECTIONS) + 1, dtype=torch.float64)
-        self.profile_tokens = torch.zeros(E, dtype=torch.float64)
-        self._rtn_cache: dict[tuple[int, int], ExpertWeights] = {}
+        self.collectors = collectors(view) if collectors is not None else []
 
     def hook(self, module, args, output) -> None:
         hidden = args[0]
@@ -232,8 +245,8 @@ class ExpertObserver:
             if self.collect_hessians:
                 self._accumulate(self.hessian_in, e, xe)
                 self._accumulate(self.hessian_mid, e, mid)
-            if self.profile_formats and self.profile_tokens[e] < self.profile_max_tokens:
-                self._profile(e, xe, w, out)
+            for collector in self.collectors:
+                collector.observe_expert(self.view, e, xe, w, out)
         self.total_tokens += torch.bincount(modality, minlength=M).double().cpu()
         self.block_output_norm_sum += torch.bincount(modality, weights=routed.pow(2).sum(1), minlength=M).double().cpu()
         if self.measure_drop_loss:
@@ -242,41 +255,14 @@ class ExpertObserver:
         picks = torch.randperm(x.shape[0], generator=self._generator)[:n_keep]
         self.reservoir.append(x[picks.to(x.device)].cpu())
 
-    def _profile(self, e: int, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
-        """Block-output error of RTN at each candidate format, one projection at a time and all together."""
-        take = int(min(x.shape[0], self.profile_max_tokens - self.profile_tokens[e]))
-        x, w, out = x[:take], w[:take, None], out[:take]
-        act = self.view.experts.act_fn
-        original = self.view.expert_weights(e)
-        gate, up = act(F.linear(x, original.gate_proj)), F.linear(x, original.up_proj)
-        for c in range(len(self.profile_formats)):
-            q = self._rtn(e, c, original)
-            gate_q, up_q = act(F.linear(x, q.gate_proj)), F.linear(x, q.up_proj)
-            variants = (  # (down input, down weight) with gate / up / down / all quantized
-                (gate_q * up, original.down_proj),
-                (gate * up_q, original.down_proj),
-                (gate * up, q.down_proj),
-                (gate_q * up_q, q.down_proj),
-            )
-            for v, (mid, down) in enumerate(variants):
-                self.quant_error[e, c, v] += float((w * (F.linear(mid, down) - out)).pow(2).sum())
-        self.profile_tokens[e] += take
-
-    def _rtn(self, e: int, c: int, original: ExpertWeights) -> ExpertWeights:
-        if (e, c) not in self._rtn_cache:
-            fmt = self.profile_formats[c]
-            self._rtn_cache[(e, c)] = ExpertWeights(
-                *(quantize_rtn(original[p].float(), fmt).dequantize() for p in PROJECTIONS)
-            )
-        return self._rtn_cache[(e, c)]
-
-    @staticmethod
-    def _accumulate(store: dict[int, torch.Tensor], e: int, x: torch.Tensor) -> None:
-        gram = x.T @ x
-        if e in store:
-            store[e] += gram
-        else:
-            store[e] = gram
+    def _accumulate(self, store: dict[int, torch.Tensor], e: int, x: torch.Tensor) -> None:
+        if e not in store:  # every expert's Hessian is a slice of one block per layer: one allocation, freed at once
+            block = self._blocks.get(id(store))
+            if block is None or block.shape[1] != x.shape[1]:
+                block = torch.zeros(self.view.num_experts, x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+                self._blocks[id(store)] = block
+            store[e] = block[e]
+        store[e] += x.T @ x
 
     def _observe_drop_loss(self, x, modality, weights, indices, routed) -> None:
         """||Z - Z_-e||^2 where only the tokens routed to e change: they are re-routed without e."""
@@ -304,13 +290,12 @@ def collect_expert_stats(
     measure_drop_loss: bool = True,
     device: str | torch.device = "cpu",
     progress: bool = True,
-    profile_formats: list[QuantFormat] | None = None,
-    profile_max_tokens: int = 4096,
+    collectors: Callable[[MoEBlockView], list] | None = None,
     layers_from: LoadedModel | None = None,
     activations: Activations | None = None,
 ) -> ExpertStats:
     """Calibration pass without changing the model: routing, output and drop-loss statistics per expert,
-    and the RTN error profile at each of `profile_formats` when given."""
+    and whatever `collectors(view)` gather per layer (e.g. the allocator's `ErrorProfile`)."""
     views = adapter.moe_blocks(model)
     stats = ExpertStats.empty(source, [v.layer_index for v in views], views[0].num_experts, views[0].top_k)
 
@@ -328,7 +313,7 @@ def collect_expert_stats(
         measure_drop_loss=measure_drop_loss,
         progress=progress,
         desc="analyze",
-        observer_options={"profile_formats": profile_formats, "profile_max_tokens": profile_max_tokens},
+        observer_options={"collectors": collectors},
         layers_from=layers_from,
         activations=activations,
     )
@@ -403,7 +388,7 @@ def _observed_forward(layer: nn.Module, adapter: ModelAdapter, index: int, input
     handle = observer.view.block.register_forward_hook(observer.hook)
     try:
         outputs = inputs.sink()
-        for hidden, kwargs, extras, mask in inputs.batches():
+        for hidden, kwargs, extras, mask in inputs.batches(index):
             observer.image_mask = mask
             out = layer(hidden, **kwargs)
             out = out[0] if isinstance(out, tuple) else out

@@ -76,13 +76,8 @@ class ExpertStats:
             self.drop_loss[i] = observer.drop_loss
         self.total_tokens[i] = observer.total_tokens
         self.block_output_norm_sum[i] = observer.block_output_norm_sum
-        if observer.profile_formats:
-            if self.quant_error is None:
-                self.candidate_formats = [f.to_dict() for f in observer.profile_formats]
-                self.quant_error = torch.zeros(len(self.layers), *observer.quant_error.shape, dtype=torch.float64)
-                self.profile_tokens = torch.zeros(len(self.layers), self.num_experts, dtype=torch.float64)
-            self.quant_error[i] = observer.quant_error
-            self.profile_tokens[i] = observer.profile_tokens
+        for collector in observer.collectors:  # e.g. the allocator's error profile
+            collector.record(self, i)
 
     @property
     def frequency(self) -> torch.Tensor:

@@ -73,9 +73,10 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
     return tensors
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview | bytes:
+    """The tensor's bytes without a copy (when it is contiguous on the CPU)."""
     t = tensor.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
 
 
 def write_safetensors(

@@ -1,9 +1,9 @@
-"""Model adapters. Importing this package registers every adapter file."""
+"""Model adapters: every file of this package but base, loading, registry and streaming is one architecture,
+found by `registry` on first use; plugins add more."""
 
-from . import deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe, qwen3_vl_moe  # noqa: F401
 from .base import MODALITIES, PROJECTIONS, ExpertWeights, ModelAdapter, MoEBlockView
 from .loading import LoadedModel, load_model, read_config
-from .registry import get_adapter, register_adapter, supported_model_types
+from .registry import get_adapter, load_plugin, register_adapter, supported_model_types
 
 __all__ = [
     "MODALITIES",
@@ -13,6 +13,7 @@ __all__ = [
     "ModelAdapter",
     "MoEBlockView",
     "get_adapter",
+    "load_plugin",
     "load_model",
     "read_config",
     "register_adapter",

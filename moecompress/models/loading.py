@@ -76,13 +76,15 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    **placement,
 ) -> LoadedModel:
-    """Load `source` (folder or hub id) in `dtype`; raise if it is not a supported MoE."""
+    """Load `source` (folder or hub id) in `dtype`; raise if it is not a supported MoE. `placement`: accelerate's
+    big-model arguments of `from_pretrained` (max_memory, offload_folder)."""
     config = read_config(source, trust_remote_code)
     adapter = get_adapter(config.model_type)
     try:
         model = adapter.auto_model_class().from_pretrained(
-            source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
+            source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, **placement
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ModelLoadError(f"could not load the weights of '{source}': {' '.join(str(exc).split())}. Re-download "
@@ -110,7 +112,8 @@ def require_finite_layer(loaded: LoadedModel, index: int) -> None:
 
 
 def _non_finite(module: nn.Module, prefix: str = "") -> list[str]:
-    return [prefix + n for n, p in module.named_parameters() if p.is_floating_point() and not _finite(p)]
+    # parameters offloaded to disk by accelerate are on the meta device here: not readable, not checked
+    return [prefix + n for n, p in module.named_parameters() if p.is_floating_point() and not p.is_meta and not _finite(p)]
 
 
 def _finite(t: torch.Tensor) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -273,6 +274,15 @@ def _to_meta(module: nn.Module, skip: nn.Module | None = None) -> None:
         for name, b in list(sub._buffers.items()):
             if b is not None and name not in sub._non_persistent_buffers_set:
                 sub._buffers[name] = torch.empty_like(b, device="meta")
+
+
+def parameter_count(source: str) -> int:
+    """Parameters in `source`'s safetensors headers (0 when it has none to read, e.g. a hub id not downloaded)."""
+    try:
+        tensors = source_tensors(local_folder(source))
+    except ModelLoadError:
+        return 0
+    return sum(math.prod(t.shape) for t in tensors.values())
 
 
 def open_streamed(source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> StreamedModel:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..calibration.engine import ExpertObserver
 from ..errors import NonFiniteError
 from ..models.base import PROJECTIONS, ExpertWeights, MoEBlockView
 from ..runtime.packed_experts import PackedExperts
@@ -15,6 +15,9 @@ from .gptq import quantize_gptq
 from .packing import PackedTensor, pack
 from .qtensor import QuantFormat
 from .rtn import quantize_rtn
+
+if TYPE_CHECKING:  # the observer is handed in; quant does not depend on calibration
+    from ..calibration.engine import ExpertObserver
 
 RARE_POLICIES = ("pool", "rtn", "own")
 

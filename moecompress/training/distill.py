@@ -140,8 +140,10 @@ def distill(
     optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    if teacher is not None:
-        teacher.to(accelerator.device).eval().requires_grad_(False)
+    if teacher is not None:  # a teacher placed by accelerate's big-model loading (offloaded layers) stays as placed
+        teacher.eval().requires_grad_(False)
+        if not getattr(teacher, "hf_device_map", None):
+            teacher.to(accelerator.device)
     trainable = [p for group in param_groups for p in group["params"]]
 
     start, losses = 0, []
@@ -172,9 +174,9 @@ def distill(
         mask = inputs.get("attention_mask")
         if batch.image_mask is not None and batch.image_mask.any():  # predictions at image positions are never used
             mask = (torch.ones_like(batch.image_mask) if mask is None else mask.bool()) & ~batch.image_mask.to(s_out.logits.device)
-        loss = distillation_loss(s_out.logits, t_out.logits, mask, config.temperature)
+        loss = distillation_loss(s_out.logits, t_out.logits.to(s_out.logits.device), mask, config.temperature)
         if want_hidden:
-            target = t_out.hidden_states[-1].float()
+            target = t_out.hidden_states[-1].to(s_out.logits.device).float()
             loss = loss + config.hidden_weight * F.mse_loss(s_out.hidden_states[-1].float(), target) / target.pow(2).mean()
         if extra_loss is not None:
             loss = loss + extra_loss()

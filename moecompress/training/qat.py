@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import align_module_device
 from torch import nn
 
 from ..errors import RecipeError
@@ -143,7 +144,9 @@ def recover_quantized_experts(
         originals = None
         if config.init == "original":
             source = teacher_views[view.layer_index]
-            originals = [source.expert_weights(e) for e in range(view.num_experts)]
+            with align_module_device(source.experts):  # an offloaded teacher's experts are read in for the copy
+                originals = [ExpertWeights(*(source.expert_weights(e)[p].float() for p in PROJECTIONS))
+                             for e in range(view.num_experts)]
         view.block.experts = QATExperts.from_packed(view.experts, originals)
     weights = [m.weight for v in views for m in v.experts.modules() if isinstance(m, FakeQuantLinear)]
     scales = [m.scale for v in views for m in v.experts.modules() if isinstance(m, FakeQuantLinear)]

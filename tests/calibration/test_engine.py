@@ -5,7 +5,7 @@ from moecompress.calibration.data import CalibrationBatch
 from moecompress.calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
 from moecompress.models import get_adapter
 
-from ..models.tiny_models import tiny_model
+from ..models.tiny_models import CONFIGS, tiny_model
 
 
 def batches(n=3, seq=24, vocab=128):
@@ -16,15 +16,29 @@ def batches(n=3, seq=24, vocab=128):
     return out
 
 
-def test_layerwise_walk_reproduces_the_full_forward():
-    model = tiny_model("qwen3_moe")
-    adapter = get_adapter("qwen3_moe")
-    data = batches()
-    walked = run_layerwise(model, adapter, data, lambda view, observer: False, progress=False)
-    for batch, hidden in zip(data, walked):
+SLIDING = {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1, "num_hidden_layers": 3}
+WALKED = [(t, {}) for t in CONFIGS] + [("qwen2_moe", SLIDING)]
+
+
+@pytest.mark.parametrize("model_type, overrides", WALKED, ids=[t + ("-sliding" if o else "") for t, o in WALKED])
+def test_layerwise_walk_reproduces_the_real_forward_at_every_layer(model_type, overrides):
+    """Each decoder layer runs with its own arguments: Qwen2-MoE with (sliding, full, full) attention too, where
+    reusing layer 0's sliding-window mask was off by 39% at layer 1."""
+    model = tiny_model(model_type, **overrides)
+    data = batches(n=2, seq=40)
+    walked = {}
+    run_layerwise(model, get_adapter(model_type), data, lambda view, observer: False, progress=False,
+                  on_layer_done=lambda index, layer, hidden: walked.update({index: list(hidden)}))
+    for b, batch in enumerate(data):
         with torch.no_grad():
-            reference = model.model(**batch.inputs).last_hidden_state
-        torch.testing.assert_close(model.model.norm(hidden), reference, rtol=1e-5, atol=1e-5)
+            real = model.model(**batch.inputs, output_hidden_states=True).hidden_states
+        for index in range(len(walked) - 1):  # the last entry of hidden_states is after the final norm
+            reference = real[index + 1].double()
+            error = float((walked[index][b].double() - reference).norm() / reference.norm())
+            assert error < 1e-5, f"layer {index}: relative error {error:.2e}"
+        with torch.no_grad():
+            last = model.model.norm(walked[len(walked) - 1][b]).double()
+        assert float((last - real[-1].double()).norm() / real[-1].double().norm()) < 1e-5
 
 
 def test_observer_counts_and_hessians_match_the_routing():
@@ -68,7 +82,10 @@ def test_error_profile_is_the_block_output_error_of_rtn():
 
     view = get_adapter("qwen3_moe").moe_blocks(tiny_model("qwen3_moe"))[0]
     fmt = QuantFormat(2, 16)
-    observer = ExpertObserver(view, total_tokens=200, collect_hessians=False, profile_formats=[fmt])
+    from moecompress.allocation.profile import ErrorProfile
+
+    profile = ErrorProfile(view, [fmt])
+    observer = ExpertObserver(view, total_tokens=200, collect_hessians=False, collectors=lambda v: [profile])
     x = torch.randn(200, 64)
     observer.observe(x, torch.zeros(200, dtype=torch.bool))
     weights, indices = view.route(x)
@@ -81,5 +98,5 @@ def test_error_profile_is_the_block_output_error_of_rtn():
     for v, replaced in enumerate([original.replace(gate_proj=quantized.gate_proj), original.replace(up_proj=quantized.up_proj),
                                   original.replace(down_proj=quantized.down_proj), quantized]):
         expected = (w * (view.expert_forward(e, x[tok], replaced)[1] - y)).pow(2).sum()
-        assert float(observer.quant_error[e, 0, v]) == pytest.approx(float(expected), rel=1e-4)
+        assert float(profile.quant_error[e, 0, v]) == pytest.approx(float(expected), rel=1e-4)
         assert expected > 0

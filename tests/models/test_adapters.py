@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
@@ -6,6 +8,7 @@ from moecompress.errors import UnsupportedModelError
 from moecompress.models import get_adapter, supported_model_types
 from moecompress.models.loading import require_moe
 
+from ..conftest import CALIB
 from .tiny_models import CONFIGS, tiny_model
 
 
@@ -73,3 +76,73 @@ def test_model_without_moe_layers_is_rejected():
 
 def test_every_required_architecture_is_registered():
     assert {"qwen3_moe", "qwen3_vl_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe"} <= set(supported_model_types())
+
+
+PLUGIN = """
+from moecompress.models.qwen3_moe import Qwen3MoeAdapter
+
+
+class TaggedQwen3(Qwen3MoeAdapter):
+    model_types = ("qwen3_moe",)
+    seen = []
+
+    def moe_blocks(self, model):
+        TaggedQwen3.seen.append(type(model).__name__)
+        return super().moe_blocks(model)
+"""
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """A third-party adapter module on sys.path; the registry restored afterwards."""
+    from moecompress.models import registry
+
+    (tmp_path / "moe_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "moe_plugin", raising=False)
+    registry.supported_model_types()  # built-ins discovered before the copy
+    monkeypatch.setattr(registry, "_ADAPTERS", dict(registry._ADAPTERS))
+    return registry
+
+
+def test_an_adapter_plugin_given_by_option_is_used(plugin, tiny_text_path, tmp_path):
+    from moecompress.cli import main
+
+    out = tmp_path / "o"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"calibration: {{dataset: {CALIB}, num_samples: 2, seq_len: 64}}\nquantization: {{method: rtn}}\n")
+    assert main(["compress", str(tiny_text_path), "--recipe", str(recipe), "-o", str(out), "--adapter",
+                 "moe_plugin:TaggedQwen3"]) == 0
+    import moe_plugin
+
+    assert "Qwen3MoeForCausalLM" in moe_plugin.TaggedQwen3.seen and type(get_adapter("qwen3_moe")).__name__ == "TaggedQwen3"
+
+
+def test_installed_plugins_are_found_through_their_entry_point(plugin, tmp_path, monkeypatch):
+    dist = tmp_path / "moe_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: moe-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[moecompress.adapters]\ntagged = moe_plugin:TaggedQwen3\n")
+    monkeypatch.setattr(plugin, "_discovered", False)
+    assert type(get_adapter("qwen3_moe")).__name__ == "TaggedQwen3"
+
+
+@pytest.mark.parametrize("spec, message", [("no_such_module:X", "No module named"), ("moe_plugin:Missing", "Missing"),
+                                           ("json:dumps", "neither a ModelAdapter")])
+def test_a_bad_adapter_option_is_one_line(plugin, spec, message, capsys, tmp_path):
+    from moecompress.cli import main
+
+    assert main(["compress", "some/model", "-o", str(tmp_path / "o"), "--adapter", spec]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_every_file_of_the_models_package_is_an_adapter_found_without_an_import_list():
+    from pathlib import Path
+
+    import moecompress.models as models
+
+    files = {p.stem for p in Path(models.__file__).parent.glob("*.py")} - {"__init__", "base", "loading", "registry",
+                                                                          "streaming"}
+    found = {type(get_adapter(t)).__module__.rsplit(".", 1)[1] for t in supported_model_types()}
+    assert files <= found

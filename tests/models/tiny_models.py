@@ -17,9 +17,9 @@ CONFIGS = {
 }
 
 
-def tiny_model(model_type: str, seed: int = 0):
+def tiny_model(model_type: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    config = CONFIG_MAPPING[model_type](**{**COMMON, **CONFIGS[model_type]})
+    config = CONFIG_MAPPING[model_type](**{**COMMON, **CONFIGS[model_type], **overrides})
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for _name, p in model.named_parameters():
