@@ -44,9 +44,9 @@ PEAK = (
 )
 
 
-def run(argv: list[str], kill_when: Path | None = None) -> tuple[int, float, float]:
-    """(exit status, peak RSS in GB, seconds) of `python ARGV...` in a child process; SIGKILL it once `kill_when`
-    exists (its peak is then unknown: 0)."""
+def run(argv: list[str], kill_when: Path | None = None) -> tuple[int, float, float, str]:
+    """(exit status, peak RSS in GB, seconds, stderr) of `python ARGV...` in a child process; SIGKILL it once
+    `kill_when` exists (its peak is then unknown: 0)."""
     start = time.perf_counter()
     log = tempfile.TemporaryFile("w+")
     code = PEAK + ("runpy.run_module(sys.argv[0], run_name='__main__')" if argv[0] == "-m" else "exec(sys.argv[0])")
@@ -62,7 +62,7 @@ def run(argv: list[str], kill_when: Path | None = None) -> tuple[int, float, flo
     if child.returncode not in (0, -signal.SIGKILL):
         sys.exit(f"{' '.join(argv)} failed:\n{err[-3000:]}")
     peak = [line.split()[1] for line in err.splitlines() if line.startswith("VmHWM ")]
-    return child.returncode, int(peak[-1]) / 1e6 if peak else 0.0, time.perf_counter() - start
+    return child.returncode, int(peak[-1]) / 1e6 if peak else 0.0, time.perf_counter() - start, err
 
 
 def warm(folder: Path) -> None:
@@ -93,7 +93,7 @@ def compress(src: Path, out: Path, method: str, extra: list[str] = (), kill_when
         str(report),
         *extra,
     ]
-    rc, rss, seconds = run(argv, kill_when)
+    rc, rss, seconds, _ = run(argv, kill_when)
     return {
         "rc": rc,
         "rss_gb": rss,
@@ -112,16 +112,21 @@ def tensor_hashes(folder: Path) -> dict[str, str]:
     return hashes
 
 
-def load_rss(ckpt: Path) -> tuple[float, float]:
-    """Peak RSS (GB) of a process that only imports moecompress, and of one that loads `ckpt` and runs three tokens
-    through it (inference: no autograd)."""
+def load_rss(ckpt: Path) -> tuple[float, float, dict[str, float]]:
+    """Peak RSS (GB) of a process that only imports moecompress, and of one that loads `ckpt` (warm in the page
+    cache, the worst case) and runs three tokens through it (inference: no autograd), with that process's final
+    anonymous and file-backed resident GB (the packed tensors are used in place from the mapped checkpoint)."""
+    warm(ckpt)
     base = ["import moecompress, torch"]
     load = [
         "import moecompress, torch; m = moecompress.load(sys.argv[1]); torch.set_grad_enabled(False); "
-        "m(input_ids=torch.tensor([[1, 2, 3]]))",
+        "m(input_ids=torch.tensor([[1, 2, 3]])); s = open('/proc/self/status').read(); "
+        "print('RSS', *(s.split(k + ':')[1].split()[0] for k in ('RssAnon', 'RssFile')), file=sys.stderr)",
         str(ckpt),
     ]
-    return run(base)[1], run(load)[1]
+    _, peak, _, err = run(load)
+    anon, file = (int(v) / 1e6 for v in next(line for line in err.splitlines() if line.startswith("RSS ")).split()[1:])
+    return run(base)[1], peak, {"anonymous": anon, "file-backed": file}
 
 
 def print_targets(rows: list[dict]) -> None:
@@ -218,11 +223,13 @@ def main() -> None:
 
     w4 = next((r for r in reversed(rows) if r["method"] == "rtn" and r["engine"] == "streamed"), None)
     if w4 is not None:
-        base, peak = load_rss(w4["out"])
+        base, peak, resident = load_rss(w4["out"])
         packed = folder_bytes(w4["out"]) / 1e9
         print(
             f"moecompress.load of the {w4['layers']}-layer w4 output: peak RSS {peak:.2f} GB, packed on disk "
-            f"{packed:.2f} GB: {peak / packed:.2f}x (target < 1.5x); python+torch+moecompress alone {base:.2f} GB"
+            f"{packed:.2f} GB: {peak / packed:.2f}x (target < 1.5x); python+torch+moecompress alone {base:.2f} GB; "
+            f"at the end {resident['anonymous']:.2f} GB anonymous + {resident['file-backed']:.2f} GB of mapped "
+            "checkpoint pages"
         )
 
 

@@ -12,6 +12,7 @@ equivalent in these formats and are refused.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from ..quant.qtensor import QuantFormat
 from .checkpoint import copy_aux_files, verify_checkpoint
 from .outputs import atomic_folder
 from .tensorfiles import write_sharded
+
+log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("compressed-tensors", "gptq")
 _PACKED_SUFFIX = re.compile(r"^(?P<module>.+\.experts\.\d+\.(gate|up|down)_proj)\.(?P<tensor>weight_packed|weight_scale|weight_zero_point)$")
@@ -131,6 +134,22 @@ def uniform_format(config: dict) -> QuantFormat:
     return formats[0]
 
 
+def _check_target_loads(fmt: QuantFormat, fmt_name: str, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse at export time what the target's loaders refuse at load time; warn where only some engines load it."""
+    if fmt.group_size != -1:
+        for module, (_, in_features) in sorted(shapes.items()):
+            if in_features % fmt.group_size:
+                raise CheckpointError(
+                    f"{module} has {in_features} inputs, not a multiple of group size {fmt.group_size}: {fmt_name} "
+                    "loaders need whole groups (transformers raises at load time). Re-compress with a group size "
+                    "that divides every expert projection's input size (e.g. group_size: -1, per row)."
+                )
+    if fmt_name == "compressed-tensors" and not fmt.sym:
+        log.warning("asymmetric experts: vLLM and SGLang load this export, transformers (<= 5.23) cannot load "
+                    "asymmetric MoE experts; for transformers re-compress with a symmetric recipe "
+                    "(pipelines/gptq-w4g128-sym.yaml).")
+
+
 def export_interop(checkpoint: str | Path, output: str | Path, fmt_name: str, overwrite: bool = False) -> Path:
     """Write `checkpoint` (a moecompress folder) at `output` in `fmt_name` ("compressed-tensors" or "gptq"), atomically."""
     with atomic_folder(output, [checkpoint], overwrite, kind="export") as tmp:
@@ -159,6 +178,7 @@ def write_interop_files(checkpoint: str | Path, dest: Path, fmt_name: str) -> No
                     grouped.setdefault(match["module"], {})[match["tensor"]] = f.get_tensor(key)
                 else:
                     plain[key] = f.get_tensor(key)
+    _check_target_loads(fmt, fmt_name, {module: shapes[module] for module in grouped})
     convert = to_compressed_tensors if fmt_name == "compressed-tensors" else to_gptq_v1
     state = dict(plain)
     for module, tensors in grouped.items():

@@ -44,7 +44,7 @@ class MoEBlockView:
 
     @property
     def router(self) -> nn.Module:
-        return self.block.gate
+        return getattr(self.block, self.adapter.router_name)
 
     @property
     def experts(self) -> nn.Module:
@@ -102,6 +102,8 @@ class ModelAdapter:
 
     model_types: tuple[str, ...] = ()
     is_multimodal = False
+    block_name = "mlp"  # the decoder layer's attribute holding the sparse MoE block
+    router_name = "gate"  # the block's attribute holding the router
     # Modules kept in full precision by default, as in GPTQ tools and compressed-tensors.
     default_ignore: tuple[str, ...] = ("lm_head",)
 
@@ -117,7 +119,7 @@ class ModelAdapter:
         for i, layer in enumerate(self.decoder_layers(model)):
             block = self.moe_block(layer)
             if block is not None:
-                views.append(MoEBlockView(i, f"{prefix}.{i}.mlp", block, self))
+                views.append(MoEBlockView(i, f"{prefix}.{i}.{self.block_name}", block, self))
         return views
 
     def layers_prefix(self, model: nn.Module) -> str:
@@ -125,8 +127,8 @@ class ModelAdapter:
         return next(name for name, module in model.named_modules() if module is layers)
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
-        mlp = getattr(layer, "mlp", None)
-        if mlp is not None and hasattr(mlp, "experts") and hasattr(mlp, "gate"):
+        mlp = getattr(layer, self.block_name, None)
+        if mlp is not None and hasattr(mlp, "experts") and hasattr(mlp, self.router_name):
             return mlp
         return None
 

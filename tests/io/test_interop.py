@@ -163,3 +163,31 @@ def test_mixed_precision_export_is_refused_before_writing(compressed_tiny_text, 
     with pytest.raises(CheckpointError, match="quantization_config was changed"):
         export_interop(mixed, tmp_path / "ct", "compressed-tensors")
     assert not (tmp_path / "ct").exists()
+
+
+def test_an_export_whose_groups_do_not_divide_a_projection_is_refused_at_export_time(tmp_path, monkeypatch):
+    """Mixtral with expert width 96 at group 64: transformers raises when loading such a compressed-tensors or
+    GPTQ export, so the export itself says so (and writes nothing)."""
+    import moecompress
+    from moecompress.calibration.data import CalibrationBatch
+    from moecompress.recipe import Recipe
+
+    from ..models.tiny_models import tiny_model
+
+    tiny_model("mixtral").save_pretrained(tmp_path / "src")
+    ids = torch.randint(3, 128, (2, 32))
+    batch = CalibrationBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.zeros_like(ids, dtype=torch.bool))
+    monkeypatch.setattr("moecompress.pipeline.calibration_batches", lambda *args, **kwargs: [batch])
+    recipe = Recipe.from_dict({"quantization": {"method": "rtn", "bits": 4, "group_size": 64, "sym": True}})
+    moecompress.compress(str(tmp_path / "src"), recipe, tmp_path / "w4", progress=False)
+    for target in ("compressed-tensors", "gptq"):
+        with pytest.raises(CheckpointError, match=r"down_proj has 96 inputs, not a multiple of group size 64"):
+            export_interop(tmp_path / "w4", tmp_path / target, target)
+        assert not (tmp_path / target).exists()
+
+
+def test_an_asymmetric_compressed_tensors_export_warns_that_transformers_cannot_load_it(compressed_tiny_text, tmp_path,
+                                                                                         caplog):
+    _, out = compressed_tiny_text
+    export_interop(out, tmp_path / "ct", "compressed-tensors")
+    assert "transformers (<= 5.23) cannot load asymmetric MoE experts" in caplog.text
