@@ -211,7 +211,6 @@ class ExpertObserver:
         self.block_output_norm_sum = torch.zeros(M, dtype=torch.float64)
         self.hessian_in: dict[int, torch.Tensor] = {}
         self.hessian_mid: dict[int, torch.Tensor] = {}
-        self._blocks: dict[int, torch.Tensor] = {}
         self.reservoir: list[torch.Tensor] = []
         self._reservoir_rate = min(1.0, reservoir_size / max(total_tokens, 1))
         self._generator = torch.Generator().manual_seed(seed)
@@ -255,14 +254,13 @@ class ExpertObserver:
         picks = torch.randperm(x.shape[0], generator=self._generator)[:n_keep]
         self.reservoir.append(x[picks.to(x.device)].cpu())
 
-    def _accumulate(self, store: dict[int, torch.Tensor], e: int, x: torch.Tensor) -> None:
-        if e not in store:  # every expert's Hessian is a slice of one block per layer: one allocation, freed at once
-            block = self._blocks.get(id(store))
-            if block is None or block.shape[1] != x.shape[1]:
-                block = torch.zeros(self.view.num_experts, x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-                self._blocks[id(store)] = block
-            store[e] = block[e]
-        store[e] += x.T @ x
+    @staticmethod
+    def _accumulate(store: dict[int, torch.Tensor], e: int, x: torch.Tensor) -> None:
+        gram = x.T @ x
+        if e in store:
+            store[e] += gram
+        else:
+            store[e] = gram
 
     def _observe_drop_loss(self, x, modality, weights, indices, routed) -> None:
         """||Z - Z_-e||^2 where only the tokens routed to e change: they are re-routed without e."""
