@@ -69,7 +69,7 @@ class MoEBlockView:
     def route(self, hidden: torch.Tensor, excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k routing weights and expert indices for tokens `hidden` [T, H], with the experts whose
         entry in the bool mask `excluded` [E] is set made unreachable (as if their router rows were removed)."""
-        return self.adapter.route(self.router, hidden, excluded)
+        return self.adapter.route_block(self.block, hidden, excluded)
 
     def expert_weights(self, expert: int) -> ExpertWeights:
         experts = self.experts
@@ -150,6 +150,12 @@ class ModelAdapter:
         if self.norm_topk_prob(router):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(hidden.dtype), indices
+
+    def route_block(
+        self, block: nn.Module, hidden: torch.Tensor, excluded: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`route` with the block's router; an adapter whose routing reads state kept on the block overrides this."""
+        return self.route(getattr(block, self.router_name), hidden, excluded)
 
     def image_token_mask(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """Bool mask of image tokens in `input_ids`; text-only models have none."""

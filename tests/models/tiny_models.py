@@ -35,6 +35,7 @@ CONFIGS = {
                         first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=2, topk_group=1,
                         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                         num_hidden_layers=3),
+    "minimax_m2": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16),
     "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
                          moe_layer_start_index=1, num_hidden_layers=3, head_dim=16),
 }
