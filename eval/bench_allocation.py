@@ -60,8 +60,9 @@ def solver_speed() -> list[dict]:
 
 def text_rows(args, tmp: Path) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(TEXT)
-    recipe = Recipe.from_dict({"name": "alloc", "calibration": {"dataset": CALIB},
-                               "allocation": {"method": "lp", "candidates": [2, 3, 4]}})
+    recipe = Recipe.from_dict(
+        {"name": "alloc", "calibration": {"dataset": CALIB}, "allocation": {"method": "lp", "candidates": [2, 3, 4]}}
+    )
     loaded = load_model(str(TEXT))
     batches = calibration_batches(loaded, recipe)
     start = time.perf_counter()
@@ -70,18 +71,29 @@ def text_rows(args, tmp: Path) -> list[dict]:
     rows = []
     for avg in args.avg_bits:
         for method, scope in (("lp", "layer"), ("lp", "global"), ("random", "global"), ("frequency", "global")):
-            config = Recipe.from_dict({"allocation": {"method": method, "scope": scope, "avg_bits": avg,
-                                                      "candidates": [2, 3, 4]}}).allocation
+            config = Recipe.from_dict(
+                {"allocation": {"method": method, "scope": scope, "avg_bits": avg, "candidates": [2, 3, 4]}}
+            ).allocation
             plan = allocate(stats, config)
             out = tmp / f"{method}-{scope}-{avg}"
             t0 = time.perf_counter()
             result = moecompress.compress(str(TEXT), recipe, out, progress=False, plan=plan)
             seconds = time.perf_counter() - t0
             model = moecompress.load(out, cache_dequantized=True)
-            ppl = {k: perplexity(model, tokenizer, str(DATA[k]), max_windows=args.max_windows, progress=False).ppl for k in DATA}
-            rows.append({"config": f"{method} {scope} @{avg}", "avg bits": plan.average_bits,
-                         "bits/param": result.report.bits_per_expert_param, "compress s": seconds,
-                         "profile s": profile_s, **ppl})
+            ppl = {
+                k: perplexity(model, tokenizer, str(DATA[k]), max_windows=args.max_windows, progress=False).ppl
+                for k in DATA
+            }
+            rows.append(
+                {
+                    "config": f"{method} {scope} @{avg}",
+                    "avg bits": plan.average_bits,
+                    "bits/param": result.report.bits_per_expert_param,
+                    "compress s": seconds,
+                    "profile s": profile_s,
+                    **ppl,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -93,15 +105,28 @@ def vl_rows(tmp: Path) -> list[dict]:
     processor = load_tokenizer_or_processor(str(VL), True, trust_remote_code=True)
     eval_set = str(SHARED / "data" / "shapes-vl" / "eval.jsonl")
     rows = []
-    for label, weights in (("text+image importance", {"text": 1.0, "image": 1.0}), ("text-only importance", {"text": 1.0, "image": 0.0})):
-        recipe = Recipe.from_dict({"name": "vl-alloc", "calibration": {"dataset": CALIB, "vl_dataset": str(SHARED / "data" / "shapes-vl" / "calib.jsonl")},
-                                   "allocation": {"method": "lp", "avg_bits": 2.5, "candidates": [2, 3, 4], "modality_weights": weights}})
+    for label, weights in (
+        ("text+image importance", {"text": 1.0, "image": 1.0}),
+        ("text-only importance", {"text": 1.0, "image": 0.0}),
+    ):
+        recipe = Recipe.from_dict(
+            {
+                "name": "vl-alloc",
+                "calibration": {"dataset": CALIB, "vl_dataset": str(SHARED / "data" / "shapes-vl" / "calib.jsonl")},
+                "allocation": {"method": "lp", "avg_bits": 2.5, "candidates": [2, 3, 4], "modality_weights": weights},
+            }
+        )
         out = tmp / label.split()[0]
         result = moecompress.compress(str(VL), recipe, out, trust_remote_code=True, progress=False)
         model = moecompress.load(out, cache_dequantized=True, trust_remote_code=True)
-        rows.append({"config": f"vl lp @2.5 {label}", "avg bits": result.report.code_bits_per_expert_param,
-                     "bits/param": result.report.bits_per_expert_param,
-                     "qa": vl_qa_accuracy(model, processor, eval_set, progress=False).accuracy})
+        rows.append(
+            {
+                "config": f"vl lp @2.5 {label}",
+                "avg bits": result.report.code_bits_per_expert_param,
+                "bits/param": result.report.bits_per_expert_param,
+                "qa": vl_qa_accuracy(model, processor, eval_set, progress=False).accuracy,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -124,7 +149,11 @@ def main() -> None:
     columns = [c for c in columns if any(c in r for r in rows)]
     print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for r in rows:
-        print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns) + " |")
+        print(
+            "| "
+            + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns)
+            + " |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -45,8 +45,10 @@ CONFIGS = {
 
 def perplexities(model, tokenizer, max_windows: int | None = None, names=tuple(DATA)) -> dict[str, float]:
     """Perplexity of `model` on the evaluation sets `names` (the first `max_windows` 512-token windows of each)."""
-    return {name: perplexity(model, tokenizer, str(DATA[name]), max_windows=max_windows, progress=False).ppl
-            for name in names}
+    return {
+        name: perplexity(model, tokenizer, str(DATA[name]), max_windows=max_windows, progress=False).ppl
+        for name in names
+    }
 
 
 def folder_bytes(path: Path) -> int:
@@ -57,8 +59,20 @@ def compress_cli(model: Path, recipe: Recipe, out: Path, extra: list[str]) -> di
     recipe_file = out.parent / f"{recipe.name}.yaml"
     recipe_file.write_text(recipe.to_yaml())
     report = out.parent / f"{recipe.name}.json"
-    cmd = [sys.executable, "-m", "moecompress.cli", "compress", str(model), "--recipe", str(recipe_file),
-           "-o", str(out), "--json", str(report), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moecompress.cli",
+        "compress",
+        str(model),
+        "--recipe",
+        str(recipe_file),
+        "-o",
+        str(out),
+        "--json",
+        str(report),
+        *extra,
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads(report.read_text())
 
@@ -83,15 +97,27 @@ def main() -> None:
     print(json.dumps(rows[-1]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
-            recipe = Recipe.from_dict({"name": name, "quantization": CONFIGS[name],
-                                       "calibration": {"dataset": str(SHARED / "data" / "calib" / "calib_mix.jsonl")}})
+            recipe = Recipe.from_dict(
+                {
+                    "name": name,
+                    "quantization": CONFIGS[name],
+                    "calibration": {"dataset": str(SHARED / "data" / "calib" / "calib_mix.jsonl")},
+                }
+            )
             out = Path(tmp) / name
             report = compress_cli(TEXT, recipe, out, [])
             model = moecompress.load(out, cache_dequantized=True)
             ppl = evaluate(model)
-            rows.append({"config": name, "bits/param": report["result"]["bits_per_expert_param"],
-                         "ckpt MB": folder_bytes(out) / 1e6, "compress s": report["wall_seconds"],
-                         "peak RSS MB": report["peak_rss_mb"], **ppl})
+            rows.append(
+                {
+                    "config": name,
+                    "bits/param": report["result"]["bits_per_expert_param"],
+                    "ckpt MB": folder_bytes(out) / 1e6,
+                    "compress s": report["wall_seconds"],
+                    "peak RSS MB": report["peak_rss_mb"],
+                    **ppl,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
         if args.vl:
             rows += bench_vl(Path(tmp))
@@ -106,15 +132,27 @@ def bench_vl(tmp: Path) -> list[dict]:
 
     processor = load_tokenizer_or_processor(str(VL), True, trust_remote_code=True)
     eval_set = str(SHARED / "data" / "shapes-vl" / "eval.jsonl")
-    rows = [{"config": "vl bf16 (reference)", "ckpt MB": folder_bytes(VL) / 1e6,
-             "qa": vl_qa_accuracy(load_model(str(VL)).model, processor, eval_set, progress=False).accuracy}]
+    rows = [
+        {
+            "config": "vl bf16 (reference)",
+            "ckpt MB": folder_bytes(VL) / 1e6,
+            "qa": vl_qa_accuracy(load_model(str(VL)).model, processor, eval_set, progress=False).accuracy,
+        }
+    ]
     recipe = Recipe.from_yaml(REPO / "pipelines" / "gptq-w4g128-vl.yaml")
     out = tmp / "vl-w4"
     report = compress_cli(VL, recipe, out, ["--trust-remote-code"])
     model = moecompress.load(out, cache_dequantized=True, trust_remote_code=True)
-    rows.append({"config": "vl gptq-w4", "bits/param": report["result"]["bits_per_expert_param"],
-                 "ckpt MB": folder_bytes(out) / 1e6, "compress s": report["wall_seconds"],
-                 "peak RSS MB": report["peak_rss_mb"], "qa": vl_qa_accuracy(model, processor, eval_set, progress=False).accuracy})
+    rows.append(
+        {
+            "config": "vl gptq-w4",
+            "bits/param": report["result"]["bits_per_expert_param"],
+            "ckpt MB": folder_bytes(out) / 1e6,
+            "compress s": report["wall_seconds"],
+            "peak RSS MB": report["peak_rss_mb"],
+            "qa": vl_qa_accuracy(model, processor, eval_set, progress=False).accuracy,
+        }
+    )
     return rows
 
 

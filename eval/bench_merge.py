@@ -69,19 +69,29 @@ def main() -> None:
                     if ratio == args.ratios[0] and name in ("average (aligned)", "subspace r=0.5 (aligned)"):
                         variants.append(("keep", False))
                 for router, quantize in variants:
-                    recipe = Recipe.from_dict({
-                        "name": "merge", "calibration": {"dataset": CALIB},
-                        "merge": {**merge, "ratio": ratio, "router": router},
-                        "quantization": {"method": "gptq", "bits": 4} if quantize else {"method": "none"},
-                    })
-                    label = (f"-{ratio:.0%} {name}" + (", router keep" if router == "keep" else "")
-                             + (" + w4" if quantize else ""))
+                    recipe = Recipe.from_dict(
+                        {
+                            "name": "merge",
+                            "calibration": {"dataset": CALIB},
+                            "merge": {**merge, "ratio": ratio, "router": router},
+                            "quantization": {"method": "gptq", "bits": 4} if quantize else {"method": "none"},
+                        }
+                    )
+                    label = (
+                        f"-{ratio:.0%} {name}"
+                        + (", router keep" if router == "keep" else "")
+                        + (" + w4" if quantize else "")
+                    )
                     out = Path(tmp) / "model"
                     start = time.perf_counter()
                     result = moecompress.compress(str(TEXT), recipe, output=out, progress=False)
-                    row = {"config": label, "experts/layer": result.report.merge["experts_per_layer"][0],
-                           "expert params M": result.report.expert_params / 1e6,
-                           "expert MB": result.report.expert_bytes / 1e6, "seconds": time.perf_counter() - start}
+                    row = {
+                        "config": label,
+                        "experts/layer": result.report.merge["experts_per_layer"][0],
+                        "expert params M": result.report.expert_params / 1e6,
+                        "expert MB": result.report.expert_bytes / 1e6,
+                        "seconds": time.perf_counter() - start,
+                    }
                     row.update(evaluate(moecompress.load(out, cache_dequantized=True)))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -98,7 +108,12 @@ def bench_vl(tmp: Path) -> list[dict]:
 
     processor = load_tokenizer_or_processor(str(VL), True, trust_remote_code=True)
     eval_set = str(SHARED / "data" / "shapes-vl" / "eval.jsonl")
-    rows = [{"config": "vl bf16 (reference)", "qa": vl_qa_accuracy(load_model(str(VL)).model, processor, eval_set, progress=False).accuracy}]
+    rows = [
+        {
+            "config": "vl bf16 (reference)",
+            "qa": vl_qa_accuracy(load_model(str(VL)).model, processor, eval_set, progress=False).accuracy,
+        }
+    ]
     for name in ("prune-25", "submoe-25"):
         recipe = Recipe.from_yaml(REPO / "pipelines" / f"{name}.yaml")
         recipe.calibration.dataset = CALIB
@@ -108,9 +123,13 @@ def bench_vl(tmp: Path) -> list[dict]:
             out = tmp / "vl"
             result = moecompress.compress(str(VL), recipe, output=out, trust_remote_code=True, progress=False)
             model = moecompress.load(out, cache_dequantized=True, trust_remote_code=True)
-            rows.append({"config": f"vl {name}" + (" + w4" if quantize else ""),
-                         "experts/layer": result.report.merge["experts_per_layer"][0],
-                         "qa": vl_qa_accuracy(model, processor, eval_set, progress=False).accuracy})
+            rows.append(
+                {
+                    "config": f"vl {name}" + (" + w4" if quantize else ""),
+                    "experts/layer": result.report.merge["experts_per_layer"][0],
+                    "qa": vl_qa_accuracy(model, processor, eval_set, progress=False).accuracy,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 

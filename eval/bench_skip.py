@@ -31,7 +31,9 @@ def main() -> None:
     parser.add_argument("--learned-steps", type=int, default=200)
     parser.add_argument("--vl", action="store_true")
     parser.add_argument("--vl-only", action="store_true")
-    parser.add_argument("--methods", nargs="+", default=["odp", "modes", "learned"], choices=["odp", "modes", "learned"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["odp", "modes", "learned"], choices=["odp", "modes", "learned"]
+    )
     parser.add_argument("--vl-targets", nargs="+", type=float, default=[0.3, 0.5])
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -43,7 +45,10 @@ def main() -> None:
         return
     tokenizer = AutoTokenizer.from_pretrained(TEXT)
     loaded = load_model(str(TEXT))
-    batches = calibration_batches(loaded, Recipe.from_dict({"calibration": {"dataset": CALIB, "num_samples": 64, "seq_len": 512, "batch_size": 4}}))
+    batches = calibration_batches(
+        loaded,
+        Recipe.from_dict({"calibration": {"dataset": CALIB, "num_samples": 64, "seq_len": 512, "batch_size": 4}}),
+    )
 
     def evaluate(controller=None) -> dict:
         if controller is not None:
@@ -63,10 +68,19 @@ def main() -> None:
             if method == "learned" and controller is not None:
                 cut_learned_mask(controller, batches, target)  # same predictors, cut moved to the new target
             else:
-                controller = fit_skipping(loaded.model, loaded.adapter, batches,
-                                          SkipConfig(method=method, target=target, steps=args.learned_steps), progress=False)
-            row = {"config": f"{method} target {target:.0%}", "fit s": time.perf_counter() - start,
-                   "calib KL": controller.rule.calibration_kl, **evaluate(controller)}
+                controller = fit_skipping(
+                    loaded.model,
+                    loaded.adapter,
+                    batches,
+                    SkipConfig(method=method, target=target, steps=args.learned_steps),
+                    progress=False,
+                )
+            row = {
+                "config": f"{method} target {target:.0%}",
+                "fit s": time.perf_counter() - start,
+                "calib KL": controller.rule.calibration_kl,
+                **evaluate(controller),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
         controller.remove()
@@ -84,24 +98,48 @@ def bench_vl(targets: list[float]) -> list[dict]:
     loaded = load_model(str(VL), trust_remote_code=True)
     processor = load_tokenizer_or_processor(str(VL), True, trust_remote_code=True)
     eval_set = str(SHARED / "data" / "shapes-vl" / "eval.jsonl")
-    recipe = Recipe.from_dict({"calibration": {"dataset": CALIB, "num_samples": 16, "seq_len": 256, "batch_size": 4,
-                                               "vl_dataset": str(SHARED / "data" / "shapes-vl" / "calib.jsonl"), "vl_num_samples": 32}})
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {
+                "dataset": CALIB,
+                "num_samples": 16,
+                "seq_len": 256,
+                "batch_size": 4,
+                "vl_dataset": str(SHARED / "data" / "shapes-vl" / "calib.jsonl"),
+                "vl_num_samples": 32,
+            }
+        }
+    )
     batches = calibration_batches(loaded, recipe, trust_remote_code=True)
-    rows = [{"config": "vl bf16 (reference)", "skipped": 0.0,
-             "qa": vl_qa_accuracy(loaded.model, processor, eval_set, progress=False).accuracy}]
+    rows = [
+        {
+            "config": "vl bf16 (reference)",
+            "skipped": 0.0,
+            "qa": vl_qa_accuracy(loaded.model, processor, eval_set, progress=False).accuracy,
+        }
+    ]
     print(json.dumps(rows[-1]), flush=True)
     for target in targets:
-        for label, config in (("odp", SkipConfig(method="odp", target=target)),
-                              ("modes shared threshold", SkipConfig(method="modes", target=target, per_modality=False)),
-                              ("modes per-modality thresholds", SkipConfig(method="modes", target=target, frontier_points=5))):
+        for label, config in (
+            ("odp", SkipConfig(method="odp", target=target)),
+            ("modes shared threshold", SkipConfig(method="modes", target=target, per_modality=False)),
+            ("modes per-modality thresholds", SkipConfig(method="modes", target=target, frontier_points=5)),
+        ):
             if label == "odp" and target > 0.5:
                 continue
             controller = fit_skipping(loaded.model, loaded.adapter, batches, config, progress=False)
             controller.reset_stats()
             qa = vl_qa_accuracy(loaded.model, processor, eval_set, progress=False).accuracy
-            rows.append({"config": f"vl {label} target {target:.0%}", "skipped": controller.stats.skipped(),
-                         "skipped text": controller.stats.skipped("text"), "skipped image": controller.stats.skipped("image"),
-                         "calib KL": controller.rule.calibration_kl, "qa": qa})
+            rows.append(
+                {
+                    "config": f"vl {label} target {target:.0%}",
+                    "skipped": controller.stats.skipped(),
+                    "skipped text": controller.stats.skipped("text"),
+                    "skipped image": controller.stats.skipped("image"),
+                    "calib KL": controller.rule.calibration_kl,
+                    "qa": qa,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
             controller.remove()
     return rows

@@ -42,20 +42,31 @@ def main() -> None:
     configs = {
         "one-shot Taylor, no training": {"stages": 1, "steps_per_stage": 0},
         f"one-shot + {args.steps} distill steps": {"stages": 1, "steps_per_stage": args.steps},
-        f"{args.stages} stages x {args.steps // args.stages} distill steps": {"stages": args.stages, "steps_per_stage": args.steps // args.stages},
+        f"{args.stages} stages x {args.steps // args.stages} distill steps": {
+            "stages": args.stages,
+            "steps_per_stage": args.steps // args.stages,
+        },
     }
     with tempfile.TemporaryDirectory() as tmp:
         for label, slim in configs.items():
-            recipe = Recipe.from_dict({"name": "slim", "calibration": {"dataset": CALIB, "num_samples": 32, "seq_len": 512},
-                                       "quantization": {"method": "none"},
-                                       "slim": {"enabled": True, "target": args.target, "num_samples": 1200, **slim}})
+            recipe = Recipe.from_dict(
+                {
+                    "name": "slim",
+                    "calibration": {"dataset": CALIB, "num_samples": 32, "seq_len": 512},
+                    "quantization": {"method": "none"},
+                    "slim": {"enabled": True, "target": args.target, "num_samples": 1200, **slim},
+                }
+            )
             result = moecompress.compress(str(TEXT), recipe, output=Path(tmp) / "model", progress=False)
             stages = result.report.slim["stages"]
-            row = {"config": label, "expert width": result.report.slim["final_width"],
-                   "expert params M": result.report.expert_params / 1e6,
-                   "train s": sum(s["distill"]["seconds"] for s in stages if s["distill"]),
-                   "steps": sum(s["distill"]["steps"] for s in stages if s["distill"]),
-                   **evaluate(moecompress.load(Path(tmp) / "model"))}
+            row = {
+                "config": label,
+                "expert width": result.report.slim["final_width"],
+                "expert params M": result.report.expert_params / 1e6,
+                "train s": sum(s["distill"]["seconds"] for s in stages if s["distill"]),
+                "steps": sum(s["distill"]["steps"] for s in stages if s["distill"]),
+                **evaluate(moecompress.load(Path(tmp) / "model")),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     print_table(rows, ["config", "expert width", "expert params M", "steps", "train s", *DATA], base)

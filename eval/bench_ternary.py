@@ -33,9 +33,10 @@ def configs(steps: int) -> dict[str, dict]:
         "gptq-w2-g128": {"quantization": {"method": "gptq", "bits": 2}},
         "ternary-row ptq": {"quantization": TERNARY},
         "ternary-g32 ptq (~w2 size)": {"quantization": {**TERNARY, "group_size": 32}},
-        "lp {ternary,2,3,4} g128 @ w2 size": {"quantization": {**TERNARY, "ternary": False, "group_size": 128},
-                                         "allocation": {"method": "lp", "avg_bits": 2.0, "scope": "global",
-                                                        "candidates": ["ternary", 2, 3, 4]}},
+        "lp {ternary,2,3,4} g128 @ w2 size": {
+            "quantization": {**TERNARY, "ternary": False, "group_size": 128},
+            "allocation": {"method": "lp", "avg_bits": 2.0, "scope": "global", "candidates": ["ternary", 2, 3, 4]},
+        },
         f"ternary-row + recovery {steps} steps": {"quantization": TERNARY, "recovery": trained},
         f"gptq-w2-g128 + recovery {steps} steps": {"quantization": {"method": "gptq", "bits": 2}, "recovery": trained},
     }
@@ -61,15 +62,18 @@ def main() -> None:
         for name, overrides in configs(args.steps).items():
             if args.configs and not any(c in name for c in args.configs):
                 continue
-            recipe = Recipe.from_dict({"name": name.split()[0], **overrides,
-                                       "calibration": {"dataset": CALIB}})
+            recipe = Recipe.from_dict({"name": name.split()[0], **overrides, "calibration": {"dataset": CALIB}})
             out = Path(tmp) / name.replace(" ", "_").replace("/", "")
             start = time.perf_counter()
             result = moecompress.compress(str(TEXT), recipe, output=out, progress=False)
             seconds = time.perf_counter() - start
-            row = {"config": name, "bits/param": result.report.bits_per_expert_param,
-                   "expert MB": result.report.expert_bytes / 1e6, "ckpt MB": folder_bytes(out) / 1e6,
-                   "compress s": seconds}
+            row = {
+                "config": name,
+                "bits/param": result.report.bits_per_expert_param,
+                "expert MB": result.report.expert_bytes / 1e6,
+                "ckpt MB": folder_bytes(out) / 1e6,
+                "compress s": seconds,
+            }
             if result.report.recovery:
                 row["train s"] = result.report.recovery["seconds"]
             row.update(evaluate(moecompress.load(out, cache_dequantized=True)))
@@ -92,8 +96,15 @@ def print_gap_closed(rows: list[dict]) -> None:
     """Share of the PTQ-to-bf16 perplexity gap that recovery training closed."""
     base = rows[0]
     for trained in (r for r in rows if "recovery" in r["config"] and "wiki" in r):
-        ptq = next((r for r in rows if r["config"] == trained["config"].split(" + ")[0] + " ptq"
-                    or r["config"] == trained["config"].split(" + ")[0]), None)
+        ptq = next(
+            (
+                r
+                for r in rows
+                if r["config"] == trained["config"].split(" + ")[0] + " ptq"
+                or r["config"] == trained["config"].split(" + ")[0]
+            ),
+            None,
+        )
         if ptq is None:
             continue
         closed = {k: (ptq[k] - trained[k]) / (ptq[k] - base[k]) for k in DATA if k in trained}
@@ -106,14 +117,23 @@ def bench_vl(tmp: Path, steps: int, configs: list[str] | None = None) -> list[di
 
     processor = load_tokenizer_or_processor(str(VL), True, trust_remote_code=True)
     eval_set = str(SHARED / "data" / "shapes-vl" / "eval.jsonl")
-    rows = [{"config": "vl bf16 (reference)", "qa": vl_qa_accuracy(load_model(str(VL)).model, processor, eval_set, progress=False).accuracy}]
+    rows = [
+        {
+            "config": "vl bf16 (reference)",
+            "qa": vl_qa_accuracy(load_model(str(VL)).model, processor, eval_set, progress=False).accuracy,
+        }
+    ]
     recipe = Recipe.from_yaml(REPO / "pipelines" / "ternary-experts.yaml")
     recipe.calibration.vl_dataset = str(SHARED / "data" / "shapes-vl" / "calib.jsonl")
     recipe.recovery.steps = steps
     variants = {  # name: (recovery enabled, text windows, image items)
         "vl ternary-row ptq": (False, 0, 0),
         f"vl ternary-row + recovery {steps} steps": (True, recipe.recovery.num_samples, recipe.recovery.vl_num_samples),
-        f"vl ternary-row + recovery {steps} steps, image-heavy data (200 text windows + 200 image items)": (True, 200, 200),
+        f"vl ternary-row + recovery {steps} steps, image-heavy data (200 text windows + 200 image items)": (
+            True,
+            200,
+            200,
+        ),
     }
     for name, (enabled, text_windows, image_items) in variants.items():
         if configs and not any(c in name for c in configs):
@@ -124,9 +144,15 @@ def bench_vl(tmp: Path, steps: int, configs: list[str] | None = None) -> list[di
         start = time.perf_counter()
         result = moecompress.compress(str(VL), recipe, output=out, trust_remote_code=True, progress=False)
         model = moecompress.load(out, cache_dequantized=True, trust_remote_code=True)
-        rows.append({"config": name, "bits/param": result.report.bits_per_expert_param,
-                     "expert MB": result.report.expert_bytes / 1e6, "compress s": time.perf_counter() - start,
-                     "qa": vl_qa_accuracy(model, processor, eval_set, progress=False).accuracy})
+        rows.append(
+            {
+                "config": name,
+                "bits/param": result.report.bits_per_expert_param,
+                "expert MB": result.report.expert_bytes / 1e6,
+                "compress s": time.perf_counter() - start,
+                "qa": vl_qa_accuracy(model, processor, eval_set, progress=False).accuracy,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -34,10 +34,12 @@ with torch.no_grad():
 
 
 def compare(name: str, logits: torch.Tensor, reference: torch.Tensor) -> dict:
-    return {"client": name,
-            "rel_l2": float((logits - reference).norm() / reference.norm()),
-            "max_abs": float((logits - reference).abs().max()),
-            "argmax_agree": float((logits.argmax(-1) == reference.argmax(-1)).float().mean())}
+    return {
+        "client": name,
+        "rel_l2": float((logits - reference).norm() / reference.norm()),
+        "max_abs": float((logits - reference).abs().max()),
+        "argmax_agree": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+    }
 
 
 def main() -> None:
@@ -49,7 +51,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(0, 1000, (2, args.tokens), generator=torch.Generator().manual_seed(0))
-    ours = {dt: load(args.checkpoint, dtype=dt)(input_ids=ids).logits.float().detach() for dt in (torch.float32, torch.bfloat16)}
+    ours = {
+        dt: load(args.checkpoint, dtype=dt)(input_ids=ids).logits.float().detach()
+        for dt in (torch.float32, torch.bfloat16)
+    }
     rows = [compare("moecompress bf16 (noise floor)", ours[torch.bfloat16], ours[torch.float32])]
     with tempfile.TemporaryDirectory() as tmp:
         ct = export_interop(args.checkpoint, Path(tmp) / "ct", "compressed-tensors")
@@ -61,9 +66,21 @@ def main() -> None:
         if args.gptqmodel_python:
             gptq = export_interop(args.checkpoint, Path(tmp) / "gptq", "gptq")
             torch.save(ids, Path(tmp) / "ids.pt")
-            subprocess.run([args.gptqmodel_python, "-c", GPTQMODEL_SNIPPET, str(gptq), str(Path(tmp) / "ids.pt"),
-                            str(Path(tmp) / "gptq_logits.pt")], check=True, stdout=subprocess.DEVNULL)
-            rows.append(compare("GPTQModel torch kernel bf16", torch.load(Path(tmp) / "gptq_logits.pt"), ours[torch.bfloat16]))
+            subprocess.run(
+                [
+                    args.gptqmodel_python,
+                    "-c",
+                    GPTQMODEL_SNIPPET,
+                    str(gptq),
+                    str(Path(tmp) / "ids.pt"),
+                    str(Path(tmp) / "gptq_logits.pt"),
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            rows.append(
+                compare("GPTQModel torch kernel bf16", torch.load(Path(tmp) / "gptq_logits.pt"), ours[torch.bfloat16])
+            )
     print(f"{'client':40s} | {'rel L2 vs moecompress':>21s} | {'max |diff|':>10s} | argmax agree")
     print("-" * 92)
     for r in rows:

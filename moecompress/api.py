@@ -40,8 +40,10 @@ def load(
     token = hf_integration._verify_hashes.set(verify)
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        model = get_adapter(config.model_type).auto_model_class().from_pretrained(
-            str(path), dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
+        model = (
+            get_adapter(config.model_type)
+            .auto_model_class()
+            .from_pretrained(str(path), dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"could not load the checkpoint '{path}': {exc}") from exc

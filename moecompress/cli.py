@@ -56,14 +56,24 @@ def _record(args, kind: str, results: dict) -> dict:
         new.evaluations = {}
     elif _is_checkpoint(args.model):  # written before run records existed: what its manifest says
         summary = read_manifest(args.model).get("summary", {})
-        new = RunRecord(name=Path(args.model.rstrip("/")).name, model=args.model, base_model=summary.get("model"),
-                        recipe=summary.get("recipe"), method=summary.get("recipe", "unknown"),
-                        expert_bits_per_param=summary.get("bits_per_expert_param"), compression=summary)
+        new = RunRecord(
+            name=Path(args.model.rstrip("/")).name,
+            model=args.model,
+            base_model=summary.get("model"),
+            recipe=summary.get("recipe"),
+            method=summary.get("recipe", "unknown"),
+            expert_bits_per_param=summary.get("bits_per_expert_param"),
+            compression=summary,
+        )
     else:
         from .evaluation.efficiency import stored_itemsize
 
-        new = RunRecord(name=Path(args.model.rstrip("/")).name, model=args.model, method="uncompressed",
-                        expert_bits_per_param=8.0 * stored_itemsize(args.model))
+        new = RunRecord(
+            name=Path(args.model.rstrip("/")).name,
+            model=args.model,
+            method="uncompressed",
+            expert_bits_per_param=8.0 * stored_itemsize(args.model),
+        )
     new.name = args.name or new.name
     return {**results, "record": str(add_evaluation(location, kind, results, new))}
 
@@ -83,8 +93,16 @@ def cmd_compress(args) -> dict:
     from .pipeline import compress
 
     recipe = _recipe_with_overrides(args)
-    result = compress(args.model, recipe, args.output, trust_remote_code=args.trust_remote_code, plan=args.plan,
-                      overwrite=args.overwrite, stream=not args.no_stream, max_shard_bytes=args.max_shard_size)
+    result = compress(
+        args.model,
+        recipe,
+        args.output,
+        trust_remote_code=args.trust_remote_code,
+        plan=args.plan,
+        overwrite=args.overwrite,
+        stream=not args.no_stream,
+        max_shard_bytes=args.max_shard_size,
+    )
     report = result.report.to_dict()
     report["rare_experts"] = len(report["rare_experts"])
     return report
@@ -116,7 +134,9 @@ def cmd_upcycle(args) -> dict:
     from .training.upcycle import upcycle_dense_to_mote
 
     if not 1 <= args.top_k <= args.experts:
-        raise RecipeError(f"--top-k {args.top_k} with --experts {args.experts}: the router picks 1 to --experts experts.")
+        raise RecipeError(
+            f"--top-k {args.top_k} with --experts {args.experts}: the router picks 1 to --experts experts."
+        )
     if not 0 < args.routed_share <= 1 or args.noise < 0:
         raise RecipeError("--routed-share must be in (0, 1] and --noise >= 0.")
     with claim_output(args.output, [args.model], args.overwrite):
@@ -130,8 +150,12 @@ def cmd_upcycle(args) -> dict:
         with atomic_folder(args.output, [args.model], args.overwrite, kind="model") as tmp:
             moe.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-    return {"output": str(Path(args.output).resolve()), "experts": args.experts, "top_k": args.top_k,
-            "next": f"moecompress compress {args.output} --recipe pipelines/ternary-experts.yaml (recovery.teacher: {args.model})"}
+    return {
+        "output": str(Path(args.output).resolve()),
+        "experts": args.experts,
+        "top_k": args.top_k,
+        "next": f"moecompress compress {args.output} --recipe pipelines/ternary-experts.yaml (recovery.teacher: {args.model})",
+    }
 
 
 def cmd_plan(args) -> dict:
@@ -151,8 +175,12 @@ def cmd_plan(args) -> dict:
             plan.save(tmp / "plan.json")
             plan.heatmap(tmp / "plan.png")
     print(plan.table(), file=sys.stderr)
-    return {"output": str(Path(args.output).resolve()), "average_bits": plan.average_bits, "method": plan.method,
-            **plan.details}
+    return {
+        "output": str(Path(args.output).resolve()),
+        "average_bits": plan.average_bits,
+        "method": plan.method,
+        **plan.details,
+    }
 
 
 def cmd_analyze(args) -> dict:
@@ -167,9 +195,16 @@ def cmd_analyze(args) -> dict:
         loaded = _open_model(args)
         batches = calibration_batches(loaded, recipe, args.trust_remote_code)
         with activation_holding(recipe.calibration) as holding:
-            stats = collect_expert_stats(loaded.model, loaded.adapter, batches, args.model, layers_from=loaded,
-                                         measure_drop_loss=not args.no_drop_loss, device=recipe.device,
-                                         activations=holding)
+            stats = collect_expert_stats(
+                loaded.model,
+                loaded.adapter,
+                batches,
+                args.model,
+                layers_from=loaded,
+                measure_drop_loss=not args.no_drop_loss,
+                device=recipe.device,
+                activations=holding,
+            )
         with atomic_folder(args.output, [args.model], args.overwrite, kind="analysis") as tmp:
             files = sorted(p.name for p in write_analysis(stats, tmp).iterdir())
     return {"output": str(Path(args.output).resolve()), "files": files}
@@ -184,8 +219,10 @@ def cmd_eval_ppl(args) -> dict:
     results = {}
     for d in args.data:
         _reset_skip_stats(model)
-        results[data_label(d)] = {**perplexity(model, tokenizer, d, args.seq_len, args.batch_size, args.max_windows).to_dict(),
-                                 **_skip_stats(model)}
+        results[data_label(d)] = {
+            **perplexity(model, tokenizer, d, args.seq_len, args.batch_size, args.max_windows).to_dict(),
+            **_skip_stats(model),
+        }
     return _record(args, "ppl", results)
 
 
@@ -200,8 +237,10 @@ def _skip_stats(model) -> dict:
     if controller is None:
         return {}
     stats = controller.stats
-    return {"expert_activations_skipped": stats.skipped(),
-            **{f"skipped_{m}": stats.skipped(m) for m in ("text", "image") if stats.total[m]}}
+    return {
+        "expert_activations_skipped": stats.skipped(),
+        **{f"skipped_{m}": stats.skipped(m) for m in ("text", "image") if stats.total[m]},
+    }
 
 
 def cmd_eval_vlqa(args) -> dict:
@@ -210,8 +249,9 @@ def cmd_eval_vlqa(args) -> dict:
     _check_record_target(args)
     model, processor, _ = _load_for_eval(args.model, args.trust_remote_code)
     _reset_skip_stats(model)
-    result = vl_qa_accuracy(model, processor, args.data, args.batch_size, args.max_items,
-                            **({"prompt": args.prompt} if args.prompt else {}))
+    result = vl_qa_accuracy(
+        model, processor, args.data, args.batch_size, args.max_items, **({"prompt": args.prompt} if args.prompt else {})
+    )
     return _record(args, "vlqa", {data_label(args.data): {**result.to_dict(), **_skip_stats(model)}})
 
 
@@ -236,8 +276,15 @@ def cmd_eval_efficiency(args) -> dict:
     # The packed path as deployed: experts dequantized on every forward, no cache.
     model, processor, seconds = _load_for_eval(args.model, args.trust_remote_code, cache_dequantized=False)
     tokens = evaluation_stream(args.data, getattr(processor, "tokenizer", processor))
-    result = measure_efficiency(model, get_adapter(model.config.model_type), args.model, tokens, seconds,
-                                args.prefill_tokens, args.decode_tokens)
+    result = measure_efficiency(
+        model,
+        get_adapter(model.config.model_type),
+        args.model,
+        tokens,
+        seconds,
+        args.prefill_tokens,
+        args.decode_tokens,
+    )
     return _record(args, "efficiency", result.to_dict())
 
 
@@ -262,7 +309,10 @@ def cmd_export(args) -> dict:
     if not args.hub:
         if args.format == "moecompress":
             raise RecipeError("nothing to export: pass --format compressed-tensors|gptq to convert, or --hub REPO_ID.")
-        return {"output": str(export_interop(args.checkpoint, output, args.format, args.overwrite)), "format": args.format}
+        return {
+            "output": str(export_interop(args.checkpoint, output, args.format, args.overwrite)),
+            "format": args.format,
+        }
     base = None
     if args.base:
         from .evaluation.records import read_record
@@ -285,10 +335,20 @@ class _Parser(argparse.ArgumentParser):
 
 def _size(text: str) -> int:
     """A byte count such as 5GB, 500MB, 2GiB or 1000000."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-             "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     number = text.strip().upper().rstrip("BITKMG") or "x"
-    unit = text.strip().upper()[len(number):]
+    unit = text.strip().upper()[len(number) :]
     try:
         value = float(number) * units[unit]
     except (ValueError, KeyError):
@@ -336,24 +396,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--trust-remote-code", action="store_true", help="allow custom code shipped with the model/processor")
+        p.add_argument(
+            "--trust-remote-code", action="store_true", help="allow custom code shipped with the model/processor"
+        )
         p.add_argument("--json", help="also write the result as JSON to this file")
-        p.add_argument("--adapter", action="append", default=[], metavar="MODULE:CLASS",
-                       help="register a third-party model adapter (repeatable); installed plugins are found through "
-                            "the 'moecompress.adapters' entry point group")
+        p.add_argument(
+            "--adapter",
+            action="append",
+            default=[],
+            metavar="MODULE:CLASS",
+            help="register a third-party model adapter (repeatable); installed plugins are found through "
+            "the 'moecompress.adapters' entry point group",
+        )
 
     def overwrite(p):
-        p.add_argument("--overwrite", action="store_true",
-                       help="replace an earlier moecompress output at -o (anything else there is never replaced)")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace an earlier moecompress output at -o (anything else there is never replaced)",
+        )
 
     def no_stream(p):
-        p.add_argument("--no-stream", action="store_true",
-                       help="load the whole model in memory (float32) instead of one decoder layer at a time")
+        p.add_argument(
+            "--no-stream",
+            action="store_true",
+            help="load the whole model in memory (float32) instead of one decoder layer at a time",
+        )
 
     def record(p):
         common(p)
-        p.add_argument("--record", help="run record to add the results to (default: the checkpoint's run.json; "
-                                         "required to keep results of an uncompressed model)")
+        p.add_argument(
+            "--record",
+            help="run record to add the results to (default: the checkpoint's run.json; "
+            "required to keep results of an uncompressed model)",
+        )
         p.add_argument("--name", help="name of a new run record (default: the model folder's name)")
         p.add_argument("--no-record", action="store_true", help="do not write the results to any run record")
 
@@ -367,7 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="compute device for the layer being processed (cpu, cuda, cuda:1)")
     p.add_argument("--plan", help="plan.json from `moecompress plan` (bits per expert); skips the allocation")
     p.add_argument("--avg-bits", type=_positive_float, help="override allocation.avg_bits")
-    p.add_argument("--recovery-steps", type=_at_least(0), help="override recovery.steps (0 turns recovery training off)")
+    p.add_argument(
+        "--recovery-steps", type=_at_least(0), help="override recovery.steps (0 turns recovery training off)"
+    )
     p.add_argument("--max-shard-size", type=_size, default=5 * 10**9, help="largest weight file (default 5GB)")
     overwrite(p)
     no_stream(p)
@@ -407,8 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--experts", type=_at_least(1), default=8)
     p.add_argument("--top-k", type=_at_least(1), default=2)
-    p.add_argument("--routed-share", type=float, default=0.5, help="share of the FFN output given to the routed experts")
-    p.add_argument("--noise", type=float, default=0.01, help="relative noise added to each routed copy (breaks symmetry)")
+    p.add_argument(
+        "--routed-share", type=float, default=0.5, help="share of the FFN output given to the routed experts"
+    )
+    p.add_argument(
+        "--noise", type=float, default=0.01, help="relative noise added to each routed copy (breaks symmetry)"
+    )
     overwrite(p)
     common(p)
     p.set_defaults(run=cmd_upcycle)
@@ -428,11 +510,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True)
     e.add_argument("--batch-size", type=_at_least(1), default=32)
     e.add_argument("--max-items", type=_at_least(1))
-    e.add_argument("--prompt", help="prompt template over the jsonl fields, e.g. '{question} Answer:' "
-                                    "(default: the shapes-vl question prompt)")
+    e.add_argument(
+        "--prompt",
+        help="prompt template over the jsonl fields, e.g. '{question} Answer:' "
+        "(default: the shapes-vl question prompt)",
+    )
     record(e)
     e.set_defaults(run=cmd_eval_vlqa)
-    e = eval_sub.add_parser("lm", help="lm-evaluation-harness tasks (offline ones in eval/tasks, or any lm-eval task name)")
+    e = eval_sub.add_parser(
+        "lm", help="lm-evaluation-harness tasks (offline ones in eval/tasks, or any lm-eval task name)"
+    )
     e.add_argument("model")
     e.add_argument("--tasks", required=True, help="comma-separated, e.g. moe_wiki_mc,moe_code_mc or hellaswag,arc_easy")
     e.add_argument("--include-path", help="folder of extra task YAMLs (default: the repository's eval/tasks)")
@@ -441,18 +528,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_at_least(1), default=8)
     record(e)
     e.set_defaults(run=cmd_eval_lm)
-    e = eval_sub.add_parser("efficiency", help="bytes, bits/param, active params/token, expert activation ratio, load time, tokens/s")
+    e = eval_sub.add_parser(
+        "efficiency", help="bytes, bits/param, active params/token, expert activation ratio, load time, tokens/s"
+    )
     e.add_argument("model")
-    e.add_argument("--data", required=True, help="text whose first tokens are the benchmark prompt (and measure skipping)")
+    e.add_argument(
+        "--data", required=True, help="text whose first tokens are the benchmark prompt (and measure skipping)"
+    )
     e.add_argument("--prefill-tokens", type=_at_least(1), default=512)
     e.add_argument("--decode-tokens", type=_at_least(1), default=32)
     record(e)
     e.set_defaults(run=cmd_eval_efficiency)
-    p = sub.add_parser("export", help="convert to compressed-tensors / GPTQ, or prepare and upload a Hub repo with a model card")
+    p = sub.add_parser(
+        "export", help="convert to compressed-tensors / GPTQ, or prepare and upload a Hub repo with a model card"
+    )
     p.add_argument("checkpoint", help="a moecompress checkpoint folder")
     p.add_argument("-o", "--output", help="folder to write (default: <checkpoint>-<format>)")
-    p.add_argument("--format", choices=("moecompress", "compressed-tensors", "gptq"), default="moecompress",
-                   help="weight layout; compressed-tensors and gptq need one integer bit width for every expert")
+    p.add_argument(
+        "--format",
+        choices=("moecompress", "compressed-tensors", "gptq"),
+        default="moecompress",
+        help="weight layout; compressed-tensors and gptq need one integer bit width for every expert",
+    )
     p.add_argument("--hub", metavar="REPO_ID", help="prepare a Hub repo folder (weights, card, recipe) and upload it")
     p.add_argument("--dry-run", action="store_true", help="with --hub: write the folder only, upload nothing")
     p.add_argument("--private", action="store_true")
@@ -500,24 +597,33 @@ def main(argv: list[str] | None = None) -> int:
         for spec in getattr(args, "adapter", []):
             load_plugin(spec)
         result = args.run(args)
-        result = {"result": result, "wall_seconds": round(time.perf_counter() - start, 2),
-                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        result = {
+            "result": result,
+            "wall_seconds": round(time.perf_counter() - start, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
         try:
             text = json.dumps(result, indent=2, allow_nan=False)
         except ValueError:
-            raise NonFiniteError("the result holds a NaN or infinite number; nothing was recorded as valid. "
-                                 "Check the model and data that produced it.") from None
+            raise NonFiniteError(
+                "the result holds a NaN or infinite number; nothing was recorded as valid. "
+                "Check the model and data that produced it."
+            ) from None
         if getattr(args, "json", None):
             write_text_atomic(args.json, text)
     except MoECompressError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # disk full, permissions, ... while reading or writing
-        print(f"error: {_one_line(exc)}. Free space or fix the permissions, then run the command again.", file=sys.stderr)
+        print(
+            f"error: {_one_line(exc)}. Free space or fix the permissions, then run the command again.", file=sys.stderr
+        )
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written at the output path (an earlier output there is unchanged).",
-              file=sys.stderr)
+        print(
+            "error: interrupted; nothing was written at the output path (an earlier output there is unchanged).",
+            file=sys.stderr,
+        )
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -27,8 +27,16 @@ from .runtime.packed_experts import PackedLinear, set_dequant_cache
 from .stages import STAGES, RunContext, plan_allocation
 from .training.memory import TrainingMemory, require_room
 
-__all__ = ["CompressionReport", "CompressionResult", "calibration_batches", "compress", "load_tokenizer_or_processor",
-           "plan_allocation", "set_dequant_cache", "training_batches"]
+__all__ = [
+    "CompressionReport",
+    "CompressionResult",
+    "calibration_batches",
+    "compress",
+    "load_tokenizer_or_processor",
+    "plan_allocation",
+    "set_dequant_cache",
+    "training_batches",
+]
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +145,16 @@ def _state_memory_need(source: str, recipe: Recipe, trust_remote_code: bool, cou
     if training and params:
         skeleton = open_streamed(source, trust_remote_code=trust_remote_code)
         experts = sum(p.numel() for v in skeleton.adapter.moe_blocks(skeleton.model) for p in v.experts.parameters())
-        teacher = parameter_count(recipe.recovery.teacher) if "recovery" in training and recipe.recovery.teacher else params
+        teacher = (
+            parameter_count(recipe.recovery.teacher) if "recovery" in training and recipe.recovery.teacher else params
+        )
         require_room(TrainingMemory(params, experts, teacher), training, recipe.device)
     elif could_stream and params:
-        log.warning("stages %s work on the whole model: loading it in memory (float32: about %.1f GB)",
-                    ", ".join(stages), 4 * params / 1e9)
+        log.warning(
+            "stages %s work on the whole model: loading it in memory (float32: about %.1f GB)",
+            ", ".join(stages),
+            4 * params / 1e9,
+        )
 
 
 def whole_model_stages(recipe: Recipe) -> list[str]:
@@ -152,13 +165,28 @@ def whole_model_stages(recipe: Recipe) -> list[str]:
     return [s.name for s in STAGES if s.enabled(recipe) and s.name not in ("merge", "allocation", "quantize")]
 
 
-def _compress(loaded: LoadedModel, recipe: Recipe, output, trust_remote_code: bool, progress: bool,
-              plan: CompressionPlan | None, overwrite: bool, max_shard_bytes: int) -> CompressionResult:
+def _compress(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    output,
+    trust_remote_code: bool,
+    progress: bool,
+    plan: CompressionPlan | None,
+    overwrite: bool,
+    max_shard_bytes: int,
+) -> CompressionResult:
     start = time.perf_counter()
     quantized = recipe.quantization.method != "none"
     streamed = isinstance(loaded, StreamedModel)
-    ctx = RunContext(loaded, recipe, [], Path(output) if output is not None else None, trust_remote_code, progress,
-                     plan if quantized else None)
+    ctx = RunContext(
+        loaded,
+        recipe,
+        [],
+        Path(output) if output is not None else None,
+        trust_remote_code,
+        progress,
+        plan if quantized else None,
+    )
     if streamed and output is not None:
         ctx.store = LayerStore(state_folder(output), job_fingerprint(loaded, recipe, ctx.plan))
     if ctx.plan is not None and recipe.merge.method == "none":
@@ -172,8 +200,12 @@ def _compress(loaded: LoadedModel, recipe: Recipe, output, trust_remote_code: bo
                 ctx.store.flush()  # the layer in flight is finished too
             ctx.store.drop_unresumable()
         if ctx.store is not None and ctx.store.done():
-            log.warning("finished layers %d-%d are kept in %s: rerun the same command to resume after them",
-                        ctx.store.done()[0], ctx.store.done()[-1], ctx.store.folder)
+            log.warning(
+                "finished layers %d-%d are kept in %s: rerun the same command to resume after them",
+                ctx.store.done()[0],
+                ctx.store.done()[-1],
+                ctx.store.folder,
+            )
         raise
 
     reports, plan = ctx.quant_reports, ctx.plan
@@ -203,17 +235,32 @@ def _compress(loaded: LoadedModel, recipe: Recipe, output, trust_remote_code: bo
         from .io.checkpoint import save_checkpoint
 
         dtype = getattr(torch, recipe.save_dtype)
-        tensors = [*loaded.outside_state(dtype).items(), *((t.name, t) for t in ctx.store.layer_tensors())] \
-            if ctx.store is not None else None
+        tensors = (
+            [*loaded.outside_state(dtype).items(), *((t.name, t) for t in ctx.store.layer_tensors())]
+            if ctx.store is not None
+            else None
+        )
         report.seconds = time.perf_counter() - start
         with disk_errors(f"the checkpoint {output}", ctx.store.folder if ctx.store is not None else None):
-            report.output = str(save_checkpoint(
-                loaded.model, output, recipe.to_yaml(), loaded.source, report.to_dict(), dtype, max_shard_bytes,
-                extra_files={RUN_RECORD: json.dumps(run_record(report, recipe, plan, reports, Path(output)).to_dict(),
-                                                    indent=1),
-                             **({"plan.json": json.dumps(plan.to_dict(), indent=1)} if plan else {})},
-                overwrite=overwrite, tensors=tensors,
-            ))
+            report.output = str(
+                save_checkpoint(
+                    loaded.model,
+                    output,
+                    recipe.to_yaml(),
+                    loaded.source,
+                    report.to_dict(),
+                    dtype,
+                    max_shard_bytes,
+                    extra_files={
+                        RUN_RECORD: json.dumps(
+                            run_record(report, recipe, plan, reports, Path(output)).to_dict(), indent=1
+                        ),
+                        **({"plan.json": json.dumps(plan.to_dict(), indent=1)} if plan else {}),
+                    },
+                    overwrite=overwrite,
+                    tensors=tensors,
+                )
+            )
         for stage in ("slim", "recovery"):  # only an interrupted job needs its training state
             shutil.rmtree(ctx.state_dir(stage), ignore_errors=True)
         if ctx.store is not None:
@@ -244,8 +291,13 @@ def job_fingerprint(loaded: StreamedModel, recipe: Recipe, plan: CompressionPlan
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
 
 
-def run_record(report: CompressionReport, recipe: Recipe, plan: CompressionPlan | None,
-               reports: list[ExpertQuantReport], output: Path) -> RunRecord:
+def run_record(
+    report: CompressionReport,
+    recipe: Recipe,
+    plan: CompressionPlan | None,
+    reports: list[ExpertQuantReport],
+    output: Path,
+) -> RunRecord:
     """The record `moecompress report` and the model card read: what was done, bits per expert, routing shares."""
     if plan is None:
         method = "bf16 experts" if recipe.quantization.method == "none" else recipe.quantization.method
@@ -253,12 +305,25 @@ def run_record(report: CompressionReport, recipe: Recipe, plan: CompressionPlan 
         method = f"{recipe.quantization.method} {plan.formats[0].name}"
     else:
         method = f"{recipe.quantization.method} mixed {plan.method} ({plan.average_bits:.2f} bits)"
-    stages = [name for name, done in (("merge", report.merge), ("slim", report.slim), ("recovery", report.recovery),
-                                      ("skip", report.skip)) if done]
-    record = RunRecord(name=output.name, model=str(output.expanduser().resolve()), base_model=report.model,
-                       recipe=recipe.name, method=" + ".join([method, *stages]),
-                       expert_bits_per_param=report.bits_per_expert_param,
-                       compression={**report.to_dict(), "rare_experts": len(report.rare_experts)})
+    stages = [
+        name
+        for name, done in (
+            ("merge", report.merge),
+            ("slim", report.slim),
+            ("recovery", report.recovery),
+            ("skip", report.skip),
+        )
+        if done
+    ]
+    record = RunRecord(
+        name=output.name,
+        model=str(output.expanduser().resolve()),
+        base_model=report.model,
+        recipe=recipe.name,
+        method=" + ".join([method, *stages]),
+        expert_bits_per_param=report.bits_per_expert_param,
+        compression={**report.to_dict(), "rare_experts": len(report.rare_experts)},
+    )
     if plan is not None:
         record.bit_allocation = {"layers": plan.layers, "values": plan.bits.mean(dim=2).tolist()}
     if reports:
@@ -266,6 +331,9 @@ def run_record(report: CompressionReport, recipe: Recipe, plan: CompressionPlan 
         tokens = torch.zeros(len(layers), max(r.expert for r in reports) + 1)
         for r in reports:
             tokens[layers.index(r.layer), r.expert] = r.tokens
-        record.importance = {"layers": layers, "metric": "share of the layer's calibration routings",
-                             "values": (tokens / tokens.sum(1, keepdim=True).clamp(min=1)).tolist()}
+        record.importance = {
+            "layers": layers,
+            "metric": "share of the layer's calibration routings",
+            "values": (tokens / tokens.sum(1, keepdim=True).clamp(min=1)).tolist(),
+        }
     return record

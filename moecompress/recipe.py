@@ -90,29 +90,56 @@ class Recipe:
         checks = [
             (q.method in ("gptq", "rtn", "none"), f"quantization.method '{q.method}': use gptq, rtn or none"),
             (q.bits in SUPPORTED_BITS, f"quantization.bits {q.bits}: use one of {list(SUPPORTED_BITS)}"),
-            (q.group_size >= -1 and (q.group_size != 0 or q.ternary),
-             f"quantization.group_size {q.group_size}: use a positive size or -1 (0, per tensor, only with ternary)"),
-            (q.ternary_packing in PACKINGS, f"quantization.ternary_packing '{q.ternary_packing}': use one of {list(PACKINGS)}"),
-            (q.ternary_scale in TERNARY_SCALE_METHODS, f"quantization.ternary_scale '{q.ternary_scale}': use one of {list(TERNARY_SCALE_METHODS)}"),
-            (0 < q.damp < 1, f"quantization.damp {q.damp}: use a fraction of the mean Hessian diagonal in (0, 1), e.g. 0.01"),
-            (q.rare_experts.policy in RARE_POLICIES, f"quantization.rare_experts.policy '{q.rare_experts.policy}': use one of {list(RARE_POLICIES)}"),
-            (self.calibration.num_samples > 0 and self.calibration.seq_len > 1 and self.calibration.batch_size > 0
-             and self.calibration.vl_num_samples >= 0,
-             "calibration.num_samples and batch_size must be >= 1, seq_len >= 2, vl_num_samples >= 0"),
+            (
+                q.group_size >= -1 and (q.group_size != 0 or q.ternary),
+                f"quantization.group_size {q.group_size}: use a positive size or -1 (0, per tensor, only with ternary)",
+            ),
+            (
+                q.ternary_packing in PACKINGS,
+                f"quantization.ternary_packing '{q.ternary_packing}': use one of {list(PACKINGS)}",
+            ),
+            (
+                q.ternary_scale in TERNARY_SCALE_METHODS,
+                f"quantization.ternary_scale '{q.ternary_scale}': use one of {list(TERNARY_SCALE_METHODS)}",
+            ),
+            (
+                0 < q.damp < 1,
+                f"quantization.damp {q.damp}: use a fraction of the mean Hessian diagonal in (0, 1), e.g. 0.01",
+            ),
+            (
+                q.rare_experts.policy in RARE_POLICIES,
+                f"quantization.rare_experts.policy '{q.rare_experts.policy}': use one of {list(RARE_POLICIES)}",
+            ),
+            (
+                self.calibration.num_samples > 0
+                and self.calibration.seq_len > 1
+                and self.calibration.batch_size > 0
+                and self.calibration.vl_num_samples >= 0,
+                "calibration.num_samples and batch_size must be >= 1, seq_len >= 2, vl_num_samples >= 0",
+            ),
             (self.recovery.init in QAT_INITS, f"recovery.init '{self.recovery.init}': use one of {list(QAT_INITS)}"),
-            (self.save_dtype in ("bfloat16", "float16", "float32"), f"save_dtype '{self.save_dtype}': use bfloat16, float16 or float32"),
-            (self.calibration.activation_dtype in ("float32", "bfloat16"),
-             f"calibration.activation_dtype '{self.calibration.activation_dtype}': use float32 or bfloat16"),
+            (
+                self.save_dtype in ("bfloat16", "float16", "float32"),
+                f"save_dtype '{self.save_dtype}': use bfloat16, float16 or float32",
+            ),
+            (
+                self.calibration.activation_dtype in ("float32", "bfloat16"),
+                f"calibration.activation_dtype '{self.calibration.activation_dtype}': use float32 or bfloat16",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise RecipeError(f"recipe '{self.name}': {message}")
         check_device(self.device)
         self.allocation.validate()
-        self.allocation.check_budget([q.format_for(k) for k in self.allocation.candidates], QuantFormat(q.bits, q.group_size, q.sym))
+        self.allocation.check_budget(
+            [q.format_for(k) for k in self.allocation.candidates], QuantFormat(q.bits, q.group_size, q.sym)
+        )
         self.merge.validate()
         if self.merge.method != "none" and self.merge.router == "keep" and q.method != "none":
-            raise RecipeError(f"recipe '{self.name}': merge.router keep cannot be quantized yet; use merge.router: shrink.")
+            raise RecipeError(
+                f"recipe '{self.name}': merge.router keep cannot be quantized yet; use merge.router: shrink."
+            )
         if self.recovery.enabled and q.method == "none":
             raise RecipeError(f"recipe '{self.name}': recovery trains quantized experts; set a quantization.method.")
         if self.recovery.enabled:
@@ -121,10 +148,18 @@ class Recipe:
         if self.slim.enabled:
             self.slim.validate()
             if self.merge.method != "none" and self.merge.router == "keep":
-                raise RecipeError(f"recipe '{self.name}': slimming needs merge.router shrink (keep-router experts are mapped).")
-        if (self.slim.enabled or self.merge.method != "none") and self.recovery.enabled and self.recovery.init == "original":
-            raise RecipeError(f"recipe '{self.name}': recovery.init original starts from the source experts, which "
-                              "merging/slimming changed; set recovery.init: quantized.")
+                raise RecipeError(
+                    f"recipe '{self.name}': slimming needs merge.router shrink (keep-router experts are mapped)."
+                )
+        if (
+            (self.slim.enabled or self.merge.method != "none")
+            and self.recovery.enabled
+            and self.recovery.init == "original"
+        ):
+            raise RecipeError(
+                f"recipe '{self.name}': recovery.init original starts from the source experts, which "
+                "merging/slimming changed; set recovery.init: quantized."
+            )
         return self
 
     def to_dict(self) -> dict:
@@ -142,7 +177,11 @@ class Recipe:
         path = Path(path).expanduser()
         if not path.is_file():
             shipped = Path(__file__).resolve().parent.parent / "pipelines"
-            hint = f" Shipped recipes: {', '.join(sorted(p.name for p in shipped.glob('*.yaml')))}." if shipped.is_dir() else ""
+            hint = (
+                f" Shipped recipes: {', '.join(sorted(p.name for p in shipped.glob('*.yaml')))}."
+                if shipped.is_dir()
+                else ""
+            )
             raise RecipeError(f"recipe file '{path}' does not exist.{hint}")
         try:
             data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
@@ -164,8 +203,13 @@ class Recipe:
         return self
 
 
-_PATH_KEYS = (("calibration", "dataset"), ("calibration", "vl_dataset"), ("recovery", "dataset"),
-              ("recovery", "teacher"), ("slim", "dataset"))
+_PATH_KEYS = (
+    ("calibration", "dataset"),
+    ("calibration", "vl_dataset"),
+    ("recovery", "dataset"),
+    ("recovery", "teacher"),
+    ("slim", "dataset"),
+)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -192,7 +236,9 @@ def check_device(device: str) -> str:
     if parsed.type not in ("cpu", "cuda"):
         raise RecipeError(f"device '{device}': moecompress runs on cpu or cuda; use one of those.")
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"device '{device}': this machine has no CUDA device (or torch is a CPU build); use --device cpu.")
+        raise RecipeError(
+            f"device '{device}': this machine has no CUDA device (or torch is a CPU build); use --device cpu."
+        )
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise RecipeError(f"device '{device}': only {torch.cuda.device_count()} CUDA devices are visible.")
     return device
@@ -209,7 +255,11 @@ def _build(cls, data: dict[str, Any], where: str):
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise RecipeError(f"{where}: unknown key '{key}'.{hint} Valid keys here: {', '.join(fields)}.")
-        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else fields[key].default
+        default = (
+            fields[key].default_factory()
+            if fields[key].default_factory is not dataclasses.MISSING
+            else fields[key].default
+        )
         if dataclasses.is_dataclass(default):
             kwargs[key] = _build(type(default), value, f"{where}.{key}")
         else:

@@ -17,7 +17,7 @@ from .evaluation.records import RunRecord
 
 @dataclass(frozen=True)
 class Metric:
-    key: str              # "ppl:test", "lm_eval:moe_wiki_mc", "vlqa:eval"
+    key: str  # "ppl:test", "lm_eval:moe_wiki_mc", "vlqa:eval"
     value: float
     higher_is_better: bool
 
@@ -85,7 +85,9 @@ def plot_pareto(records: list[RunRecord], path: Path) -> bool:
         for r, (x, y) in zip(runs, points):
             ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         front = pareto_front(points)
-        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="tab:orange", label="Pareto front")
+        ax.plot(
+            [points[i][0] for i in front], [points[i][1] for i in front], "--", color="tab:orange", label="Pareto front"
+        )
         ax.set_xlabel("checkpoint size (MB)")
         ax.set_ylabel("perplexity (lower is better)")
         ax.set_title(key.split(":", 1)[1], fontsize=10)
@@ -97,8 +99,15 @@ def plot_pareto(records: list[RunRecord], path: Path) -> bool:
     return True
 
 
-def plot_heatmap(grid: dict, title: str, colorbar: str, path: Path, cmap: str,
-                 value_range: tuple[float, float] | None = None, annotate: bool = False) -> None:
+def plot_heatmap(
+    grid: dict,
+    title: str,
+    colorbar: str,
+    path: Path,
+    cmap: str,
+    value_range: tuple[float, float] | None = None,
+    annotate: bool = False,
+) -> None:
     """Layer x expert heatmap; `value_range` shares one colour scale between runs, `annotate` prints each value."""
     plt = _plt()
     values = grid["values"]
@@ -132,11 +141,20 @@ def plot_recovery(records: list[RunRecord], base: RunRecord, path: Path) -> bool
     width = 0.8 / len(runs)
     for j, r in enumerate(runs):
         m = metrics(r)
-        ax.bar([i + j * width for i in range(len(keys))],
-               [recovery(base_metrics[k], m[k]) if k in m else 0 for k in keys], width, label=r.name)
+        ax.bar(
+            [i + j * width for i in range(len(keys))],
+            [recovery(base_metrics[k], m[k]) if k in m else 0 for k in keys],
+            width,
+            label=r.name,
+        )
     ax.axhline(100, color="black", linewidth=0.8)
-    ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(keys))], [base_metrics[k].label for k in keys],
-                  rotation=20, ha="right", fontsize=8)
+    ax.set_xticks(
+        [i + width * (len(runs) - 1) / 2 for i in range(len(keys))],
+        [base_metrics[k].label for k in keys],
+        rotation=20,
+        ha="right",
+        fontsize=8,
+    )
     ax.set_ylabel(f"recovery % of {base.name}")
     lows = [recovery(base_metrics[k], metrics(r)[k]) for r in runs for k in keys if k in metrics(r)]
     ax.set_ylim(max(0, min(lows) - 5), max(101, max(lows) + 2))
@@ -165,7 +183,12 @@ def comparison_table(records: list[RunRecord], base: RunRecord | None) -> tuple[
     rows = []
     for r in records:
         m = metrics(r)
-        cells = [r.name, r.method, _fmt(r.expert_bits_per_param), _fmt(r.size_bytes() / 1e6 if r.size_bytes() else None)]
+        cells = [
+            r.name,
+            r.method,
+            _fmt(r.expert_bits_per_param),
+            _fmt(r.size_bytes() / 1e6 if r.size_bytes() else None),
+        ]
         recoveries = []
         for k in keys:
             if k not in m:
@@ -183,15 +206,34 @@ def comparison_table(records: list[RunRecord], base: RunRecord | None) -> tuple[
 
 
 def efficiency_table(records: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
-    header = ["run", "checkpoint MB", "bits/param (all)", "expert bits/param", "active params/token (M)",
-              "expert activation ratio", "load s", "prefill tok/s", "decode tok/s"]
+    header = [
+        "run",
+        "checkpoint MB",
+        "bits/param (all)",
+        "expert bits/param",
+        "active params/token (M)",
+        "expert activation ratio",
+        "load s",
+        "prefill tok/s",
+        "decode tok/s",
+    ]
     rows = []
     for r in records:
         e = r.evaluations.get("efficiency")
         if e:
-            rows.append([r.name, _fmt(e["checkpoint_bytes"] / 1e6), _fmt(e["bits_per_param"]), _fmt(e["expert_bits_per_param"]),
-                         _fmt(e["active_params_per_token"] / 1e6, 3), _fmt(e["expert_activation_ratio"], 3),
-                         _fmt(e["load_seconds"]), _fmt(e["prefill_tokens_per_s"], 0), _fmt(e["decode_tokens_per_s"], 1)])
+            rows.append(
+                [
+                    r.name,
+                    _fmt(e["checkpoint_bytes"] / 1e6),
+                    _fmt(e["bits_per_param"]),
+                    _fmt(e["expert_bits_per_param"]),
+                    _fmt(e["active_params_per_token"] / 1e6, 3),
+                    _fmt(e["expert_activation_ratio"], 3),
+                    _fmt(e["load_seconds"]),
+                    _fmt(e["prefill_tokens_per_s"], 0),
+                    _fmt(e["decode_tokens_per_s"], 1),
+                ]
+            )
     return header, rows
 
 
@@ -206,14 +248,17 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-        "th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}img{max-width:100%;margin:0.5em 0}"
-        "figure{margin:1em 0}figcaption{font-size:13px;color:#555}")
+_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+    "th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}img{max-width:100%;margin:0.5em 0}"
+    "figure{margin:1em 0}figcaption{font-size:13px;color:#555}"
+)
 
 
-def write_report(records: list[RunRecord], output: str | Path, base: RunRecord | None = None,
-                 title: str = "moecompress report") -> dict[str, Path]:
+def write_report(
+    records: list[RunRecord], output: str | Path, base: RunRecord | None = None, title: str = "moecompress report"
+) -> dict[str, Path]:
     """report.md, report.html (images embedded) and the PNGs in `output`; returns the paths written."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -221,7 +266,9 @@ def write_report(records: list[RunRecord], output: str | Path, base: RunRecord |
         records = [base, *records]
     figures: list[tuple[str, Path]] = []
     if plot_pareto(records, output / "pareto.png"):
-        figures.append(("Perplexity vs checkpoint size; the dashed line joins the Pareto-optimal runs.", output / "pareto.png"))
+        figures.append(
+            ("Perplexity vs checkpoint size; the dashed line joins the Pareto-optimal runs.", output / "pareto.png")
+        )
     if base is not None and plot_recovery(records, base, output / "recovery.png"):
         figures.append((f"Recovery % of {base.name} per metric (100 % = no loss).", output / "recovery.png"))
     all_bits = [v for r in records if r.bit_allocation for row in r.bit_allocation["values"] for v in row]
@@ -229,7 +276,9 @@ def write_report(records: list[RunRecord], output: str | Path, base: RunRecord |
     for r in records:
         if r.bit_allocation:
             path = output / f"bits_{_slug(r.name)}.png"
-            plot_heatmap(r.bit_allocation, f"{r.name}: code bits per expert", "bits", path, "magma", bit_range, annotate=True)
+            plot_heatmap(
+                r.bit_allocation, f"{r.name}: code bits per expert", "bits", path, "magma", bit_range, annotate=True
+            )
             figures.append((f"{r.name}: bit allocation per expert (mean over gate/up/down).", path))
         if r.importance:
             path = output / f"importance_{_slug(r.name)}.png"
@@ -237,23 +286,41 @@ def write_report(records: list[RunRecord], output: str | Path, base: RunRecord |
             figures.append((f"{r.name}: expert importance, {r.importance.get('metric', 'routing share')}.", path))
 
     quality, efficiency = comparison_table(records, base), efficiency_table(records)
-    note = (f"Recovery % in parentheses is relative to **{base.name}** (higher-is-better scores: compressed/base; "
-            "perplexity: base/compressed)." if base else "")
+    note = (
+        f"Recovery % in parentheses is relative to **{base.name}** (higher-is-better scores: compressed/base; "
+        "perplexity: base/compressed)."
+        if base
+        else ""
+    )
     md = [f"# {title}", "", "## Quality", "", markdown_table(*quality), "", note, ""]
     if efficiency[1]:
-        md += ["## Efficiency", "", markdown_table(*efficiency), "",
-               "Throughput is measured on the device each run was evaluated on (see the run records).", ""]
+        md += [
+            "## Efficiency",
+            "",
+            markdown_table(*efficiency),
+            "",
+            "Throughput is measured on the device each run was evaluated on (see the run records).",
+            "",
+        ]
     md += ["## Figures", ""] + [f"![{caption}]({path.name})\n\n{caption}\n" for caption, path in figures]
-    md += ["## Runs", ""] + [f"- **{r.name}**: `{r.model}`" + (f" (from `{r.base_model}`, recipe `{r.recipe}`)" if r.base_model else "")
-                             for r in records]
+    md += ["## Runs", ""] + [
+        f"- **{r.name}**: `{r.model}`" + (f" (from `{r.base_model}`, recipe `{r.recipe}`)" if r.base_model else "")
+        for r in records
+    ]
     (output / "report.md").write_text("\n".join(md) + "\n")
 
     images = "".join(
         f'<figure><img alt="{html.escape(c)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-        f"<figcaption>{html.escape(c)}</figcaption></figure>" for c, p in figures)
-    body = (f"<h1>{html.escape(title)}</h1><h2>Quality</h2>{_html_table(*quality)}<p>{html.escape(note.replace('**', ''))}</p>"
-            + (f"<h2>Efficiency</h2>{_html_table(*efficiency)}" if efficiency[1] else "")
-            + f"<h2>Figures</h2>{images}")
-    (output / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                                        f"<style>{_CSS}</style></head><body>{body}</body></html>")
+        f"<figcaption>{html.escape(c)}</figcaption></figure>"
+        for c, p in figures
+    )
+    body = (
+        f"<h1>{html.escape(title)}</h1><h2>Quality</h2>{_html_table(*quality)}<p>{html.escape(note.replace('**', ''))}</p>"
+        + (f"<h2>Efficiency</h2>{_html_table(*efficiency)}" if efficiency[1] else "")
+        + f"<h2>Figures</h2>{images}"
+    )
+    (output / "report.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body>{body}</body></html>"
+    )
     return {"markdown": output / "report.md", "html": output / "report.html", **{p.stem: p for _, p in figures}}

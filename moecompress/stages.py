@@ -157,7 +157,9 @@ class AllocationStage:
         if ctx.plan is None and saved is not None and saved.is_file():
             ctx.plan = CompressionPlan.load(saved)  # a resumed run: the profiling pass was done before the kill
         if ctx.plan is None:
-            ctx.plan, _ = plan_allocation(ctx.loaded, ctx.recipe, ctx.batches, ctx.progress, ctx.spill_folder(self.name))
+            ctx.plan, _ = plan_allocation(
+                ctx.loaded, ctx.recipe, ctx.batches, ctx.progress, ctx.spill_folder(self.name)
+            )
             if ctx.store is not None:
                 ctx.store.save_json("plan.json", ctx.plan.to_dict())
         else:
@@ -190,7 +192,8 @@ class QuantizeStage:
         def quantize_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
             formats = ctx.plan.layer_formats(view.layer_index)
             packed[view.layer_index], reports[view.layer_index] = quantize_block_experts(
-                view, observer, formats, q.method, gptq, rare)
+                view, observer, formats, q.method, gptq, rare
+            )
             return True
 
         def layer_done(index: int, layer: torch.nn.Module, hidden: list[torch.Tensor]) -> None:
@@ -198,16 +201,32 @@ class QuantizeStage:
                 install_packed_experts(views[index], packed.pop(index), reports[index])
             if store is not None:
                 prefix = f"{loaded.adapter.layers_prefix(loaded.model)}.{index}."
-                state = {prefix + k: v for k, v in persistent_state(layer, getattr(torch, ctx.recipe.save_dtype)).items()}
-                record = {"reports": [asdict(r) for r in reports.get(index, [])],
-                          "formats": [{p: f.to_dict() for p, f in e.items()} for e in ctx.plan.layer_formats(index)]
-                          if index in views else None}
+                state = {
+                    prefix + k: v for k, v in persistent_state(layer, getattr(torch, ctx.recipe.save_dtype)).items()
+                }
+                record = {
+                    "reports": [asdict(r) for r in reports.get(index, [])],
+                    "formats": [{p: f.to_dict() for p, f in e.items()} for e in ctx.plan.layer_formats(index)]
+                    if index in views
+                    else None,
+                }
                 store.save_layer(index, state, record, hidden)
 
         with ctx.activations(self.name) as holding:
-            run_layerwise(loaded.model, loaded.adapter, ctx.batches, quantize_layer, ctx.recipe.device,
-                          collect_hessians=q.method == "gptq", progress=ctx.progress, desc="compress",
-                          layers_from=loaded, on_layer_done=layer_done, resume=resume, activations=holding)
+            run_layerwise(
+                loaded.model,
+                loaded.adapter,
+                ctx.batches,
+                quantize_layer,
+                ctx.recipe.device,
+                collect_hessians=q.method == "gptq",
+                progress=ctx.progress,
+                desc="compress",
+                layers_from=loaded,
+                on_layer_done=layer_done,
+                resume=resume,
+                activations=holding,
+            )
         ctx.quant_reports = [r for index in sorted(reports) for r in reports[index]]
 
 
@@ -342,8 +361,12 @@ def _distill_teacher(ctx: RunContext, stage: str, source: str | None = None) -> 
     views = ctx.loaded.adapter.moe_blocks(ctx.loaded.model)
     expert_params = sum(v.num_experts * sum(v.expert_weights(0)[p].numel() for p in PROJECTIONS) for v in views)
     folder = ctx.state_dir(stage) or Path(tempfile.gettempdir()) / f"moecompress-{os.getpid()}"
-    placement = teacher_placement(2 * parameter_count(source or ctx.loaded.source), 12 * expert_params,
-                                  folder / "teacher-offload", ctx.recipe.device)
+    placement = teacher_placement(
+        2 * parameter_count(source or ctx.loaded.source),
+        12 * expert_params,
+        folder / "teacher-offload",
+        ctx.recipe.device,
+    )
     if source is None:
         return load_model(ctx.loaded.source, torch.bfloat16, trust_remote_code=ctx.trust_remote_code, **placement)
     return _load_teacher(source, ctx.trust_remote_code, placement)

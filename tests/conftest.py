@@ -35,10 +35,12 @@ def compressed_tiny_text(tmp_path_factory, tiny_text_path):
     from moecompress import compress
     from moecompress.recipe import Recipe
 
-    recipe = Recipe.from_dict({
-        "name": "test-w4",
-        "calibration": {"dataset": str(require_shared(CALIB)), "num_samples": 16, "seq_len": 256},
-    })
+    recipe = Recipe.from_dict(
+        {
+            "name": "test-w4",
+            "calibration": {"dataset": str(require_shared(CALIB)), "num_samples": 16, "seq_len": 256},
+        }
+    )
     out = tmp_path_factory.mktemp("ckpt") / "tiny-w4"
     result = compress(str(tiny_text_path), recipe, output=out, progress=False, stream=False)
     return result, out

@@ -38,10 +38,30 @@ def test_eval_results_go_to_the_checkpoint_record_or_to_record_file(compressed_t
     assert main(["eval", "ppl", str(ckpt), "--data", str(WIKI), "--max-windows", "2"]) == 0
     ppl = read_record(ckpt).evaluations["ppl"]["wikitext-2/test"]
     assert ppl["windows"] == 2 and 20 < ppl["ppl"] < 200
-    assert main(["eval", "ppl", str(tiny_text_path), "--data", str(WIKI), "--max-windows", "2",
-                 "--record", str(tmp_path / "bf16.json"), "--name", "bf16"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "ppl",
+                str(tiny_text_path),
+                "--data",
+                str(WIKI),
+                "--max-windows",
+                "2",
+                "--record",
+                str(tmp_path / "bf16.json"),
+                "--name",
+                "bf16",
+            ]
+        )
+        == 0
+    )
     base = read_record(tmp_path / "bf16.json")
-    assert base.name == "bf16" and base.expert_bits_per_param == 16 and base.evaluations["ppl"]["wikitext-2/test"]["windows"] == 2
+    assert (
+        base.name == "bf16"
+        and base.expert_bits_per_param == 16
+        and base.evaluations["ppl"]["wikitext-2/test"]["windows"] == 2
+    )
     assert not (tiny_text_path / "run.json").exists()
     assert json.loads((ckpt / "moecompress.json").read_text())["format"] == "moecompress"
 

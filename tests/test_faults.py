@@ -199,7 +199,10 @@ def test_interrupt_ends_with_one_line_and_keeps_the_previous_output(capsys, tmp_
 
     monkeypatch.setattr("moecompress.io.checkpoint.write_sharded", ctrl_c)  # in the middle of writing the new output
     msg = refused(  # in memory: a streamed run would keep its finished layers for a resume (tests/test_streaming.py)
-        capsys, ["compress", model_dir, "--recipe", recipe, "-o", out, "--overwrite", "--no-stream"], tmp_path, out,
+        capsys,
+        ["compress", model_dir, "--recipe", recipe, "-o", out, "--overwrite", "--no-stream"],
+        tmp_path,
+        out,
         status=130,
     )
     assert "interrupted" in msg
@@ -358,8 +361,13 @@ def nan_model(tmp_path, model_dir):
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_non_finite_source_weights_are_named(capsys, tmp_path, nan_model, method):
     recipe = write_recipe(tmp_path, {**QUICK, "quantization": {"method": method}})
-    msg = refused(capsys, ["compress", nan_model, "--recipe", recipe, "-o", tmp_path / "o"], tmp_path, tmp_path / "o",
-                  kept="o.compress-state")  # layer 0 was done before layer 1 was read
+    msg = refused(
+        capsys,
+        ["compress", nan_model, "--recipe", recipe, "-o", tmp_path / "o"],
+        tmp_path,
+        tmp_path / "o",
+        kept="o.compress-state",
+    )  # layer 0 was done before layer 1 was read
     assert "layer 1 expert 3 up_proj" in msg and "NaN" in msg
 
 

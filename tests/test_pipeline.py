@@ -12,10 +12,12 @@ from .conftest import CALIB, require_shared
 
 
 def test_lp_mixed_precision_compresses_saves_and_reloads(tiny_text_path, tmp_path):
-    recipe = Recipe.from_dict({
-        "calibration": {"dataset": str(require_shared(CALIB)), "num_samples": 8, "seq_len": 256},
-        "allocation": {"method": "lp", "avg_bits": 2.5, "candidates": [2, 3, 4], "profile_tokens": 512},
-    })
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": str(require_shared(CALIB)), "num_samples": 8, "seq_len": 256},
+            "allocation": {"method": "lp", "avg_bits": 2.5, "candidates": [2, 3, 4], "profile_tokens": 512},
+        }
+    )
     result = moecompress.compress(str(tiny_text_path), recipe, output=tmp_path / "mc", progress=False, stream=False)
     bits = {m.fmt.bits for m in result.model.modules() if isinstance(m, PackedLinear)}
     assert len(bits) > 1
@@ -64,9 +66,13 @@ def test_compress_runs_the_enabled_stages_in_order_with_one_context(tiny_text_pa
             return {"packed_linears": sum(isinstance(m, PackedLinear) for m in ctx.loaded.model.modules())}
 
     monkeypatch.setattr("moecompress.pipeline.STAGES", (*stages.STAGES[:4], Probe(), *stages.STAGES[4:]))
-    recipe = Recipe.from_dict({"name": "probe-w3", "calibration": {"dataset": str(require_shared(CALIB)), "num_samples": 2,
-                                                                   "seq_len": 64},
-                               "quantization": {"method": "rtn", "bits": 3}})
+    recipe = Recipe.from_dict(
+        {
+            "name": "probe-w3",
+            "calibration": {"dataset": str(require_shared(CALIB)), "num_samples": 2, "seq_len": 64},
+            "quantization": {"method": "rtn", "bits": 3},
+        }
+    )
     result = moecompress.compress(str(tiny_text_path), recipe, progress=False)
     assert seen == [(3, 4 * 16, "probe-w3")]
     assert list(result.report.stage_seconds) == ["allocation", "quantize", "probe"]  # merge/slim/recovery/skip off
@@ -99,8 +105,9 @@ def test_a_teacher_that_does_not_fit_is_offloaded_to_disk_and_teaches_the_same(t
     placement = memory.teacher_placement
 
     def short_of_memory(teacher_bytes, reserve, folder, device="cpu"):  # room for two thirds of the teacher
-        return placement(teacher_bytes, (memory.available_bytes() - 2 * teacher_bytes // 3) / memory.HEADROOM, folder,
-                         device)
+        return placement(
+            teacher_bytes, (memory.available_bytes() - 2 * teacher_bytes // 3) / memory.HEADROOM, folder, device
+        )
 
     monkeypatch.setattr(stages, "teacher_placement", short_of_memory)
     moecompress.compress(str(tiny_text_path), _recovery_recipe(), output=tmp_path / "offloaded", progress=False)
@@ -113,8 +120,9 @@ def test_a_teacher_that_does_not_fit_is_offloaded_to_disk_and_teaches_the_same(t
     assert tensor_hashes(tmp_path / "offloaded") == tensor_hashes(tmp_path / "whole")
 
 
-def test_training_stages_state_their_memory_and_refuse_before_loading_what_cannot_fit(tiny_text_path, tmp_path,
-                                                                                        monkeypatch, caplog):
+def test_training_stages_state_their_memory_and_refuse_before_loading_what_cannot_fit(
+    tiny_text_path, tmp_path, monkeypatch, caplog
+):
     from moecompress.errors import InsufficientMemoryError
     from moecompress.training import memory
 

@@ -13,8 +13,13 @@ pytestmark = pytest.mark.slow
 
 
 def recipe(method: str, bits: int, **calibration) -> Recipe:
-    return Recipe.from_dict({"name": f"{method}-w{bits}", "quantization": {"method": method, "bits": bits},
-                             "calibration": {"dataset": str(require_shared(CALIB)), **calibration}})
+    return Recipe.from_dict(
+        {
+            "name": f"{method}-w{bits}",
+            "quantization": {"method": method, "bits": bits},
+            "calibration": {"dataset": str(require_shared(CALIB)), **calibration},
+        }
+    )
 
 
 def wiki_ppl(model, tokenizer, windows=120):
@@ -48,9 +53,16 @@ def test_vl_w4_keeps_qa_accuracy_within_3_points(tmp_path):
     moecompress.compress(str(vl), r, output=tmp_path / "vl", trust_remote_code=True, progress=False)
     processor = load_tokenizer_or_processor(str(vl), True, trust_remote_code=True)
     items = 240
-    reference = vl_qa_accuracy(load_model(str(vl)).model, processor, str(SHAPES / "eval.jsonl"), max_items=items, progress=False)
-    quantized = vl_qa_accuracy(moecompress.load(tmp_path / "vl", trust_remote_code=True, cache_dequantized=True),
-                               processor, str(SHAPES / "eval.jsonl"), max_items=items, progress=False)
+    reference = vl_qa_accuracy(
+        load_model(str(vl)).model, processor, str(SHAPES / "eval.jsonl"), max_items=items, progress=False
+    )
+    quantized = vl_qa_accuracy(
+        moecompress.load(tmp_path / "vl", trust_remote_code=True, cache_dequantized=True),
+        processor,
+        str(SHAPES / "eval.jsonl"),
+        max_items=items,
+        progress=False,
+    )
     assert quantized.accuracy >= reference.accuracy - 0.03
 
 

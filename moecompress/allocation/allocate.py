@@ -74,8 +74,10 @@ class AllocationConfig:
         cheapest = min(candidate_formats, key=storage_bits)
         smallest = storage_bits(cheapest) - (storage_bits(integer_format) - integer_format.code_bits)
         if self.avg_bits < smallest - 1e-9:
-            raise BudgetError(f"allocation.avg_bits {self.avg_bits:g} is infeasible: the smallest feasible budget is "
-                              f"{smallest:.4g} (every expert at {cheapest.name}). Raise avg_bits or add a smaller candidate.")
+            raise BudgetError(
+                f"allocation.avg_bits {self.avg_bits:g} is infeasible: the smallest feasible budget is "
+                f"{smallest:.4g} (every expert at {cheapest.name}). Raise avg_bits or add a smaller candidate."
+            )
 
     @property
     def profile_keys(self) -> list[int | str]:
@@ -91,8 +93,9 @@ def storage_bits(fmt: QuantFormat) -> float:
     return fmt.code_bits + (fmt.overhead_bits(fmt.group_size) if fmt.group_size > 0 else 0.0)
 
 
-def avg_bits_for_bytes(max_bytes: int, fixed_bytes: int, expert_params: int, candidates: list[QuantFormat],
-                       integer_format: QuantFormat) -> float:
+def avg_bits_for_bytes(
+    max_bytes: int, fixed_bytes: int, expert_params: int, candidates: list[QuantFormat], integer_format: QuantFormat
+) -> float:
     """The avg_bits budget (integer-format code bits per expert parameter) that fills `max_bytes`, given
     `fixed_bytes` of unquantized tensors."""
     overhead = storage_bits(integer_format) - integer_format.code_bits
@@ -111,18 +114,24 @@ def _importance(stats: ExpertStats, config: AllocationConfig) -> tuple[torch.Ten
     """(frequency, mean routing weight) per [layer, expert], mixed over modalities."""
     unknown = set(config.modality_weights) - set(stats.modalities)
     if unknown:
-        raise RecipeError(f"allocation.modality_weights: unknown modalities {sorted(unknown)}; use {list(stats.modalities)}")
+        raise RecipeError(
+            f"allocation.modality_weights: unknown modalities {sorted(unknown)}; use {list(stats.modalities)}"
+        )
     lam = torch.tensor([config.modality_weights.get(m, 0.0) for m in stats.modalities], dtype=torch.float64)
     present = (stats.total_tokens.sum(0) > 0).double()
     lam = lam * present
     if lam.sum() <= 0:
-        raise RecipeError("allocation.modality_weights give zero weight to every modality present in the calibration data.")
+        raise RecipeError(
+            "allocation.modality_weights give zero weight to every modality present in the calibration data."
+        )
     freq = stats.tokens / stats.total_tokens[:, None, :].clamp(min=1)
     mean_weight = stats.weight_sum / stats.tokens.clamp(min=1)
     return (freq * lam).sum(-1) / lam.sum(), (mean_weight * lam).sum(-1) / lam.sum()
 
 
-def allocate(stats: ExpertStats, config: AllocationConfig, integer_format: QuantFormat | None = None) -> CompressionPlan:
+def allocate(
+    stats: ExpertStats, config: AllocationConfig, integer_format: QuantFormat | None = None
+) -> CompressionPlan:
     """A format per expert (or projection) from the stats' error profile under `config`'s budget.
     The candidates are the formats the profile measured; `integer_format` (default: the profiled integer
     format) sets the scale/zero overhead that `avg_bits` excludes."""
@@ -136,12 +145,18 @@ def allocate(stats: ExpertStats, config: AllocationConfig, integer_format: Quant
     profiled = [f.key for f in profiled_formats]
     missing = set(config.profile_keys) - set(profiled)
     if missing:
-        raise RecipeError(f"the error profile has formats {profiled} but the allocation needs {sorted(missing, key=_key_order)}; "
-                          "re-run the profile.")
+        raise RecipeError(
+            f"the error profile has formats {profiled} but the allocation needs {sorted(missing, key=_key_order)}; "
+            "re-run the profile."
+        )
     cand = set(config.candidates)
     per_expert = config.granularity == "expert"
-    names = [f"layers.{layer}.experts.{e}" + ("" if per_expert else f".{p}")
-             for layer in stats.layers for e in range(E) for p in ([None] if per_expert else PROJECTIONS)]
+    names = [
+        f"layers.{layer}.experts.{e}" + ("" if per_expert else f".{p}")
+        for layer in stats.layers
+        for e in range(E)
+        for p in ([None] if per_expert else PROJECTIONS)
+    ]
     n = len(names)
     items_per_layer = E if per_expert else E * P
 
@@ -199,7 +214,16 @@ def allocate(stats: ExpertStats, config: AllocationConfig, integer_format: Quant
         choice = torch.tensor(usable)[picked]
     chosen = choice.reshape(L, E, -1)
     objective = float(costs.gather(1, choice[:, None]).sum())
-    return CompressionPlan(list(stats.layers), chosen.expand(L, E, P).clone() if per_expert else chosen, formats,
-                           config.method, {"avg_bits_budget": config.avg_bits, "scope": config.scope,
-                                           "granularity": config.granularity, "objective": objective,
-                                           "candidates": [f.name for f in formats]})
+    return CompressionPlan(
+        list(stats.layers),
+        chosen.expand(L, E, P).clone() if per_expert else chosen,
+        formats,
+        config.method,
+        {
+            "avg_bits_budget": config.avg_bits,
+            "scope": config.scope,
+            "granularity": config.granularity,
+            "objective": objective,
+            "candidates": [f.name for f in formats],
+        },
+    )

@@ -43,9 +43,15 @@ class CompressionPlan:
         return float(self.bits.mean())
 
     def to_dict(self) -> dict:
-        return {"layers": self.layers, "formats": [f.to_dict() for f in self.formats], "choice": self.choice.tolist(),
-                "format_names": [f.name for f in self.formats], "method": self.method,
-                "average_bits": self.average_bits, "details": self.details}
+        return {
+            "layers": self.layers,
+            "formats": [f.to_dict() for f in self.formats],
+            "choice": self.choice.tolist(),
+            "format_names": [f.name for f in self.formats],
+            "method": self.method,
+            "average_bits": self.average_bits,
+            "details": self.details,
+        }
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
@@ -55,29 +61,55 @@ class CompressionPlan:
         try:
             data = json.loads(Path(path).expanduser().read_text())
             formats = [QuantFormat.from_dict(f) for f in data["formats"]]
-            plan = cls([int(x) for x in data["layers"]], torch.tensor(data["choice"], dtype=torch.long), formats,
-                       data.get("method", "unknown"), data.get("details", {}))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot read the plan '{path}' ({type(exc).__name__}: {exc}); create one with "
-                                  "`moecompress plan`.") from None
-        if plan.choice.dim() != 3 or plan.choice.shape[0] != len(plan.layers) or plan.choice.shape[2] != len(PROJECTIONS) \
-                or plan.choice.numel() == 0 or int(plan.choice.min()) < 0 or int(plan.choice.max()) >= len(formats):
-            raise CheckpointError(f"the plan '{path}' is malformed: 'choice' must be [layers, experts, 3] indices into "
-                                  f"its {len(formats)} formats; create it again with `moecompress plan`.")
+            plan = cls(
+                [int(x) for x in data["layers"]],
+                torch.tensor(data["choice"], dtype=torch.long),
+                formats,
+                data.get("method", "unknown"),
+                data.get("details", {}),
+            )
+        except (
+            OSError,
+            UnicodeDecodeError,
+            json.JSONDecodeError,
+            KeyError,
+            TypeError,
+            ValueError,
+            RuntimeError,
+        ) as exc:
+            raise CheckpointError(
+                f"cannot read the plan '{path}' ({type(exc).__name__}: {exc}); create one with `moecompress plan`."
+            ) from None
+        if (
+            plan.choice.dim() != 3
+            or plan.choice.shape[0] != len(plan.layers)
+            or plan.choice.shape[2] != len(PROJECTIONS)
+            or plan.choice.numel() == 0
+            or int(plan.choice.min()) < 0
+            or int(plan.choice.max()) >= len(formats)
+        ):
+            raise CheckpointError(
+                f"the plan '{path}' is malformed: 'choice' must be [layers, experts, 3] indices into "
+                f"its {len(formats)} formats; create it again with `moecompress plan`."
+            )
         return plan
 
     def check_fits(self, layers: list[int], num_experts: int, where: str = "plan") -> CompressionPlan:
         """Raise unless the plan covers exactly these MoE layers with `num_experts` experts each."""
         if list(self.layers) != list(layers) or self.choice.shape[1] != num_experts:
-            raise CheckpointError(f"the {where} covers MoE layers {self.layers} with {self.choice.shape[1]} experts, but "
-                                  f"the model has layers {list(layers)} with {num_experts}; make the plan from this model "
-                                  "(and the same merge settings) with `moecompress plan`.")
+            raise CheckpointError(
+                f"the {where} covers MoE layers {self.layers} with {self.choice.shape[1]} experts, but "
+                f"the model has layers {list(layers)} with {num_experts}; make the plan from this model "
+                "(and the same merge settings) with `moecompress plan`."
+            )
         return self
 
     def table(self) -> str:
         """Per layer: mean bits and how many experts sit at each expert-mean bit width."""
-        lines = [f"plan: {self.method}, average {self.average_bits:.3f} bits per expert parameter (+ scales/zeros)",
-                 "layer | mean bits | experts by mean bits"]
+        lines = [
+            f"plan: {self.method}, average {self.average_bits:.3f} bits per expert parameter (+ scales/zeros)",
+            "layer | mean bits | experts by mean bits",
+        ]
         for i, layer in enumerate(self.layers):
             per_expert = self.bits[i].mean(dim=1)
             values, counts = per_expert.unique(return_counts=True)

@@ -67,7 +67,9 @@ def _solve_one(costs, sizes, bits, budget, allowed, time_limit, gap) -> torch.Te
     for i, terms in by_item.items():
         problem.addConstraint(pulp.LpConstraint(pulp.LpAffineExpression(terms), pulp.LpConstraintEQ, f"one_{i}", 1))
     size_terms = [(x[i, j], float(sizes[i]) / unit * bits[j]) for i, j in pairs]
-    problem.addConstraint(pulp.LpConstraint(pulp.LpAffineExpression(size_terms), pulp.LpConstraintLE, "budget", budget / unit))
+    problem.addConstraint(
+        pulp.LpConstraint(pulp.LpAffineExpression(size_terms), pulp.LpConstraintLE, "budget", budget / unit)
+    )
     status = problem.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap, warmStart=True))
     if problem.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         raise BudgetError(f"the bit-allocation program has no solution (CBC status {pulp.LpStatus[status]}).")
@@ -118,9 +120,7 @@ def _dominated(costs: torch.Tensor, bits: list[float]) -> torch.Tensor:
     return (cheaper_or_equal & strictly).any(dim=1)
 
 
-def bracket_allocation(
-    order: list[int], sizes: torch.Tensor, bits: list[float], budget: float
-) -> torch.Tensor:
+def bracket_allocation(order: list[int], sizes: torch.Tensor, bits: list[float], budget: float) -> torch.Tensor:
     """Baseline: the two candidates around the average budget; items earliest in `order` get the higher one
     until the budget is used (sizes may differ, so the split is by bits, not by count)."""
     target = budget / float(sizes.sum())

@@ -59,7 +59,9 @@ def write_analysis(stats: ExpertStats, output: str | Path) -> Path:
     }
     (output / "importance.json").write_text(json.dumps(report, indent=2))
     for metric, values in metrics.items():
-        _heatmap(values, [stats.modalities[m] for m in present], present, stats.layers, metric, output / f"{metric}.png")
+        _heatmap(
+            values, [stats.modalities[m] for m in present], present, stats.layers, metric, output / f"{metric}.png"
+        )
     return output
 
 
@@ -67,13 +69,17 @@ def _nan_to_none(rows: list[list[float]]) -> list[list[float | None]]:
     return [[None if v != v else v for v in row] for row in rows]
 
 
-def _heatmap(values: torch.Tensor, names: list[str], columns: list[int], layers: list[int], metric: str, path: Path) -> None:
+def _heatmap(
+    values: torch.Tensor, names: list[str], columns: list[int], layers: list[int], metric: str, path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(columns), figsize=(1.2 + 0.45 * values.shape[1] * len(columns), 1.5 + 0.4 * len(layers)), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(columns), figsize=(1.2 + 0.45 * values.shape[1] * len(columns), 1.5 + 0.4 * len(layers)), squeeze=False
+    )
     for ax, m, name in zip(axes[0], columns, names):
         image = ax.imshow(values[:, :, m].numpy(), aspect="auto", cmap="viridis")
         ax.set_title(f"{metric} ({name})", fontsize=9)

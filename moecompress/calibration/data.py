@@ -62,7 +62,9 @@ def read_text_file(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise CalibrationDataError(f"'{path}' is not UTF-8 text (byte {exc.start}); pass a UTF-8 .txt or .jsonl file.") from None
+        raise CalibrationDataError(
+            f"'{path}' is not UTF-8 text (byte {exc.start}); pass a UTF-8 .txt or .jsonl file."
+        ) from None
     except OSError as exc:
         raise CalibrationDataError(f"cannot read '{path}': {exc.strerror}.") from None
 
@@ -114,7 +116,9 @@ def text_calibration_batches(
     picks = sorted(random.Random(seed).sample(range(windows), min(num_samples, windows)))
     rows = torch.stack([stream[i * seq_len : (i + 1) * seq_len] for i in picks])
     return [
-        CalibrationBatch({"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}, torch.zeros_like(chunk, dtype=torch.bool))
+        CalibrationBatch(
+            {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}, torch.zeros_like(chunk, dtype=torch.bool)
+        )
         for chunk in rows.split(batch_size)
     ]
 

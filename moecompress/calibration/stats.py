@@ -87,8 +87,12 @@ class ExpertStats:
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {k: getattr(self, k) for k in ("model", "layers", "num_experts", "top_k", "modalities", "candidate_formats")}
-        tensors = {k: getattr(self, k).contiguous() for k in _TENSOR_FIELDS + _PROFILE_FIELDS if getattr(self, k) is not None}
+        meta = {
+            k: getattr(self, k) for k in ("model", "layers", "num_experts", "top_k", "modalities", "candidate_formats")
+        }
+        tensors = {
+            k: getattr(self, k).contiguous() for k in _TENSOR_FIELDS + _PROFILE_FIELDS if getattr(self, k) is not None
+        }
         save_file(tensors, str(folder / "expert_stats.safetensors"), metadata={"moecompress": json.dumps(meta)})
         if self.hessians:
             save_file({k: v.contiguous() for k, v in self.hessians.items()}, str(folder / "hessians.safetensors"))

@@ -40,7 +40,9 @@ def threshold_for_fraction(values: torch.Tensor, fraction: float) -> float:
     return float(flat[n])
 
 
-def relaxed_bernoulli(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def relaxed_bernoulli(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Hard {0, 1} samples of sigmoid(logits) whose gradient is that of the Gumbel-sigmoid relaxation
     (straight-through), for training a keep/skip decision per (token, expert)."""
     u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-6, 1 - 1e-6)

@@ -127,8 +127,12 @@ class SkipController:
             self._handles.append(view.router.register_forward_hook(self._make_hook(position, view)))
         # transformers' grouped/batched expert kernels only mask "no expert" slots (index E) in their
         # expert-parallel mode; otherwise those rows are left uninitialised and NaN * 0 leaks through.
-        self._sentinel_safe = [m for view in self.views for m in view.experts.modules() if hasattr(m, "_is_expert_parallel")
-                               and not m._is_expert_parallel]
+        self._sentinel_safe = [
+            m
+            for view in self.views
+            for m in view.experts.modules()
+            if hasattr(m, "_is_expert_parallel") and not m._is_expert_parallel
+        ]
         for module in self._sentinel_safe:
             module._is_expert_parallel = True
         model.skip_controller = self
@@ -190,10 +194,12 @@ class SkipController:
                 self.stats.total[m] += sel.sum() * weights.shape[1]
                 self.stats.kept[m] += (keep & sel[:, None]).sum()
             return logits, weights.masked_fill(~keep, 0), indices.masked_fill(~keep, view.num_experts)
+
         return hook
 
-    def _keep(self, position: int, view: MoEBlockView, hidden: torch.Tensor, weights: torch.Tensor,
-              image: torch.Tensor) -> torch.Tensor:
+    def _keep(
+        self, position: int, view: MoEBlockView, hidden: torch.Tensor, weights: torch.Tensor, image: torch.Tensor
+    ) -> torch.Tensor:
         rule = self.rule
         w = weights.float()
         if rule.method == "odp":
@@ -210,7 +216,9 @@ class SkipController:
             return keep | top_slot(w)
         raise RecipeError(f"unknown skipping method '{rule.method}'")
 
-    def _train_mask(self, position: int, view: MoEBlockView, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _train_mask(
+        self, position: int, view: MoEBlockView, hidden: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         sorted_w, order = weights.float().sort(dim=-1, descending=True)
         logits = view.block.skip_predictor(hidden.reshape(weights.shape[0], -1), sorted_w.detach())
         sample = relaxed_bernoulli(logits, self.temperature, self.generator)
@@ -257,15 +265,20 @@ def _collect(controller: SkipController, batches: list[CalibrationBatch]) -> lis
             controller.model(**_inputs(batch, device), use_cache=False)
     records = controller.records
     controller.records = [[] for _ in controller.views]
-    return [(torch.cat([w for w, _ in r]).sort(dim=-1, descending=True).values, torch.cat([m for _, m in r])) for r in records]
+    return [
+        (torch.cat([w for w, _ in r]).sort(dim=-1, descending=True).values, torch.cat([m for _, m in r]))
+        for r in records
+    ]
 
 
 def _fit_odp(records, target: float) -> SkipRule:
     k = records[0][0].shape[1]
     share = target * k / (k - 1)
     if k < 2 or share > 1:
-        raise RecipeError(f"skip.target {target}: odp always keeps a token's top expert, so at most {(k - 1) / k:.2f} "
-                          f"of top-{k} activations can be skipped; lower the target or use method: modes.")
+        raise RecipeError(
+            f"skip.target {target}: odp always keeps a token's top expert, so at most {(k - 1) / k:.2f} "
+            f"of top-{k} activations can be skipped; lower the target or use method: modes."
+        )
     beta = [threshold_for_fraction(w[:, 1:] / w[:, :1].clamp(min=1e-12), share) for w, _ in records]
     return SkipRule("odp", target, beta=beta)
 
@@ -305,11 +318,15 @@ def _fit_modes(controller: SkipController, batches, records, config: SkipConfig,
         return controller.rule
     n_text, n_image = scores["text"].numel(), scores["image"].numel()
     low, high = max(0, n_skip - n_image), min(n_skip, n_text)
-    candidates = sorted({round(low + (high - low) * i / max(config.frontier_points - 1, 1)) for i in range(config.frontier_points)})
+    candidates = sorted(
+        {round(low + (high - low) * i / max(config.frontier_points - 1, 1)) for i in range(config.frontier_points)}
+    )
     best = None
     for skip_text in tqdm(candidates, desc="threshold frontier", disable=not progress):
-        tau = {"text": threshold_for_fraction(scores["text"], skip_text / n_text),
-               "image": threshold_for_fraction(scores["image"], (n_skip - skip_text) / n_image)}
+        tau = {
+            "text": threshold_for_fraction(scores["text"], skip_text / n_text),
+            "image": threshold_for_fraction(scores["image"], (n_skip - skip_text) / n_image),
+        }
         controller.rule = SkipRule("modes", config.target, alpha=alpha, tau=tau)
         kl = calibration_kl(controller, batches)
         if best is None or kl < best.calibration_kl:
@@ -331,10 +348,17 @@ def _fit_learned(controller: SkipController, batches, config: SkipConfig, progre
     controller.temperature = config.temperature
     try:
         with controller.set_mode("train"):
-            report = distill(model, None, batches, [{"params": params, "lr": config.lr}],
-                             DistillConfig(steps=config.steps, lr=config.lr, warmup_steps=min(10, config.steps)),
-                             progress=progress, cpu=cpu, teacher_context=lambda: controller.set_mode("off"),
-                             extra_loss=lambda: config.penalty * controller.pop_penalty())
+            report = distill(
+                model,
+                None,
+                batches,
+                [{"params": params, "lr": config.lr}],
+                DistillConfig(steps=config.steps, lr=config.lr, warmup_steps=min(10, config.steps)),
+                progress=progress,
+                cpu=cpu,
+                teacher_context=lambda: controller.set_mode("off"),
+                extra_loss=lambda: config.penalty * controller.pop_penalty(),
+            )
     finally:
         model.requires_grad_(False)
         model.eval()
@@ -355,8 +379,10 @@ def cut_learned_mask(controller: SkipController, batches: list[CalibrationBatch]
                 probabilities.append(torch.sigmoid(view.block.skip_predictor(hidden, sorted_w))[:, 1:].flatten().cpu())
     share = target * k / (k - 1)
     if share > 1:
-        raise RecipeError(f"skip.target {target}: the learned mask keeps each token's top expert; "
-                          f"at most {(k - 1) / k:.2f} can be skipped.")
+        raise RecipeError(
+            f"skip.target {target}: the learned mask keeps each token's top expert; "
+            f"at most {(k - 1) / k:.2f} can be skipped."
+        )
     rule = SkipRule("learned", target, cut=threshold_for_fraction(torch.cat(probabilities), share))
     controller.rule = rule
     rule.calibration_kl = calibration_kl(controller, batches)
@@ -379,8 +405,14 @@ def _router_inputs(controller: SkipController, batch, device) -> list[tuple[torc
     return captured
 
 
-def fit_skipping(model: nn.Module, adapter: ModelAdapter, batches: list[CalibrationBatch], config: SkipConfig,
-                 progress: bool = True, cpu: bool = True) -> SkipController:
+def fit_skipping(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    batches: list[CalibrationBatch],
+    config: SkipConfig,
+    progress: bool = True,
+    cpu: bool = True,
+) -> SkipController:
     """Fit `config.method` on `batches` and leave it installed on `model` (as `model.skip_controller`)."""
     config.validate()
     if config.method == "none":

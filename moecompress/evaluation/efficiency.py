@@ -18,19 +18,19 @@ from ..runtime.packed_experts import ExpertList, PackedLinear
 
 @dataclass
 class Efficiency:
-    checkpoint_bytes: int             # weight files (*.safetensors) of the folder
+    checkpoint_bytes: int  # weight files (*.safetensors) of the folder
     total_params: int
-    bits_per_param: float             # 8 * checkpoint_bytes / total_params
-    expert_params: int                # routed experts, all layers
-    expert_bits_per_param: float      # stored bits of the routed experts (codes + scales + zeros) per parameter
-    active_params_per_token: float    # everything but the routed experts a token does not run
-    expert_activation_ratio: float    # routed expert activations per token / routed experts per layer
+    bits_per_param: float  # 8 * checkpoint_bytes / total_params
+    expert_params: int  # routed experts, all layers
+    expert_bits_per_param: float  # stored bits of the routed experts (codes + scales + zeros) per parameter
+    active_params_per_token: float  # everything but the routed experts a token does not run
+    expert_activation_ratio: float  # routed expert activations per token / routed experts per layer
     expert_activations_skipped: float
     load_seconds: float | None
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     device: str
-    expert_kernels: str = ""          # which code ran the routed experts (native-avx2, torch, dense grouped_mm ...)
+    expert_kernels: str = ""  # which code ran the routed experts (native-avx2, torch, dense grouped_mm ...)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,9 +73,13 @@ def parameter_budget(model: nn.Module, adapter: ModelAdapter, itemsize: int = 2,
         runs = view.top_k * (1.0 - skipped)
         active -= params - params / _stored_experts(view.experts) * runs
         ratios.append(runs / view.num_experts)
-    return {"total_params": total, "expert_params": expert_params,
-            "expert_bits_per_param": 8 * expert_bytes / max(expert_params, 1),
-            "active_params_per_token": active, "expert_activation_ratio": statistics.fmean(ratios) if ratios else 1.0}
+    return {
+        "total_params": total,
+        "expert_params": expert_params,
+        "expert_bits_per_param": 8 * expert_bytes / max(expert_params, 1),
+        "active_params_per_token": active,
+        "expert_activation_ratio": statistics.fmean(ratios) if ratios else 1.0,
+    }
 
 
 def checkpoint_bytes(folder: str | Path) -> int:
@@ -85,8 +89,14 @@ def checkpoint_bytes(folder: str | Path) -> int:
 
 @torch.no_grad()
 def measure_efficiency(
-    model: nn.Module, adapter: ModelAdapter, folder: str | Path, tokens: torch.Tensor,
-    load_seconds: float | None = None, prefill_len: int = 512, decode_tokens: int = 32, repeats: int = 3,
+    model: nn.Module,
+    adapter: ModelAdapter,
+    folder: str | Path,
+    tokens: torch.Tensor,
+    load_seconds: float | None = None,
+    prefill_len: int = 512,
+    decode_tokens: int = 32,
+    repeats: int = 3,
 ) -> Efficiency:
     """`tokens`: a 1-D stream of real text (the skip ratio is measured on it)."""
     device = next(model.parameters()).device
@@ -103,16 +113,26 @@ def measure_efficiency(
     skipped = controller.stats.skipped() if controller is not None else 0.0
     short = prompt[:, :64]
     start = time.perf_counter()
-    out = model.generate(input_ids=short, attention_mask=torch.ones_like(short), max_new_tokens=decode_tokens,
-                         min_new_tokens=decode_tokens, do_sample=False)
+    out = model.generate(
+        input_ids=short,
+        attention_mask=torch.ones_like(short),
+        max_new_tokens=decode_tokens,
+        min_new_tokens=decode_tokens,
+        do_sample=False,
+    )
     decode_seconds = time.perf_counter() - start
     budget = parameter_budget(model, adapter, stored_itemsize(folder), skipped)
     size = checkpoint_bytes(folder)
     return Efficiency(
-        checkpoint_bytes=size, bits_per_param=8 * size / budget["total_params"], expert_activations_skipped=skipped,
-        load_seconds=load_seconds, prefill_tokens_per_s=prompt.shape[1] / statistics.median(times),
-        decode_tokens_per_s=(out.shape[1] - short.shape[1]) / decode_seconds, device=str(device),
-        expert_kernels=expert_kernels(model), **budget,
+        checkpoint_bytes=size,
+        bits_per_param=8 * size / budget["total_params"],
+        expert_activations_skipped=skipped,
+        load_seconds=load_seconds,
+        prefill_tokens_per_s=prompt.shape[1] / statistics.median(times),
+        decode_tokens_per_s=(out.shape[1] - short.shape[1]) / decode_seconds,
+        device=str(device),
+        expert_kernels=expert_kernels(model),
+        **budget,
     )
 
 

@@ -19,7 +19,11 @@ def _metrics(task_results: dict) -> dict[str, float]:
     out = {}
     for key, value in task_results.items():
         metric, _, filter_name = key.partition(",")
-        if metric != "sample_len" and isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+        if (
+            metric != "sample_len"
+            and isinstance(value, (int, float))
+            and not (isinstance(value, float) and math.isnan(value))
+        ):
             out[metric if filter_name in ("", "none") else f"{metric}_{filter_name}"] = float(value)
     return out
 
@@ -52,8 +56,13 @@ def lm_eval_tasks(
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     try:
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-            log_samples=False, bootstrap_iters=1000,
+            model=lm,
+            tasks=tasks,
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=False,
+            bootstrap_iters=1000,
         )
     except OSError as exc:  # a missing data file, or a hub dataset that cannot be reached
         raise CalibrationDataError(

@@ -66,6 +66,8 @@ def perplexity(
         total_tokens += ids[:, 1:].numel()
     mean = total_nll / total_tokens
     if not math.isfinite(mean):
-        raise NonFiniteError(f"the model's loss on '{source}' is {mean} (non-finite logits): its weights hold NaN/Inf "
-                             "or overflow in this dtype; check the checkpoint, or evaluate in float32.")
+        raise NonFiniteError(
+            f"the model's loss on '{source}' is {mean} (non-finite logits): its weights hold NaN/Inf "
+            "or overflow in this dtype; check the checkpoint, or evaluate in float32."
+        )
     return PerplexityResult(str(source), math.exp(mean), mean, total_tokens, len(windows))

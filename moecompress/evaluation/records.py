@@ -70,8 +70,10 @@ def read_record(location: str | Path) -> RunRecord:
         raise CheckpointError(f"{path} is not valid JSON ({exc}).") from exc
     found = data.get("schema") if isinstance(data, dict) else f"a JSON {type(data).__name__}"
     if found != SCHEMA:
-        raise CheckpointError(f"{path} is not a moecompress run record (found {found!r}, expected schema {SCHEMA!r}); "
-                              "name a new file or an existing run record.")
+        raise CheckpointError(
+            f"{path} is not a moecompress run record (found {found!r}, expected schema {SCHEMA!r}); "
+            "name a new file or an existing run record."
+        )
     return RunRecord.from_dict(data)
 
 
@@ -90,8 +92,10 @@ def write_record(record: RunRecord, location: str | Path) -> Path:
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise CheckpointError(f"cannot write the run record {path} ({exc}); pass --record FILE.json to keep the "
-                              "results elsewhere, or --no-record.") from exc
+        raise CheckpointError(
+            f"cannot write the run record {path} ({exc}); pass --record FILE.json to keep the "
+            "results elsewhere, or --no-record."
+        ) from exc
     return path
 
 

@@ -43,14 +43,21 @@ def accepted_answers(item: dict) -> list[str]:
 
 @torch.no_grad()
 def vl_qa_accuracy(
-    model, processor, source: str, batch_size: int = 32, max_items: int | None = None,
-    max_new_tokens: int = 6, prompt: str = QUESTION_PROMPT, progress: bool = True,
+    model,
+    processor,
+    source: str,
+    batch_size: int = 32,
+    max_items: int | None = None,
+    max_new_tokens: int = 6,
+    prompt: str = QUESTION_PROMPT,
+    progress: bool = True,
 ) -> VLQAResult:
     items = read_vl_items(source)[:max_items]
     for n, item in enumerate(items, 1):
         if "question" not in item or not accepted_answers(item):
-            raise CalibrationDataError(f"{source}: item {n} needs 'question' and 'answer' (or 'answers') fields "
-                                       "next to 'image' to be scored.")
+            raise CalibrationDataError(
+                f"{source}: item {n} needs 'question' and 'answer' (or 'answers') fields next to 'image' to be scored."
+            )
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     correct: dict[str, list[bool]] = defaultdict(list)
@@ -66,7 +73,9 @@ def vl_qa_accuracy(
             hit = _normalize(answer) in accepted_answers(item)
             correct[item.get("qtype", "all")].append(hit)
             if len(examples) < 12:
-                examples.append({"question": item["question"], "answer": accepted_answers(item)[0], "generated": answer.strip()})
+                examples.append(
+                    {"question": item["question"], "answer": accepted_answers(item)[0], "generated": answer.strip()}
+                )
     flat = [h for hits in correct.values() for h in hits]
     return VLQAResult(
         source, sum(flat) / len(flat), len(flat), {k: sum(v) / len(v) for k, v in correct.items()}, examples

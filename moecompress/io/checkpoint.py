@@ -36,8 +36,19 @@ from .outputs import MANIFEST, atomic_folder
 from .tensorfiles import StoredTensor, write_sharded
 
 __all__ = ["MANIFEST", "read_manifest", "save_checkpoint", "verify_checkpoint"]
-_AUX_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model", "chat_template*",
-                 "generation_config.json", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json", "*.py")
+_AUX_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab*",
+    "merges.txt",
+    "*.model",
+    "chat_template*",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "*.py",
+)
 
 
 def quantization_config(model: nn.Module) -> dict:
@@ -74,13 +85,20 @@ def persistent_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict
     """State dict without tied duplicates, on the CPU; unquantized float tensors cast to `dtype` if given."""
     seen: set[tuple[int, tuple]] = set()
     state = {}
-    packed_names = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, PackedLinear) for b, _ in m.named_buffers()}
+    packed_names = {
+        f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, PackedLinear) for b, _ in m.named_buffers()
+    }
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tuple(tensor.shape))
         if key in seen:
             continue
         seen.add(key)
-        if dtype is not None and tensor.is_floating_point() and name not in packed_names and ".skip_predictor." not in name:
+        if (
+            dtype is not None
+            and tensor.is_floating_point()
+            and name not in packed_names
+            and ".skip_predictor." not in name
+        ):
             tensor = tensor.to(dtype)
         state[name] = tensor.detach().cpu().contiguous()
     return state
@@ -116,8 +134,11 @@ def save_checkpoint(
         tensors = {}
         for name, module in model.named_modules():
             if isinstance(module, PackedLinear):
-                tensors[name] = {"method": getattr(module, "method", "gptq"), **module.fmt.to_dict(),
-                                 "shape": [module.out_features, module.in_features]}
+                tensors[name] = {
+                    "method": getattr(module, "method", "gptq"),
+                    **module.fmt.to_dict(),
+                    "shape": [module.out_features, module.in_features],
+                }
         files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)} for n in names}
         stored = stored_tensors(tmp, {"files": files})
         manifest = {

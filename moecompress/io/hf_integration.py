@@ -40,15 +40,23 @@ def _checkpoint_folder(checkpoint_files: list[str] | None, name_or_path: str) ->
 
         return Path(hf_hub_download(name_or_path, MANIFEST)).parent
     except Exception as exc:  # offline, missing file, auth: any of them means no manifest to verify against
-        raise CheckpointError(f"'{name_or_path}' has no {MANIFEST} beside its weights ({type(exc).__name__}); "
-                              "download the whole repository (snapshot_download) and load the folder.") from exc
+        raise CheckpointError(
+            f"'{name_or_path}' has no {MANIFEST} beside its weights ({type(exc).__name__}); "
+            "download the whole repository (snapshot_download) and load the folder."
+        ) from exc
 
 
 @register_quantization_config(QUANT_METHOD)
 class MoECompressConfig(QuantizationConfigMixin):
-    def __init__(self, formats: list[dict] | None = None, experts: dict[str, list[list[int]]] | None = None,
-                 format_version: int = FORMAT_VERSION, expert_maps: dict[str, list[int]] | None = None,
-                 dynamic_skip: dict | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        formats: list[dict] | None = None,
+        experts: dict[str, list[list[int]]] | None = None,
+        format_version: int = FORMAT_VERSION,
+        expert_maps: dict[str, list[int]] | None = None,
+        dynamic_skip: dict | None = None,
+        **kwargs: Any,
+    ):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.formats = formats or []
@@ -60,8 +68,13 @@ class MoECompressConfig(QuantizationConfigMixin):
         extra = {"expert_maps": self.expert_maps} if self.expert_maps else {}
         if self.dynamic_skip:
             extra["dynamic_skip"] = self.dynamic_skip
-        return {"quant_method": QUANT_METHOD, "format_version": self.format_version,
-                "formats": self.formats, "experts": self.experts, **extra}
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "formats": self.formats,
+            "experts": self.experts,
+            **extra,
+        }
 
 
 @register_quantizer(QUANT_METHOD)
@@ -111,7 +124,9 @@ class MoECompressHfQuantizer(HfQuantizer):
             from ..dynamic.skip import SkipRule, install_skipping
             from ..models import get_adapter
 
-            install_skipping(model, get_adapter(model.config.model_type), SkipRule.from_dict(self.quantization_config.dynamic_skip))
+            install_skipping(
+                model, get_adapter(model.config.model_type), SkipRule.from_dict(self.quantization_config.dynamic_skip)
+            )
         return model
 
     def update_weight_conversions(self, weight_conversions, model):

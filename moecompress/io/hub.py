@@ -30,8 +30,10 @@ def engines(fmt_name: str, config: dict) -> list[str]:
             "vLLM and SGLang (compressed-tensors WNA16 MoE kernels)",
         ]
     if fmt_name == "gptq":
-        return ["GPTQModel (`GPTQModel.load`, checked with 7.7.0 on CPU)",
-                "vLLM and SGLang GPTQ MoE kernels (GPTQ v1 layout)"]
+        return [
+            "GPTQModel (`GPTQModel.load`, checked with 7.7.0 on CPU)",
+            "vLLM and SGLang GPTQ MoE kernels (GPTQ v1 layout)",
+        ]
     qc = config.get("quantization_config", {})
     try:
         uniform_format(config)
@@ -39,19 +41,25 @@ def engines(fmt_name: str, config: dict) -> list[str]:
     except CheckpointError:
         portable = ""
     special = [k for k in ("expert_maps", "dynamic_skip") if qc.get(k)]
-    return [f"moecompress only (`moecompress.load`, or `AutoModelForCausalLM.from_pretrained` after `import moecompress`)"
-            f"{portable}" + (f"; uses {', '.join(special)}" if special else "")]
+    return [
+        f"moecompress only (`moecompress.load`, or `AutoModelForCausalLM.from_pretrained` after `import moecompress`)"
+        f"{portable}" + (f"; uses {', '.join(special)}" if special else "")
+    ]
 
 
 def _load_snippet(fmt_name: str, repo_id: str, multimodal: bool) -> str:
     auto = "AutoModelForImageTextToText" if multimodal else "AutoModelForCausalLM"
     if fmt_name == "moecompress":
-        return (f"```python\nimport moecompress\nfrom huggingface_hub import snapshot_download\n\n"
-                f"model = moecompress.load(snapshot_download(\"{repo_id}\"))\n```")
+        return (
+            f"```python\nimport moecompress\nfrom huggingface_hub import snapshot_download\n\n"
+            f'model = moecompress.load(snapshot_download("{repo_id}"))\n```'
+        )
     if fmt_name == "gptq":
-        return (f"```python\nfrom gptqmodel import GPTQModel\n\nmodel = GPTQModel.load(\"{repo_id}\")\n```")
-    return (f"```python\n# pip install compressed-tensors\nfrom transformers import {auto}\n\n"
-            f"model = {auto}.from_pretrained(\"{repo_id}\")\n```")
+        return f'```python\nfrom gptqmodel import GPTQModel\n\nmodel = GPTQModel.load("{repo_id}")\n```'
+    return (
+        f"```python\n# pip install compressed-tensors\nfrom transformers import {auto}\n\n"
+        f'model = {auto}.from_pretrained("{repo_id}")\n```'
+    )
 
 
 def evaluation_rows(record: RunRecord, base: RunRecord | None) -> tuple[list[str], list[list[str]]]:
@@ -67,34 +75,68 @@ def evaluation_rows(record: RunRecord, base: RunRecord | None) -> tuple[list[str
     return header, rows
 
 
-def model_card(record: RunRecord, config: dict, fmt_name: str, repo_id: str, base_model: str,
-               base: RunRecord | None, recipe_yaml: str, weight_bytes: int) -> str:
+def model_card(
+    record: RunRecord,
+    config: dict,
+    fmt_name: str,
+    repo_id: str,
+    base_model: str,
+    base: RunRecord | None,
+    recipe_yaml: str,
+    weight_bytes: int,
+) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     multimodal = "vision_config" in config
     qc = config.get("quantization_config", {})
     formats = qc.get("formats", [])
-    tags = ["moecompress", "mixture-of-experts", "quantized", *([fmt_name] if fmt_name != "moecompress" else []),
-            *(["mixed-precision"] if len(formats) > 1 else []), *(["ternary"] if any(f.get("ternary") for f in formats) else [])]
+    tags = [
+        "moecompress",
+        "mixture-of-experts",
+        "quantized",
+        *([fmt_name] if fmt_name != "moecompress" else []),
+        *(["mixed-precision"] if len(formats) > 1 else []),
+        *(["ternary"] if any(f.get("ternary") for f in formats) else []),
+    ]
     data = ModelCardData(
-        base_model=base_model, base_model_relation="quantized", tags=tags,
-        library_name={"moecompress": "moecompress", "compressed-tensors": "transformers", "gptq": "gptqmodel"}[fmt_name],
+        base_model=base_model,
+        base_model_relation="quantized",
+        tags=tags,
+        library_name={"moecompress": "moecompress", "compressed-tensors": "transformers", "gptq": "gptqmodel"}[
+            fmt_name
+        ],
         pipeline_tag="image-text-to-text" if multimodal else "text-generation",
     )
     c = record.compression
-    facts = [["method", record.method], ["recipe", f"`{record.recipe}`"], ["checkpoint format", fmt_name],
-             ["routed-expert bits per parameter (codes + scales + zeros, moecompress layout)", f"{record.expert_bits_per_param:.3f}"
-              if record.expert_bits_per_param else ""],
-             ["routed-expert bytes", f"{c.get('expert_bytes', 0) / 1e6:.2f} MB"], ["expert parameters", f"{c.get('expert_params', 0):,}"],
-             ["calibration tokens", f"{c.get('calibration_tokens', 0):,}"],
-             ["kept in source precision", "attention, routers, shared experts, embeddings, norms" + (", vision tower" if multimodal else "")],
-             ["weight files of this repository", f"{weight_bytes / 1e6:.2f} MB"]]
+    facts = [
+        ["method", record.method],
+        ["recipe", f"`{record.recipe}`"],
+        ["checkpoint format", fmt_name],
+        [
+            "routed-expert bits per parameter (codes + scales + zeros, moecompress layout)",
+            f"{record.expert_bits_per_param:.3f}" if record.expert_bits_per_param else "",
+        ],
+        ["routed-expert bytes", f"{c.get('expert_bytes', 0) / 1e6:.2f} MB"],
+        ["expert parameters", f"{c.get('expert_params', 0):,}"],
+        ["calibration tokens", f"{c.get('calibration_tokens', 0):,}"],
+        [
+            "kept in source precision",
+            "attention, routers, shared experts, embeddings, norms" + (", vision tower" if multimodal else ""),
+        ],
+        ["weight files of this repository", f"{weight_bytes / 1e6:.2f} MB"],
+    ]
     efficiency = record.evaluations.get("efficiency")
     if efficiency:
         facts.append(["active parameters per token", f"{efficiency['active_params_per_token'] / 1e6:.2f} M"])
     header, rows = evaluation_rows(record, base)
-    evaluation = (markdown_table(header, rows) + "\n\nRecovery % = this model / base for accuracies, base / this model for "
-                  "perplexity (100 % = no loss).") if rows else "No evaluation recorded: run `moecompress eval` on the checkpoint before exporting."
+    evaluation = (
+        (
+            markdown_table(header, rows) + "\n\nRecovery % = this model / base for accuracies, base / this model for "
+            "perplexity (100 % = no loss)."
+        )
+        if rows
+        else "No evaluation recorded: run `moecompress eval` on the checkpoint before exporting."
+    )
     body = f"""
 # {repo_id.split("/")[-1]}
 
@@ -136,8 +178,15 @@ def _is_hub_id(name: str | None) -> bool:
     return True
 
 
-def prepare_hub_folder(checkpoint: str | Path, output: str | Path, repo_id: str, fmt_name: str = "moecompress",
-                       base_model: str | None = None, base: RunRecord | None = None, overwrite: bool = False) -> Path:
+def prepare_hub_folder(
+    checkpoint: str | Path,
+    output: str | Path,
+    repo_id: str,
+    fmt_name: str = "moecompress",
+    base_model: str | None = None,
+    base: RunRecord | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write the folder that `upload_folder` sends: weights in `fmt_name`, config, processor files, recipe,
     run record and README.md (the model card). Only the files the format defines are copied (no dotfiles, no
     links leading out of the checkpoint), and local paths in the metadata become hub ids or file names.
@@ -153,8 +202,11 @@ def prepare_hub_folder(checkpoint: str | Path, output: str | Path, repo_id: str,
             f"the card's base_model must be a Hub id, but the source is '{base_model}' (a local path?): "
             "pass --base-model OWNER/NAME (the id the source model is published under)."
         )
-    public = {str(source.resolve()): repo_id, record.model: repo_id, **{
-        s: base_model for s in (record.base_model, manifest.get("source_model")) if s}}
+    public = {
+        str(source.resolve()): repo_id,
+        record.model: repo_id,
+        **{s: base_model for s in (record.base_model, manifest.get("source_model")) if s},
+    }
     with atomic_folder(output, [checkpoint], overwrite, kind="export") as tmp:
         if fmt_name == "moecompress":
             verify_checkpoint(source)
@@ -166,8 +218,11 @@ def prepare_hub_folder(checkpoint: str | Path, output: str | Path, repo_id: str,
         for name in (RUN_RECORD, MANIFEST, "moecompress_export.json", "plan.json"):
             if (tmp / name).is_file():
                 (tmp / name).write_text(json.dumps(portable(json.loads((tmp / name).read_text()), public), indent=1))
-        recipe = yaml.safe_dump(portable(yaml.safe_load((source / "recipe.yaml").read_text()), public), sort_keys=False) \
-            if (source / "recipe.yaml").is_file() else ""
+        recipe = (
+            yaml.safe_dump(portable(yaml.safe_load((source / "recipe.yaml").read_text()), public), sort_keys=False)
+            if (source / "recipe.yaml").is_file()
+            else ""
+        )
         if recipe:
             (tmp / "recipe.yaml").write_text(recipe)
         config = json.loads((tmp / "config.json").read_text())
@@ -178,8 +233,15 @@ def prepare_hub_folder(checkpoint: str | Path, output: str | Path, repo_id: str,
 
 def checkpoint_files(folder: Path, manifest: dict) -> list[str]:
     """The files moecompress writes into a checkpoint (tokenizer/processor files are `copy_aux_files`'s)."""
-    names = {*manifest["files"], MANIFEST, "config.json", "model.safetensors.index.json", "recipe.yaml", RUN_RECORD,
-             "plan.json"}
+    names = {
+        *manifest["files"],
+        MANIFEST,
+        "config.json",
+        "model.safetensors.index.json",
+        "recipe.yaml",
+        RUN_RECORD,
+        "plan.json",
+    }
     return sorted(n for n in names if (folder / n).is_file())
 
 
@@ -199,23 +261,35 @@ def portable(value, public: dict[str, str]):
     return value
 
 
-def upload(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None,
-           endpoint: str | None = None, api=None) -> str:
+def upload(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    api=None,
+) -> str:
     """create_repo (exist_ok) + upload_folder; returns the commit URL. `api`: an `HfApi` to use instead."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
-    if not (folder / "README.md").is_file() or not ((folder / MANIFEST).is_file() or (folder / "config.json").is_file()):
+    if not (folder / "README.md").is_file() or not (
+        (folder / MANIFEST).is_file() or (folder / "config.json").is_file()
+    ):
         raise CheckpointError(f"{folder} is not an export folder; create it with `moecompress export` first.")
     api = api or HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", ignore_patterns=[".*"],
-                                   commit_message=f"Upload {folder.name} (moecompress export)")
+        commit = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            ignore_patterns=[".*"],
+            commit_message=f"Upload {folder.name} (moecompress export)",
+        )
     except Exception as exc:  # HTTP status, network and auth errors of huggingface_hub's client alike
         raise HubError(
             f"uploading {folder} to '{repo_id}' failed: {exc}. The folder is complete; check the token "
             "(`hf auth login` or --token) and the network, then re-run the same export command."
         ) from exc
     return commit.commit_url
-

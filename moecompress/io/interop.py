@@ -29,11 +29,14 @@ from .tensorfiles import write_sharded
 log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("compressed-tensors", "gptq")
-_PACKED_SUFFIX = re.compile(r"^(?P<module>.+\.experts\.\d+\.(gate|up|down)_proj)\.(?P<tensor>weight_packed|weight_scale|weight_zero_point)$")
+_PACKED_SUFFIX = re.compile(
+    r"^(?P<module>.+\.experts\.\d+\.(gate|up|down)_proj)\.(?P<tensor>weight_packed|weight_scale|weight_zero_point)$"
+)
 
 
-def to_compressed_tensors(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int],
-                          fmt: QuantFormat) -> dict[str, torch.Tensor]:
+def to_compressed_tensors(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int], fmt: QuantFormat
+) -> dict[str, torch.Tensor]:
     """moecompress tensors -> compressed-tensors `pack-quantized` module tensors.
 
     The code stream is already `pack_to_int32(q - 2^(bits-1))`; the zero point is stored only when asymmetric,
@@ -45,17 +48,22 @@ def to_compressed_tensors(packed: torch.Tensor, scale: torch.Tensor, zero: torch
     return tensors
 
 
-def to_gptq_v1(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int],
-               fmt: QuantFormat) -> dict[str, torch.Tensor]:
+def to_gptq_v1(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int], fmt: QuantFormat
+) -> dict[str, torch.Tensor]:
     """moecompress tensors -> GPTQ v1 `qweight [in*bits/32, out]`, `qzeros [groups, out*bits/32]` (zero - 1),
     `scales [groups, out]` fp16 and `g_idx [in]`."""
     out_features, in_features = shape
     if in_features * fmt.bits % 32 or out_features * fmt.bits % 32:
-        raise CheckpointError(f"a {out_features}x{in_features} projection at {fmt.bits} bits does not fill whole int32 "
-                              "words, which GPTQ v1 requires; export it as compressed-tensors instead.")
+        raise CheckpointError(
+            f"a {out_features}x{in_features} projection at {fmt.bits} bits does not fill whole int32 "
+            "words, which GPTQ v1 requires; export it as compressed-tensors instead."
+        )
     if int(zero.min()) == 0:
-        raise CheckpointError("GPTQ v1 stores zero points minus one and cannot represent a zero point of 0, which this "
-                              "checkpoint uses; export it as compressed-tensors (or re-quantize with sym: true).")
+        raise CheckpointError(
+            "GPTQ v1 stores zero points minus one and cannot represent a zero point of 0, which this "
+            "checkpoint uses; export it as compressed-tensors (or re-quantize with sym: true)."
+        )
     group = in_features if fmt.group_size == -1 else fmt.group_size
     return {
         "qweight": packed.T.contiguous(),
@@ -71,13 +79,24 @@ def compressed_tensors_config(fmt: QuantFormat, ignore: list[str], projections: 
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {
-            "targets": [rf"re:.*experts\.\d+\.({'|'.join(projections)})$"],
-            "weights": {"num_bits": fmt.bits, "type": "int", "symmetric": fmt.sym, "strategy": strategy,
-                        "group_size": None if fmt.group_size == -1 else fmt.group_size,
-                        "dynamic": False, "actorder": None, "observer": "minmax"},
-            "input_activations": None, "output_activations": None, "format": "pack-quantized",
-        }},
+        "config_groups": {
+            "group_0": {
+                "targets": [rf"re:.*experts\.\d+\.({'|'.join(projections)})$"],
+                "weights": {
+                    "num_bits": fmt.bits,
+                    "type": "int",
+                    "symmetric": fmt.sym,
+                    "strategy": strategy,
+                    "group_size": None if fmt.group_size == -1 else fmt.group_size,
+                    "dynamic": False,
+                    "actorder": None,
+                    "observer": "minmax",
+                },
+                "input_activations": None,
+                "output_activations": None,
+                "format": "pack-quantized",
+            }
+        },
         "ignore": ignore,
         "kv_cache_scheme": None,
     }
@@ -85,8 +104,13 @@ def compressed_tensors_config(fmt: QuantFormat, ignore: list[str], projections: 
 
 def gptq_config(fmt: QuantFormat, projections: list[str]) -> dict:
     return {
-        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": fmt.bits,
-        "group_size": fmt.group_size, "sym": fmt.sym, "desc_act": False, "true_sequential": True,
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "bits": fmt.bits,
+        "group_size": fmt.group_size,
+        "sym": fmt.sym,
+        "desc_act": False,
+        "true_sequential": True,
         # GPTQModel's per-module override: quantize only the routed experts' projections.
         "dynamic": {rf"-:^(?!.*experts\.\d+\.({'|'.join(projections)})$).*": {}},
     }
@@ -121,16 +145,21 @@ def uniform_format(config: dict) -> QuantFormat:
     qc = config.get("quantization_config", {})
     for key, why in (("expert_maps", "merged experts with router 'keep'"), ("dynamic_skip", "dynamic expert skipping")):
         if qc.get(key):
-            raise CheckpointError(f"this checkpoint uses {why}, which only moecompress can run; "
-                                  "export it with --format moecompress.")
+            raise CheckpointError(
+                f"this checkpoint uses {why}, which only moecompress can run; export it with --format moecompress."
+            )
     used = {i for rows in qc.get("experts", {}).values() for row in rows for i in row}
     formats = [QuantFormat.from_dict(qc["formats"][i]) for i in sorted(used)]
     if len(formats) != 1:
-        raise CheckpointError(f"the experts use {len(formats)} formats ({', '.join(f.name for f in formats)}); "
-                              "GPTQ and compressed-tensors need one bit width for every expert. Export with "
-                              "--format moecompress, or compress with a uniform recipe (e.g. pipelines/gptq-w4g128.yaml).")
+        raise CheckpointError(
+            f"the experts use {len(formats)} formats ({', '.join(f.name for f in formats)}); "
+            "GPTQ and compressed-tensors need one bit width for every expert. Export with "
+            "--format moecompress, or compress with a uniform recipe (e.g. pipelines/gptq-w4g128.yaml)."
+        )
     if formats[0].ternary:
-        raise CheckpointError("ternary experts have no GPTQ or compressed-tensors layout; export with --format moecompress.")
+        raise CheckpointError(
+            "ternary experts have no GPTQ or compressed-tensors layout; export with --format moecompress."
+        )
     return formats[0]
 
 
@@ -145,9 +174,11 @@ def _check_target_loads(fmt: QuantFormat, fmt_name: str, shapes: dict[str, tuple
                     "that divides every expert projection's input size (e.g. group_size: -1, per row)."
                 )
     if fmt_name == "compressed-tensors" and not fmt.sym:
-        log.warning("asymmetric experts: vLLM and SGLang load this export, transformers (<= 5.23) cannot load "
-                    "asymmetric MoE experts; for transformers re-compress with a symmetric recipe "
-                    "(pipelines/gptq-w4g128-sym.yaml).")
+        log.warning(
+            "asymmetric experts: vLLM and SGLang load this export, transformers (<= 5.23) cannot load "
+            "asymmetric MoE experts; for transformers re-compress with a symmetric recipe "
+            "(pipelines/gptq-w4g128-sym.yaml)."
+        )
 
 
 def export_interop(checkpoint: str | Path, output: str | Path, fmt_name: str, overwrite: bool = False) -> Path:
@@ -184,9 +215,13 @@ def write_interop_files(checkpoint: str | Path, dest: Path, fmt_name: str) -> No
     for module, tensors in grouped.items():
         zero = tensors.get("weight_zero_point")
         if fmt.sym and zero is not None and bool((zero != 2 ** (fmt.bits - 1)).any()):
-            raise CheckpointError(f"{module}: symmetric format with a zero point other than 2^(bits-1); the checkpoint is corrupt.")
+            raise CheckpointError(
+                f"{module}: symmetric format with a zero point other than 2^(bits-1); the checkpoint is corrupt."
+            )
         prefix, _, projection = module.rpartition(".")
-        for name, tensor in convert(tensors["weight_packed"], tensors["weight_scale"], zero, shapes[module], fmt).items():
+        for name, tensor in convert(
+            tensors["weight_packed"], tensors["weight_scale"], zero, shapes[module], fmt
+        ).items():
             state[f"{prefix}.{projection_names[projection]}.{name}"] = tensor
 
     if fmt_name == "compressed-tensors":
@@ -203,5 +238,9 @@ def write_interop_files(checkpoint: str | Path, dest: Path, fmt_name: str) -> No
     for extra in ("recipe.yaml", "run.json"):
         if (folder / extra).is_file():
             (dest / extra).write_text((folder / extra).read_text())
-    (dest / "moecompress_export.json").write_text(json.dumps(
-        {"exported_from": folder.resolve().name, "format": fmt_name, "source_model": manifest.get("source_model")}, indent=2))
+    (dest / "moecompress_export.json").write_text(
+        json.dumps(
+            {"exported_from": folder.resolve().name, "format": fmt_name, "source_model": manifest.get("source_model")},
+            indent=2,
+        )
+    )

@@ -75,7 +75,9 @@ class MergeConfig:
     def kept(self, num_experts: int, top_k: int) -> int:
         kept = num_experts - round(self.ratio * num_experts)
         if kept < top_k:
-            raise RecipeError(f"merge.ratio {self.ratio} leaves {kept} experts but the router picks top-{top_k}; lower the ratio.")
+            raise RecipeError(
+                f"merge.ratio {self.ratio} leaves {kept} experts but the router picks top-{top_k}; lower the ratio."
+            )
         return kept
 
 
@@ -87,7 +89,9 @@ class MappedExperts(nn.Module):
         self.experts = experts
         self.register_buffer("slot_map", slot_map.to(torch.long), persistent=False)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         # index E (one past the slots) means "no expert" (a skipped pair); it maps to the inner "no expert"
         table = torch.cat([self.slot_map, self.slot_map.new_tensor([self.experts.num_experts])])
         return self.experts(hidden_states, table.to(top_k_index.device)[top_k_index], top_k_weights)
@@ -126,8 +130,9 @@ def merge_block(view: MoEBlockView, observer: ExpertObserver, config: MergeConfi
     freqs = expert_frequencies(observer, config.modality_weights)
     originals = [view.expert_weights(e) for e in range(E)]
     if config.method == "prune":
-        removed, error = select_experts_to_prune(outputs, lambda excluded: view.route(x.float(), excluded), E - k,
-                                                 config.beam, exhaustive_limit=200)
+        removed, error = select_experts_to_prune(
+            outputs, lambda excluded: view.route(x.float(), excluded), E - k, config.beam, exhaustive_limit=200
+        )
         keep = [e for e in range(E) if e not in removed]
         slot_map = torch.full((E,), -1, dtype=torch.long)
         slot_map[keep] = torch.arange(k)
@@ -162,11 +167,18 @@ def _merge(matrices: list[torch.Tensor], freqs: torch.Tensor, config: MergeConfi
 
 
 @torch.no_grad()
-def _install(view: MoEBlockView, experts: list[ExpertWeights], router_rows: torch.Tensor | None,
-             slot_map: torch.Tensor | None, kept: int) -> None:
+def _install(
+    view: MoEBlockView,
+    experts: list[ExpertWeights],
+    router_rows: torch.Tensor | None,
+    slot_map: torch.Tensor | None,
+    kept: int,
+) -> None:
     fused = view.experts
     dtype = fused.down_proj.dtype
-    fused.gate_up_proj = nn.Parameter(torch.stack([torch.cat([w.gate_proj, w.up_proj]) for w in experts]).to(dtype), requires_grad=False)
+    fused.gate_up_proj = nn.Parameter(
+        torch.stack([torch.cat([w.gate_proj, w.up_proj]) for w in experts]).to(dtype), requires_grad=False
+    )
     fused.down_proj = nn.Parameter(torch.stack([w.down_proj for w in experts]).to(dtype), requires_grad=False)
     fused.num_experts = kept
     router = view.router
@@ -180,8 +192,14 @@ def _install(view: MoEBlockView, experts: list[ExpertWeights], router_rows: torc
         view.block.experts = MappedExperts(fused, slot_map)
 
 
-def reduce_experts(loaded: LoadedModel, batches: list[CalibrationBatch], config: MergeConfig, device: str = "cpu",
-                   progress: bool = True, activations: Activations | None = None) -> list[LayerReduction]:
+def reduce_experts(
+    loaded: LoadedModel,
+    batches: list[CalibrationBatch],
+    config: MergeConfig,
+    device: str = "cpu",
+    progress: bool = True,
+    activations: Activations | None = None,
+) -> list[LayerReduction]:
     """Merge or prune the routed experts of every MoE layer of `loaded.model` in place."""
     config.validate()
     if config.method == "none":
@@ -195,10 +213,20 @@ def reduce_experts(loaded: LoadedModel, batches: list[CalibrationBatch], config:
         kept.append(reduction.kept)
         return True
 
-    run_layerwise(loaded.model, loaded.adapter, batches, reduce_layer, device, collect_hessians=False,
-                  progress=progress, desc=f"{config.method} experts",
-                  observer_options={"reservoir_size": config.sample_tokens}, layers_from=loaded, keep_changes=True,
-                  activations=activations)
+    run_layerwise(
+        loaded.model,
+        loaded.adapter,
+        batches,
+        reduce_layer,
+        device,
+        collect_hessians=False,
+        progress=progress,
+        desc=f"{config.method} experts",
+        observer_options={"reservoir_size": config.sample_tokens},
+        layers_from=loaded,
+        keep_changes=True,
+        activations=activations,
+    )
     if config.router == "shrink" or config.method == "prune":
         loaded.adapter.set_num_experts(loaded.model, kept[0])
     return reductions

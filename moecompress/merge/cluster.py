@@ -50,8 +50,9 @@ def _capacity(n: int, k: int, max_cluster_size: int | None) -> int:
     return capacity
 
 
-def cluster_experts(features: torch.Tensor, k: int, seed: int = 0, iterations: int = 50,
-                    max_cluster_size: int | None = None) -> torch.Tensor:
+def cluster_experts(
+    features: torch.Tensor, k: int, seed: int = 0, iterations: int = 50, max_cluster_size: int | None = None
+) -> torch.Tensor:
     """Labels [E] in [0, k) from expert feature vectors [E, D] (e.g. outputs on shared calibration tokens).
 
     Guards against collapse: every cluster is non-empty, and none holds more than `max_cluster_size`
@@ -78,8 +79,9 @@ def cluster_experts(features: torch.Tensor, k: int, seed: int = 0, iterations: i
     return labels
 
 
-def group_around_dominant(features: torch.Tensor, frequencies: torch.Tensor, k: int,
-                          max_cluster_size: int | None = None) -> torch.Tensor:
+def group_around_dominant(
+    features: torch.Tensor, frequencies: torch.Tensor, k: int, max_cluster_size: int | None = None
+) -> torch.Tensor:
     """Labels [E] in [0, k): the k most frequently routed experts each anchor a cluster (label = rank by
     frequency), every other expert joins the anchor whose outputs are most similar (cosine), at most
     `max_cluster_size` experts per cluster (default ceil(2E / k)). Rarely routed experts, which carry

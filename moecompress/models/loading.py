@@ -59,7 +59,9 @@ def read_config(source: str, trust_remote_code: bool = False):
         if folder.is_file():
             raise ModelLoadError(f"'{source}' is a file; pass the model folder that holds config.json and the weights.")
         if not folder.is_dir():
-            raise ModelLoadError(f"model folder '{source}' does not exist. Pass an existing folder or a hub id (org/name).")
+            raise ModelLoadError(
+                f"model folder '{source}' does not exist. Pass an existing folder or a hub id (org/name)."
+            )
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"'{source}' has no config.json, so it is not a transformers model folder.")
     try:
@@ -87,8 +89,10 @@ def load_model(
             source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, **placement
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise ModelLoadError(f"could not load the weights of '{source}': {' '.join(str(exc).split())}. Re-download "
-                             "the model (a weight file is truncated or damaged?).") from exc
+        raise ModelLoadError(
+            f"could not load the weights of '{source}': {' '.join(str(exc).split())}. Re-download "
+            "the model (a weight file is truncated or damaged?)."
+        ) from exc
     model.eval()
     require_moe(model, adapter, source)
     require_finite(model, adapter, source)
@@ -113,7 +117,9 @@ def require_finite_layer(loaded: LoadedModel, index: int) -> None:
 
 def _non_finite(module: nn.Module, prefix: str = "") -> list[str]:
     # parameters offloaded to disk by accelerate are on the meta device here: not readable, not checked
-    return [prefix + n for n, p in module.named_parameters() if p.is_floating_point() and not p.is_meta and not _finite(p)]
+    return [
+        prefix + n for n, p in module.named_parameters() if p.is_floating_point() and not p.is_meta and not _finite(p)
+    ]
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -130,8 +136,10 @@ def _raise_non_finite(views, source: str, first_bad: str) -> None:
             weights = view.expert_weights(e)
             for proj in PROJECTIONS:
                 if not bool(torch.isfinite(weights[proj]).all()):
-                    raise NonFiniteError(f"'{source}': layer {view.layer_index} expert {e} {proj} holds NaN/Inf values; "
-                                         "fix or re-download the source model.")
+                    raise NonFiniteError(
+                        f"'{source}': layer {view.layer_index} expert {e} {proj} holds NaN/Inf values; "
+                        "fix or re-download the source model."
+                    )
     raise NonFiniteError(f"'{source}': {first_bad} holds NaN/Inf values; fix or re-download the source model.")
 
 

@@ -103,12 +103,20 @@ def quantize_block_experts(
             else:
                 h = hessians[0] if proj != "down_proj" else hessians[1]
                 quantized[proj] = quantize_gptq(
-                    w, h, formats[e][proj], gptq.damp, gptq.act_order, gptq.block_size, gptq.clip_search,
+                    w,
+                    h,
+                    formats[e][proj],
+                    gptq.damp,
+                    gptq.act_order,
+                    gptq.block_size,
+                    gptq.clip_search,
                     gptq.ternary_scale,
                 )
             if not bool(torch.isfinite(quantized[proj].scales.float()).all()):
-                raise NonFiniteError(f"{where}: a quantization scale overflows float16 (|w| > 65504 x levels); "
-                                     "this weight cannot be stored in this format.")
+                raise NonFiniteError(
+                    f"{where}: a quantization scale overflows float16 (|w| > 65504 x levels); "
+                    "this weight cannot be stored in this format."
+                )
         view.set_expert_weights(e, ExpertWeights(*(quantized[p].dequantize() for p in PROJECTIONS)))
         packed.append({p: pack(q) for p, q in quantized.items()})
         tokens = int(observer.tokens[e].sum())

@@ -100,5 +100,5 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 def hessian_weighted_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
     """tr((W - W_hat) H (W - W_hat)^T): the squared output error over the calibration inputs."""
-    delta = (w.to(torch.float32) - w_hat.to(torch.float32))
+    delta = w.to(torch.float32) - w_hat.to(torch.float32)
     return float(torch.einsum("oi,ij,oj->", delta, hessian.to(torch.float32), delta))

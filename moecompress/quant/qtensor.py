@@ -37,8 +37,10 @@ class QuantFormat:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS}")
         if self.group_size < -1 or (self.group_size == 0 and not self.ternary):
-            raise ValueError(f"group_size={self.group_size}: use a positive size or -1 for one group per row"
-                             + (" (0, one scale per tensor, is for ternary only)" if self.group_size == 0 else ""))
+            raise ValueError(
+                f"group_size={self.group_size}: use a positive size or -1 for one group per row"
+                + (" (0, one scale per tensor, is for ternary only)" if self.group_size == 0 else "")
+            )
         if self.packing not in PACKINGS or (self.packing == "base3" and not self.ternary):
             raise ValueError(f"packing '{self.packing}': use 'bits', or 'base3' for ternary formats")
         if self.ternary and (self.bits != 2 or not self.sym):
@@ -91,8 +93,13 @@ class QuantFormat:
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantFormat:
-        return cls(bits=int(d["bits"]), group_size=int(d["group_size"]), sym=bool(d["sym"]),
-                   ternary=bool(d.get("ternary", False)), packing=str(d.get("packing", "bits")))
+        return cls(
+            bits=int(d["bits"]),
+            group_size=int(d["group_size"]),
+            sym=bool(d["sym"]),
+            ternary=bool(d.get("ternary", False)),
+            packing=str(d.get("packing", "bits")),
+        )
 
 
 @dataclass

@@ -35,7 +35,11 @@ class PackedLinear(nn.Module):
 
     def packed(self) -> PackedTensor:
         return PackedTensor(
-            self.weight_packed, self.weight_scale, self.weight_zero_point, (self.out_features, self.in_features), self.fmt
+            self.weight_packed,
+            self.weight_scale,
+            self.weight_zero_point,
+            (self.out_features, self.in_features),
+            self.fmt,
         )
 
     def load_packed(self, packed: PackedTensor) -> None:
@@ -99,7 +103,9 @@ class ExpertList(nn.Module):
         e = self[expert]
         return ExpertWeights(*(getattr(e, p).dequantize(dtype) for p in PROJECTIONS))
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         for e in top_k_index.unique().tolist():
             if not 0 <= e < self.num_experts:
@@ -117,18 +123,29 @@ class PackedExperts(ExpertList):
     (`runtime/native.py`) where it is available, unless dequantized copies are cached (`set_cache_dequantized`,
     for evaluation) or gradients are needed; otherwise the torch reference path."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, formats: list[dict[str, QuantFormat]], act_fn: nn.Module):
-        super().__init__([PackedExpert(hidden_size, intermediate_size, f) for f in formats], hidden_size, intermediate_size, act_fn)
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, formats: list[dict[str, QuantFormat]], act_fn: nn.Module
+    ):
+        super().__init__(
+            [PackedExpert(hidden_size, intermediate_size, f) for f in formats], hidden_size, intermediate_size, act_fn
+        )
 
     def native_usable(self, hidden_states: torch.Tensor) -> bool:
         from . import native
 
         cached = self.num_experts and self[0].gate_proj.cache_dequantized  # evaluation with dense copies kept
-        return (hidden_states.device.type == "cpu" and hidden_states.shape[0] <= native.MAX_TOKENS and not cached
-                and not (torch.is_grad_enabled() and hidden_states.requires_grad)
-                and type(self.act_fn).__name__ in ("SiLU", "SiLUActivation") and native.library() is not None)
+        return (
+            hidden_states.device.type == "cpu"
+            and hidden_states.shape[0] <= native.MAX_TOKENS
+            and not cached
+            and not (torch.is_grad_enabled() and hidden_states.requires_grad)
+            and type(self.act_fn).__name__ in ("SiLU", "SiLUActivation")
+            and native.library() is not None
+        )
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         if not self.native_usable(hidden_states):
             return super().forward(hidden_states, top_k_index, top_k_weights)
         from .native import table_for

@@ -20,7 +20,9 @@ def top_neurons(scores: torch.Tensor, width: int) -> torch.Tensor:
     return scores.topk(width, dim=1).indices.sort(dim=1).values
 
 
-def slice_neurons(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def slice_neurons(
+    gate_up_proj: torch.Tensor, down_proj: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused expert weights keeping, per expert, the neurons `keep` [E, w]: ([E, 2w, H], [E, H, w])."""
     intermediate = down_proj.shape[2]
     rows = torch.cat([keep, keep + intermediate], dim=1)

@@ -50,7 +50,9 @@ class SlimConfig(DistillData):
         if not 0 < self.target < 1:
             raise RecipeError(f"slim.target {self.target}: the fraction of routed-expert parameters to keep, in (0, 1)")
         if self.stages < 1 or self.multiple_of < 1 or self.importance_batches < 1 or self.steps_per_stage < 0:
-            raise RecipeError("slim: stages, multiple_of and importance_batches must be positive, steps_per_stage >= 0.")
+            raise RecipeError(
+                "slim: stages, multiple_of and importance_batches must be positive, steps_per_stage >= 0."
+            )
         if self.train not in TRAINABLE:
             raise RecipeError(f"slim.train '{self.train}': use one of {list(TRAINABLE)}")
         self.distill_config()
@@ -128,7 +130,9 @@ def cut_experts(model: nn.Module, adapter: ModelAdapter, keep: list[torch.Tensor
 def _check_fused(model: nn.Module, adapter: ModelAdapter) -> int:
     views = adapter.moe_blocks(model)
     if not views or not all(hasattr(v.experts, "gate_up_proj") for v in views):
-        raise RecipeError("slimming works on unquantized fused experts: run it before quantization (the pipeline does).")
+        raise RecipeError(
+            "slimming works on unquantized fused experts: run it before quantization (the pipeline does)."
+        )
     widths = {int(v.experts.down_proj.shape[2]) for v in views}
     if len(widths) != 1:
         raise RecipeError(f"slimming needs one expert width across layers, found {sorted(widths)}.")
@@ -156,13 +160,17 @@ def _restore_completed(model: nn.Module, adapter: ModelAdapter, state_dir: Path,
         return None
     progress = json.loads((folder / "progress.json").read_text())
     if progress.get("fingerprint") != fingerprint:
-        raise CheckpointError(f"{state_dir} holds the slimming state of another job (recipe or model differ). "
-                              "Delete that folder to start over.")
+        raise CheckpointError(
+            f"{state_dir} holds the slimming state of another job (recipe or model differ). "
+            "Delete that folder to start over."
+        )
     width, experts = progress["width"], [v.num_experts for v in adapter.moe_blocks(model)]
     cut_experts(model, adapter, [torch.arange(width).expand(e, width) for e in experts])
     missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
     if unexpected or any(not _is_tied(model, name) for name in missing):
-        raise CheckpointError(f"{folder} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+        raise CheckpointError(
+            f"{folder} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})."
+        )
     return progress
 
 
@@ -187,8 +195,10 @@ def slim_experts(
     width = _check_fused(model, adapter)
     target_width = max(round(width * config.target / config.multiple_of) * config.multiple_of, config.multiple_of)
     if target_width >= width:
-        raise RecipeError(f"slim.target {config.target} of width {width} rounds to {target_width} neurons "
-                          f"(multiple_of {config.multiple_of}): lower the target or multiple_of.")
+        raise RecipeError(
+            f"slim.target {config.target} of width {width} rounds to {target_width} neurons "
+            f"(multiple_of {config.multiple_of}): lower the target or multiple_of."
+        )
     widths = stage_widths(width, target_width, config.stages, config.multiple_of)
     report = SlimReport(width, target_width)
     state_dir = Path(state_dir).expanduser() if state_dir is not None else None
@@ -210,16 +220,31 @@ def slim_experts(
                 p.requires_grad_(True)
             try:
                 record.distill = distill(
-                    model, teacher, train_batches, [{"params": params, "lr": config.lr}], config.distill_config(),
-                    state_dir / f"stage-{stage}" if state_dir is not None else None, f"{fingerprint}-stage{stage}",
-                    progress, cpu).to_dict()
+                    model,
+                    teacher,
+                    train_batches,
+                    [{"params": params, "lr": config.lr}],
+                    config.distill_config(),
+                    state_dir / f"stage-{stage}" if state_dir is not None else None,
+                    f"{fingerprint}-stage{stage}",
+                    progress,
+                    cpu,
+                ).to_dict()
             finally:
                 model.requires_grad_(False)
                 model.eval()
         report.stages.append(record)
         if state_dir is not None:
-            _save_completed(model, state_dir, {"stage": stage, "width": stage_width, "fingerprint": fingerprint,
-                                               "stages": [asdict(s) for s in report.stages]})
+            _save_completed(
+                model,
+                state_dir,
+                {
+                    "stage": stage,
+                    "width": stage_width,
+                    "fingerprint": fingerprint,
+                    "stages": [asdict(s) for s in report.stages],
+                },
+            )
     return report
 
 

@@ -63,8 +63,13 @@ class DistillData:
     seed: int = 1
 
     def make_distill_config(self, steps: int, lr: float, where: str) -> DistillConfig:
-        return DistillConfig(steps=steps, lr=lr, temperature=self.temperature, hidden_weight=self.hidden_weight,
-                             checkpoint_every=self.checkpoint_every).validate(where)
+        return DistillConfig(
+            steps=steps,
+            lr=lr,
+            temperature=self.temperature,
+            hidden_weight=self.hidden_weight,
+            checkpoint_every=self.checkpoint_every,
+        ).validate(where)
 
 
 @dataclass
@@ -88,8 +93,9 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1) * t * t
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None,
-                      temperature: float = 1.0) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None, temperature: float = 1.0
+) -> torch.Tensor:
     """Mean over (unmasked) tokens of `token_kl`."""
     kl = token_kl(student_logits, teacher_logits, temperature)
     if mask is None:
@@ -104,6 +110,7 @@ def _lr_lambda(config: DistillConfig):
             return (step + 1) / config.warmup_steps
         progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
     return factor
 
 
@@ -162,22 +169,33 @@ def distill(
 
     student.eval()  # no dropout / router jitter; gradients still flow
     began, first_loss, running = time.perf_counter(), (losses[0][1] if losses else None), []
-    bar = tqdm(range(start, config.steps), desc="distill", disable=not progress or not accelerator.is_main_process,
-               initial=start, total=config.steps)
+    bar = tqdm(
+        range(start, config.steps),
+        desc="distill",
+        disable=not progress or not accelerator.is_main_process,
+        initial=start,
+        total=config.steps,
+    )
     for step in bar:
         batch = batches[step % len(batches)]
         inputs = {k: v.to(accelerator.device) for k, v in batch.inputs.items()}
         want_hidden = config.hidden_weight > 0
-        with torch.no_grad(), (teacher_context() if teacher is None else nullcontext()):
-            t_out = (student if teacher is None else teacher)(**inputs, use_cache=False, output_hidden_states=want_hidden)
+        with torch.no_grad(), teacher_context() if teacher is None else nullcontext():
+            t_out = (student if teacher is None else teacher)(
+                **inputs, use_cache=False, output_hidden_states=want_hidden
+            )
         s_out = student(**inputs, use_cache=False, output_hidden_states=want_hidden)
         mask = inputs.get("attention_mask")
         if batch.image_mask is not None and batch.image_mask.any():  # predictions at image positions are never used
-            mask = (torch.ones_like(batch.image_mask) if mask is None else mask.bool()) & ~batch.image_mask.to(s_out.logits.device)
+            mask = (torch.ones_like(batch.image_mask) if mask is None else mask.bool()) & ~batch.image_mask.to(
+                s_out.logits.device
+            )
         loss = distillation_loss(s_out.logits, t_out.logits.to(s_out.logits.device), mask, config.temperature)
         if want_hidden:
             target = t_out.hidden_states[-1].to(s_out.logits.device).float()
-            loss = loss + config.hidden_weight * F.mse_loss(s_out.hidden_states[-1].float(), target) / target.pow(2).mean()
+            loss = (
+                loss + config.hidden_weight * F.mse_loss(s_out.hidden_states[-1].float(), target) / target.pow(2).mean()
+            )
         if extra_loss is not None:
             loss = loss + extra_loss()
         if not torch.isfinite(loss):

@@ -57,8 +57,13 @@ def available_bytes(device: str = "cpu") -> int:
 def require_room(need: TrainingMemory, stages: list[str], device: str = "cpu") -> None:
     """Log what `stages` need; refuse up front when the student alone cannot fit (the teacher can be offloaded)."""
     free = available_bytes(device)
-    log.warning("stages %s train the whole model: %s; %.1f GB available on %s", ", ".join(stages), need.describe(),
-                free / 1e9, device)
+    log.warning(
+        "stages %s train the whole model: %s; %.1f GB available on %s",
+        ", ".join(stages),
+        need.describe(),
+        free / 1e9,
+        device,
+    )
     if need.student * HEADROOM > free:
         raise InsufficientMemoryError(
             f"stages {', '.join(stages)} need {need.student * HEADROOM / 1e9:.1f} GB for the float32 model and its "
@@ -73,8 +78,12 @@ def teacher_placement(teacher_bytes: int, reserve: int, offload_folder: Path, de
     budget = available_bytes(device) - int(reserve * HEADROOM)
     if teacher_bytes * HEADROOM <= budget:
         return {"device_map": {"": device}}
-    log.warning("the %.1f GB teacher does not fit in the %.1f GB left: offloading what does not fit to %s",
-                teacher_bytes / 1e9, max(budget, 0) / 1e9, offload_folder)
+    log.warning(
+        "the %.1f GB teacher does not fit in the %.1f GB left: offloading what does not fit to %s",
+        teacher_bytes / 1e9,
+        max(budget, 0) / 1e9,
+        offload_folder,
+    )
     offload_folder.mkdir(parents=True, exist_ok=True)
     memory = {0 if device.startswith("cuda") else "cpu": max(budget, 0)}
     if device.startswith("cuda"):

@@ -46,8 +46,10 @@ class FakeQuantLinear(nn.Module):
         group = self.fmt.effective_group(self.in_features)
         scale = self.scale.clamp(min=torch.finfo(SCALE_DTYPE).tiny)
         scale = scale + (scale.to(SCALE_DTYPE).to(torch.float32) - scale).detach()
-        return (_expand(scale, self.out_features, self.in_features, group),
-                _expand(self.zero, self.out_features, self.in_features, group))
+        return (
+            _expand(scale, self.out_features, self.in_features, group),
+            _expand(self.zero, self.out_features, self.in_features, group),
+        )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         scale, zero = self._parts()
@@ -137,16 +139,21 @@ def recover_quantized_experts(
     teacher_views = {v.layer_index: v for v in adapter.moe_blocks(teacher)}
     model.requires_grad_(False)
     if config.init == "original" and any(
-            v.layer_index not in teacher_views or teacher_views[v.layer_index].num_experts != v.num_experts for v in views):
-        raise RecipeError("recovery.init original needs a teacher with the same experts as the model; "
-                          "this teacher has another layout: set recovery.init: quantized.")
+        v.layer_index not in teacher_views or teacher_views[v.layer_index].num_experts != v.num_experts for v in views
+    ):
+        raise RecipeError(
+            "recovery.init original needs a teacher with the same experts as the model; "
+            "this teacher has another layout: set recovery.init: quantized."
+        )
     for view in views:
         originals = None
         if config.init == "original":
             source = teacher_views[view.layer_index]
             with align_module_device(source.experts):  # an offloaded teacher's experts are read in for the copy
-                originals = [ExpertWeights(*(source.expert_weights(e)[p].float() for p in PROJECTIONS))
-                             for e in range(view.num_experts)]
+                originals = [
+                    ExpertWeights(*(source.expert_weights(e)[p].float() for p in PROJECTIONS))
+                    for e in range(view.num_experts)
+                ]
         view.block.experts = QATExperts.from_packed(view.experts, originals)
     weights = [m.weight for v in views for m in v.experts.modules() if isinstance(m, FakeQuantLinear)]
     scales = [m.scale for v in views for m in v.experts.modules() if isinstance(m, FakeQuantLinear)]
@@ -154,7 +161,9 @@ def recover_quantized_experts(
         p.requires_grad_(True)
     groups = [{"params": weights, "lr": config.lr}, {"params": scales, "lr": config.scale_lr}]
     try:
-        report = distill(model, teacher, batches, groups, config.distill_config(), state_dir, fingerprint, progress, cpu)
+        report = distill(
+            model, teacher, batches, groups, config.distill_config(), state_dir, fingerprint, progress, cpu
+        )
     finally:
         for view in views:
             if isinstance(view.experts, QATExperts):

@@ -32,11 +32,19 @@ def upcycle_dense_to_mote(
         )
     if not 0 < routed_share <= 1 or not 1 <= top_k <= num_experts:
         raise ValueError("use 0 < routed_share <= 1 and 1 <= top_k <= num_experts")
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("architectures", "model_type", "transformers_version")}
+    fields = {
+        k: v for k, v in config.to_dict().items() if k not in ("architectures", "model_type", "transformers_version")
+    }
     moe_config = Qwen2MoeConfig(
-        **fields, num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True, qkv_bias=True,
-        moe_intermediate_size=config.intermediate_size, shared_expert_intermediate_size=config.intermediate_size,
-        decoder_sparse_step=1, mlp_only_layers=[],
+        **fields,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=True,
+        qkv_bias=True,
+        moe_intermediate_size=config.intermediate_size,
+        shared_expert_intermediate_size=config.intermediate_size,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
     )
     moe = Qwen2MoeForCausalLM(moe_config).to(next(dense.parameters()).dtype).eval()
     generator = torch.Generator().manual_seed(seed)
@@ -56,5 +64,7 @@ def upcycle_dense_to_mote(
         block.gate.weight.normal_(0, 0.02, generator=generator)
     unset = [k for k in missing if ".mlp." not in k and "rotary" not in k]
     if unset:
-        raise UnsupportedModelError(f"upcycling left parameters unset: {unset[:5]}; the dense model's layout is not Qwen2's.")
+        raise UnsupportedModelError(
+            f"upcycling left parameters unset: {unset[:5]}; the dense model's layout is not Qwen2's."
+        )
     return moe

@@ -69,7 +69,9 @@ def test_fixed_items_keep_their_bits():
     costs, sizes = random_problem()
     allowed = torch.ones(8, 3, dtype=torch.bool)
     allowed[0] = torch.tensor([False, False, True])
-    choice = solve_allocation(costs, sizes, BITS, torch.zeros(8, dtype=torch.long), {0: 2.6 * float(sizes.sum())}, allowed)
+    choice = solve_allocation(
+        costs, sizes, BITS, torch.zeros(8, dtype=torch.long), {0: 2.6 * float(sizes.sum())}, allowed
+    )
     assert choice[0] == 2
 
 

@@ -20,7 +20,9 @@ def synthetic_stats() -> ExpertStats:
 
 def test_metrics_are_normalised_per_modality():
     metrics = expert_importance(synthetic_stats())
-    torch.testing.assert_close(metrics["frequency"][0, :, 0], torch.tensor([1.0, 0.61, 0.386, 0.004], dtype=torch.float64))
+    torch.testing.assert_close(
+        metrics["frequency"][0, :, 0], torch.tensor([1.0, 0.61, 0.386, 0.004], dtype=torch.float64)
+    )
     assert torch.isnan(metrics["frequency"][:, :, 1]).all()  # no image tokens
     torch.testing.assert_close(metrics["drop_loss"][1, :, 0], torch.full((4,), 0.25, dtype=torch.float64))
 

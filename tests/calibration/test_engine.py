@@ -27,8 +27,14 @@ def test_layerwise_walk_reproduces_the_real_forward_at_every_layer(model_type, o
     model = tiny_model(model_type, **overrides)
     data = batches(n=2, seq=40)
     walked = {}
-    run_layerwise(model, get_adapter(model_type), data, lambda view, observer: False, progress=False,
-                  on_layer_done=lambda index, layer, hidden: walked.update({index: list(hidden)}))
+    run_layerwise(
+        model,
+        get_adapter(model_type),
+        data,
+        lambda view, observer: False,
+        progress=False,
+        on_layer_done=lambda index, layer, hidden: walked.update({index: list(hidden)}),
+    )
     for b, batch in enumerate(data):
         with torch.no_grad():
             real = model.model(**batch.inputs, output_hidden_states=True).hidden_states
@@ -57,7 +63,9 @@ def test_observer_counts_and_hessians_match_the_routing():
         assert observer.tokens[e, 1] == (tok & image).sum()
         if tok.any():
             torch.testing.assert_close(observer.hessian_in[e], x[tok].T @ x[tok], rtol=1e-4, atol=1e-3)
-            torch.testing.assert_close(observer.weight_sum[e].sum().float(), weights[indices == e].sum(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                observer.weight_sum[e].sum().float(), weights[indices == e].sum(), rtol=1e-5, atol=1e-5
+            )
 
 
 def test_expert_stats_round_trip_and_drop_loss(tmp_path):
@@ -94,10 +102,18 @@ def test_error_profile_is_the_block_output_error_of_rtn():
     tok, slot = torch.where(indices == e)
     w = weights[tok, slot, None]
     original = view.expert_weights(e)
-    quantized = ExpertWeights(*(quantize_rtn(original[p], fmt).dequantize() for p in ("gate_proj", "up_proj", "down_proj")))
+    quantized = ExpertWeights(
+        *(quantize_rtn(original[p], fmt).dequantize() for p in ("gate_proj", "up_proj", "down_proj"))
+    )
     y = view.expert_forward(e, x[tok])[1]
-    for v, replaced in enumerate([original.replace(gate_proj=quantized.gate_proj), original.replace(up_proj=quantized.up_proj),
-                                  original.replace(down_proj=quantized.down_proj), quantized]):
+    for v, replaced in enumerate(
+        [
+            original.replace(gate_proj=quantized.gate_proj),
+            original.replace(up_proj=quantized.up_proj),
+            original.replace(down_proj=quantized.down_proj),
+            quantized,
+        ]
+    ):
         expected = (w * (view.expert_forward(e, x[tok], replaced)[1] - y)).pow(2).sum()
         assert float(profile.quant_error[e, 0, v]) == pytest.approx(float(expected), rel=1e-4)
         assert expected > 0

@@ -23,13 +23,17 @@ def text_model_and_batches(tiny_text_path):
 
 def test_odp_hits_the_target_ratio_and_beats_random_skipping_at_the_same_ratio(text_model_and_batches):
     loaded, batches = text_model_and_batches
-    controller = fit_skipping(loaded.model, loaded.adapter, batches, SkipConfig(method="odp", target=0.3), progress=False)
+    controller = fit_skipping(
+        loaded.model, loaded.adapter, batches, SkipConfig(method="odp", target=0.3), progress=False
+    )
     try:
         controller.reset_stats()
         odp_kl = calibration_kl(controller, batches)
         assert abs(controller.stats.skipped() - 0.3) < 0.03
         generator = torch.Generator().manual_seed(0)
-        controller._keep = lambda position, view, hidden, w, image: top_slot(w) | (torch.rand(w.shape, generator=generator) > 0.6)
+        controller._keep = lambda position, view, hidden, w, image: (
+            top_slot(w) | (torch.rand(w.shape, generator=generator) > 0.6)
+        )
         controller.reset_stats()
         random_kl = calibration_kl(controller, batches)
         assert abs(controller.stats.skipped() - 0.3) < 0.03
@@ -41,11 +45,19 @@ def test_odp_hits_the_target_ratio_and_beats_random_skipping_at_the_same_ratio(t
 @pytest.mark.parametrize("method", ["odp", "modes", "learned"])
 def test_fitted_skipping_is_stored_in_the_checkpoint_and_applied_by_the_loader(method, tiny_text_path, tmp_path):
     require_shared(CALIB)
-    recipe = Recipe.from_dict({"name": f"skip-{method}", "calibration": SMALL_CALIBRATION, "quantization": {"method": "none"},
-                               "skip": {"method": method, "target": 0.25, "steps": 4}})
+    recipe = Recipe.from_dict(
+        {
+            "name": f"skip-{method}",
+            "calibration": SMALL_CALIBRATION,
+            "quantization": {"method": "none"},
+            "skip": {"method": method, "target": 0.25, "steps": 4},
+        }
+    )
     result = moecompress.compress(str(tiny_text_path), recipe, output=tmp_path / "m", progress=False)
     assert result.report.skip["method"] == method
-    held_out = calibration_batches(result.loaded, Recipe.from_dict({"calibration": {**SMALL_CALIBRATION, "dataset": str(WIKI), "num_samples": 2}}))
+    held_out = calibration_batches(
+        result.loaded, Recipe.from_dict({"calibration": {**SMALL_CALIBRATION, "dataset": str(WIKI), "num_samples": 2}})
+    )
     ids = held_out[0].inputs["input_ids"]
     with torch.no_grad():
         expected = result.model(input_ids=ids).logits
@@ -90,19 +102,32 @@ def test_modes_fits_separate_text_and_image_thresholds_on_the_vl_model():
 
     require_shared(TINY_VL)
     loaded = load_model(str(TINY_VL), trust_remote_code=True)
-    recipe = Recipe.from_dict({"calibration": {**SMALL_CALIBRATION, "vl_dataset": str(require_shared(SHAPES) / "calib.jsonl"),
-                                               "vl_num_samples": 16}})
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {
+                **SMALL_CALIBRATION,
+                "vl_dataset": str(require_shared(SHAPES) / "calib.jsonl"),
+                "vl_num_samples": 16,
+            }
+        }
+    )
     batches = calibration_batches(loaded, recipe, trust_remote_code=True)
-    controller = fit_skipping(loaded.model, loaded.adapter, batches, SkipConfig(method="modes", target=0.3, frontier_points=3),
-                              progress=False)
+    controller = fit_skipping(
+        loaded.model, loaded.adapter, batches, SkipConfig(method="modes", target=0.3, frontier_points=3), progress=False
+    )
     rule = controller.rule
     assert rule.tau["text"] != rule.tau["image"] and rule.alpha["image"] != rule.alpha["text"]
     controller.reset_stats()
     per_modality_kl = calibration_kl(controller, batches)
     stats = controller.stats
     assert abs(stats.skipped() - 0.3) < 0.05 and stats.total["image"] > 0
-    shared = fit_skipping(loaded.model, loaded.adapter, batches, SkipConfig(method="modes", target=0.3, per_modality=False),
-                          progress=False)
+    shared = fit_skipping(
+        loaded.model,
+        loaded.adapter,
+        batches,
+        SkipConfig(method="modes", target=0.3, per_modality=False),
+        progress=False,
+    )
     assert shared.rule.tau["text"] == shared.rule.tau["image"]
     # the frontier search includes (close to) the shared split, so it cannot be much worse
     assert per_modality_kl <= shared.rule.calibration_kl * 1.05
@@ -110,7 +135,9 @@ def test_modes_fits_separate_text_and_image_thresholds_on_the_vl_model():
 
 def test_skipped_pairs_are_exact_zeros_in_every_transformers_experts_implementation(text_model_and_batches):
     loaded, batches = text_model_and_batches
-    controller = fit_skipping(loaded.model, loaded.adapter, batches[:1], SkipConfig(method="odp", target=0.4), progress=False)
+    controller = fit_skipping(
+        loaded.model, loaded.adapter, batches[:1], SkipConfig(method="odp", target=0.4), progress=False
+    )
     ids = batches[0].inputs["input_ids"][:1]
     try:
         outputs = {}

@@ -41,8 +41,9 @@ def test_measure_efficiency_reads_the_folder_and_times_both_phases(compressed_ti
     _, out = compressed_tiny_text
     model = moecompress.load(out)
     tokens = torch.randint(0, 8000, (200,))
-    result = measure_efficiency(model, get_adapter("qwen3_moe"), out, tokens, load_seconds=0.5, prefill_len=64,
-                                decode_tokens=4, repeats=1)
+    result = measure_efficiency(
+        model, get_adapter("qwen3_moe"), out, tokens, load_seconds=0.5, prefill_len=64, decode_tokens=4, repeats=1
+    )
     assert result.checkpoint_bytes == (out / "model.safetensors").stat().st_size
     assert result.bits_per_param == pytest.approx(8 * result.checkpoint_bytes / result.total_params)
     assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0 and result.expert_activations_skipped == 0

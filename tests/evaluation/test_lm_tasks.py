@@ -25,8 +25,14 @@ def test_items_have_four_distinct_choices_and_the_true_continuation_at_label():
 
 
 def test_lm_eval_result_keys_become_plain_metric_names():
-    raw = {"alias": "moe_code_mc", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": float("nan"),
-           "sample_len,none": 40, "exact_match,strict": 0.25}
+    raw = {
+        "alias": "moe_code_mc",
+        "acc,none": 0.5,
+        "acc_stderr,none": 0.1,
+        "acc_norm,none": float("nan"),
+        "sample_len,none": 40,
+        "exact_match,strict": 0.25,
+    }
     assert _metrics(raw) == {"acc": 0.5, "acc_stderr": 0.1, "exact_match_strict": 0.25}
 
 

@@ -25,7 +25,10 @@ def test_records_merge_results_and_reject_foreign_json(tmp_path):
     add_evaluation(path, "ppl", {"code": {"ppl": 17.0}})
     add_evaluation(path, "efficiency", {"checkpoint_bytes": 10})
     record = read_record(path)
-    assert record.evaluations == {"ppl": {"wiki": {"ppl": 44.8}, "code": {"ppl": 17.0}}, "efficiency": {"checkpoint_bytes": 10}}
+    assert record.evaluations == {
+        "ppl": {"wiki": {"ppl": 44.8}, "code": {"ppl": 17.0}},
+        "efficiency": {"checkpoint_bytes": 10},
+    }
     (tmp_path / "other.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(CheckpointError, match="not a moecompress run record"):
         read_record(tmp_path / "other.json")
@@ -41,13 +44,28 @@ def test_unwritable_record_location_is_a_clear_error(tmp_path):
 
 
 def _record(name, ppl, size, acc, bits=None):
-    return RunRecord(name=name, model=name, method=name, expert_bits_per_param=bits,
-                     bit_allocation={"layers": [0, 1], "values": [[4, 2, 3], [2, 2, 4]]} if bits else None,
-                     importance={"layers": [0, 1], "values": [[0.5, 0.2, 0.3], [0.1, 0.1, 0.8]]} if bits else None,
-                     evaluations={"ppl": {"wiki": {"ppl": ppl}}, "lm_eval": {"mc": {"acc": acc}},
-                                  "efficiency": {"checkpoint_bytes": size, "bits_per_param": 1.0, "expert_bits_per_param": 1.0,
-                                                 "active_params_per_token": 1e6, "expert_activation_ratio": 0.25,
-                                                 "load_seconds": 0.1, "prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 10.0}})
+    return RunRecord(
+        name=name,
+        model=name,
+        method=name,
+        expert_bits_per_param=bits,
+        bit_allocation={"layers": [0, 1], "values": [[4, 2, 3], [2, 2, 4]]} if bits else None,
+        importance={"layers": [0, 1], "values": [[0.5, 0.2, 0.3], [0.1, 0.1, 0.8]]} if bits else None,
+        evaluations={
+            "ppl": {"wiki": {"ppl": ppl}},
+            "lm_eval": {"mc": {"acc": acc}},
+            "efficiency": {
+                "checkpoint_bytes": size,
+                "bits_per_param": 1.0,
+                "expert_bits_per_param": 1.0,
+                "active_params_per_token": 1e6,
+                "expert_activation_ratio": 0.25,
+                "load_seconds": 0.1,
+                "prefill_tokens_per_s": 100.0,
+                "decode_tokens_per_s": 10.0,
+            },
+        },
+    )
 
 
 def test_report_files_tables_and_figures(tmp_path):
@@ -67,7 +85,10 @@ def test_cli_report_reads_folders_and_json(tmp_path, capsys):
     write_record(_record("bf16", 40.0, 30e6, 0.6), tmp_path / "bf16.json")
     (tmp_path / "ckpt").mkdir()
     write_record(_record("w4", 41.0, 12e6, 0.59, bits=4.19), tmp_path / "ckpt")
-    assert main(["report", str(tmp_path / "ckpt"), "--base", str(tmp_path / "bf16.json"), "-o", str(tmp_path / "out")]) == 0
+    assert (
+        main(["report", str(tmp_path / "ckpt"), "--base", str(tmp_path / "bf16.json"), "-o", str(tmp_path / "out")])
+        == 0
+    )
     assert (tmp_path / "out" / "report.html").is_file()
     assert main(["report", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out2")]) == 2
     assert "no run record" in capsys.readouterr().err

@@ -31,7 +31,10 @@ def test_generic_jsonl_with_answer_lists_scores_like_the_reference_set(tmp_path)
     with generic.open("w") as f:
         for item in items:
             answers = [item["answer"].upper(), "definitely not this"]
-            f.write(json.dumps({"image": str(SHAPES / item["image"]), "question": item["question"], "answers": answers}) + "\n")
+            f.write(
+                json.dumps({"image": str(SHAPES / item["image"]), "question": item["question"], "answers": answers})
+                + "\n"
+            )
     model = load_model(str(vl), trust_remote_code=True).model
     processor = load_tokenizer_or_processor(str(vl), True, trust_remote_code=True)
     reference = vl_qa_accuracy(model, processor, str(SHAPES / "eval.jsonl"), max_items=24, progress=False)

@@ -53,8 +53,9 @@ class HubStub:
                     return self._reply({"warnings": []})
                 if "/preupload/" in self.path:
                     files = json.loads(body)["files"]
-                    return self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                                  for f in files]})
+                    return self._reply(
+                        {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+                    )
                 if "/commit/" in self.path:
                     lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
                     files = {}
@@ -64,8 +65,13 @@ class HubStub:
                     header = next(line["value"] for line in lines if line["key"] == "header")
                     stub.commits.append({"path": self.path, "header": header, "files": files})
                     repo = self.path.split("/api/models/")[1].split("/commit/")[0]
-                    return self._reply({"commitUrl": f"{stub.endpoint}/{repo}/commit/0123abcd", "commitOid": "0123abcd",
-                                        "pullRequestUrl": None})
+                    return self._reply(
+                        {
+                            "commitUrl": f"{stub.endpoint}/{repo}/commit/0123abcd",
+                            "commitOid": "0123abcd",
+                            "pullRequestUrl": None,
+                        }
+                    )
                 self._reply({"error": f"unexpected {self.path}"}, 404)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

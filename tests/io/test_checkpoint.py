@@ -42,7 +42,9 @@ def test_w4_keeps_tiny_text_perplexity_within_5_percent(compressed_tiny_text, ti
     result, out = compressed_tiny_text
     tokenizer = AutoTokenizer.from_pretrained(out)
     reference = perplexity(load_model(str(tiny_text_path)).model, tokenizer, str(WIKI), max_windows=24, progress=False)
-    quantized = perplexity(moecompress.load(out, cache_dequantized=True), tokenizer, str(WIKI), max_windows=24, progress=False)
+    quantized = perplexity(
+        moecompress.load(out, cache_dequantized=True), tokenizer, str(WIKI), max_windows=24, progress=False
+    )
     assert quantized.ppl < 1.05 * reference.ppl
 
 

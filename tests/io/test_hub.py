@@ -21,8 +21,12 @@ def evaluated_checkpoint(compressed_tiny_text, tmp_path):
         (ckpt / f.name).write_bytes(f.read_bytes())
     add_evaluation(ckpt, "ppl", {"test": {"ppl": 45.0}})
     add_evaluation(ckpt, "lm_eval", {"moe_code_mc": {"acc": 0.6}})
-    base = RunRecord(name="bf16", model="base", method="uncompressed",
-                     evaluations={"ppl": {"test": {"ppl": 44.78}}, "lm_eval": {"moe_code_mc": {"acc": 0.64}}})
+    base = RunRecord(
+        name="bf16",
+        model="base",
+        method="uncompressed",
+        evaluations={"ppl": {"test": {"ppl": 44.78}}, "lm_eval": {"moe_code_mc": {"acc": 0.64}}},
+    )
     write_record(base, tmp_path / "bf16.json")
     return ckpt, base
 
@@ -39,7 +43,8 @@ def test_card_has_hub_metadata_evaluation_with_recovery_and_loading(evaluated_ch
     assert 'moecompress.load(snapshot_download("someone/tiny-w4"))' in card
     assert "moecompress only" in card and "name: test-w4" in card
     assert {"model.safetensors", "config.json", "moecompress.json", "recipe.yaml", "run.json", "tokenizer.json"} <= {
-        p.name for p in folder.iterdir()}
+        p.name for p in folder.iterdir()
+    }
 
 
 def test_local_base_model_path_needs_a_hub_id(evaluated_checkpoint, tmp_path):
@@ -51,13 +56,21 @@ def test_local_base_model_path_needs_a_hub_id(evaluated_checkpoint, tmp_path):
 
 def test_upload_sends_create_repo_and_one_commit_with_every_file(evaluated_checkpoint, tmp_path):
     ckpt, base = evaluated_checkpoint
-    folder = prepare_hub_folder(ckpt, tmp_path / "hub", "someone/tiny-w4", "compressed-tensors",
-                                base_model="org/moe-tiny-text", base=base)
+    folder = prepare_hub_folder(
+        ckpt, tmp_path / "hub", "someone/tiny-w4", "compressed-tensors", base_model="org/moe-tiny-text", base=base
+    )
     with HubStub() as hub:
         url = upload(folder, "someone/tiny-w4", private=True, token="hf_secret", endpoint=hub.endpoint)
     assert url.endswith("/someone/tiny-w4/commit/0123abcd")
-    assert hub.created == [{"name": "tiny-w4", "organization": "someone", "visibility": "private", "type": "model",
-                            "authorization": "Bearer hf_secret"}]
+    assert hub.created == [
+        {
+            "name": "tiny-w4",
+            "organization": "someone",
+            "visibility": "private",
+            "type": "model",
+            "authorization": "Bearer hf_secret",
+        }
+    ]
     assert hub.card_metadata["base_model_relation"] == "quantized"
     (commit,) = hub.commits
     assert commit["path"] == "/api/models/someone/tiny-w4/commit/main"
@@ -81,8 +94,23 @@ def test_unreachable_hub_is_a_clear_error(evaluated_checkpoint, tmp_path):
 def test_cli_dry_run_writes_the_folder_and_contacts_nobody(evaluated_checkpoint, tmp_path, capsys):
     ckpt, _ = evaluated_checkpoint
     with HubStub() as hub:
-        code = main(["export", str(ckpt), "--hub", "someone/tiny-w4", "--dry-run", "--base-model", "org/moe-tiny-text",
-                     "--base", str(tmp_path / "bf16.json"), "--endpoint", hub.endpoint, "-o", str(tmp_path / "dry")])
+        code = main(
+            [
+                "export",
+                str(ckpt),
+                "--hub",
+                "someone/tiny-w4",
+                "--dry-run",
+                "--base-model",
+                "org/moe-tiny-text",
+                "--base",
+                str(tmp_path / "bf16.json"),
+                "--endpoint",
+                hub.endpoint,
+                "-o",
+                str(tmp_path / "dry"),
+            ]
+        )
     assert code == 0 and hub.requests == []
     result = json.loads(capsys.readouterr().out)["result"]
     assert result["uploaded"] is False and "README.md" in result["files"]
@@ -94,8 +122,12 @@ def test_engines_say_mixed_precision_needs_moecompress():
     from moecompress.quant.qtensor import QuantFormat
 
     uniform = {"quantization_config": {"formats": [QuantFormat(4, 128).to_dict()], "experts": {"m": [[0, 0, 0]]}}}
-    mixed = {"quantization_config": {"formats": [QuantFormat(4, 128).to_dict(), QuantFormat(2, 128).to_dict()],
-                                     "experts": {"m": [[0, 0, 0], [1, 1, 1]]}}}
+    mixed = {
+        "quantization_config": {
+            "formats": [QuantFormat(4, 128).to_dict(), QuantFormat(2, 128).to_dict()],
+            "experts": {"m": [[0, 0, 0], [1, 1, 1]]},
+        }
+    }
     assert "--format compressed-tensors|gptq" in engines("moecompress", uniform)[0]
     (only,) = engines("moecompress", mixed)
     assert only.startswith("moecompress only") and "converts" not in only

@@ -33,10 +33,17 @@ def test_compressed_tensors_decompressor_reads_the_export_exactly(bits, sym, gro
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     packed, dense = _packed(bits, sym, group)
-    tensors = to_compressed_tensors(packed.weight_packed, packed.weight_scale, packed.weight_zero_point, packed.shape, packed.fmt)
+    tensors = to_compressed_tensors(
+        packed.weight_packed, packed.weight_scale, packed.weight_zero_point, packed.shape, packed.fmt
+    )
     assert ("weight_zero_point" in tensors) == (not sym)
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="channel" if group == -1 else "group",
-                            group_size=None if group == -1 else group)
+    args = QuantizationArgs(
+        num_bits=bits,
+        type="int",
+        symmetric=sym,
+        strategy="channel" if group == -1 else "group",
+        group_size=None if group == -1 else group,
+    )
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     compressor = BaseCompressor.get_value_from_registry("pack-quantized")
     weight = compressor.decompress(dict(tensors), scheme)["weight"]
@@ -49,10 +56,10 @@ def _gptq_v1_reference_dequant(t: dict, bits: int) -> torch.Tensor:
     stored zeros + 1."""
     shifts = torch.arange(0, 32, bits, dtype=torch.int32)
     mask = 2**bits - 1
-    codes = (t["qweight"].unsqueeze(1) >> shifts[None, :, None]) & mask           # [in/pw, pw, out]
-    codes = codes.reshape(-1, t["qweight"].shape[1])                               # [in, out]
-    zeros = (t["qzeros"].unsqueeze(2) >> shifts[None, None, :]) & mask             # [groups, out/pw, pw]
-    zeros = zeros.reshape(t["qzeros"].shape[0], -1) + 1                           # [groups, out]
+    codes = (t["qweight"].unsqueeze(1) >> shifts[None, :, None]) & mask  # [in/pw, pw, out]
+    codes = codes.reshape(-1, t["qweight"].shape[1])  # [in, out]
+    zeros = (t["qzeros"].unsqueeze(2) >> shifts[None, None, :]) & mask  # [groups, out/pw, pw]
+    zeros = zeros.reshape(t["qzeros"].shape[0], -1) + 1  # [groups, out]
     g = t["g_idx"].long()
     return (t["scales"].float()[g] * (codes - zeros[g]).float()).T
 
@@ -87,7 +94,9 @@ def test_only_uniform_integer_checkpoints_export():
         uniform_format(config)
     config["quantization_config"]["experts"] = {"m": [[0, 0, 0], [0, 0, 0]]}
     assert uniform_format(config) == QuantFormat(4, 128)
-    ternary = {"quantization_config": {"formats": [QuantFormat.make_ternary().to_dict()], "experts": {"m": [[0, 0, 0]]}}}
+    ternary = {
+        "quantization_config": {"formats": [QuantFormat.make_ternary().to_dict()], "experts": {"m": [[0, 0, 0]]}}
+    }
     with pytest.raises(CheckpointError, match="ternary"):
         uniform_format(ternary)
     with pytest.raises(CheckpointError, match="dynamic expert skipping"):
@@ -95,7 +104,11 @@ def test_only_uniform_integer_checkpoints_export():
 
 
 def test_expert_names_follow_the_original_checkpoints():
-    assert checkpoint_projection_names("qwen3_moe") == {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
+    assert checkpoint_projection_names("qwen3_moe") == {
+        "gate_proj": "gate_proj",
+        "up_proj": "up_proj",
+        "down_proj": "down_proj",
+    }
     assert checkpoint_projection_names("mixtral") == {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
     with pytest.raises(CheckpointError, match="stores qwen3_vl_moe experts fused"):
         checkpoint_projection_names("qwen3_vl_moe")
@@ -105,8 +118,13 @@ def test_expert_names_follow_the_original_checkpoints():
 def symmetric_tiny_text(tmp_path_factory, tiny_text_path):
     from moecompress.recipe import Recipe
 
-    recipe = Recipe.from_dict({"name": "test-w4-sym", "quantization": {"sym": True},
-                               "calibration": {"dataset": str(require_shared(CALIB)), "num_samples": 16, "seq_len": 256}})
+    recipe = Recipe.from_dict(
+        {
+            "name": "test-w4-sym",
+            "quantization": {"sym": True},
+            "calibration": {"dataset": str(require_shared(CALIB)), "num_samples": 16, "seq_len": 256},
+        }
+    )
     out = tmp_path_factory.mktemp("sym") / "tiny-w4-sym"
     moecompress.compress(str(tiny_text_path), recipe, output=out, progress=False)
     return out
@@ -133,8 +151,15 @@ def test_gptq_export_layout_and_config(symmetric_tiny_text, tmp_path):
     exported = export_interop(symmetric_tiny_text, tmp_path / "gptq", "gptq")
     quantize_config = json.loads((exported / "quantize_config.json").read_text())
     assert quantize_config | {"dynamic": None} == {
-        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": 128, "sym": True,
-        "desc_act": False, "true_sequential": True, "dynamic": None}
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "bits": 4,
+        "group_size": 128,
+        "sym": True,
+        "desc_act": False,
+        "true_sequential": True,
+        "dynamic": None,
+    }
     model = moecompress.load(symmetric_tiny_text)
     with safe_open(str(exported / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -176,7 +201,9 @@ def test_an_export_whose_groups_do_not_divide_a_projection_is_refused_at_export_
 
     tiny_model("mixtral").save_pretrained(tmp_path / "src")
     ids = torch.randint(3, 128, (2, 32))
-    batch = CalibrationBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.zeros_like(ids, dtype=torch.bool))
+    batch = CalibrationBatch(
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.zeros_like(ids, dtype=torch.bool)
+    )
     monkeypatch.setattr("moecompress.pipeline.calibration_batches", lambda *args, **kwargs: [batch])
     recipe = Recipe.from_dict({"quantization": {"method": "rtn", "bits": 4, "group_size": 64, "sym": True}})
     moecompress.compress(str(tmp_path / "src"), recipe, tmp_path / "w4", progress=False)
@@ -186,8 +213,9 @@ def test_an_export_whose_groups_do_not_divide_a_projection_is_refused_at_export_
         assert not (tmp_path / target).exists()
 
 
-def test_an_asymmetric_compressed_tensors_export_warns_that_transformers_cannot_load_it(compressed_tiny_text, tmp_path,
-                                                                                         caplog):
+def test_an_asymmetric_compressed_tensors_export_warns_that_transformers_cannot_load_it(
+    compressed_tiny_text, tmp_path, caplog
+):
     _, out = compressed_tiny_text
     export_interop(out, tmp_path / "ct", "compressed-tensors")
     assert "transformers (<= 5.23) cannot load asymmetric MoE experts" in caplog.text

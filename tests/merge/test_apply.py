@@ -18,15 +18,21 @@ def loaded(model_type: str) -> LoadedModel:
 
 def batches(vocab: int) -> list[CalibrationBatch]:
     g = torch.Generator().manual_seed(1)
-    return [CalibrationBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.zeros_like(ids, dtype=torch.bool))
-            for ids in (torch.randint(0, vocab, (4, 32), generator=g) for _ in range(3))]
+    return [
+        CalibrationBatch(
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.zeros_like(ids, dtype=torch.bool)
+        )
+        for ids in (torch.randint(0, vocab, (4, 32), generator=g) for _ in range(3))
+    ]
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral"])
 @pytest.mark.parametrize("method", ["prune", "subspace"])
 def test_reduced_models_shrink_the_router_and_reload_identically(model_type, method, tmp_path):
     lm = loaded(model_type)
-    reductions = reduce_experts(lm, batches(lm.model.config.vocab_size), MergeConfig(method=method, ratio=0.25), progress=False)
+    reductions = reduce_experts(
+        lm, batches(lm.model.config.vocab_size), MergeConfig(method=method, ratio=0.25), progress=False
+    )
     views = lm.adapter.moe_blocks(lm.model)
     assert [r.kept for r in reductions] == [6] * len(views)
     assert all(v.router.weight.shape[0] == 6 and v.experts.gate_up_proj.shape[0] == 6 for v in views)
@@ -60,7 +66,9 @@ def test_pruning_keeps_the_layer_output_closer_than_dropping_experts_at_random()
 
 def test_keep_router_mode_maps_every_original_slot_to_a_merged_expert(tmp_path):
     lm = loaded("qwen3_moe")
-    reduce_experts(lm, batches(lm.model.config.vocab_size), MergeConfig(method="average", ratio=0.5, router="keep"), progress=False)
+    reduce_experts(
+        lm, batches(lm.model.config.vocab_size), MergeConfig(method="average", ratio=0.5, router="keep"), progress=False
+    )
     block = lm.adapter.moe_blocks(lm.model)[0].block
     assert isinstance(block.experts, MappedExperts) and block.gate.weight.shape[0] == 8
     assert sorted(set(block.experts.slot_map.tolist())) == [0, 1, 2, 3]

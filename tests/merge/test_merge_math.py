@@ -9,7 +9,7 @@ def test_clusters_recover_planted_groups_and_are_deterministic():
     centers = torch.randn(3, 32)
     features = torch.cat([c + 0.05 * torch.randn(4, 32) for c in centers])
     labels = cluster_experts(features, 3, seed=1)
-    groups = [set(labels[i * 4:(i + 1) * 4].tolist()) for i in range(3)]
+    groups = [set(labels[i * 4 : (i + 1) * 4].tolist()) for i in range(3)]
     assert all(len(g) == 1 for g in groups) and len(set.union(*groups)) == 3
     assert torch.equal(labels, cluster_experts(features, 3, seed=1))
 
@@ -49,6 +49,7 @@ def softmax_router(logits: torch.Tensor, top_k: int):
         masked = logits if excluded is None else logits.masked_fill(excluded, float("-inf"))
         weights, indices = torch.softmax(masked, -1).topk(top_k, dim=-1)
         return weights / weights.sum(-1, keepdim=True), indices
+
     return route
 
 

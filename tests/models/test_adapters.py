@@ -25,7 +25,9 @@ def test_adapter_routing_reproduces_the_model_router(model_type):
         weights, indices = view.route(x)
         order_ref, order = ref_indices.sort(dim=1), indices.sort(dim=1)
         assert torch.equal(order_ref.values, order.values)
-        torch.testing.assert_close(ref_weights.gather(1, order_ref.indices), weights.gather(1, order.indices).to(ref_weights.dtype))
+        torch.testing.assert_close(
+            ref_weights.gather(1, order_ref.indices), weights.gather(1, order.indices).to(ref_weights.dtype)
+        )
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
@@ -68,8 +70,15 @@ def test_unknown_architecture_names_the_supported_ones():
 
 
 def test_model_without_moe_layers_is_rejected():
-    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    config = Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
     dense = AutoModelForCausalLM.from_config(config)
     with pytest.raises(UnsupportedModelError, match="no sparse MoE layers"):
         require_moe(dense, get_adapter("qwen3_moe"), "dense-qwen3")
@@ -111,12 +120,30 @@ def test_an_adapter_plugin_given_by_option_is_used(plugin, tiny_text_path, tmp_p
 
     out = tmp_path / "o"
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"calibration: {{dataset: {CALIB}, num_samples: 2, seq_len: 64}}\nquantization: {{method: rtn}}\n")
-    assert main(["compress", str(tiny_text_path), "--recipe", str(recipe), "-o", str(out), "--adapter",
-                 "moe_plugin:TaggedQwen3"]) == 0
+    recipe.write_text(
+        f"calibration: {{dataset: {CALIB}, num_samples: 2, seq_len: 64}}\nquantization: {{method: rtn}}\n"
+    )
+    assert (
+        main(
+            [
+                "compress",
+                str(tiny_text_path),
+                "--recipe",
+                str(recipe),
+                "-o",
+                str(out),
+                "--adapter",
+                "moe_plugin:TaggedQwen3",
+            ]
+        )
+        == 0
+    )
     import moe_plugin
 
-    assert "Qwen3MoeForCausalLM" in moe_plugin.TaggedQwen3.seen and type(get_adapter("qwen3_moe")).__name__ == "TaggedQwen3"
+    assert (
+        "Qwen3MoeForCausalLM" in moe_plugin.TaggedQwen3.seen
+        and type(get_adapter("qwen3_moe")).__name__ == "TaggedQwen3"
+    )
 
 
 def test_installed_plugins_are_found_through_their_entry_point(plugin, tmp_path, monkeypatch):
@@ -128,8 +155,14 @@ def test_installed_plugins_are_found_through_their_entry_point(plugin, tmp_path,
     assert type(get_adapter("qwen3_moe")).__name__ == "TaggedQwen3"
 
 
-@pytest.mark.parametrize("spec, message", [("no_such_module:X", "No module named"), ("moe_plugin:Missing", "Missing"),
-                                           ("json:dumps", "neither a ModelAdapter")])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_module:X", "No module named"),
+        ("moe_plugin:Missing", "Missing"),
+        ("json:dumps", "neither a ModelAdapter"),
+    ],
+)
 def test_a_bad_adapter_option_is_one_line(plugin, spec, message, capsys, tmp_path):
     from moecompress.cli import main
 
@@ -143,8 +176,13 @@ def test_every_file_of_the_models_package_is_an_adapter_found_without_an_import_
 
     import moecompress.models as models
 
-    files = {p.stem for p in Path(models.__file__).parent.glob("*.py")} - {"__init__", "base", "loading", "registry",
-                                                                          "streaming"}
+    files = {p.stem for p in Path(models.__file__).parent.glob("*.py")} - {
+        "__init__",
+        "base",
+        "loading",
+        "registry",
+        "streaming",
+    }
     found = {type(get_adapter(t)).__module__.rsplit(".", 1)[1] for t in supported_model_types()}
     assert files <= found
 
@@ -162,8 +200,10 @@ def test_every_architecture_compresses_streamed_and_reloads_identically_everywhe
     model.save_pretrained(tmp_path / "src")
     generator = torch.Generator().manual_seed(0)
     ids = [torch.randint(3, 128, (4, 48), generator=generator) for _ in range(2)]
-    batches = [CalibrationBatch({"input_ids": i, "attention_mask": torch.ones_like(i)}, torch.zeros_like(i, dtype=torch.bool))
-               for i in ids]
+    batches = [
+        CalibrationBatch({"input_ids": i, "attention_mask": torch.ones_like(i)}, torch.zeros_like(i, dtype=torch.bool))
+        for i in ids
+    ]
     monkeypatch.setattr("moecompress.pipeline.calibration_batches", lambda *args, **kwargs: batches)
     recipe = Recipe.from_dict({"quantization": {"method": "rtn", "bits": 4, "group_size": 16}})
     result = moecompress.compress(str(tmp_path / "src"), recipe, tmp_path / "w4", progress=False)

@@ -26,7 +26,9 @@ def test_packed_tensor_round_trip_dequantizes_identically(bits):
     w = torch.randn(64, 300)
     qt = quantize_rtn(w, QuantFormat(bits, 128))
     back = unpack(pack(qt))
-    assert torch.equal(back.codes, qt.codes) and torch.equal(back.scales, qt.scales) and torch.equal(back.zeros, qt.zeros)
+    assert (
+        torch.equal(back.codes, qt.codes) and torch.equal(back.scales, qt.scales) and torch.equal(back.zeros, qt.zeros)
+    )
     assert torch.equal(back.dequantize(), qt.dequantize())
 
 

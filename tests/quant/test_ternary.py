@@ -41,7 +41,10 @@ def test_ternary_codes_scales_and_packed_round_trip(group_size, packing):
 def test_lsq_scales_never_lose_to_absmean_and_both_beat_nothing():
     w = torch.randn(64, 256) * torch.rand(64, 1)
     fmt = QuantFormat.make_ternary(128)
-    errors = {m: float((quantize_ternary(w, fmt, m).dequantize() - w).pow(2).sum() / w.pow(2).sum()) for m in ("absmean", "lsq")}
+    errors = {
+        m: float((quantize_ternary(w, fmt, m).dequantize() - w).pow(2).sum() / w.pow(2).sum())
+        for m in ("absmean", "lsq")
+    }
     assert errors["lsq"] <= errors["absmean"] < 0.35
     # absmean is BitNet's mean |w| per group
     assert torch.allclose(ternary_scales(w, fmt, "absmean"), w.abs().reshape(64, 2, 128).mean(-1), rtol=1e-3)

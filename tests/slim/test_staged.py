@@ -23,13 +23,23 @@ def test_taylor_slimming_to_half_width_beats_cutting_random_neurons(tiny_text_pa
     require_shared(CALIB)
     require_shared(WIKI)
     loaded = load_model(str(tiny_text_path))
-    calib = calibration_batches(loaded, Recipe.from_dict({"calibration": {"dataset": str(CALIB), "num_samples": 16, "seq_len": 256, "batch_size": 4}}))
-    held_out = calibration_batches(loaded, Recipe.from_dict({"calibration": {"dataset": str(WIKI), "num_samples": 8, "seq_len": 256, "batch_size": 4}}))
+    calib = calibration_batches(
+        loaded,
+        Recipe.from_dict({"calibration": {"dataset": str(CALIB), "num_samples": 16, "seq_len": 256, "batch_size": 4}}),
+    )
+    held_out = calibration_batches(
+        loaded,
+        Recipe.from_dict({"calibration": {"dataset": str(WIKI), "num_samples": 8, "seq_len": 256, "batch_size": 4}}),
+    )
     baseline = _lm_loss(loaded.model, held_out)
     scores = neuron_scores(loaded.model, loaded.adapter, calib)
     random_cut = load_model(str(tiny_text_path))
     g = torch.Generator().manual_seed(0)
-    cut_experts(random_cut.model, random_cut.adapter, [torch.stack([torch.randperm(256, generator=g)[:128].sort().values for _ in range(16)]) for _ in scores])
+    cut_experts(
+        random_cut.model,
+        random_cut.adapter,
+        [torch.stack([torch.randperm(256, generator=g)[:128].sort().values for _ in range(16)]) for _ in scores],
+    )
     cut_experts(loaded.model, loaded.adapter, [top_neurons(s, 128) for s in scores])
     assert loaded.model.config.moe_intermediate_size == 128
     taylor_loss, random_loss = _lm_loss(loaded.model, held_out), _lm_loss(random_cut.model, held_out)
@@ -39,13 +49,17 @@ def test_taylor_slimming_to_half_width_beats_cutting_random_neurons(tiny_text_pa
 def _tiny():
     model = tiny_model("qwen3_moe")
     g = torch.Generator().manual_seed(3)
-    data = [CalibrationBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}) for ids in
-            (torch.randint(0, model.config.vocab_size, (2, 24), generator=g) for _ in range(3))]
+    data = [
+        CalibrationBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        for ids in (torch.randint(0, model.config.vocab_size, (2, 24), generator=g) for _ in range(3))
+    ]
     return model, get_adapter("qwen3_moe"), data
 
 
 def test_an_interrupted_staged_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    config = SlimConfig(enabled=True, target=0.5, stages=2, multiple_of=4, steps_per_stage=3, lr=1e-3, checkpoint_every=1)
+    config = SlimConfig(
+        enabled=True, target=0.5, stages=2, multiple_of=4, steps_per_stage=3, lr=1e-3, checkpoint_every=1
+    )
     teacher, adapter, data = _tiny()
     uninterrupted, _, _ = _tiny()
     report = slim_experts(uninterrupted, adapter, teacher, data, data, config, tmp_path / "a", "job", progress=False)
@@ -76,10 +90,13 @@ def test_an_interrupted_staged_run_resumes_to_the_same_weights(tmp_path, monkeyp
 
 def test_a_slimmed_and_quantized_model_saves_and_loads_at_its_new_width(tiny_text_path, tmp_path):
     require_shared(CALIB)
-    recipe = Recipe.from_dict({
-        "name": "slim-w4", "calibration": {"dataset": str(CALIB), "num_samples": 8, "seq_len": 128, "batch_size": 4},
-        "slim": {"enabled": True, "target": 0.5, "stages": 1, "steps_per_stage": 0},
-    })
+    recipe = Recipe.from_dict(
+        {
+            "name": "slim-w4",
+            "calibration": {"dataset": str(CALIB), "num_samples": 8, "seq_len": 128, "batch_size": 4},
+            "slim": {"enabled": True, "target": 0.5, "stages": 1, "steps_per_stage": 0},
+        }
+    )
     result = moecompress.compress(str(tiny_text_path), recipe, output=tmp_path / "m", progress=False)
     assert result.report.slim["final_width"] == 128
     assert result.report.expert_params == 4 * 16 * 3 * 256 * 128

@@ -25,9 +25,13 @@ def ternary_student(teacher):
     student = copy.deepcopy(teacher)
     adapter = get_adapter(student.config.model_type)
     for view in adapter.moe_blocks(student):
-        packed = [{p: pack(quantize_rtn(view.expert_weights(e)[p].detach(), TERNARY)) for p in PROJECTIONS}
-                  for e in range(view.num_experts)]
-        install_packed_experts(view, packed, [ExpertQuantReport(view.layer_index, e, 0, "rtn") for e in range(view.num_experts)])
+        packed = [
+            {p: pack(quantize_rtn(view.expert_weights(e)[p].detach(), TERNARY)) for p in PROJECTIONS}
+            for e in range(view.num_experts)
+        ]
+        install_packed_experts(
+            view, packed, [ExpertQuantReport(view.layer_index, e, 0, "rtn") for e in range(view.num_experts)]
+        )
     return student, adapter
 
 
@@ -89,7 +93,9 @@ def test_an_interrupted_recovery_resumes_to_the_uninterrupted_result(tmp_path):
     vocab = teacher.config.vocab_size
     uninterrupted, _ = run(teacher, batches(vocab), steps=6)
     with pytest.raises(IndexError):
-        run(teacher, batches(vocab, poison_at=3), steps=6, state_dir=tmp_path)  # crashes at step 3; state of step 2 kept
+        run(
+            teacher, batches(vocab, poison_at=3), steps=6, state_dir=tmp_path
+        )  # crashes at step 3; state of step 2 kept
     resumed, report = run(teacher, batches(vocab), steps=6, state_dir=tmp_path)
     assert report.resumed_from == 2
     for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()):
