@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -360,7 +362,7 @@ def _distill_teacher(ctx: RunContext, stage: str, source: str | None = None) -> 
     layers that do not fit to `<output>.<stage>-state/teacher-offload/` (no second float32 copy of the model)."""
     views = ctx.loaded.adapter.moe_blocks(ctx.loaded.model)
     expert_params = sum(v.num_experts * sum(v.expert_weights(0)[p].numel() for p in PROJECTIONS) for v in views)
-    folder = ctx.state_dir(stage) or Path(tempfile.gettempdir()) / f"moecompress-{os.getpid()}"
+    folder = ctx.state_dir(stage) or Path(tempfile.gettempdir()) / f"moecompress-{os.getpid()}-{stage}"
     placement = teacher_placement(
         2 * parameter_count(source or ctx.loaded.source),
         12 * expert_params,
@@ -368,8 +370,12 @@ def _distill_teacher(ctx: RunContext, stage: str, source: str | None = None) -> 
         ctx.recipe.device,
     )
     if source is None:
-        return load_model(ctx.loaded.source, torch.bfloat16, trust_remote_code=ctx.trust_remote_code, **placement)
-    return _load_teacher(source, ctx.trust_remote_code, placement)
+        teacher = load_model(ctx.loaded.source, torch.bfloat16, trust_remote_code=ctx.trust_remote_code, **placement)
+    else:
+        teacher = _load_teacher(source, ctx.trust_remote_code, placement)
+    if ctx.state_dir(stage) is None:  # no output, no state folder: the offloaded weights go with the teacher
+        weakref.finalize(teacher.model, shutil.rmtree, folder, True)
+    return teacher
 
 
 def _load_teacher(source: str, trust_remote_code: bool, placement: dict) -> LoadedModel:

@@ -7,9 +7,10 @@ from .registry import register_adapter
 
 @register_adapter
 class GraniteMoeAdapter(ModelAdapter):
-    """Granite-MoE: top-k of the router logits, softmax over the k chosen."""
+    """Granite-MoE (and Granite-MoE-Shared, whose shared MLP sits beside the block): top-k of the router logits,
+    softmax over the k chosen."""
 
-    model_types = ("granitemoe",)
+    model_types = ("granitemoe", "granitemoeshared")
     block_name = "block_sparse_moe"
     router_name = "router"
     num_experts_key = "num_local_experts"

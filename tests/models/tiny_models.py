@@ -119,6 +119,7 @@ CONFIGS = {
         v_head_dim=16,
         num_hidden_layers=3,
     ),
+    "granitemoeshared": dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=48),
     "minimax_m2": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16),
     "ernie4_5_moe": dict(
         moe_num_experts=8,
