@@ -339,7 +339,7 @@ def _fit_learned(controller: SkipController, batches, config: SkipConfig, progre
     model = controller.model
     device = next(model.parameters()).device
     for view in controller.views:
-        view.block.skip_predictor = SkipPredictor(view.router.weight.shape[1], view.top_k).to(device)
+        view.block.skip_predictor = SkipPredictor(view.hidden_size, view.top_k).to(device)
     model.requires_grad_(False)
     params = [p for predictor in controller.predictors for p in predictor.parameters()]
     for p in params:
@@ -442,4 +442,4 @@ def install_skipping(model: nn.Module, adapter: ModelAdapter, rule: SkipRule) ->
 def add_predictor_modules(model: nn.Module, adapter: ModelAdapter) -> None:
     """Empty learned-mask predictors on every MoE block, for a checkpoint's weights to load into."""
     for view in adapter.moe_blocks(model):
-        view.block.skip_predictor = SkipPredictor(view.router.weight.shape[1], view.top_k)
+        view.block.skip_predictor = SkipPredictor(view.hidden_size, view.top_k)

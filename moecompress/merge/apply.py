@@ -125,7 +125,7 @@ def _all_expert_outputs(view: MoEBlockView, x: torch.Tensor) -> torch.Tensor:
 def merge_block(view: MoEBlockView, observer: ExpertObserver, config: MergeConfig) -> LayerReduction:
     """Replace the block's experts by cluster merges (or drop pruned ones) and update its router."""
     E, k = view.num_experts, config.kept(view.num_experts, view.top_k)
-    x = _sample(observer, config.sample_tokens, view.router.weight.device)
+    x = _sample(observer, config.sample_tokens, view.device)
     outputs = _all_expert_outputs(view, x.float())
     freqs = expert_frequencies(observer, config.modality_weights)
     originals = [view.expert_weights(e) for e in range(E)]

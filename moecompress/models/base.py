@@ -55,6 +55,15 @@ class MoEBlockView:
         return int(self.router.weight.shape[0])
 
     @property
+    def hidden_size(self) -> int:
+        return int(self.router.weight.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        """Where the block computes (its router's device)."""
+        return self.router.weight.device
+
+    @property
     def top_k(self) -> int:
         return int(self.router.top_k)
 

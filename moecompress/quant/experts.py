@@ -66,7 +66,7 @@ def expert_hessians(
     if own < rare.min_tokens and rare.policy == "rtn":
         return None
     if own < rare.min_tokens and rare.policy == "pool":
-        pool = observer.reservoir_tokens()[: rare.min_tokens - own].to(view.router.weight.device)
+        pool = observer.reservoir_tokens()[: rare.min_tokens - own].to(view.device)
         if pool.numel():
             mid, _ = view.expert_forward(expert, pool)
             h_in = pool.T @ pool if h_in is None else h_in + pool.T @ pool
