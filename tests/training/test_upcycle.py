@@ -6,20 +6,12 @@ from moecompress.errors import UnsupportedModelError
 from moecompress.models import get_adapter
 from moecompress.training.upcycle import upcycle_dense_to_mote
 
-from ..models.tiny_models import tiny_model
+from ..models.tiny_models import COMMON, tiny_model
 
 
 def tiny_dense():
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    config = Qwen2Config(**COMMON)
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():
