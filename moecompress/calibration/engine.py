@@ -72,9 +72,9 @@ class LayerInputs:
         """An empty container for the next layer's activations (append `held(out)` to it, then `keep` it)."""
         if self.holding.spill_to is None:
             self._sink = []
-        else:  # three generations rotate: a layer's outputs are still read while the next layer's are written
+        else:  # a folder per generation; `keep` deletes each one two generations later
             self._generation += 1
-            self._sink = DiskTensors(self.holding.spill_to / f"generation-{self._generation % 3}", self.device)
+            self._sink = DiskTensors(self.holding.spill_to / f"generation-{self._generation}", self.device)
         return self._sink
 
     def held(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -375,7 +375,11 @@ def run_layerwise(
                 changed = on_moe_layer(view, observer)
                 del observer
                 source.trim()
-                inputs.keep(forward_layer(layer, adapter, index, inputs) if changed else outputs)
+                if changed:  # the outputs of the layer before the change are stale
+                    if isinstance(outputs, DiskTensors):
+                        outputs.remove()
+                    outputs = forward_layer(layer, adapter, index, inputs)
+                inputs.keep(outputs)
             if on_layer_done is not None:
                 on_layer_done(index, layer, inputs.hidden)
             source.release_layer(index, changed=keep_changes and changed)

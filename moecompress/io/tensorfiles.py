@@ -4,6 +4,7 @@ files), so that assembling a multi-GB shard never holds more than one tensor in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -185,8 +186,10 @@ class DiskTensors:
                 yield f.get_tensor(t.name)
 
     def remove(self) -> None:
-        """Delete the files this list wrote (never those of a view)."""
+        """Delete the files this list wrote and its folder (never those of a view)."""
         if self.folder is not None:
             for t in self.entries:
                 t.file.unlink(missing_ok=True)
             self.entries = []
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
