@@ -120,6 +120,7 @@ CONFIGS = {
         num_hidden_layers=3,
     ),
     "granitemoeshared": dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=48),
+    "phimoe": dict(num_local_experts=8, num_experts_per_tok=2),
     "minimax_m2": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16),
     "ernie4_5_moe": dict(
         moe_num_experts=8,
