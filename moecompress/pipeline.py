@@ -144,7 +144,7 @@ def _state_memory_need(source: str, recipe: Recipe, trust_remote_code: bool, cou
     params = parameter_count(source)
     if training and params:
         skeleton = open_streamed(source, trust_remote_code=trust_remote_code)
-        experts = sum(p.numel() for v in skeleton.adapter.moe_blocks(skeleton.model) for p in v.experts.parameters())
+        experts = sum(v.expert_params for v in skeleton.adapter.moe_blocks(skeleton.model))
         teacher = (
             parameter_count(recipe.recovery.teacher) if "recovery" in training and recipe.recovery.teacher else params
         )

@@ -25,7 +25,7 @@ from .errors import ModelLoadError, UnsupportedModelError
 from .io.checkpoint import persistent_state
 from .io.layer_store import LayerStore
 from .models import LoadedModel, MoEBlockView, get_adapter, load_model
-from .models.base import PROJECTIONS, ModelAdapter
+from .models.base import ModelAdapter
 from .models.streaming import parameter_count
 from .quant.experts import (
     ExpertQuantReport,
@@ -360,8 +360,7 @@ def _distill_teacher(ctx: RunContext, stage: str, source: str | None = None) -> 
     """The teacher of a distillation stage in bfloat16: `source` (any causal LM) or the model being compressed. It
     stays whole on the device when it fits next to the optimizer states still to come, else accelerate offloads the
     layers that do not fit to `<output>.<stage>-state/teacher-offload/` (no second float32 copy of the model)."""
-    views = ctx.loaded.adapter.moe_blocks(ctx.loaded.model)
-    expert_params = sum(v.num_experts * sum(v.expert_weights(0)[p].numel() for p in PROJECTIONS) for v in views)
+    expert_params = sum(v.expert_params for v in ctx.loaded.adapter.moe_blocks(ctx.loaded.model))
     folder = ctx.state_dir(stage) or Path(tempfile.gettempdir()) / f"moecompress-{os.getpid()}-{stage}"
     placement = teacher_placement(
         2 * parameter_count(source or ctx.loaded.source),

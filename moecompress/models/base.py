@@ -55,6 +55,11 @@ class MoEBlockView:
         return int(self.router.weight.shape[0])
 
     @property
+    def expert_params(self) -> int:
+        """Weights of the routed experts (as float matrices, however they are stored)."""
+        return self.num_experts * sum(self.expert_weights(0)[p].numel() for p in PROJECTIONS)
+
+    @property
     def hidden_size(self) -> int:
         return int(self.router.weight.shape[1])
 

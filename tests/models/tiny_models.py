@@ -13,6 +13,18 @@ COMMON = dict(
     max_position_embeddings=128,
 )
 
+# DeepSeek-V3-style sigmoid group-limited routing with a shared expert and one dense first layer
+GROUPED = dict(
+    moe_intermediate_size=32,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    num_hidden_layers=3,
+)
+
 CONFIGS = {
     "qwen3_moe": dict(moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, head_dim=16),
     "qwen2_moe": dict(
@@ -21,31 +33,14 @@ CONFIGS = {
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
     "olmoe": dict(num_experts=8, num_experts_per_tok=2),
     "deepseek_v3": dict(
-        moe_intermediate_size=32,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
+        **GROUPED,
         q_lora_rank=32,
         kv_lora_rank=16,
         qk_rope_head_dim=8,
         qk_nope_head_dim=8,
         v_head_dim=16,
-        num_hidden_layers=3,
     ),
-    "glm4_moe": dict(
-        moe_intermediate_size=32,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        num_hidden_layers=3,
-        head_dim=16,
-    ),
+    "glm4_moe": dict(**GROUPED, head_dim=16),
     "exaone_moe": dict(
         moe_intermediate_size=32,
         num_experts=8,
@@ -59,17 +54,7 @@ CONFIGS = {
         sliding_window=8,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
     ),
-    "dots1": dict(
-        moe_intermediate_size=32,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        num_hidden_layers=3,
-        head_dim=16,
-    ),
+    "dots1": dict(**GROUPED, head_dim=16),
     "minimax": dict(
         num_local_experts=8,
         num_experts_per_tok=2,
