@@ -194,7 +194,7 @@ class QuantizeStage:
         def quantize_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
             formats = ctx.plan.layer_formats(view.layer_index)
             packed[view.layer_index], reports[view.layer_index] = quantize_block_experts(
-                view, observer, formats, q.method, gptq, rare
+                view, observer, formats, q.method, gptq, rare, loaded.trim
             )
             return True
 

@@ -19,7 +19,7 @@ from ..io.tensorfiles import DiskTensors
 from ..models.base import MODALITIES, ModelAdapter, MoEBlockView
 from ..models.loading import LoadedModel
 from .data import CalibrationBatch
-from .stats import ExpertStats
+from .stats import ExpertStats, GramSums
 
 
 class _StopForward(Exception):
@@ -209,8 +209,7 @@ class ExpertObserver:
         self.drop_loss = torch.zeros(E, M, dtype=torch.float64)
         self.total_tokens = torch.zeros(M, dtype=torch.float64)
         self.block_output_norm_sum = torch.zeros(M, dtype=torch.float64)
-        self.hessian_in: dict[int, torch.Tensor] = {}
-        self.hessian_mid: dict[int, torch.Tensor] = {}
+        self.hessian_in, self.hessian_mid = GramSums(), GramSums()
         self.reservoir: list[torch.Tensor] = []
         self._reservoir_rate = min(1.0, reservoir_size / max(total_tokens, 1))
         self._generator = torch.Generator().manual_seed(seed)
@@ -242,8 +241,8 @@ class ExpertObserver:
             self.weight_sum[e] += torch.bincount(m, weights=w, minlength=M).double().cpu()
             self.output_norm_sum[e] += torch.bincount(m, weights=contribution.pow(2).sum(1), minlength=M).double().cpu()
             if self.collect_hessians:
-                self._accumulate(self.hessian_in, e, xe)
-                self._accumulate(self.hessian_mid, e, mid)
+                self.hessian_in.add(e, xe)
+                self.hessian_mid.add(e, mid)
             for collector in self.collectors:
                 collector.observe_expert(self.view, e, xe, w, out)
         self.total_tokens += torch.bincount(modality, minlength=M).double().cpu()
@@ -253,14 +252,6 @@ class ExpertObserver:
         n_keep = math.ceil(self._reservoir_rate * x.shape[0])
         picks = torch.randperm(x.shape[0], generator=self._generator)[:n_keep]
         self.reservoir.append(x[picks.to(x.device)].cpu())
-
-    @staticmethod
-    def _accumulate(store: dict[int, torch.Tensor], e: int, x: torch.Tensor) -> None:
-        gram = x.T @ x
-        if e in store:
-            store[e] += gram
-        else:
-            store[e] = gram
 
     def _observe_drop_loss(self, x, modality, weights, indices, routed) -> None:
         """||Z - Z_-e||^2 where only the tokens routed to e change: they are re-routed without e."""
@@ -375,9 +366,10 @@ def run_layerwise(
                 changed = on_moe_layer(view, observer)
                 del observer
                 source.trim()
-                if changed:  # the outputs of the layer before the change are stale
+                if changed:  # the outputs of the layer before the change are stale: freed before recomputing
                     if isinstance(outputs, DiskTensors):
                         outputs.remove()
+                    del outputs
                     outputs = forward_layer(layer, adapter, index, inputs)
                 inputs.keep(outputs)
             if on_layer_done is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,51 @@ from ..models.base import MODALITIES
 
 _TENSOR_FIELDS = ("tokens", "weight_sum", "output_norm_sum", "drop_loss", "total_tokens", "block_output_norm_sum")
 _PROFILE_FIELDS = ("quant_error", "profile_tokens")
+
+
+class GramSums:
+    """Per-expert sums of x^T x over the tokens routed to each expert (GPTQ's input Hessians), held as their lower
+    triangles: half the memory of full matrices (Qwen3-30B-A3B: 1.2 GB less per layer). `pop` rebuilds the full
+    symmetric matrix; GPTQ's Cholesky reads only the lower triangle, so it sees the same numbers as before."""
+
+    def __init__(self):
+        self._lower: dict[int, torch.Tensor] = {}
+        self._index: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _flat(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat positions of the lower triangle of an n x n matrix, and of its mirror image."""
+        key = (n, str(device))
+        if key not in self._index:
+            row, col = torch.tril_indices(n, n, device=device)
+            self._index[key] = (row * n + col, col * n + row)
+        return self._index[key]
+
+    def add(self, expert: int, x: torch.Tensor) -> None:
+        lower = (x.T @ x).view(-1)[self._flat(x.shape[1], x.device)[0]]
+        if expert in self._lower:
+            self._lower[expert] += lower
+        else:
+            self._lower[expert] = lower
+
+    def __contains__(self, expert: int) -> bool:
+        return expert in self._lower
+
+    def full(self, expert: int) -> torch.Tensor | None:
+        lower = self._lower.get(expert)
+        if lower is None:
+            return None
+        n = math.isqrt(8 * lower.numel() + 1) // 2  # n (n + 1) / 2 = numel
+        out = torch.empty(n * n, dtype=lower.dtype, device=lower.device)
+        below, above = self._flat(n, lower.device)
+        out[above] = lower
+        out[below] = lower
+        return out.view(n, n)
+
+    def pop(self, expert: int) -> torch.Tensor | None:
+        """The full sum for `expert`, forgotten here (each expert's is freed as GPTQ uses it)."""
+        full = self.full(expert)
+        self._lower.pop(expert, None)
+        return full
 
 
 @dataclass

@@ -236,14 +236,17 @@ def _cast(module: nn.Module, dtype: torch.dtype, skip: nn.Module | None = None) 
     """Loaded floating parameters and persistent buffers to `dtype`, in place (non-persistent buffers, such as
     rotary tables computed at init, keep theirs, as in `from_pretrained`)."""
     inside = {id(t) for t in skip.parameters()} | {id(t) for t in skip.buffers()} if skip is not None else set()
+    todo = []
     for sub in module.modules():
-        tensors = [(sub._parameters, n) for n in sub._parameters] + [
-            (sub._buffers, n) for n in sub._buffers if n not in sub._non_persistent_buffers_set
+        todo += [sub._parameters[n] for n in sub._parameters] + [
+            sub._buffers[n] for n in sub._buffers if n not in sub._non_persistent_buffers_set
         ]
-        for store, name in tensors:
-            t = store[name]
-            if t is not None and id(t) not in inside and t.is_floating_point() and t.dtype != dtype and not t.is_meta:
-                t.data = t.data.to(dtype)
+    todo = [t for t in todo if t is not None and id(t) not in inside and t.is_floating_point() and not t.is_meta]
+    # smallest first: those are still views of the memory-mapped source (the stacked experts are copies), and
+    # once they are cast the mapping goes, before the large casts double the experts' memory
+    for t in sorted(todo, key=torch.Tensor.numel):
+        if t.dtype != dtype:
+            t.data = t.data.to(dtype)
 
 
 def _trim_heap() -> None:

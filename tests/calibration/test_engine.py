@@ -3,7 +3,10 @@ import torch
 
 from moecompress.calibration.data import CalibrationBatch
 from moecompress.calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
+from moecompress.calibration.stats import GramSums
 from moecompress.models import get_adapter
+from moecompress.quant.gptq import quantize_gptq
+from moecompress.quant.qtensor import QuantFormat
 
 from ..models.tiny_models import CONFIGS, tiny_model
 
@@ -62,7 +65,7 @@ def test_observer_counts_and_hessians_match_the_routing():
         tok = (indices == e).any(1)
         assert observer.tokens[e, 1] == (tok & image).sum()
         if tok.any():
-            torch.testing.assert_close(observer.hessian_in[e], x[tok].T @ x[tok], rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(observer.hessian_in.full(e), x[tok].T @ x[tok], rtol=1e-4, atol=1e-3)
             torch.testing.assert_close(
                 observer.weight_sum[e].sum().float(), weights[indices == e].sum(), rtol=1e-5, atol=1e-5
             )
@@ -117,3 +120,27 @@ def test_error_profile_is_the_block_output_error_of_rtn():
         expected = (w * (view.expert_forward(e, x[tok], replaced)[1] - y)).pow(2).sum()
         assert float(profile.quant_error[e, 0, v]) == pytest.approx(float(expected), rel=1e-4)
         assert expected > 0
+
+
+def test_gram_sums_hold_half_and_give_back_the_full_sums_gptq_needs():
+    gen = torch.Generator().manual_seed(3)
+    sums, reference = GramSums(), {}
+    for _ in range(3):
+        for e, n in ((0, 48), (5, 17)):
+            x = torch.randn(n, 32, generator=gen)
+            sums.add(e, x)
+            reference[e] = reference.get(e, 0) + x.double().T @ x.double()
+    assert sums._lower[0].numel() == 32 * 33 // 2
+    full = sums.full(0)
+    assert torch.equal(full, full.T)
+    for e in (0, 5):
+        err = (sums.full(e).double() - reference[e]).norm() / reference[e].norm()
+        assert err < 1e-6
+    w = torch.randn(24, 32, generator=gen)
+    gram = torch.randn(200, 32, generator=gen)
+    gram = gram.T @ gram  # not exactly symmetric in float32: GPTQ reads its lower triangle only
+    single = GramSums()
+    single._lower[0] = gram.view(-1)[single._flat(32, gram.device)[0]].clone()
+    fmt = QuantFormat(bits=4, group_size=16, sym=False)
+    assert torch.equal(quantize_gptq(w, single.pop(0), fmt).codes, quantize_gptq(w, gram, fmt).codes)
+    assert sums.pop(0) is not None and 0 not in sums and sums.pop(0) is None
