@@ -112,21 +112,23 @@ def tensor_hashes(folder: Path) -> dict[str, str]:
     return hashes
 
 
-def load_rss(ckpt: Path) -> tuple[float, float, dict[str, float]]:
-    """Peak RSS (GB) of a process that only imports moecompress, and of one that loads `ckpt` (warm in the page
-    cache, the worst case) and runs three tokens through it (inference: no autograd), with that process's final
-    anonymous and file-backed resident GB (the packed tensors are used in place from the mapped checkpoint)."""
+def load_rss(ckpt: Path, dtype: str) -> dict[str, float]:
+    """Peak RSS (GB) of a process that loads `ckpt` (warm in the page cache, the worst case) with `dtype` for the
+    unquantized weights: right after `moecompress.load`, and after a 256-token forward (inference, no autograd)
+    that routes to every expert, with that process's final anonymous and file-backed resident GB (the packed
+    tensors are used in place from the mapped checkpoint, so pages of the experts used count as file-backed)."""
     warm(ckpt)
-    base = ["import moecompress, torch"]
-    load = [
-        "import moecompress, torch; m = moecompress.load(sys.argv[1]); torch.set_grad_enabled(False); "
-        "m(input_ids=torch.tensor([[1, 2, 3]])); s = open('/proc/self/status').read(); "
-        "print('RSS', *(s.split(k + ':')[1].split()[0] for k in ('RssAnon', 'RssFile')), file=sys.stderr)",
-        str(ckpt),
-    ]
-    _, peak, _, err = run(load)
-    anon, file = (int(v) / 1e6 for v in next(line for line in err.splitlines() if line.startswith("RSS ")).split()[1:])
-    return run(base)[1], peak, {"anonymous": anon, "file-backed": file}
+    code = (
+        "import moecompress, torch; status = lambda: open('/proc/self/status').read(); "
+        f"m = moecompress.load(sys.argv[1], dtype=torch.{dtype}); torch.set_grad_enabled(False); "
+        "print('LOADED', status().split('VmHWM:')[1].split()[0], file=sys.stderr); "
+        "m(input_ids=torch.randint(0, m.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))); "
+        "print('RSS', *(status().split(k + ':')[1].split()[0] for k in ('RssAnon', 'RssFile')), file=sys.stderr)"
+    )
+    _, peak, _, err = run([code, str(ckpt)])
+    lines = {line.split()[0]: line.split()[1:] for line in err.splitlines() if line.startswith(("LOADED ", "RSS "))}
+    anon, file = (int(v) / 1e6 for v in lines["RSS"])
+    return {"loaded": int(lines["LOADED"][0]) / 1e6, "peak": peak, "anonymous": anon, "file-backed": file}
 
 
 def print_targets(rows: list[dict]) -> None:
@@ -223,14 +225,20 @@ def main() -> None:
 
     w4 = next((r for r in reversed(rows) if r["method"] == "rtn" and r["engine"] == "streamed"), None)
     if w4 is not None:
-        base, peak, resident = load_rss(w4["out"])
         packed = folder_bytes(w4["out"]) / 1e9
+        base = run(["import moecompress, torch"])[1]
         print(
-            f"moecompress.load of the {w4['layers']}-layer w4 output: peak RSS {peak:.2f} GB, packed on disk "
-            f"{packed:.2f} GB: {peak / packed:.2f}x (target < 1.5x); python+torch+moecompress alone {base:.2f} GB; "
-            f"at the end {resident['anonymous']:.2f} GB anonymous + {resident['file-backed']:.2f} GB of mapped "
-            "checkpoint pages"
+            f"\nmoecompress.load of the {w4['layers']}-layer w4 output ({packed:.2f} GB packed on disk; python+torch+"
+            f"moecompress alone {base:.2f} GB), target < 1.5x:"
         )
+        print("| dtype | peak after load GB | x packed | peak after a 256-token forward GB | x packed | anon / file GB |")
+        print("|---|---|---|---|---|---|")
+        for dtype in ("float32", "bfloat16"):
+            r = load_rss(w4["out"], dtype)
+            print(
+                f"| {dtype} | {r['loaded']:.2f} | {r['loaded'] / packed:.2f}x | {r['peak']:.2f} | "
+                f"{r['peak'] / packed:.2f}x | {r['anonymous']:.2f} / {r['file-backed']:.2f} |"
+            )
 
 
 if __name__ == "__main__":
