@@ -231,7 +231,9 @@ def main() -> None:
             f"\nmoecompress.load of the {w4['layers']}-layer w4 output ({packed:.2f} GB packed on disk; python+torch+"
             f"moecompress alone {base:.2f} GB), target < 1.5x:"
         )
-        print("| dtype | peak after load GB | x packed | peak after a 256-token forward GB | x packed | anon / file GB |")
+        print(
+            "| dtype | peak after load GB | x packed | peak after a 256-token forward GB | x packed | anon / file GB |"
+        )
         print("|---|---|---|---|---|---|")
         for dtype in ("float32", "bfloat16"):
             r = load_rss(w4["out"], dtype)

@@ -118,8 +118,6 @@ class ModelAdapter:
     is_multimodal = False
     block_name = "mlp"  # the decoder layer's attribute holding the sparse MoE block
     router_name = "gate"  # the block's attribute holding the router
-    # Modules kept in full precision by default, as in GPTQ tools and compressed-tensors.
-    default_ignore: tuple[str, ...] = ("lm_head",)
 
     def text_model(self, model: nn.Module) -> nn.Module:
         return model.model
@@ -200,3 +198,21 @@ class ModelAdapter:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM
+
+
+class VisionLanguageAdapter(ModelAdapter):
+    """Base of the adapters whose MoE text decoder (`model.model.language_model`) sits behind a vision tower and
+    whose image positions hold `config.image_token_id`; list it first: `class A(VisionLanguageAdapter, TextAdapter)`."""
+
+    is_multimodal = True
+
+    def text_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def image_token_mask(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == model.config.image_token_id
+
+    def auto_model_class(self):
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText

@@ -9,7 +9,6 @@ class Qwen2MoeAdapter(ModelAdapter):
     """Qwen2-MoE: softmax router plus an always-on shared expert scaled by sigmoid(shared_expert_gate(x))."""
 
     model_types = ("qwen2_moe",)
-    default_ignore = ("lm_head", "shared_expert_gate")
 
     def shared_experts(self, block: nn.Module) -> nn.Module | None:
         return block.shared_expert

@@ -28,11 +28,13 @@ def test_layerwise_walk_reproduces_the_real_forward_at_every_layer(model_type, o
     """Each decoder layer runs with its own arguments: Qwen2-MoE with (sliding, full, full) attention too, where
     reusing layer 0's sliding-window mask was off by 39% at layer 1."""
     model = tiny_model(model_type, **overrides)
+    adapter = get_adapter(model_type)
+    text = adapter.text_model(model)
     data = batches(n=2, seq=40)
     walked = {}
     run_layerwise(
         model,
-        get_adapter(model_type),
+        adapter,
         data,
         lambda view, observer: False,
         progress=False,
@@ -46,9 +48,60 @@ def test_layerwise_walk_reproduces_the_real_forward_at_every_layer(model_type, o
             error = float((walked[index][b].double() - reference).norm() / reference.norm())
             assert error < 1e-5, f"layer {index}: relative error {error:.2e}"
         with torch.no_grad():
-            norm = getattr(model.model, "norm", None) or model.model.final_layernorm
+            norm = getattr(text, "norm", None) or text.final_layernorm
             last = norm(walked[len(walked) - 1][b]).double()
         assert float((last - real[-1].double()).norm() / real[-1].double().norm()) < 1e-5
+
+
+def image_batch(model, seed=0) -> CalibrationBatch:
+    """Two sequences with one 4 x 4-patch image each (4 image tokens after the 2 x 2 merge) among text tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    vision, config = model.config.vision_config, model.config
+    start = getattr(config, "image_start_token_id", None) or config.vision_start_token_id
+    end = getattr(config, "image_end_token_id", None) or config.vision_end_token_id
+    image = [start] + [config.image_token_id] * 4 + [end]
+    ids = torch.stack([torch.tensor(row) for row in ([5, 6] + image + [7, 8], [9] + image + [10, 11, 12])])
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(2 * 16, patch, generator=gen),
+        "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]]),
+        "mm_token_type_ids": (ids == config.image_token_id).long(),
+    }
+    return CalibrationBatch(inputs, ids == config.image_token_id)
+
+
+@pytest.mark.parametrize("model_type", ["glm4v_moe", "qwen3_5_moe"])
+def test_vision_language_walk_sees_the_images(model_type):
+    """With pixels in the batch, the layer-wise walk reproduces the model's own forward (vision features merged at the
+    image positions, multimodal rotary positions) and every MoE layer counts each image token, top-k times, as image."""
+    model = tiny_model(model_type)
+    adapter = get_adapter(model_type)
+    batch = image_batch(model)
+    walked = {}
+    run_layerwise(
+        model,
+        adapter,
+        [batch],
+        lambda view, observer: False,
+        progress=False,
+        on_layer_done=lambda index, layer, hidden: walked.update({index: list(hidden)}),
+    )
+    text_only = {k: v for k, v in batch.inputs.items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        real = model.model(**batch.inputs, output_hidden_states=True).hidden_states
+        blind = model.model(**text_only, output_hidden_states=True).hidden_states
+    for index in range(len(walked) - 1):
+        reference = real[index + 1].double()
+        assert float((walked[index][0].double() - reference).norm() / reference.norm()) < 1e-5
+    assert float((blind[1] - real[1]).norm() / real[1].norm()) > 1e-2  # the images do change the states
+    stats = collect_expert_stats(model, adapter, [batch], "tiny", measure_drop_loss=False, progress=False)
+    images, top_k = int(batch.image_mask.sum()), adapter.moe_blocks(model)[0].top_k
+    assert images == 8
+    for layer in range(stats.tokens.shape[0]):
+        assert stats.tokens[layer, :, 1].sum() == images * top_k
+        assert stats.tokens[layer, :, 0].sum() == (batch.image_mask.numel() - images) * top_k
 
 
 def test_observer_counts_and_hessians_match_the_routing():

@@ -212,7 +212,8 @@ def test_every_architecture_compresses_streamed_and_reloads_identically_everywhe
     with torch.no_grad():
         reference = model(input_ids=test).logits.double()
         ours = moecompress.load(tmp_path / "w4")(input_ids=test).logits
-        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "w4", dtype=torch.float32)(input_ids=test).logits
+        theirs = get_adapter(model_type).auto_model_class().from_pretrained(tmp_path / "w4", dtype=torch.float32)
+        theirs = theirs(input_ids=test).logits
         for view in get_adapter(model_type).moe_blocks(model):
             view.experts.down_proj.zero_()
         dropped = model(input_ids=test).logits.double()

@@ -1,7 +1,8 @@
-"""Small randomly initialised models of every supported text architecture (for plumbing tests only)."""
+"""Small randomly initialised models of every supported architecture (for plumbing tests only); a vision-language
+one has its MoE decoder in `text_config` and a one-block vision tower."""
 
 import torch
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoModelForImageTextToText
 
 COMMON = dict(
     vocab_size=128,
@@ -118,11 +119,59 @@ CONFIGS = {
     ),
 }
 
+VISION = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=COMMON["hidden_size"])
+IMAGE_TOKENS = dict(image_token_id=120, video_token_id=121)
+
+
+def _mrope(section: list[int], partial: float) -> dict:
+    """Multimodal rotary parameters for a head_dim of 16: `section` sums to 16 x partial / 2."""
+    return {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section, "partial_rotary_factor": partial}
+
+
+CONFIGS.update(
+    {
+        "glm4v_moe": dict(
+            text_config=dict(**GROUPED, head_dim=16, rope_parameters=_mrope([2, 1, 1], 0.5)),
+            vision_config=VISION,
+            **IMAGE_TOKENS,
+            image_start_token_id=122,
+            image_end_token_id=123,
+        ),
+        "qwen3_5_moe": dict(
+            text_config=dict(
+                **CONFIGS["qwen3_next"], rope_parameters={**_mrope([1, 1, 0], 0.25), "mrope_interleaved": True}
+            ),
+            vision_config=dict(**VISION, num_position_embeddings=16),
+            **IMAGE_TOKENS,
+            vision_start_token_id=122,
+            vision_end_token_id=123,
+        ),
+        "kimi_k25": dict(
+            text_config=dict(**CONFIGS["deepseek_v3"], model_type="deepseek_v3"),
+            vision_config=dict(
+                num_hidden_layers=1,
+                hidden_size=32,
+                num_attention_heads=2,
+                intermediate_size=48,
+                pos_emb_height=8,
+                pos_emb_width=8,
+                pos_emb_time=2,
+            ),
+            **IMAGE_TOKENS,
+        ),
+    }
+)
+
 
 def tiny_model(model_type: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    config = CONFIG_MAPPING[model_type](**{**COMMON, **CONFIGS[model_type], **overrides})
-    model = AutoModelForCausalLM.from_config(config).eval()
+    kwargs = CONFIGS[model_type]
+    if "text_config" in kwargs:
+        text = {**COMMON, **kwargs["text_config"], **overrides}
+        model = AutoModelForImageTextToText.from_config(CONFIG_MAPPING[model_type](**{**kwargs, "text_config": text}))
+    else:
+        model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**{**COMMON, **kwargs, **overrides}))
+    model.eval()
     with torch.no_grad():
         for _name, p in model.named_parameters():
             if p.dim() >= 2:
