@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,7 +75,12 @@ def warm(folder: Path) -> None:
                 pass
 
 
-def compress(src: Path, out: Path, method: str, extra: list[str] = (), kill_when: Path | None = None) -> dict:
+def compress(
+    src: Path, out: Path, method: str, extra: list[str] = (), kill_when: Path | None = None, resume: bool = False
+) -> dict:
+    """One CLI run; unless `resume`, the state an interrupted earlier run left is deleted first (it would resume)."""
+    if not resume:
+        shutil.rmtree(Path(str(out) + ".compress-state"), ignore_errors=True)
     warm(src)
     report = out.with_suffix(".json")
     argv = [
@@ -168,7 +174,7 @@ def kill_check(src: Path, n: int, work: Path) -> None:
     state = Path(str(killed) + ".compress-state")
     r = compress(src, killed, "gptq", kill_when=state / f"layer-{n // 2:05d}.json")
     done = len(list(state.glob("layer-*.json")))
-    resumed = compress(src, killed, "gptq")
+    resumed = compress(src, killed, "gptq", resume=True)
     same = tensor_hashes(ref) == tensor_hashes(killed)
     print(
         f"kill test, GPTQ {n} layers: SIGKILLed (exit {r['rc']}) with {done} layers stored; the rerun took "

@@ -136,7 +136,7 @@ def merge_block(view: MoEBlockView, observer: ExpertObserver, config: MergeConfi
         keep = [e for e in range(E) if e not in removed]
         slot_map = torch.full((E,), -1, dtype=torch.long)
         slot_map[keep] = torch.arange(k)
-        _install(view, [originals[e] for e in keep], view.router.weight.data[keep].clone(), None, k)
+        _install(view, [originals[e] for e in keep], view.router_weight.data[keep].clone(), None, k)
         return LayerReduction(view.layer_index, k, slot_map.tolist(), error)
     if config.clustering == "dominant":
         labels = group_around_dominant(outputs.reshape(E, -1), freqs, k, config.max_cluster_size)
@@ -152,7 +152,7 @@ def merge_block(view: MoEBlockView, observer: ExpertObserver, config: MergeConfi
             weights_of = {e: w if e == anchor else align_neurons(originals[anchor], w) for e, w in weights_of.items()}
         merged.append(ExpertWeights(*(_merge([weights_of[e][p] for e in members], f, config) for p in PROJECTIONS)))
         weights = f / f.sum() if float(f.sum()) > 0 else torch.full_like(f, 1 / len(members))
-        rows.append((weights[:, None].to(view.router.weight.dtype) * view.router.weight.data[members]).sum(0))
+        rows.append((weights[:, None].to(view.router_weight.dtype) * view.router_weight.data[members]).sum(0))
     keep_rows = config.router == "keep"
     _install(view, merged, None if keep_rows else torch.stack(rows), labels if keep_rows else None, k)
     return LayerReduction(view.layer_index, k, labels.tolist())
@@ -183,7 +183,7 @@ def _install(
     fused.num_experts = kept
     router = view.router
     if router_rows is not None:
-        router.weight = nn.Parameter(router_rows, requires_grad=False)
+        view.adapter.router_linear(router).weight = nn.Parameter(router_rows, requires_grad=False)
         router.num_experts = kept
         bias = getattr(router, "e_score_correction_bias", None)
         if bias is not None:

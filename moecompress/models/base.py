@@ -51,8 +51,13 @@ class MoEBlockView:
         return self.block.experts
 
     @property
+    def router_weight(self) -> torch.Tensor:
+        """The router's [E, H] matrix, wherever the adapter says the router keeps it."""
+        return self.adapter.router_linear(self.router).weight
+
+    @property
     def num_experts(self) -> int:
-        return int(self.router.weight.shape[0])
+        return int(self.router_weight.shape[0])
 
     @property
     def expert_params(self) -> int:
@@ -61,12 +66,12 @@ class MoEBlockView:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.router.weight.shape[1])
+        return int(self.router_weight.shape[1])
 
     @property
     def device(self) -> torch.device:
         """Where the block computes (its router's device)."""
-        return self.router.weight.device
+        return self.router_weight.device
 
     @property
     def top_k(self) -> int:
@@ -146,6 +151,10 @@ class ModelAdapter:
 
     def norm_topk_prob(self, router: nn.Module) -> bool:
         return bool(getattr(router, "norm_topk_prob", False))
+
+    def router_linear(self, router: nn.Module) -> nn.Module:
+        """The module holding the router's [E, H] `weight` (the router itself unless it wraps a linear)."""
+        return router
 
     def shared_experts(self, block: nn.Module) -> nn.Module | None:
         return None

@@ -54,25 +54,26 @@ def test_layerwise_walk_reproduces_the_real_forward_at_every_layer(model_type, o
 
 
 def image_batch(model, seed=0) -> CalibrationBatch:
-    """Two sequences with one 4 x 4-patch image each (4 image tokens after the 2 x 2 merge) among text tokens."""
+    """Two sequences with one 4 x 4-patch image each (4 image tokens after the 2 x 2 merge) among text tokens, as
+    the model's processor lays them out (Qwen/GLM: flattened patches, start/end tokens and multimodal rotary token
+    types; Kimi: 3 x P x P patches)."""
     gen = torch.Generator().manual_seed(seed)
     vision, config = model.config.vision_config, model.config
-    start = getattr(config, "image_start_token_id", None) or config.vision_start_token_id
-    end = getattr(config, "image_end_token_id", None) or config.vision_end_token_id
-    image = [start] + [config.image_token_id] * 4 + [end]
+    start = getattr(config, "image_start_token_id", None) or getattr(config, "vision_start_token_id", None)
+    end = getattr(config, "image_end_token_id", None) or getattr(config, "vision_end_token_id", None)
+    image = [start] * (start is not None) + [config.image_token_id] * 4 + [end] * (end is not None)
     ids = torch.stack([torch.tensor(row) for row in ([5, 6] + image + [7, 8], [9] + image + [10, 11, 12])])
-    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-    inputs = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": torch.randn(2 * 16, patch, generator=gen),
-        "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]]),
-        "mm_token_type_ids": (ids == config.image_token_id).long(),
-    }
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "image_grid_thw": torch.tensor([[1, 4, 4]] * 2)}
+    if hasattr(vision, "temporal_patch_size"):
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        inputs |= {"pixel_values": torch.randn(2 * 16, patch, generator=gen)}
+        inputs |= {"mm_token_type_ids": (ids == config.image_token_id).long()}
+    else:
+        inputs["pixel_values"] = torch.randn(2 * 16, 3, vision.patch_size, vision.patch_size, generator=gen)
     return CalibrationBatch(inputs, ids == config.image_token_id)
 
 
-@pytest.mark.parametrize("model_type", ["glm4v_moe", "qwen3_5_moe"])
+@pytest.mark.parametrize("model_type", ["glm4v_moe", "qwen3_5_moe", "kimi_k25"])
 def test_vision_language_walk_sees_the_images(model_type):
     """With pixels in the batch, the layer-wise walk reproduces the model's own forward (vision features merged at the
     image positions, multimodal rotary positions) and every MoE layer counts each image token, top-k times, as image."""

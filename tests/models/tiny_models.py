@@ -117,6 +117,7 @@ CONFIGS = {
         num_hidden_layers=3,
         head_dim=16,
     ),
+    "hunyuan_v1_moe": dict(num_experts=8, moe_topk=2, intermediate_size=32, head_dim=16, use_qk_norm=True),
 }
 
 VISION = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=COMMON["hidden_size"])
@@ -158,6 +159,9 @@ CONFIGS.update(
                 pos_emb_time=2,
             ),
             **IMAGE_TOKENS,
+            vision_start_token_id=122,
+            vision_end_token_id=123,
+            projection_hidden_size=32,
         ),
     }
 )
