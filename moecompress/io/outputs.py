@@ -105,9 +105,15 @@ def disk_errors(what: str, kept: Path | None = None) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else str(exc)
+        fixes = {
+            errno.ENOSPC: "the disk is full; free space",
+            errno.EDQUOT: "the disk quota is used up; free space",
+            errno.EFBIG: "a file would exceed the file-size limit (ulimit -f, or the file system's); lower "
+            "--max-shard-size or raise the limit",
+        }
+        why = fixes.get(exc.errno, f"{exc}; fix the cause")
         keep = f" Finished layers are kept in {kept}: rerun the same command to resume." if kept is not None else ""
-        raise OutputError(f"could not write {what}: {why}; free space (or fix the cause) and rerun.{keep}") from exc
+        raise OutputError(f"could not write {what}: {why} and rerun.{keep}") from exc
 
 
 def _lock(out: Path) -> int:
