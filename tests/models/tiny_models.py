@@ -131,6 +131,10 @@ def _mrope(section: list[int], partial: float) -> dict:
 
 CONFIGS.update(
     {
+        # sparse attention: each query attends to the 8 keys its indexer picks (index_topk)
+        "deepseek_v32": dict(
+            **CONFIGS["deepseek_v3"], num_key_value_heads=4, index_n_heads=2, index_head_dim=16, index_topk=8
+        ),
         "glm4v_moe": dict(
             text_config=dict(**GROUPED, head_dim=16, rope_parameters=_mrope([2, 1, 1], 0.5)),
             vision_config=VISION,
