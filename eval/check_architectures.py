@@ -24,14 +24,13 @@ import torch
 
 import moecompress
 from moecompress.calibration.data import CalibrationBatch
-from moecompress.calibration.engine import run_layerwise
 from moecompress.errors import MoECompressError
 from moecompress.io.interop import export_interop
 from moecompress.models import get_adapter
 from moecompress.recipe import Recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tiny models of the test suite
-from tests.models.tiny_models import CONFIGS, tiny_model  # noqa: E402
+from tests.models.tiny_models import CONFIGS, tiny_model, walked_states  # noqa: E402
 
 RECIPES = {
     "gptq w4": {"quantization": {"method": "gptq", "bits": 4, "group_size": 16, "sym": True}},
@@ -55,18 +54,10 @@ def walk_error(model_type: str) -> float:
     model, adapter = tiny_model(model_type), get_adapter(model_type)
     ids = torch.randint(3, 110, (2, 40), generator=torch.Generator().manual_seed(1))
     batch = CalibrationBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.zeros_like(ids).bool())
-    walked = {}
-    run_layerwise(
-        model,
-        adapter,
-        [batch],
-        lambda view, observer: False,
-        progress=False,
-        on_layer_done=lambda i, layer, hidden: walked.update({i: hidden[0]}),
-    )
+    walked = walked_states(model, adapter, [batch])
     with torch.no_grad():
         real = model.model(**batch.inputs, output_hidden_states=True).hidden_states
-    return max(rel(walked[i], real[i + 1]) for i in range(len(walked) - 1))
+    return max(rel(walked[i][0], real[i + 1]) for i in range(len(walked) - 1))
 
 
 def interop(model_type: str, w4: Path, work: Path, test: torch.Tensor, ours: torch.Tensor) -> str:

@@ -2,13 +2,13 @@ import pytest
 import torch
 
 from moecompress.calibration.data import CalibrationBatch
-from moecompress.calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
+from moecompress.calibration.engine import ExpertObserver, collect_expert_stats
 from moecompress.calibration.stats import GramSums
 from moecompress.models import get_adapter
 from moecompress.quant.gptq import quantize_gptq
 from moecompress.quant.qtensor import QuantFormat
 
-from ..models.tiny_models import CONFIGS, tiny_model
+from ..models.tiny_models import CONFIGS, tiny_model, walked_states
 
 
 def batches(n=3, seq=24, vocab=128):
@@ -31,15 +31,7 @@ def test_layerwise_walk_reproduces_the_real_forward_at_every_layer(model_type, o
     adapter = get_adapter(model_type)
     text = adapter.text_model(model)
     data = batches(n=2, seq=40)
-    walked = {}
-    run_layerwise(
-        model,
-        adapter,
-        data,
-        lambda view, observer: False,
-        progress=False,
-        on_layer_done=lambda index, layer, hidden: walked.update({index: list(hidden)}),
-    )
+    walked = walked_states(model, adapter, data)
     for b, batch in enumerate(data):
         with torch.no_grad():
             real = model.model(**batch.inputs, output_hidden_states=True).hidden_states
@@ -80,15 +72,7 @@ def test_vision_language_walk_sees_the_images(model_type):
     model = tiny_model(model_type)
     adapter = get_adapter(model_type)
     batch = image_batch(model)
-    walked = {}
-    run_layerwise(
-        model,
-        adapter,
-        [batch],
-        lambda view, observer: False,
-        progress=False,
-        on_layer_done=lambda index, layer, hidden: walked.update({index: list(hidden)}),
-    )
+    walked = walked_states(model, adapter, [batch])
     text_only = {k: v for k, v in batch.inputs.items() if k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         real = model.model(**batch.inputs, output_hidden_states=True).hidden_states

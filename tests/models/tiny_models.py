@@ -188,3 +188,19 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
             if hasattr(module, "e_score_correction_bias"):
                 module.e_score_correction_bias.normal_(0, 0.1)
     return model
+
+
+def walked_states(model, adapter, batches) -> dict[int, list[torch.Tensor]]:
+    """Per decoder layer, the hidden states leaving it in the layer-wise calibration engine (nothing compressed)."""
+    from moecompress.calibration.engine import run_layerwise
+
+    walked = {}
+    run_layerwise(
+        model,
+        adapter,
+        batches,
+        lambda view, observer: False,
+        progress=False,
+        on_layer_done=lambda index, layer, hidden: walked.update({index: list(hidden)}),
+    )
+    return walked
