@@ -65,10 +65,11 @@ def image_batch(model, seed=0) -> CalibrationBatch:
     return CalibrationBatch(inputs, ids == config.image_token_id)
 
 
-@pytest.mark.parametrize("model_type", ["glm4v_moe", "qwen3_5_moe", "kimi_k25"])
+@pytest.mark.parametrize("model_type", ["glm4v_moe", "qwen3_5_moe", "qwen3_vl_moe", "kimi_k25"])
 def test_vision_language_walk_sees_the_images(model_type):
     """With pixels in the batch, the layer-wise walk reproduces the model's own forward (vision features merged at the
-    image positions, multimodal rotary positions) and every MoE layer counts each image token, top-k times, as image."""
+    image positions, multimodal rotary positions, Qwen3-VL's DeepStack features added after the first layers) and
+    every MoE layer counts each image token, top-k times, as image."""
     model = tiny_model(model_type)
     adapter = get_adapter(model_type)
     batch = image_batch(model)
@@ -77,9 +78,12 @@ def test_vision_language_walk_sees_the_images(model_type):
     with torch.no_grad():
         real = model.model(**batch.inputs, output_hidden_states=True).hidden_states
         blind = model.model(**text_only, output_hidden_states=True).hidden_states
-    for index in range(len(walked) - 1):
+        last = adapter.text_model(model).norm(walked[len(walked) - 1][0])
+    deepstack = len(getattr(model.config.vision_config, "deepstack_visual_indexes", []))
+    for index in range(deepstack, len(walked) - 1):  # transformers records a layer's output before DeepStack adds to it
         reference = real[index + 1].double()
         assert float((walked[index][0].double() - reference).norm() / reference.norm()) < 1e-5
+    assert float((last.double() - real[-1].double()).norm() / real[-1].double().norm()) < 1e-5  # after the final norm
     assert float((blind[1] - real[1]).norm() / real[1].norm()) > 1e-2  # the images do change the states
     stats = collect_expert_stats(model, adapter, [batch], "tiny", measure_drop_loss=False, progress=False)
     images, top_k = int(batch.image_mask.sum()), adapter.moe_blocks(model)[0].top_k

@@ -151,6 +151,16 @@ CONFIGS.update(
             vision_start_token_id=122,
             vision_end_token_id=123,
         ),
+        # DeepStack: the vision block's features are added after decoder layer 0
+        "qwen3_vl_moe": dict(
+            text_config=dict(
+                **CONFIGS["qwen3_moe"], rope_parameters={**_mrope([2, 2, 4], 1.0), "mrope_interleaved": True}
+            ),
+            vision_config=dict(**VISION, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+            **IMAGE_TOKENS,
+            vision_start_token_id=122,
+            vision_end_token_id=123,
+        ),
         "kimi_k25": dict(
             text_config=dict(**CONFIGS["deepseek_v3"], model_type="deepseek_v3"),
             vision_config=dict(
