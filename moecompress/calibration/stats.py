@@ -41,9 +41,6 @@ class GramSums:
         else:
             self._lower[expert] = lower
 
-    def __contains__(self, expert: int) -> bool:
-        return expert in self._lower
-
     def full(self, expert: int) -> torch.Tensor | None:
         lower = self._lower.get(expert)
         if lower is None:

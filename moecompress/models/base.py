@@ -162,11 +162,12 @@ class ModelAdapter:
     def route(
         self, router: nn.Module, hidden: torch.Tensor, excluded: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(hidden, router.weight.to(hidden.dtype)).float()
+        weight = self.router_linear(router).weight
+        logits = F.linear(hidden, weight.to(hidden.dtype)).float()
         if excluded is not None:
             logits = logits.masked_fill(excluded.to(logits.device), float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        top_k = min(router.top_k, router.weight.shape[0] - (0 if excluded is None else int(excluded.sum())))
+        top_k = min(router.top_k, weight.shape[0] - (0 if excluded is None else int(excluded.sum())))
         weights, indices = torch.topk(probs, top_k, dim=-1)
         if self.norm_topk_prob(router):
             weights = weights / weights.sum(dim=-1, keepdim=True)

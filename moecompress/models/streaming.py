@@ -249,12 +249,15 @@ def _cast(module: nn.Module, dtype: torch.dtype, skip: nn.Module | None = None) 
         todo += [sub._parameters[n] for n in sub._parameters] + [
             sub._buffers[n] for n in sub._buffers if n not in sub._non_persistent_buffers_set
         ]
-    todo = [t for t in todo if t is not None and id(t) not in inside and t.is_floating_point() and not t.is_meta]
+    todo = [
+        t
+        for t in todo
+        if t is not None and id(t) not in inside and t.is_floating_point() and t.dtype != dtype and not t.is_meta
+    ]
     # smallest first: those are still views of the memory-mapped source (the stacked experts are copies), and
     # once they are cast the mapping goes, before the large casts double the experts' memory
     for t in sorted(todo, key=torch.Tensor.numel):
-        if t.dtype != dtype:
-            t.data = t.data.to(dtype)
+        t.data = t.data.to(dtype)
 
 
 def _resident_bytes() -> int:
