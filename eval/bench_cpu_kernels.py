@@ -1,8 +1,10 @@
 """One Qwen3-30B-A3B-shaped MoE layer (128 experts, top-8, H=2048, I=768) on this CPU: dense fp32 / bf16 expert
 loops (F.linear per active expert, as transformers' eager path), the torch reference packed path, and the
 native kernels for every stored format, at batch 1, 4, 16 and prefill 512. Prints ms per layer call, the bytes
-of expert weights read per ms (GB/s), their fraction of this machine's measured memory bandwidth (a STREAM-like
-triad over buffers far above the L3 size, in the same run) and the speed-up over the faster dense path.
+of expert weights read per ms (GB/s), their fraction of this machine's measured memory bandwidth (the best of a
+STREAM triad and a read-only dot product over buffers far above the L3 size, measured at the start and the end
+of the same run: other tenants of a shared machine move it by 10-20 %) and the speed-up over the faster dense
+path.
 
     python eval/bench_cpu_kernels.py [--batches 1 4 16 512] [--repeats 20]
 
@@ -27,16 +29,24 @@ E, H, INTER, TOP_K = 128, 2048, 768, 8
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-def triad_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
-    """GB/s of a = b + s * c over three float32 buffers of `mbytes` each (2 reads + 1 write per element)."""
+def stream_bandwidth(mbytes: int = 512, repeats: int = 5) -> dict[str, float]:
+    """GB/s of a STREAM triad a = b + s * c (2 reads + 1 write per element) and of a read-only dot product
+    over float32 buffers of `mbytes` each, far above the L3 size; best of `repeats`."""
     n = mbytes * (1 << 20) // 4
     a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.add(b, c, alpha=3.0, out=a)
-        best = min(best, time.perf_counter() - start)
-    return 3 * n * 4 / best / 1e9
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return {
+        "triad": 3 * n * 4 / best(lambda: torch.add(b, c, alpha=3.0, out=a)) / 1e9,
+        "read": 2 * n * 4 / best(lambda: torch.dot(b, c)) / 1e9,
+    }
 
 
 def packed_layer(formats: list[QuantFormat]) -> PackedExperts:
@@ -104,11 +114,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    bandwidth = triad_bandwidth()
+    measured = stream_bandwidth()
     print(
-        f"machine: {torch.get_num_threads()} threads, triad memory bandwidth {bandwidth:.1f} GB/s; "
-        f"kernels: {native.kernel_name()}"
+        f"machine: {torch.get_num_threads()} threads, memory bandwidth: triad {measured['triad']:.1f} GB/s, "
+        f"read {measured['read']:.1f} GB/s; kernels: {native.kernel_name()}"
     )
+    bandwidth = max(measured.values())
     dense = {}
     for dtype in (torch.float32, torch.bfloat16):
         dense[dtype] = [
@@ -126,34 +137,62 @@ def main() -> None:
     }
     print("| path | tokens | ms | GB/s | % of bandwidth | x faster dense |")
     print("|---|---|---|---|---|---|")
+    results = {}
     for tokens in args.batches:
         repeats = max(3, args.repeats // (4 if tokens > 16 else 1))
-        ms = {}
-        for dtype, name in ((torch.float32, "dense fp32"), (torch.bfloat16, "dense bf16")):
-            seconds, active = timed(lambda x, i, w, d=dtype: dense_forward(dense[d], x, i, w), tokens, repeats)
-            ms[name] = seconds * 1e3
-            gbs = active * 3 * H * INTER * dense[dtype][0].element_size() / seconds / 1e9
-            print(f"| {name} | {tokens} | {ms[name]:.2f} | {gbs:.1f} | {100 * gbs / bandwidth:.0f} | |")
-        best_dense = min(ms.values())
-        for label, formats in layers.items():
-            module = packed_layer(formats)
-            per_expert = sum(expert_bytes(module, e) for e in range(E)) / E
-            paths = [("native", module)]
-            if label == "w4 g128":
-                paths.insert(0, ("torch reference", module))
-            for path, m in paths:
-                if path == "torch reference":
-                    with _torch_path():
-                        seconds, active = timed(m, tokens, max(3, repeats // 4))
-                else:
-                    seconds, active = timed(m, tokens, repeats)
-                used = "native" if path == "native" and m.native_usable(torch.zeros(tokens, H)) else "torch"
-                gbs = active * per_expert / seconds / 1e9
-                print(
-                    f"| {label} ({used}) | {tokens} | {seconds * 1e3:.2f} | {gbs:.1f} | {100 * gbs / bandwidth:.0f} | "
-                    f"{best_dense / (seconds * 1e3):.2f} |"
-                )
-            del module
+        results.update(bench_batch(tokens, repeats, dense, layers, bandwidth))
+    end = stream_bandwidth()
+    print(
+        f"memory bandwidth at the end: triad {end['triad']:.1f} GB/s, read {end['read']:.1f} GB/s "
+        f"(the fractions above are of {bandwidth:.1f})"
+    )
+    summarize(results)
+
+
+def bench_batch(tokens: int, repeats: int, dense: dict, layers: dict, bandwidth: float) -> dict:
+    """Print the rows of one batch size; {(label, tokens): (x faster dense, x faster dense fp32, % bandwidth)}."""
+    ms, results = {}, {}
+    for dtype, name in ((torch.float32, "dense fp32"), (torch.bfloat16, "dense bf16")):
+        seconds, active = timed(lambda x, i, w, d=dtype: dense_forward(dense[d], x, i, w), tokens, repeats)
+        ms[name] = seconds * 1e3
+        gbs = active * 3 * H * INTER * dense[dtype][0].element_size() / seconds / 1e9
+        print(f"| {name} | {tokens} | {ms[name]:.2f} | {gbs:.1f} | {100 * gbs / bandwidth:.0f} | |")
+    best_dense = min(ms.values())
+    for label, formats in layers.items():
+        module = packed_layer(formats)
+        per_expert = sum(expert_bytes(module, e) for e in range(E)) / E
+        for path in ("torch reference", "native") if label == "w4 g128" else ("native",):
+            if path == "torch reference":
+                with _torch_path():
+                    seconds, active = timed(module, tokens, max(3, repeats // 4))
+            else:
+                seconds, active = timed(module, tokens, repeats)
+            used = "native" if path == "native" and module.native_usable(torch.zeros(tokens, H)) else "torch"
+            gbs = active * per_expert / seconds / 1e9
+            speedup = best_dense / (seconds * 1e3)
+            print(
+                f"| {label} ({used}) | {tokens} | {seconds * 1e3:.2f} | {gbs:.1f} | {100 * gbs / bandwidth:.0f} | "
+                f"{speedup:.2f} |"
+            )
+            if used == "native":
+                results[label, tokens] = (speedup, ms["dense fp32"] / (seconds * 1e3), 100 * gbs / bandwidth)
+        del module
+    return results
+
+
+def summarize(results: dict) -> None:
+    """The issue's targets, from the measured rows."""
+    one = {label: r for (label, tokens), r in results.items() if tokens == 1}
+    if one:
+        print(
+            f"batch 1: w4 {one['w4 g128'][0]:.2f}x the faster dense path (target >= 3) at "
+            f"{one['w4 g128'][2]:.0f} % of bandwidth (>= 50); w2 {one['w2 g128'][0]:.2f}x, ternary "
+            f"{one['ternary 2-bit g128'][0]:.2f}x / {one['ternary base-3 g128'][0]:.2f}x (>= 4.5); "
+            f"w8 {one['w8 g128'][0]:.2f}x (>= 1.7)"
+        )
+    big = [r[1] for (label, tokens), r in results.items() if tokens >= 16]
+    if big:
+        print(f"16 tokens and more: the slowest native row is {min(big):.2f}x the dense fp32 loop (target >= 1)")
 
 
 class _torch_path:

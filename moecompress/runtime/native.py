@@ -1,10 +1,14 @@
-"""Native CPU kernels for packed experts (`cuda/csrc/cpu/moe_gemv.cpp`): group-wise dequant GEMV straight from
-the stored bit streams and a fused MoE layer forward, one native call per layer.
+"""Native CPU kernels for packed experts (`cuda/csrc/cpu/`): group-wise dequant GEMV straight from the stored
+bit streams and a fused MoE layer forward, one native call per layer.
 
-The source is compiled with the system C++ compiler on first use into a cache (`$MOECOMPRESS_CACHE` or
-`~/.cache/moecompress/native`, keyed by the source's hash) and loaded with ctypes: plain C ABI, no torch
+The sources are compiled with the system C++ compiler on first use into a cache (`$MOECOMPRESS_CACHE` or
+`~/.cache/moecompress/native`, keyed by the sources' hash) and loaded with ctypes: plain C ABI, no torch
 headers, so no CUDA torch is needed to build it. Where no compiler is found, or the build fails, the torch
 reference path runs and one warning says why. `MOECOMPRESS_KERNELS=torch` forces the reference path.
+
+Activations: on CPUs with AVX-512 VNNI the experts run with their activations quantized to int8 per block of 16
+(llama.cpp's q8 scheme; integer dot products, about 0.5 % relative error per projection on Gaussian inputs);
+other CPUs, and `MOECOMPRESS_CPU_ACTIVATIONS=fp32`, use float32 activations (exact to float32 rounding).
 
 Layout: the on-disk format is read as it is (rows of `bits`-wide codes, fp16 scales, uint8 zeros), except
 base-3 ternary rows, which are repacked once per module to 2-bit codes (1.6 -> 2 bits per weight read, for
@@ -29,11 +33,14 @@ from ..quant.packing import pack_codes, unpack_trits
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parents[2] / "cuda" / "csrc" / "cpu" / "moe_gemv.cpp"
+SOURCES = Path(__file__).resolve().parents[2] / "cuda" / "csrc" / "cpu"
 FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra"]
 # Tokens per call up to which the kernels run (measured on one Qwen3-30B-A3B-shaped layer, 2 cores: 512 tokens
 # 0.47 s native vs 1.1 s dequantize + matmul); above it each expert is dequantized once and multiplied.
 MAX_TOKENS = 4096
+# Tokens per expert up to which the int8-activation kernels run (0: never; eval/check_native_ppl.py measures
+# their effect on perplexity, below 4e-4 relative on the reference checkpoints).
+INT8_TOKENS = 0 if os.environ.get("MOECOMPRESS_CPU_ACTIVATIONS", "int8") == "fp32" else MAX_TOKENS
 
 
 class ProjDesc(ctypes.Structure):
@@ -65,16 +72,22 @@ def _build() -> Path:
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ('{compiler}') on PATH; install g++ or set CXX")
-    if not SOURCE.is_file():
-        raise RuntimeError(f"kernel source {SOURCE} is missing (install moecompress from its repository)")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    sources = sorted(SOURCES.glob("*.cpp"))
+    if not sources:
+        raise RuntimeError(f"kernel sources in {SOURCES} are missing (install moecompress from its repository)")
+    digest = hashlib.sha256(" ".join([compiler, *FLAGS]).encode())
+    for path in sorted(SOURCES.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    key = digest.hexdigest()[:16]
     target = _cache_dir() / f"moe_gemv-{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
         log.info("compiling the native CPU expert kernels (once) into %s", target)
         try:
-            result = subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
+            result = subprocess.run(
+                [compiler, *FLAGS, "-o", str(tmp), *map(str, sources)], capture_output=True, text=True
+            )
             if result.returncode:
                 raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
             os.replace(tmp, target)
@@ -100,7 +113,13 @@ def library() -> ctypes.CDLL | None:
         )
         return None
     lib.moe_cpu_isa.restype = ctypes.c_int
-    lib.moe_packed_linear.argtypes = [ctypes.POINTER(ProjDesc), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.moe_packed_linear.argtypes = [
+        ctypes.POINTER(ProjDesc),
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int32,
+        ctypes.c_void_p,
+    ]
     lib.moe_experts_forward.argtypes = [
         ctypes.POINTER(ProjDesc),
         ctypes.c_int32,
@@ -111,6 +130,7 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_int32,
         ctypes.c_int32,
         ctypes.c_int32,
+        ctypes.c_int32,
         ctypes.c_void_p,
     ]
     _library = lib
@@ -118,11 +138,15 @@ def library() -> ctypes.CDLL | None:
 
 
 def kernel_name() -> str:
-    """Which path CPU packed experts take: native-avx512, native-avx2, native-portable, or torch (with the reason)."""
+    """Which path CPU packed experts take: native-avx512-vnni (int8 activations), native-avx512,
+    native-avx2, native-portable, or torch (with the reason)."""
     lib = library()
     if lib is None:
         return f"torch ({_failure})"
-    return {3: "native-avx512", 2: "native-avx2", 1: "native-portable"}[lib.moe_cpu_isa()]
+    isa = lib.moe_cpu_isa()
+    if isa == 4:
+        return "native-avx512-vnni (int8 activations)" if INT8_TOKENS else "native-avx512 (fp32 activations)"
+    return {3: "native-avx512", 2: "native-avx2", 1: "native-portable"}[isa]
 
 
 def describe(linear) -> tuple[ProjDesc, list[torch.Tensor]]:
@@ -150,13 +174,13 @@ def describe(linear) -> tuple[ProjDesc, list[torch.Tensor]]:
     return desc, [t for t in (packed, scale, zero) if t is not None]
 
 
-def packed_linear(linear, x: torch.Tensor) -> torch.Tensor:
-    """x [..., in] W^T through the native GEMV (float32)."""
+def packed_linear(linear, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
+    """x [..., in] W^T through the native GEMV (float32 activations, or int8 where `int8` and the CPU allow)."""
     lib = library()
     desc, keep = describe(linear)
     flat = x.reshape(-1, linear.in_features).to(torch.float32).contiguous()
     y = torch.empty(flat.shape[0], linear.out_features, dtype=torch.float32)
-    lib.moe_packed_linear(ctypes.byref(desc), flat.data_ptr(), flat.shape[0], y.data_ptr())
+    lib.moe_packed_linear(ctypes.byref(desc), flat.data_ptr(), flat.shape[0], int(int8), y.data_ptr())
     del keep
     return y.reshape(*x.shape[:-1], linear.out_features)
 
@@ -185,6 +209,7 @@ class ExpertTable:
             ids.shape[1],
             self.hidden,
             self.intermediate,
+            INT8_TOKENS,
             out.data_ptr(),
         )
         return out.to(hidden.dtype)

@@ -27,6 +27,19 @@ FORMATS = [
 ]
 
 
+def quantized_activations(x: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """x rounded as the int8 kernels take it (per token, blocks of 16: scale max|x| / 127), in float64."""
+    tokens, width = x.shape
+    blocks = torch.nn.functional.pad(x, (0, -width % block)).view(tokens, -1, block)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(blocks / torch.where(scale > 0, scale, 1)).clamp(-127, 127)
+    return (q.double() * scale.double()).view(tokens, -1)[:, :width]
+
+
+def int8_kernels() -> bool:
+    return native.library().moe_cpu_isa() == 4
+
+
 @pytest.fixture(autouse=True, params=["widest", "avx2"])
 def _kernels(request, monkeypatch):
     """Every test on the widest ISA this CPU has, and again with AVX-512 turned off (the AVX2 code)."""
@@ -59,6 +72,26 @@ def test_gemv_matches_the_float64_reference_of_the_packed_weight(fmt, shape, tok
     assert rel_err(native.packed_linear(linear, x), reference) < 1e-5
 
 
+@pytest.mark.parametrize("fmt", FORMATS + [QuantFormat(4, 16), QuantFormat(3, 256)], ids=lambda f: f.name)
+@pytest.mark.parametrize("shape", [(37, 200), (64, 768), (5, 21)])
+@pytest.mark.parametrize("tokens", [1, 5, 11])
+def test_int8_gemv_is_exact_for_its_rounded_activations(fmt, shape, tokens):
+    """The int8 kernels equal the float64 product of the packed weight and the int8-rounded activations; the
+    rounding itself moves the result by well under 1 % (formats whose groups the int8 layout cannot take, like
+    g100, run on the float32 kernels and are exact)."""
+    if not int8_kernels():
+        pytest.skip("no AVX-512 VNNI here")
+    torch.manual_seed(torch.seed() % 2**31)
+    linear = packed_linear(*shape, fmt)
+    x = torch.randn(tokens, shape[1]) * torch.rand(shape[1]) * 3  # uneven channel scales, as real activations
+    weight = linear.dequantize(torch.float64)
+    y = native.packed_linear(linear, x, int8=True)
+    rounded = fmt.effective_group(shape[1]) % 16 == 0 or fmt.groups(shape[1]) == 1
+    expected = (quantized_activations(x) if rounded else x.double()) @ weight.T
+    assert rel_err(y, expected) < 1e-5
+    assert rel_err(y, x.double() @ weight.T) < (3e-2 if rounded else 1e-5)
+
+
 def mixed_experts(num_experts: int = 6, hidden: int = 72, intermediate: int = 40) -> PackedExperts:
     formats = [
         dict(zip(("gate_proj", "up_proj", "down_proj"), (FORMATS[(3 * e + i) % len(FORMATS)] for i in range(3))))
@@ -85,7 +118,8 @@ def float64_moe(module: PackedExperts, x, ids, weights) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 16])
-def test_fused_moe_forward_matches_float64_and_the_reference_path(tokens):
+def test_fused_moe_forward_matches_float64_and_the_reference_path(tokens, monkeypatch):
+    monkeypatch.setattr(native, "INT8_TOKENS", 0)  # float32 activations: exact
     module = mixed_experts()
     x = torch.randn(tokens, 72)
     ids = torch.stack([torch.randperm(5)[:2] for _ in range(tokens)])  # expert 5 gets no token
@@ -100,7 +134,34 @@ def test_fused_moe_forward_matches_float64_and_the_reference_path(tokens):
     assert rel_err(fused, expected) < 1e-5 and rel_err(reference, expected) < 1e-5
 
 
-def test_replaced_weights_rebuild_the_kernel_table():
+@pytest.mark.parametrize(("tokens", "int8_tokens"), [(1, 8), (6, 8), (40, 8), (2100, 4096)])
+def test_fused_int8_forward_is_the_chain_of_int8_projections(tokens, int8_tokens, monkeypatch):
+    """Experts with at most INT8_TOKENS tokens run on the int8 kernels; with 40 tokens and INT8_TOKENS = 8 some
+    experts get more and run on the float32 kernels in the same call; 2100 tokens (4200 token-expert pairs)
+    take two int8 passes."""
+    if not int8_kernels():
+        pytest.skip("no AVX-512 VNNI here")
+    monkeypatch.setattr(native, "INT8_TOKENS", int8_tokens)
+    module = mixed_experts(8)
+    x = torch.randn(tokens, 72)
+    ids = torch.stack([torch.randperm(7)[:2] for _ in range(tokens)])  # expert 7 gets no token
+    weights = torch.rand(tokens, 2).softmax(-1)
+    chain = torch.zeros(tokens, 72, dtype=torch.float64)
+    for e in ids.unique().tolist():
+        tok, slot = torch.where(ids == e)
+        int8 = len(tok) <= native.INT8_TOKENS
+        expert = module[e]
+        h = torch.nn.functional.silu(native.packed_linear(expert.gate_proj, x[tok], int8))
+        h = h * native.packed_linear(expert.up_proj, x[tok], int8)
+        chain[tok] += weights[tok, slot, None].double() * native.packed_linear(expert.down_proj, h, int8).double()
+    with torch.no_grad():
+        fused = module(x, ids, weights)
+    assert rel_err(fused, chain) < 1e-5
+    assert rel_err(fused, float64_moe(module, x, ids, weights)) < 2e-2
+
+
+def test_replaced_weights_rebuild_the_kernel_table(monkeypatch):
+    monkeypatch.setattr(native, "INT8_TOKENS", 0)
     module = mixed_experts()
     x, ids, weights = torch.randn(2, 72), torch.tensor([[0, 1], [1, 4]]), torch.rand(2, 2)
     with torch.no_grad():

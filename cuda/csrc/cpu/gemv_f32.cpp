@@ -1,73 +1,20 @@
-// Packed-expert decode kernels for CPU: group-wise dequant GEMV over the stored bit streams and a fused MoE
-// layer forward (gate/up -> SiLU x up -> down -> weighted sum) over the active experts, in one call.
-//
-// Weights are read as stored by moecompress (docs/FORMAT.md): per output row a little-endian bit stream of
-// `bits`-wide codes (2, 3, 4 or 8 bits; ternary formats use 2-bit codes, base-3 rows are repacked to 2-bit
-// codes once at load by the caller), fp16 scales and uint8 zero points per (row, group). Never a float copy
-// of a weight: each row is decoded 8 codes at a time into registers and used for every token of the call.
-//
-//   y[t, n] = sum_g scale[n, g] * (sum_{k in g} x[t, k] q[n, k] - zero[n, g] * sum_{k in g} x[t, k])
-//
-// Plain C ABI (no torch headers): built by moecompress/runtime/native.py with g++ into a cache and called
-// through ctypes. AVX-512 (F/BW/VL) or AVX2+FMA code is chosen at run time when the CPU has it
+// Decode kernels with float32 activations: group-wise dequant GEMV over the stored bit streams (packed.h), exact
+// to float32 rounding. Never a float copy of a weight: each row is decoded 8 codes at a time into registers and
+// used for every token of the call. AVX-512 (F/BW/VL) or AVX2+FMA code is chosen at run time when the CPU has it
 // (MOECOMPRESS_NO_AVX512=1 stops at AVX2); a portable path otherwise.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 flags _mm512_undefined_* inside its own headers
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
-#include <cmath>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "packed.h"
 
-extern "C" {
-
-struct ProjDesc {
-    const uint8_t* packed;    // row-major rows of `row_bytes` bytes
-    const uint16_t* scale;    // fp16 [scale_rows, groups]
-    const uint8_t* zero;      // uint8 [out, groups], or null: fixed zero `fixed_zero`
-    int64_t row_bytes;
-    int32_t out_features, in_features;
-    int32_t bits, group;      // group: columns per scale (in_features for one group per row / tensor)
-    int32_t groups, scale_rows;  // scale_rows: out_features, or 1 (one scale per tensor)
-    int32_t fixed_zero;
-    int32_t pad_;
-};
-
-}  // extern "C"
+namespace moecpu {
 
 namespace {
-
-constexpr int kMaxTokens = 8;
-
-inline float half_to_float(uint16_t h) {
-    const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ffu;
-    uint32_t bits;
-    if (exp == 0) {
-        if (mant == 0) {
-            bits = sign;
-        } else {  // subnormal
-            int e = -1;
-            uint32_t m = mant;
-            do { ++e; m <<= 1; } while ((m & 0x400u) == 0);
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((m & 0x3ffu) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (mant << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 // Eight consecutive codes starting at code k of a row (bits <= 4): the low 8*bits bits of the result.
 inline uint32_t window(const uint8_t* row, int64_t row_bytes, int64_t k, int bits) {
@@ -80,15 +27,6 @@ inline uint32_t window(const uint8_t* row, int64_t row_bytes, int64_t k, int bit
     return (uint32_t)(w >> (bit & 7));
 }
 
-inline int code_at(const uint8_t* row, int64_t k, int bits) {
-    if (bits == 8) return row[k];
-    const int64_t bit = k * bits, byte = bit >> 3;
-    const int shift = (int)(bit & 7);
-    uint32_t w = row[byte];
-    if (shift + bits > 8) w |= (uint32_t)row[byte + 1] << 8;
-    return (int)((w >> shift) & ((1u << bits) - 1));
-}
-
 // Portable row kernel: acc[t] = sum over the row's groups as in the header formula.
 void row_scalar(const ProjDesc& d, int n, const float* x, int T, const float* xsum, float* y, int ldy) {
     const uint8_t* row = d.packed + (int64_t)n * d.row_bytes;
@@ -97,7 +35,7 @@ void row_scalar(const ProjDesc& d, int n, const float* x, int T, const float* xs
     for (int g = 0; g < d.groups; ++g) {
         const int k0 = g * d.group, k1 = k0 + d.group < d.in_features ? k0 + d.group : d.in_features;
         const float s = half_to_float(d.scale[(int64_t)srow * d.groups + g]);
-        const float z = d.zero ? (float)d.zero[(int64_t)n * d.groups + g] : (float)d.fixed_zero;
+        const float z = zero_of(d, n, g);
         float dot[kMaxTokens] = {0};
         for (int k = k0; k < k1; ++k) {
             const float q = (float)code_at(row, k, d.bits);
@@ -218,7 +156,7 @@ __attribute__((target("avx2,fma,f16c"))) void row_avx2(const ProjDesc& d, int n,
         }
         // scale the group's vector sums into the row's (no horizontal sum per group)
         const float s = _cvtsh_ss(d.scale[(int64_t)srow * d.groups + g]);
-        const float z = d.zero ? (float)d.zero[(int64_t)n * d.groups + g] : (float)d.fixed_zero;
+        const float z = zero_of(d, n, g);
         const __m256 vs = _mm256_set1_ps(s);
         for (int t = 0; t < T; ++t) {
             tot[t] = _mm256_fmadd_ps(vs, _mm256_add_ps(a[t], b[t]), tot[t]);
@@ -304,7 +242,7 @@ AVX512_TARGET void row_avx512(const ProjDesc& d, int n, const float* x, const fl
             for (int t = 0; t < T; ++t) c[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k), q, c[t]);
         }
         const float s = _cvtsh_ss(d.scale[(int64_t)srow * d.groups + g]);
-        const float z = d.zero ? (float)d.zero[(int64_t)n * d.groups + g] : (float)d.fixed_zero;
+        const float z = zero_of(d, n, g);
         const __m512 vs = _mm512_set1_ps(s);
         for (int t = 0; t < T; ++t) {
             tot[t] = _mm512_fmadd_ps(vs, _mm512_add_ps(a[t], b[t]), tot[t]);
@@ -319,18 +257,6 @@ AVX512_TARGET void row_avx512(const ProjDesc& d, int n, const float* x, const fl
 
 const RowFn kRowAvx512[kMaxTokens + 1] = {nullptr, row_avx512<1>, row_avx512<2>, row_avx512<3>, row_avx512<4>,
                                           row_avx512<5>, row_avx512<6>, row_avx512<7>, row_avx512<8>};
-
-bool has_avx512() {
-    static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
-                            __builtin_cpu_supports("f16c");
-    return yes && getenv("MOECOMPRESS_NO_AVX512") == nullptr;
-}
-
-bool has_avx2() {
-    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    return yes;
-}
 
 // y[T, out] = x[T, in] W^T for T <= kMaxTokens.
 void gemv(const ProjDesc& d, const float* x, int T, float* y) {
@@ -363,7 +289,7 @@ AVX512_TARGET void dequant_row(const ProjDesc& d, int n, int block, float* w) {
     for (int g = 0; g < d.groups; ++g) {
         const int64_t k0 = (int64_t)g * d.group, k1 = k0 + d.group < K ? k0 + d.group : K;
         const float s = _cvtsh_ss(d.scale[(int64_t)srow * d.groups + g]);
-        const float z = d.zero ? (float)d.zero[(int64_t)n * d.groups + g] : (float)d.fixed_zero;
+        const float z = zero_of(d, n, g);
         const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
         int64_t k = k0;
         if (block)
@@ -450,45 +376,6 @@ void project(const ProjDesc& d, const float* x, int64_t T, float* y) {
 
 }  // namespace
 
-extern "C" {
+void project_f32(const ProjDesc& d, const float* x, int64_t T, float* y) { project(d, x, T, y); }
 
-// 3: AVX-512 path, 2: AVX2+FMA path, 1: portable path.
-int moe_cpu_isa() { return has_avx512() ? 3 : has_avx2() ? 2 : 1; }
-
-// y[T, out] = x[T, in] W^T for one packed projection, any T.
-void moe_packed_linear(const ProjDesc* d, const float* x, int64_t T, float* y) { project(*d, x, T, y); }
-
-// One MoE layer: out[T, H] = sum_k w[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, k], over the
-// experts `projs[3e .. 3e+2]` (gate, up, down; each expert its own format). Ids outside [0, E) are skipped.
-void moe_experts_forward(const ProjDesc* projs, int32_t num_experts, const float* x, const int64_t* ids,
-                         const float* weights, int64_t T, int32_t K, int32_t hidden, int32_t inter, float* out) {
-    memset(out, 0, sizeof(float) * (size_t)T * hidden);
-    std::vector<std::vector<std::pair<int64_t, float>>> routed(num_experts);
-    for (int64_t t = 0; t < T; ++t)
-        for (int k = 0; k < K; ++k) {
-            const int64_t e = ids[t * K + k];
-            if (e >= 0 && e < num_experts) routed[e].push_back({t, weights[t * K + k]});
-        }
-    std::vector<float> xs, gate, up, down;
-    for (int e = 0; e < num_experts; ++e) {
-        const auto& pairs = routed[e];
-        const int64_t n = (int64_t)pairs.size();
-        if (n == 0) continue;
-        xs.resize((size_t)n * hidden);
-        for (int64_t i = 0; i < n; ++i) memcpy(&xs[(size_t)i * hidden], x + pairs[i].first * hidden, sizeof(float) * hidden);
-        gate.assign((size_t)n * inter, 0.f);
-        up.assign((size_t)n * inter, 0.f);
-        down.assign((size_t)n * hidden, 0.f);
-        project(projs[3 * e], xs.data(), n, gate.data());
-        project(projs[3 * e + 1], xs.data(), n, up.data());
-        for (size_t i = 0; i < gate.size(); ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-        project(projs[3 * e + 2], gate.data(), n, down.data());
-        for (int64_t i = 0; i < n; ++i) {
-            float* o = out + pairs[i].first * hidden;
-            const float w = pairs[i].second;
-            for (int h = 0; h < hidden; ++h) o[h] += w * down[(size_t)i * hidden + h];
-        }
-    }
-}
-
-}  // extern "C"
+}  // namespace moecpu

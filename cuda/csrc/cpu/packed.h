@@ -1,0 +1,109 @@
+// Shared declarations of the CPU expert kernels: the projection descriptor (one packed weight as stored by
+// moecompress, docs/FORMAT.md), scalar code access, run-time ISA checks, and the entry points each source
+// file gives the others.
+//
+// A packed row is a little-endian bit stream of `bits`-wide codes (2, 3, 4 or 8 bits; ternary formats use
+// 2-bit codes, base-3 rows are repacked to 2-bit codes once at load by the caller), with fp16 scales and
+// uint8 zero points per (row, group):
+//
+//   y[t, n] = sum_g scale[n, g] * (sum_{k in g} x[t, k] q[n, k] - zero[n, g] * sum_{k in g} x[t, k])
+#pragma once
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+
+struct ProjDesc {
+    const uint8_t* packed;    // row-major rows of `row_bytes` bytes
+    const uint16_t* scale;    // fp16 [scale_rows, groups]
+    const uint8_t* zero;      // uint8 [out, groups], or null: fixed zero `fixed_zero`
+    int64_t row_bytes;
+    int32_t out_features, in_features;
+    int32_t bits, group;      // group: columns per scale (in_features for one group per row / tensor)
+    int32_t groups, scale_rows;  // scale_rows: out_features, or 1 (one scale per tensor)
+    int32_t fixed_zero;
+    int32_t pad_;
+};
+
+}  // extern "C"
+
+namespace moecpu {
+
+constexpr int kMaxTokens = 8;  // tokens decoded per pass over a weight row
+
+inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else {  // subnormal
+            int e = -1;
+            uint32_t m = mant;
+            do { ++e; m <<= 1; } while ((m & 0x400u) == 0);
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((m & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+inline int code_at(const uint8_t* row, int64_t k, int bits) {
+    if (bits == 8) return row[k];
+    const int64_t bit = k * bits, byte = bit >> 3;
+    const int shift = (int)(bit & 7);
+    uint32_t w = row[byte];
+    if (shift + bits > 8) w |= (uint32_t)row[byte + 1] << 8;
+    return (int)((w >> shift) & ((1u << bits) - 1));
+}
+
+inline float zero_of(const ProjDesc& d, int n, int g) {
+    return d.zero ? (float)d.zero[(int64_t)n * d.groups + g] : (float)d.fixed_zero;
+}
+
+inline bool has_avx512() {
+    static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
+                            __builtin_cpu_supports("f16c");
+    return yes && getenv("MOECOMPRESS_NO_AVX512") == nullptr;
+}
+
+inline bool has_avx2() {
+    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    return yes;
+}
+
+// AVX-512 VNNI + VBMI: the int8-activation kernels (gemv_q8.cpp).
+inline bool has_q8() {
+    static const bool yes = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
+    return yes && has_avx512();
+}
+
+// gemv_f32.cpp: y[T, out] = x[T, in] W^T with float32 activations, any T.
+void project_f32(const ProjDesc& d, const float* x, int64_t T, float* y);
+
+// gemv_q8.cpp: the same with activations quantized to int8 per block of 16 (see there).
+bool q8_fits(const ProjDesc& d);
+int q8_chunk_codes(int bits);
+
+struct QAct {            // one token's activations, quantized for weights of one chunk size
+    const int8_t* xq;    // [chunks * C]: whole chunks, codes in the order the chunk decoder yields them
+    const float* dvec;   // [chunks * 16]: the scale of the block each 32-bit lane's codes lie in
+    const float* bsum;   // [ceil(K / 16)]: scale * sum of the block's int8 values
+};
+
+size_t q8_act_floats(int64_t K, int C);  // floats of dvec + bsum for one token
+void q8_quantize(const float* x, int64_t K, int C, int8_t* xq, float* dvec, float* bsum);
+// xsum[t, g] = sum of the group's quantized activations (for the zero points), per token of `a`.
+void q8_group_sums(const ProjDesc& d, const QAct* a, int T, float* xsum);
+// Rows [n0, n1) of y[t * ldy + n] for T <= kMaxTokens tokens.
+void q8_rows(const ProjDesc& d, int n0, int n1, const QAct* a, const float* xsum, int T, float* y, int64_t ldy);
+
+}  // namespace moecpu
