@@ -14,8 +14,11 @@ from pathlib import Path
 from .errors import MoECompressError, NonFiniteError
 
 
-def _load_for_eval(path: str, trust_remote_code: bool, cache_dequantized: bool = True):
-    """A packed checkpoint (moecompress.json present) or any supported original model, its processor and load seconds."""
+def _load_for_eval(path: str, trust_remote_code: bool, cache_dequantized: bool = True, dtype: str = "float32"):
+    """A packed checkpoint (moecompress.json present) or any supported original model, in `dtype` (a packed
+    checkpoint's experts stay packed), its processor and load seconds."""
+    import torch
+
     from .api import load
     from .calibration.batches import load_tokenizer_or_processor
     from .models import get_adapter, load_model, read_config
@@ -24,9 +27,11 @@ def _load_for_eval(path: str, trust_remote_code: bool, cache_dequantized: bool =
     multimodal = get_adapter(config.model_type).is_multimodal
     start = time.perf_counter()
     if _is_checkpoint(path):
-        model = load(path, cache_dequantized=cache_dequantized, trust_remote_code=trust_remote_code)
+        model = load(
+            path, getattr(torch, dtype), cache_dequantized=cache_dequantized, trust_remote_code=trust_remote_code
+        )
     else:
-        model = load_model(path, trust_remote_code=trust_remote_code).model
+        model = load_model(path, getattr(torch, dtype), trust_remote_code=trust_remote_code).model
     seconds = time.perf_counter() - start
     return model, load_tokenizer_or_processor(path, multimodal, trust_remote_code), seconds
 
@@ -274,7 +279,7 @@ def cmd_eval_efficiency(args) -> dict:
 
     _check_record_target(args)
     # The packed path as deployed: experts dequantized on every forward, no cache.
-    model, processor, seconds = _load_for_eval(args.model, args.trust_remote_code, cache_dequantized=False)
+    model, processor, seconds = _load_for_eval(args.model, args.trust_remote_code, False, args.dtype)
     tokens = evaluation_stream(args.data, getattr(processor, "tokenizer", processor))
     result = measure_efficiency(
         model,
@@ -537,6 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--prefill-tokens", type=_at_least(1), default=512)
     e.add_argument("--decode-tokens", type=_at_least(1), default=32)
+    e.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="dtype of the dense weights (a checkpoint's packed experts stay packed; default float32)",
+    )
     record(e)
     e.set_defaults(run=cmd_eval_efficiency)
     p = sub.add_parser(
