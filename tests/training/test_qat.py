@@ -11,7 +11,7 @@ from moecompress.quant.experts import ExpertQuantReport, install_packed_experts
 from moecompress.quant.packing import pack
 from moecompress.quant.qtensor import QuantFormat
 from moecompress.quant.rtn import quantize_rtn
-from moecompress.runtime import PackedExperts
+from moecompress.runtime import PackedExperts, native
 from moecompress.runtime.packed_experts import ExpertList
 from moecompress.training.qat import QATExperts, RecoveryConfig, recover_quantized_experts
 
@@ -41,7 +41,8 @@ def routed_inputs(module, tokens=40):
     return hidden, index, torch.rand(tokens, 2)
 
 
-def test_fake_quant_experts_compute_exactly_what_the_packed_ones_do():
+def test_fake_quant_experts_compute_exactly_what_the_packed_ones_do(monkeypatch):
+    monkeypatch.setattr(native, "INT8_TOKENS", 0)  # float32 activations: the same arithmetic as QAT
     student, adapter = ternary_student(tiny_model("qwen3_moe"))
     packed = adapter.moe_blocks(student)[0].experts
     qat = QATExperts.from_packed(packed)
