@@ -40,15 +40,19 @@ def int8_kernels() -> bool:
     return native.library().moe_cpu_isa() == 4
 
 
-@pytest.fixture(autouse=True, params=["widest", "avx2"])
+@pytest.fixture(autouse=True, params=["widest", "avx2", "portable"])
 def _kernels(request, monkeypatch):
-    """Every test on the widest ISA this CPU has, and again with AVX-512 turned off (the AVX2 code)."""
+    """Every test on the widest ISA this CPU has, again with AVX-512 turned off (the AVX2 code), and on the
+    portable path, whose decoding is the CUDA kernels' (cuda/csrc/common/decode.h)."""
     if native.library() is None:
         pytest.skip(f"native kernels unavailable here: {native.kernel_name()}")
     if request.param == "avx2":
         monkeypatch.setenv("MOECOMPRESS_NO_AVX512", "1")
         if native.kernel_name() != "native-avx2":
             pytest.skip("this CPU has no AVX2")
+    if request.param == "portable":
+        monkeypatch.setenv("MOECOMPRESS_NO_AVX2", "1")
+        assert native.kernel_name() == "native-portable"
 
 
 def packed_linear(out_features: int, in_features: int, fmt: QuantFormat) -> PackedLinear:

@@ -27,22 +27,28 @@ inline uint32_t window(const uint8_t* row, int64_t row_bytes, int64_t k, int bit
     return (uint32_t)(w >> (bit & 7));
 }
 
-// Portable row kernel: acc[t] = sum over the row's groups as in the header formula.
+// Portable row kernel, unit by unit with the decoder the CUDA kernels use: acc[t] = sum over the row's groups
+// as in the header formula.
 void row_scalar(const ProjDesc& d, int n, const float* x, int T, const float* xsum, float* y, int ldy) {
-    const uint8_t* row = d.packed + (int64_t)n * d.row_bytes;
+    const uint32_t* row = (const uint32_t*)(d.packed + (int64_t)n * d.row_bytes);
     const int srow = d.scale_rows == 1 ? 0 : n;
-    for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] = 0.f;
-    for (int g = 0; g < d.groups; ++g) {
-        const int k0 = g * d.group, k1 = k0 + d.group < d.in_features ? k0 + d.group : d.in_features;
-        const float s = half_to_float(d.scale[(int64_t)srow * d.groups + g]);
-        const float z = zero_of(d, n, g);
-        float dot[kMaxTokens] = {0};
-        for (int k = k0; k < k1; ++k) {
-            const float q = (float)code_at(row, k, d.bits);
-            for (int t = 0; t < T; ++t) dot[t] += x[(int64_t)t * d.in_features + k] * q;
+    const int64_t K = d.in_features, row_words = d.row_bytes / 4;
+    float dot[kMaxTokens] = {0}, acc[kMaxTokens] = {0};
+    uint32_t w[8];
+    for (int64_t u = 0; u * kUnitCodes < K; ++u) {
+        moe_load_unit(row, row_words, u, d.bits, w);
+        for (int i = 0; i < kUnitCodes && u * kUnitCodes + i < K; ++i) {
+            const int64_t k = u * kUnitCodes + i;
+            const float q = (float)moe_unit_code(w, i, d.bits);
+            for (int t = 0; t < T; ++t) dot[t] += x[(int64_t)t * K + k] * q;
+            if ((k + 1) % d.group == 0 || k + 1 == K) {  // the group ends: scale its sums into the row's
+                const int g = (int)(k / d.group);
+                const float s = half_to_float(d.scale[(int64_t)srow * d.groups + g]), z = zero_of(d, n, g);
+                for (int t = 0; t < T; ++t) acc[t] += s * (dot[t] - z * xsum[(int64_t)t * d.groups + g]), dot[t] = 0.f;
+            }
         }
-        for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] += s * (dot[t] - z * xsum[(int64_t)t * d.groups + g]);
     }
+    for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] = acc[t];
 }
 
 __attribute__((target("avx2,fma,f16c"))) inline float hsum(__m256 v) {

@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../common/decode.h"
+
 extern "C" {
 
 struct ProjDesc {
@@ -33,51 +35,25 @@ namespace moecpu {
 
 constexpr int kMaxTokens = 8;  // tokens decoded per pass over a weight row
 
-inline float half_to_float(uint16_t h) {
-    const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ffu;
-    uint32_t bits;
-    if (exp == 0) {
-        if (mant == 0) {
-            bits = sign;
-        } else {  // subnormal
-            int e = -1;
-            uint32_t m = mant;
-            do { ++e; m <<= 1; } while ((m & 0x400u) == 0);
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((m & 0x3ffu) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (mant << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+inline float half_to_float(uint16_t h) { return moe_half_to_float(h); }
 
-inline int code_at(const uint8_t* row, int64_t k, int bits) {
-    if (bits == 8) return row[k];
-    const int64_t bit = k * bits, byte = bit >> 3;
-    const int shift = (int)(bit & 7);
-    uint32_t w = row[byte];
-    if (shift + bits > 8) w |= (uint32_t)row[byte + 1] << 8;
-    return (int)((w >> shift) & ((1u << bits) - 1));
-}
+inline int code_at(const uint8_t* row, int64_t k, int bits) { return moe_code_at(row, k, bits); }
 
 inline float zero_of(const ProjDesc& d, int n, int g) {
     return d.zero ? (float)d.zero[(int64_t)n * d.groups + g] : (float)d.fixed_zero;
 }
 
-inline bool has_avx512() {
-    static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
-                            __builtin_cpu_supports("f16c");
-    return yes && getenv("MOECOMPRESS_NO_AVX512") == nullptr;
-}
-
+// MOECOMPRESS_NO_AVX512=1 stops at AVX2; MOECOMPRESS_NO_AVX2=1 takes the portable path (the decoding the CUDA
+// kernels share, common/decode.h).
 inline bool has_avx2() {
     static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    return yes;
+    return yes && getenv("MOECOMPRESS_NO_AVX2") == nullptr;
+}
+
+inline bool has_avx512() {
+    static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl");
+    return yes && has_avx2() && getenv("MOECOMPRESS_NO_AVX512") == nullptr;
 }
 
 // AVX-512 VNNI + VBMI: the int8-activation kernels (gemv_q8.cpp).
