@@ -139,12 +139,13 @@ def measure_efficiency(
 def expert_kernels(model: nn.Module) -> str:
     """What runs the routed experts: for packed ones the kernel path, for dense ones transformers' experts
     implementation and the weights' dtype."""
-    from ..runtime import native
+    from ..runtime import cuda_kernels, native
     from ..runtime.packed_experts import PackedExperts
 
     packed = next((m for m in model.modules() if isinstance(m, PackedExperts)), None)
     if packed is not None:
-        device = next(packed.buffers()).device
-        return f"packed: {native.kernel_name() if device.type == 'cpu' else 'torch dequant+matmul'}"
+        device = next(packed.buffers()).device.type
+        names = {"cpu": native.kernel_name, "cuda": cuda_kernels.kernel_name}
+        return f"packed: {names[device]() if device in names else 'torch dequant+matmul'}"
     impl = getattr(model.config, "_experts_implementation", None) or "eager"
     return f"dense {impl} ({next(model.parameters()).dtype})".replace("torch.", "")

@@ -120,8 +120,9 @@ class ExpertList(nn.Module):
 
 class PackedExperts(ExpertList):
     """Routed experts whose projections are `PackedLinear`s. On CPU the native fused kernel runs
-    (`runtime/native.py`) where it is available, unless dequantized copies are cached (`set_cache_dequantized`,
-    for evaluation) or gradients are needed; otherwise the torch reference path."""
+    (`runtime/native.py`), on CUDA devices the CUDA decode kernels and the Triton grouped GEMM
+    (`runtime/cuda_kernels.py`), where they are available, unless dequantized copies are cached
+    (`set_cache_dequantized`, for evaluation) or gradients are needed; otherwise the torch reference path."""
 
     def __init__(
         self, hidden_size: int, intermediate_size: int, formats: list[dict[str, QuantFormat]], act_fn: nn.Module
@@ -130,32 +131,51 @@ class PackedExperts(ExpertList):
             [PackedExpert(hidden_size, intermediate_size, f) for f in formats], hidden_size, intermediate_size, act_fn
         )
 
+    def _kernels_apply(self, hidden_states: torch.Tensor) -> bool:
+        cached = self.num_experts and self[0].gate_proj.cache_dequantized  # evaluation with dense copies kept
+        return (
+            not cached
+            and not (torch.is_grad_enabled() and hidden_states.requires_grad)
+            and type(self.act_fn).__name__ in ("SiLU", "SiLUActivation")
+        )
+
     def native_usable(self, hidden_states: torch.Tensor) -> bool:
         from . import native
 
-        cached = self.num_experts and self[0].gate_proj.cache_dequantized  # evaluation with dense copies kept
         return (
             hidden_states.device.type == "cpu"
             and hidden_states.shape[0] <= native.MAX_TOKENS
-            and not cached
-            and not (torch.is_grad_enabled() and hidden_states.requires_grad)
-            and type(self.act_fn).__name__ in ("SiLU", "SiLUActivation")
+            and self._kernels_apply(hidden_states)
             and native.library() is not None
+        )
+
+    def gpu_usable(self, hidden_states: torch.Tensor) -> bool:
+        from . import cuda_kernels
+
+        return (
+            hidden_states.device.type == "cuda"
+            and self._kernels_apply(hidden_states)
+            and (cuda_kernels.triton_available() or cuda_kernels.library() is not None)
         )
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if not self.native_usable(hidden_states):
-            return super().forward(hidden_states, top_k_index, top_k_weights)
-        from .native import table_for
+        if self.native_usable(hidden_states):
+            from .native import table_for
 
-        return table_for(self, _pack_epoch).forward(hidden_states, top_k_index, top_k_weights)
+            return table_for(self, _pack_epoch).forward(hidden_states, top_k_index, top_k_weights)
+        if self.gpu_usable(hidden_states):
+            from .cuda_kernels import table_for
+
+            return table_for(self, _pack_epoch).forward(hidden_states, top_k_index, top_k_weights)
+        return super().forward(hidden_states, top_k_index, top_k_weights)
 
     def _apply(self, fn, recurse=True):
-        from .native import drop_table
+        from . import cuda_kernels, native
 
-        drop_table(self)  # buffers may move or change dtype: the kernel table points into them
+        native.drop_table(self)  # buffers may move or change dtype: the kernel tables point into them
+        cuda_kernels.drop_table(self)
         return super()._apply(fn, recurse)
 
     def set_cache_dequantized(self, enabled: bool) -> None:

@@ -1,0 +1,211 @@
+"""GPU paths for packed experts: the CUDA decode kernels (`cuda/csrc/cuda/moe_gemv.cu`, up to 8 tokens per call)
+and the Triton grouped GEMM (`triton_moe.py`, more tokens), both over one flat copy of each projection type's
+packed weights made once per module (`GpuExperts`).
+
+The CUDA source is plain CUDA C++ with a C ABI: it is compiled by nvcc on first use for the device's
+architecture into a cache (`$MOECOMPRESS_CACHE` or `~/.cache/moecompress/cuda`, keyed by the sources' hash and
+the architecture) and called through ctypes on `torch.cuda.current_stream()`. Without nvcc the Triton kernel
+runs every call; without Triton either, the torch reference path, with one warning. `compile_check` builds the
+sources for sm_80 and sm_90a with warnings as errors (CI runs it: `python -m moecompress.runtime.cuda_kernels`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+import weakref
+from pathlib import Path
+
+import torch
+
+from .native import ProjDesc
+
+log = logging.getLogger(__name__)
+
+SOURCES = Path(__file__).resolve().parents[2] / "cuda" / "csrc" / "cuda"
+HEADERS = Path(__file__).resolve().parents[2] / "cuda" / "csrc" / "common"
+FLAGS = ["-O3", "-std=c++17", "--shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-Wall", "-Werror", "all-warnings"]
+CHECK_ARCHS = ("80", "90a")
+DECODE_TOKENS = 8  # tokens per call up to which the CUDA decode kernels run; the Triton GEMM above
+
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+def nvcc_command(target: Path, archs: tuple[str, ...]) -> list[str]:
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return ["nvcc", *FLAGS, *gencode, "-o", str(target), *map(str, sorted(SOURCES.glob("*.cu")))]
+
+
+def _run_nvcc(target: Path, archs: tuple[str, ...]) -> None:
+    if shutil.which("nvcc") is None:
+        raise RuntimeError("no CUDA compiler (nvcc) on PATH; install the CUDA toolkit")
+    result = subprocess.run(nvcc_command(target, archs), capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"nvcc failed: {(result.stderr or result.stdout).strip()[-2000:]}")
+
+
+def compile_check(archs: tuple[str, ...] = CHECK_ARCHS) -> None:
+    """Build every CUDA source for `archs` (warnings are errors) into a scratch folder; raise on failure."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _run_nvcc(Path(tmp) / "check.so", archs)
+
+
+def _device_arch() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}{minor}" + ("a" if major >= 9 else "")
+
+
+def _build() -> Path:
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device")
+    arch = _device_arch()
+    digest = hashlib.sha256(" ".join([*FLAGS, arch]).encode())
+    for path in sorted([*SOURCES.iterdir(), *HEADERS.iterdir()]):
+        digest.update(path.name.encode() + path.read_bytes())
+    cache = Path(os.environ.get("MOECOMPRESS_CACHE", Path.home() / ".cache" / "moecompress")) / "cuda"
+    target = cache / f"moe_gemv-sm{arch}-{digest.hexdigest()[:16]}.so"
+    if not target.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+        log.info("compiling the CUDA expert kernels (once, sm_%s) into %s", arch, target)
+        try:
+            _run_nvcc(tmp, (arch,))
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The CUDA kernel library, built on first use; None (after one warning) where it cannot be had."""
+    global _library, _failure
+    if _library is not None or _failure is not None:
+        return _library
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (RuntimeError, OSError) as exc:
+        _failure = str(exc)
+        log.warning("moecompress: CUDA expert kernels unavailable (%s); the Triton GEMM runs every call.", exc)
+        return None
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    lib.moe_cuda_experts_forward.argtypes = [ptr, i32, ptr, ptr, ptr, i32, i32, i32, i32, ptr, ptr, ptr]
+    lib.moe_cuda_experts_forward.restype = i32
+    lib.moe_cuda_linear.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, ptr, ptr]
+    lib.moe_cuda_linear.restype = i32
+    _library = lib
+    return lib
+
+
+def triton_available() -> bool:
+    try:
+        from . import triton_moe  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def kernel_name() -> str:
+    """Which code runs packed experts on CUDA devices."""
+    cuda = library() is not None
+    if triton_available():
+        return ("cuda decode (<= 8 tokens) + " if cuda else "") + "triton grouped GEMM"
+    return "cuda decode" if cuda else f"torch (no Triton; {_failure})"
+
+
+class GpuExperts:
+    """The packed experts of one module on its CUDA device: flat weights per projection type (Triton) and a
+    device table of descriptors into them (CUDA decode kernels)."""
+
+    def __init__(self, experts):
+        from .triton_moe import FlatProjections
+
+        device = next(experts.buffers()).device
+        self.tables = tuple(
+            FlatProjections.build([getattr(e, p) for e in experts], device)
+            for p in ("gate_proj", "up_proj", "down_proj")
+        )
+        descs = [self._desc(t, e) for e in range(len(experts)) for t in self.tables]
+        array = (ProjDesc * len(descs))(*descs)
+        self.descs = torch.frombuffer(bytearray(array), dtype=torch.uint8).to(device)
+        self.num_experts, self.hidden, self.intermediate = len(experts), experts.hidden_size, experts.intermediate_size
+
+    @staticmethod
+    def _desc(table, e: int) -> ProjDesc:
+        w_off, row_bytes, bits, group, groups, s_off, s_rowstride, z_off, fixed_zero = table.meta[e].tolist()
+        return ProjDesc(
+            table.weight.data_ptr() + w_off,
+            table.scale.data_ptr() + 2 * s_off,
+            table.zero.data_ptr() + z_off if z_off >= 0 else None,
+            row_bytes,
+            table.out_features,
+            table.in_features,
+            bits,
+            group,
+            groups,
+            1 if s_rowstride == 0 else table.out_features,
+            fixed_zero,
+            0,
+        )
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        lib = library()
+        if lib is None or hidden.shape[0] > DECODE_TOKENS:
+            from .triton_moe import experts_forward
+
+            return experts_forward(self.tables, hidden, top_k_index, top_k_weights)
+        tokens, top_k = top_k_index.shape
+        x = hidden.to(torch.float32).contiguous()
+        ids = top_k_index.to(torch.int64).contiguous()
+        weights = top_k_weights.to(torch.float32).contiguous()
+        h = torch.empty(tokens * top_k, self.intermediate, dtype=torch.float32, device=x.device)
+        out = torch.empty_like(x)
+        status = lib.moe_cuda_experts_forward(
+            self.descs.data_ptr(),
+            self.num_experts,
+            x.data_ptr(),
+            ids.data_ptr(),
+            weights.data_ptr(),
+            tokens,
+            top_k,
+            self.hidden,
+            self.intermediate,
+            h.data_ptr(),
+            out.data_ptr(),
+            torch.cuda.current_stream(x.device).cuda_stream,
+        )
+        if status:
+            raise RuntimeError(f"CUDA expert kernels failed to launch (cudaError {status})")
+        return out.to(hidden.dtype)
+
+
+_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PackedExperts -> (epoch, GpuExperts)
+
+
+def table_for(experts, epoch: int) -> GpuExperts:
+    cached = _tables.get(experts)
+    if cached is None or cached[0] != epoch:
+        cached = _tables[experts] = (epoch, GpuExperts(experts))
+    return cached[1]
+
+
+def drop_table(experts) -> None:
+    _tables.pop(experts, None)
+
+
+if __name__ == "__main__":  # CI: every CUDA source builds for sm_80 and sm_90a
+    try:
+        compile_check()
+    except RuntimeError as exc:
+        print(f"CUDA compile check failed: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print(
+        f"CUDA sources build for {', '.join('sm_' + a for a in CHECK_ARCHS)}: {nvcc_command(Path('lib.so'), CHECK_ARCHS)}"
+    )
