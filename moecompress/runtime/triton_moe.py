@@ -76,9 +76,10 @@ class FlatProjections:
                     0 if has_zero else 1,
                 ]
             )
-            weights.append(raw.reshape(-1))
+            pad = -raw.numel() % 16  # every expert 16-byte aligned (the CUDA kernels' 128-bit loads)
+            weights.append(torch.nn.functional.pad(raw.reshape(-1), (0, pad)))
             scales.append(linear.weight_scale.reshape(-1))
-            w_off, s_off = w_off + raw.numel(), s_off + linear.weight_scale.numel()
+            w_off, s_off = w_off + raw.numel() + pad, s_off + linear.weight_scale.numel()
             if has_zero:
                 zeros.append(linear.weight_zero_point.reshape(-1))
                 z_off += linear.weight_zero_point.numel()

@@ -5,7 +5,8 @@
 // One thread block per (token, top-k slot) pair and tile of output rows; one warp per row. The weights are read
 // as stored (rows of 32-bit words, docs/FORMAT.md; base-3 ternary is repacked to 2-bit codes at load): lane l
 // takes units l, l + 32, ... of a row, a unit being the `bits` words that hold 32 codes, so a warp reads
-// 32 * 4 * bits contiguous bytes per step (coalesced; 128-bit per lane at 4 bits). Each expert has its own
+// 32 * 4 * bits contiguous bytes per step (coalesced; 128-bit loads per lane at 4 and 8 bits, the rows laid out
+// once at load in one flat buffer per projection type with every expert 16-byte aligned). Each expert has its own
 // format (a per-projection descriptor table, `ProjDesc`), so LP-mixed layers run in the same launch; the
 // decoding is common/decode.h, which the CPU kernels' portable path shares and tests.
 //
@@ -37,6 +38,25 @@ constexpr int kWarps = 8;  // rows per block
 // lanes of a warp, each on its own unit, read 32 different banks.
 constexpr int kStride = kUnitCodes + 1;
 
+// Unit u of a row into w: one 128-bit load at 4 bits (two at 8, one 64-bit at 2) where the row is 16-byte aligned
+// (the flat tables pad every expert to 16 bytes) and the unit lies inside it; word by word otherwise.
+template <int BITS>
+__device__ __forceinline__ void load_unit(const uint32_t* row, int64_t row_words, int64_t u, bool aligned, uint32_t* w) {
+    if (aligned && (u + 1) * BITS <= row_words && (BITS == 2 || BITS == 4 || BITS == 8)) {
+        if (BITS == 2) {
+            const uint2 v = __ldg(reinterpret_cast<const uint2*>(row) + u);
+            w[0] = v.x, w[1] = v.y;
+        } else {
+            for (int q = 0; q < BITS / 4; ++q) {
+                const uint4 v = __ldg(reinterpret_cast<const uint4*>(row) + u * (BITS / 4) + q);
+                w[4 * q] = v.x, w[4 * q + 1] = v.y, w[4 * q + 2] = v.z, w[4 * q + 3] = v.w;
+            }
+        }
+        return;
+    }
+    moe_load_unit(row, row_words, u, BITS, w);
+}
+
 // Dot of row n of `d` (BITS-bit codes) with the staged x, reduced over the warp.
 template <int BITS>
 __device__ float row_dot_bits(const ProjDesc& d, int n, const float* x) {
@@ -45,10 +65,11 @@ __device__ float row_dot_bits(const ProjDesc& d, int n, const float* x) {
     const int64_t row_words = d.row_bytes / 4, units = (d.in_features + kUnitCodes - 1) / kUnitCodes;
     const int srow = d.scale_rows == 1 ? 0 : n;
     const bool unit_groups = d.group % kUnitCodes == 0;  // a unit lies in one group
+    const bool aligned = (reinterpret_cast<uintptr_t>(row) & 15) == 0;
     float acc = 0.f;
     uint32_t w[BITS];
     for (int64_t u = lane; u < units; u += 32) {
-        moe_load_unit(row, row_words, u, BITS, w);
+        load_unit<BITS>(row, row_words, u, aligned, w);
         const float* xu = x + u * kStride;
         if (unit_groups) {
             float dot = 0.f, xs = 0.f;
