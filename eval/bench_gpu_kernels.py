@@ -111,7 +111,7 @@ def ours_linear(linear: PackedLinear, x: torch.Tensor):
     """Our kernel for one packed matrix: CUDA decode up to 8 tokens, the Triton GEMM above."""
     from moecompress.runtime import triton_moe
 
-    table = triton_moe.FlatProjections.build([linear], x.device)
+    table = triton_moe.ProjectionTable.build([linear])
     tokens = x.shape[0]
     lib = cuda_kernels.library() if x.device.type == "cuda" else None
     if lib is not None and tokens <= cuda_kernels.DECODE_TOKENS:

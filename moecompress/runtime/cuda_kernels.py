@@ -1,6 +1,7 @@
 """GPU paths for packed experts: the CUDA decode kernels (`cuda/csrc/cuda/moe_gemv.cu`, up to 8 tokens per call)
-and the Triton grouped GEMM (`triton_moe.py`, more tokens), both over one flat copy of each projection type's
-packed weights made once per module (`GpuExperts`).
+and the Triton grouped GEMM (`triton_moe.py`, more tokens), both reading the modules' own packed tensors through
+per-expert tables of addresses and formats made once per module (`GpuExperts`; no weight is copied, except
+base-3 ternary rows, repacked to 2-bit codes).
 
 The CUDA source is plain CUDA C++ with a C ABI: it is compiled by nvcc on first use for the device's
 architecture into a cache (`$MOECOMPRESS_CACHE` or `~/.cache/moecompress/cuda`, keyed by the sources' hash and
@@ -121,16 +122,15 @@ def kernel_name() -> str:
 
 
 class GpuExperts:
-    """The packed experts of one module on its CUDA device: flat weights per projection type (Triton) and a
-    device table of descriptors into them (CUDA decode kernels)."""
+    """The packed experts of one module on its CUDA device: per projection type a table of the experts'
+    tensors and formats (Triton), and the same as kernel descriptors (CUDA decode kernels)."""
 
     def __init__(self, experts):
-        from .triton_moe import FlatProjections
+        from .triton_moe import ProjectionTable
 
         device = next(experts.buffers()).device
         self.tables = tuple(
-            FlatProjections.build([getattr(e, p) for e in experts], device)
-            for p in ("gate_proj", "up_proj", "down_proj")
+            ProjectionTable.build([getattr(e, p) for e in experts]) for p in ("gate_proj", "up_proj", "down_proj")
         )
         descs = [self._desc(t, e) for e in range(len(experts)) for t in self.tables]
         array = (ProjDesc * len(descs))(*descs)
@@ -139,11 +139,11 @@ class GpuExperts:
 
     @staticmethod
     def _desc(table, e: int) -> ProjDesc:
-        w_off, row_bytes, bits, group, groups, s_off, s_rowstride, z_off, fixed_zero = table.meta[e].tolist()
+        w_ptr, row_bytes, bits, group, groups, s_ptr, s_rowstride, z_ptr, fixed_zero = table.meta[e].tolist()
         return ProjDesc(
-            table.weight.data_ptr() + w_off,
-            table.scale.data_ptr() + 2 * s_off,
-            table.zero.data_ptr() + z_off if z_off >= 0 else None,
+            w_ptr,
+            s_ptr,
+            z_ptr or None,
             row_bytes,
             table.out_features,
             table.in_features,

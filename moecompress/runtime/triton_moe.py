@@ -1,18 +1,17 @@
 """Triton grouped MoE GEMM over packed experts (more than 8 tokens, prefill), in the manner of vLLM's fused_moe:
 the (token, expert) pairs are sorted by expert and padded to the block size, and each program multiplies one
 block of pairs with one tile of its expert's rows, decoding the stored codes in the kernel. Every expert has its
-own format (bits, group, zero points), read from a per-expert table, so LP-mixed layers run in one launch.
-
-The weights of one projection type of all experts are one flat byte buffer (`FlatProjections`, built once at
-load); codes are read as stored (little-endian bit streams, docs/FORMAT.md; base-3 ternary repacked to 2-bit
-codes), two bytes per code so that 3-bit codes may straddle a byte. With `TRITON_INTERPRET=1` the same kernel
-runs on CPU tensors, which is how CI tests it.
+own format (bits, group, zero points) and its own tensors, read from a per-expert table of addresses and sizes
+(`ProjectionTable`), so LP-mixed layers run in one launch and no weight is copied (base-3 ternary rows are
+repacked to 2-bit codes once). Codes are read as stored (little-endian bit streams, docs/FORMAT.md), two bytes
+per code so that 3-bit codes may straddle a byte. With `TRITON_INTERPRET=1` the same kernel runs on CPU tensors,
+which is how CI tests it.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -20,8 +19,8 @@ import triton.language as tl
 
 from ..quant.packing import pack_codes, unpack_trits
 
-# meta columns per expert
-W_OFF, ROW_BYTES, BITS, GROUP, GROUPS, S_OFF, S_ROWSTRIDE, Z_OFF, FIXED_ZERO = range(9)
+# meta columns per expert: addresses of its packed rows, fp16 scales and uint8 zeros (0: none), and its format
+W_PTR, ROW_BYTES, BITS, GROUP, GROUPS, S_PTR, S_ROWSTRIDE, Z_PTR, FIXED_ZERO = range(9)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # BLOCK_M is not tuned: the sorted pairs are padded to it before the launch (`align`).
 CONFIGS = (
@@ -40,58 +39,45 @@ def block_m(num_pairs: int) -> int:
 
 
 @dataclass
-class FlatProjections:
-    """One projection type (gate, up or down) of every expert: packed rows, fp16 scales and uint8 zeros as flat
-    buffers, and per expert the offsets and format (`meta`, int64 [E, 9])."""
+class ProjectionTable:
+    """One projection type (gate, up or down) of every expert: per expert the addresses of its tensors and its
+    format (`meta`, int64 [E, 9], on the experts' device). `keep` holds the tensors made here (base-3 rows
+    repacked to 2-bit codes); the others are the modules' own buffers, which must outlive the table."""
 
-    weight: torch.Tensor  # uint8
-    scale: torch.Tensor  # float16
-    zero: torch.Tensor  # uint8 (one byte when no expert has zero points)
     meta: torch.Tensor
     out_features: int
     in_features: int
+    keep: list = field(default_factory=list)
 
     @classmethod
-    def build(cls, linears: list, device: torch.device) -> FlatProjections:
-        weights, scales, zeros, meta = [], [], [], []
-        w_off = s_off = z_off = 0
+    def build(cls, linears: list) -> ProjectionTable:
+        rows, keep = [], []
         for linear in linears:
             fmt, (out_features, in_features) = linear.fmt, (linear.out_features, linear.in_features)
             packed = linear.weight_packed
             if fmt.packing == "base3":
                 packed = pack_codes(unpack_trits(packed.cpu(), in_features), 2).to(packed.device)
-            raw = packed.contiguous().view(torch.uint8).reshape(out_features, -1)
-            groups, rows = fmt.groups(in_features), fmt.scale_rows(out_features)
-            has_zero = linear.weight_zero_point is not None
-            meta.append(
+                keep.append(packed)
+            packed = packed.contiguous()
+            scale, zero = linear.weight_scale.contiguous(), linear.weight_zero_point
+            keep += [packed, scale] + ([zero] if zero is not None else [])
+            groups = fmt.groups(in_features)
+            rows.append(
                 [
-                    w_off,
-                    raw.shape[1],
+                    packed.data_ptr(),
+                    packed.shape[1] * packed.element_size(),
                     2 if fmt.ternary else fmt.bits,
                     fmt.effective_group(in_features),
                     groups,
-                    s_off,
-                    0 if rows == 1 else groups,
-                    z_off if has_zero else -1,
-                    0 if has_zero else 1,
+                    scale.data_ptr(),
+                    0 if fmt.scale_rows(out_features) == 1 else groups,
+                    zero.contiguous().data_ptr() if zero is not None else 0,
+                    0 if zero is not None else 1,
                 ]
             )
-            pad = -raw.numel() % 16  # every expert 16-byte aligned (the CUDA kernels' 128-bit loads)
-            weights.append(torch.nn.functional.pad(raw.reshape(-1), (0, pad)))
-            scales.append(linear.weight_scale.reshape(-1))
-            w_off, s_off = w_off + raw.numel() + pad, s_off + linear.weight_scale.numel()
-            if has_zero:
-                zeros.append(linear.weight_zero_point.reshape(-1))
-                z_off += linear.weight_zero_point.numel()
-        zero = torch.cat(zeros) if zeros else torch.zeros(1, dtype=torch.uint8)
-        return cls(
-            torch.cat(weights).to(device),
-            torch.cat(scales).to(device),
-            zero.to(device),
-            torch.tensor(meta, dtype=torch.int64, device=device),
-            linears[0].out_features,
-            linears[0].in_features,
-        )
+        device = linears[0].weight_packed.device
+        meta = torch.tensor(rows, dtype=torch.int64, device=device)
+        return cls(meta, linears[0].out_features, linears[0].in_features, keep)
 
 
 @triton.autotune(configs=CONFIGS, key=["N", "K", "BLOCK_M"])
@@ -99,9 +85,6 @@ class FlatProjections:
 def _grouped_gemm(
     a_ptr,
     c_ptr,
-    w_ptr,
-    s_ptr,
-    z_ptr,
     meta_ptr,
     pairs_ptr,
     block_expert_ptr,
@@ -122,9 +105,11 @@ def _grouped_gemm(
     if e < 0:
         return
     meta = meta_ptr + e * 9
-    w_off, row_bytes, bits = tl.load(meta + 0), tl.load(meta + 1), tl.load(meta + 2)
-    group, groups, s_off = tl.load(meta + 3), tl.load(meta + 4), tl.load(meta + 5)
-    s_rowstride, z_off, fixed_zero = tl.load(meta + 6), tl.load(meta + 7), tl.load(meta + 8)
+    w_ptr = tl.load(meta + 0).to(tl.pointer_type(tl.uint8))
+    row_bytes, bits, group, groups = tl.load(meta + 1), tl.load(meta + 2), tl.load(meta + 3), tl.load(meta + 4)
+    s_ptr = tl.load(meta + 5).to(tl.pointer_type(tl.float16))
+    s_rowstride, z_addr, fixed_zero = tl.load(meta + 6), tl.load(meta + 7), tl.load(meta + 8)
+    z_ptr = z_addr.to(tl.pointer_type(tl.uint8))
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(pairs_ptr + offs_m)
     valid = pair < num_pairs
@@ -141,14 +126,14 @@ def _grouped_gemm(
         )
         mask = n_ok[:, None] & k_ok[None, :]
         bit = offs_k.to(tl.int64) * bits
-        byte = w_off + rows * row_bytes + (bit // 8)[None, :]
+        byte = rows * row_bytes + (bit // 8)[None, :]
         shift = (bit % 8).to(tl.int32)[None, :]
         lo = tl.load(w_ptr + byte, mask=mask, other=0).to(tl.int32)
         hi = tl.load(w_ptr + byte + 1, mask=mask & (shift + bits > 8), other=0).to(tl.int32)
         code = ((lo | (hi << 8)) >> shift) & ((1 << bits) - 1)
         g = (offs_k // group)[None, :]
-        scale = tl.load(s_ptr + s_off + rows * s_rowstride + g, mask=mask, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + z_off + rows * groups + g, mask=mask & (rows * 0 + z_off >= 0), other=0).to(tl.float32)
+        scale = tl.load(s_ptr + rows * s_rowstride + g, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + rows * groups + g, mask=mask & (rows * 0 + z_addr != 0), other=0).to(tl.float32)
         w = (code.to(tl.float32) - zero - fixed_zero) * scale
         if FP32:
             acc += tl.dot(a, tl.trans(w), input_precision="ieee")
@@ -185,7 +170,7 @@ def align(ids: torch.Tensor, num_experts: int, block: int) -> tuple[torch.Tensor
 
 def grouped_gemm(
     a: torch.Tensor,
-    proj: FlatProjections,
+    proj: ProjectionTable,
     pairs: torch.Tensor,
     block_expert: torch.Tensor,
     num_pairs: int,
@@ -202,9 +187,6 @@ def grouped_gemm(
     _grouped_gemm[grid](
         a,
         c,
-        proj.weight,
-        proj.scale,
-        proj.zero,
         proj.meta,
         pairs,
         block_expert,
@@ -221,7 +203,7 @@ def grouped_gemm(
 
 
 def experts_forward(
-    tables: tuple[FlatProjections, FlatProjections, FlatProjections],
+    tables: tuple[ProjectionTable, ProjectionTable, ProjectionTable],
     hidden: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,

@@ -31,10 +31,9 @@ def reference(module, x, ids, weights):
     return float64_moe(module, x, ids.clamp(min=0), weights * (ids >= 0))
 
 
-def flat_tables(module, device="cpu"):
+def tables(module):
     return tuple(
-        triton_moe.FlatProjections.build([getattr(e, p) for e in module], torch.device(device))
-        for p in ("gate_proj", "up_proj", "down_proj")
+        triton_moe.ProjectionTable.build([getattr(e, p) for e in module]) for p in ("gate_proj", "up_proj", "down_proj")
     )
 
 
@@ -67,7 +66,7 @@ def test_triton_grouped_moe_matches_float64_for_mixed_formats(tokens):
     assert len(formats) == len(FORMATS)
     x = torch.randn(tokens, 72)
     ids, weights = routed(tokens)
-    y = triton_moe.experts_forward(flat_tables(module), x, ids, weights)
+    y = triton_moe.experts_forward(tables(module), x, ids, weights)
     assert rel_err(y, reference(module, x, ids, weights)) < 1e-5
 
 
@@ -80,7 +79,7 @@ def test_triton_grouped_gemm_of_one_projection_per_format():
     for fmt in FORMATS:
         linear = PackedLinear(5, 21, fmt)
         linear.load_packed(pack(quantize_rtn(torch.randn(5, 21), fmt)))
-        table = triton_moe.FlatProjections.build([linear], torch.device("cpu"))
+        table = triton_moe.ProjectionTable.build([linear])
         x = torch.randn(3, 21)
         pairs, block_expert = triton_moe.align(torch.zeros(3, 1, dtype=torch.int64), 1, 16)
         y = triton_moe.grouped_gemm(x, table, pairs, block_expert, 3, 1)

@@ -5,8 +5,7 @@
 // One thread block per (token, top-k slot) pair and tile of output rows; one warp per row. The weights are read
 // as stored (rows of 32-bit words, docs/FORMAT.md; base-3 ternary is repacked to 2-bit codes at load): lane l
 // takes units l, l + 32, ... of a row, a unit being the `bits` words that hold 32 codes, so a warp reads
-// 32 * 4 * bits contiguous bytes per step (coalesced; 128-bit loads per lane at 4 and 8 bits, the rows laid out
-// once at load in one flat buffer per projection type with every expert 16-byte aligned). Each expert has its own
+// 32 * 4 * bits contiguous bytes per step (coalesced; 128-bit loads per lane at 4 and 8 bits). Each expert has its own
 // format (a per-projection descriptor table, `ProjDesc`), so LP-mixed layers run in the same launch; the
 // decoding is common/decode.h, which the CPU kernels' portable path shares and tests.
 //
@@ -39,7 +38,8 @@ constexpr int kWarps = 8;  // rows per block
 constexpr int kStride = kUnitCodes + 1;
 
 // Unit u of a row into w: one 128-bit load at 4 bits (two at 8, one 64-bit at 2) where the row is 16-byte aligned
-// (the flat tables pad every expert to 16 bytes) and the unit lies inside it; word by word otherwise.
+// (each expert's tensor is its own allocation, so rows whose size is a multiple of 16 bytes are) and the unit lies
+// inside it; word by word otherwise.
 template <int BITS>
 __device__ __forceinline__ void load_unit(const uint32_t* row, int64_t row_words, int64_t u, bool aligned, uint32_t* w) {
     if (aligned && (u + 1) * BITS <= row_words && (BITS == 2 || BITS == 4 || BITS == 8)) {
