@@ -11,6 +11,11 @@ from ..quant.qtensor import QuantFormat
 from ..quant.rtn import quantize_rtn
 
 
+def _projections(x: torch.Tensor, w: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up projections (with their biases, where the experts have them) of tokens x."""
+    return F.linear(x, w.gate_proj, w.gate_bias), F.linear(x, w.up_proj, w.up_bias)
+
+
 class ErrorProfile:
     """A collector for `ExpertObserver`: sees each expert's routed tokens (at most `max_tokens` of them)."""
 
@@ -27,27 +32,28 @@ class ErrorProfile:
         if take <= 0:
             return
         x, w, out = x[:take], w[:take, None], out[:take]
-        act = view.experts.act_fn
         original = view.expert_weights(e)
-        gate, up = act(F.linear(x, original.gate_proj)), F.linear(x, original.up_proj)
+        gate, up = _projections(x, original)
         for c in range(len(self.formats)):
             q = self._rtn(e, c, original)
-            gate_q, up_q = act(F.linear(x, q.gate_proj)), F.linear(x, q.up_proj)
-            variants = (  # (down input, down weight) with gate / up / down / all quantized
-                (gate_q * up, original.down_proj),
-                (gate * up_q, original.down_proj),
-                (gate * up, q.down_proj),
-                (gate_q * up_q, q.down_proj),
+            gate_q, up_q = _projections(x, q)
+            variants = (  # (gate, up, down weights) with gate / up / down / all quantized
+                (gate_q, up, original),
+                (gate, up_q, original),
+                (gate, up, q),
+                (gate_q, up_q, q),
             )
-            for v, (mid, down) in enumerate(variants):
-                self.quant_error[e, c, v] += float((w * (F.linear(mid, down) - out)).pow(2).sum())
+            for v, (g, u, down) in enumerate(variants):
+                mid = view.activation(g, u)
+                y = F.linear(mid, down.down_proj, original.down_bias)
+                self.quant_error[e, c, v] += float((w * (y - out)).pow(2).sum())
         self.tokens[e] += take
 
     def _rtn(self, e: int, c: int, original: ExpertWeights) -> ExpertWeights:
         if (e, c) not in self._rtn_cache:
             fmt = self.formats[c]
-            self._rtn_cache[(e, c)] = ExpertWeights(
-                *(quantize_rtn(original[p].float(), fmt).dequantize() for p in PROJECTIONS)
+            self._rtn_cache[(e, c)] = original.replace(
+                **{p: quantize_rtn(original[p].float(), fmt).dequantize() for p in PROJECTIONS}
             )
         return self._rtn_cache[(e, c)]
 

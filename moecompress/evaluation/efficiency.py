@@ -50,7 +50,7 @@ def _module_params(module: nn.Module, itemsize: int) -> tuple[int, int]:
 
 def _stored_experts(experts: nn.Module) -> int:
     inner = getattr(experts, "experts", experts)  # MappedExperts wraps the merged experts
-    return len(inner) if isinstance(inner, ExpertList) else int(inner.gate_up_proj.shape[0])
+    return len(inner) if isinstance(inner, ExpertList) else int(inner.num_experts)
 
 
 def stored_itemsize(folder: str | Path) -> int:

@@ -4,6 +4,7 @@ on the meta device before the weights are read."""
 
 from __future__ import annotations
 
+import itertools
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -90,26 +91,31 @@ class MoECompressHfQuantizer(HfQuantizer):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             fused, kept = getattr(parent, child), max(slot_map) + 1
-            for param in ("gate_up_proj", "down_proj"):
-                shape = getattr(fused, param).shape
+            for param, tensor in list(fused.named_parameters(recurse=False)):  # every expert tensor: [E, ...]
+                shape = tensor.shape
                 setattr(fused, param, nn.Parameter(torch.empty(kept, *shape[1:], device="meta"), requires_grad=False))
             fused.num_experts = kept
             setattr(parent, child, MappedExperts(fused, torch.tensor(slot_map)))
+        from ..models import get_adapter
+
+        adapter = get_adapter(model.config.model_type)
         formats = [QuantFormat.from_dict(f) for f in self.quantization_config.formats]
         for name, rows in self.quantization_config.experts.items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             fused = getattr(parent, child)
-            hidden, intermediate = fused.down_proj.shape[1], fused.down_proj.shape[2]
+            first = adapter.expert_weights(fused, 0)  # the architecture's layout, on the meta device
             per_expert = [dict(zip(PROJECTIONS, (formats[i] for i in row))) for row in rows]
             with torch.device("meta"):  # the packed tensors go straight from the files into these buffers
-                setattr(parent, child, PackedExperts(hidden, intermediate, per_expert, fused.act_fn))
+                module = PackedExperts(
+                    *first.down_proj.shape, per_expert, adapter.expert_activation(fused), first.gate_bias is not None
+                )
+            setattr(parent, child, module)
         skip = self.quantization_config.dynamic_skip
         if skip and skip["method"] == "learned":
             from ..dynamic.skip import add_predictor_modules
-            from ..models import get_adapter
 
-            add_predictor_modules(model, get_adapter(model.config.model_type))
+            add_predictor_modules(model, adapter)
         folder = _checkpoint_folder(checkpoint_files, getattr(model.config, "_name_or_path", ""))
         _, stored = verify_checkpoint_files(folder, check_hashes=_verify_hashes.get())
         check_model_against_files(model, stored, folder)
@@ -119,7 +125,8 @@ class MoECompressHfQuantizer(HfQuantizer):
         # Non-persistent buffers created on the meta device are materialised empty: set the maps again.
         for name, slot_map in self.quantization_config.expert_maps.items():
             mapped = model.get_submodule(name)
-            mapped.slot_map = torch.tensor(slot_map, device=mapped.experts.down_proj.device)
+            device = next(itertools.chain(mapped.experts.parameters(), mapped.experts.buffers())).device
+            mapped.slot_map = torch.tensor(slot_map, device=device)
         if self.quantization_config.dynamic_skip:
             from ..dynamic.skip import SkipRule, install_skipping
             from ..models import get_adapter

@@ -19,7 +19,7 @@ from torch import nn
 from ..calibration.data import CalibrationBatch
 from ..calibration.engine import Activations, ExpertObserver, run_layerwise
 from ..errors import RecipeError
-from ..models.base import MODALITIES, PROJECTIONS, ExpertWeights, MoEBlockView
+from ..models.base import BIASES, MODALITIES, PROJECTIONS, ExpertWeights, MoEBlockView
 from ..models.loading import LoadedModel
 from .cluster import cluster_experts, group_around_dominant
 from .prune import select_experts_to_prune
@@ -136,13 +136,13 @@ def merge_block(view: MoEBlockView, observer: ExpertObserver, config: MergeConfi
         keep = [e for e in range(E) if e not in removed]
         slot_map = torch.full((E,), -1, dtype=torch.long)
         slot_map[keep] = torch.arange(k)
-        _install(view, [originals[e] for e in keep], view.router_weight.data[keep].clone(), None, k)
+        _install(view, [originals[e] for e in keep], view.router_rows()[keep].clone(), None, k)
         return LayerReduction(view.layer_index, k, slot_map.tolist(), error)
     if config.clustering == "dominant":
         labels = group_around_dominant(outputs.reshape(E, -1), freqs, k, config.max_cluster_size)
     else:
         labels = cluster_experts(outputs.reshape(E, -1), k, config.seed, max_cluster_size=config.max_cluster_size)
-    merged, rows = [], []
+    merged, rows, router = [], [], view.router_rows()
     for c in range(k):
         members = torch.where(labels == c)[0].tolist()
         f = freqs[members]
@@ -150,12 +150,19 @@ def merge_block(view: MoEBlockView, observer: ExpertObserver, config: MergeConfi
         if config.align_neurons and len(members) > 1:
             anchor = members[int(torch.argmax(f))]
             weights_of = {e: w if e == anchor else align_neurons(originals[anchor], w) for e, w in weights_of.items()}
-        merged.append(ExpertWeights(*(_merge([weights_of[e][p] for e in members], f, config) for p in PROJECTIONS)))
+        matrices = (_merge([weights_of[e][p] for e in members], f, config) for p in PROJECTIONS)
+        biases = (_merge_bias([weights_of[e][b] for e in members], f) for b in BIASES)
+        merged.append(ExpertWeights(*matrices, *biases))
         weights = f / f.sum() if float(f.sum()) > 0 else torch.full_like(f, 1 / len(members))
-        rows.append((weights[:, None].to(view.router_weight.dtype) * view.router_weight.data[members]).sum(0))
+        rows.append((weights[:, None].to(router.dtype) * router[members]).sum(0))
     keep_rows = config.router == "keep"
     _install(view, merged, None if keep_rows else torch.stack(rows), labels if keep_rows else None, k)
     return LayerReduction(view.layer_index, k, labels.tolist())
+
+
+def _merge_bias(biases: list[torch.Tensor | None], freqs: torch.Tensor) -> torch.Tensor | None:
+    """The members' biases averaged with the same frequency weights as their matrices (None without biases)."""
+    return None if biases[0] is None else average_merge([b[:, None] for b in biases], freqs)[:, 0]
 
 
 def _merge(matrices: list[torch.Tensor], freqs: torch.Tensor, config: MergeConfig) -> torch.Tensor:
@@ -175,15 +182,12 @@ def _install(
     kept: int,
 ) -> None:
     fused = view.experts
-    dtype = fused.down_proj.dtype
-    fused.gate_up_proj = nn.Parameter(
-        torch.stack([torch.cat([w.gate_proj, w.up_proj]) for w in experts]).to(dtype), requires_grad=False
-    )
-    fused.down_proj = nn.Parameter(torch.stack([w.down_proj for w in experts]).to(dtype), requires_grad=False)
-    fused.num_experts = kept
+    view.replace_experts(experts)
+    for param in view.adapter.expert_parameters(fused):
+        param.requires_grad_(False)
     router = view.router
     if router_rows is not None:
-        view.adapter.router_linear(router).weight = nn.Parameter(router_rows, requires_grad=False)
+        view.set_router_rows(router_rows)
         router.num_experts = kept
         bias = getattr(router, "e_score_correction_bias", None)
         if bias is not None:

@@ -52,4 +52,9 @@ def align_neurons(anchor: ExpertWeights, other: ExpertWeights) -> ExpertWeights:
     similarity = neuron_features(anchor) @ neuron_features(other).T
     _, perm = linear_sum_assignment(similarity.cpu().numpy(), maximize=True)
     perm = torch.as_tensor(perm, device=other.gate_proj.device)
-    return ExpertWeights(other.gate_proj[perm], other.up_proj[perm], other.down_proj[:, perm])
+    return other.replace(
+        gate_proj=other.gate_proj[perm],
+        up_proj=other.up_proj[perm],
+        down_proj=other.down_proj[:, perm],
+        **{b: getattr(other, b)[perm] for b in ("gate_bias", "up_bias") if getattr(other, b) is not None},
+    )

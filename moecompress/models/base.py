@@ -15,21 +15,48 @@ from torch import nn
 
 MODALITIES = ("text", "image")
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+BIASES = ("gate_bias", "up_bias", "down_bias")
 
 
 @dataclass
 class ExpertWeights:
-    """One routed expert as plain matrices: gate/up [I, H], down [H, I]."""
+    """One routed expert as plain matrices: gate/up [I, H], down [H, I], and their biases where the
+    architecture has them (GPT-OSS): gate/up [I], down [H]."""
 
     gate_proj: torch.Tensor
     up_proj: torch.Tensor
     down_proj: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return getattr(self, name)
 
+    def bias(self, projection: str) -> torch.Tensor | None:
+        return getattr(self, projection.replace("_proj", "_bias"))
+
     def replace(self, **matrices: torch.Tensor) -> ExpertWeights:
-        return ExpertWeights(**{p: matrices.get(p, getattr(self, p)) for p in PROJECTIONS})
+        return ExpertWeights(
+            **{p: matrices.get(p, getattr(self, p)) for p in PROJECTIONS},
+            **{b: matrices.get(b, getattr(self, b)) for b in BIASES},
+        )
+
+
+class GatedActivation(nn.Module):
+    """The expert's hidden activation from its gate and up projections: act(gate) * up (SwiGLU with SiLU)."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.act = act
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.act(gate) * up
+
+    @property
+    def is_swiglu(self) -> bool:
+        """SiLU(gate) * up: what the native kernels compute."""
+        return type(self.act).__name__ in ("SiLU", "SiLUActivation")
 
 
 @dataclass
@@ -55,6 +82,21 @@ class MoEBlockView:
         """The router's [E, H] matrix, wherever the adapter says the router keeps it."""
         return self.adapter.router_linear(self.router).weight
 
+    def router_rows(self) -> torch.Tensor:
+        """The router's [E, H] matrix, with its bias as one more column where it has one (GPT-OSS)."""
+        linear = self.adapter.router_linear(self.router)
+        bias = getattr(linear, "bias", None)
+        weight = linear.weight.data
+        return weight if bias is None else torch.cat([weight, bias.data[:, None].to(weight.dtype)], dim=1)
+
+    def set_router_rows(self, rows: torch.Tensor) -> None:
+        """Another set of router rows (as `router_rows` gives them): after experts were merged or pruned."""
+        linear = self.adapter.router_linear(self.router)
+        hidden, bias = linear.weight.shape[1], getattr(linear, "bias", None)
+        linear.weight = nn.Parameter(rows[:, :hidden].contiguous(), requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(rows[:, hidden].to(bias.dtype).contiguous(), requires_grad=False)
+
     @property
     def num_experts(self) -> int:
         return int(self.router_weight.shape[0])
@@ -63,6 +105,17 @@ class MoEBlockView:
     def expert_params(self) -> int:
         """Weights of the routed experts (as float matrices, however they are stored)."""
         return self.num_experts * sum(self.expert_weights(0)[p].numel() for p in PROJECTIONS)
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.expert_weights(0).down_proj.shape[1])
+
+    @property
+    def activation(self) -> nn.Module:
+        """The experts' gated activation, `activation(gate, up)` (a `GatedActivation` unless the architecture
+        has its own, as GPT-OSS)."""
+        experts = self.experts
+        return experts.activation if hasattr(experts, "activation") else self.adapter.expert_activation(experts)
 
     @property
     def hidden_size(self) -> int:
@@ -94,16 +147,16 @@ class MoEBlockView:
         experts = self.experts
         if hasattr(experts, "expert_weights"):
             return experts.expert_weights(expert)
-        gate, up = experts.gate_up_proj[expert].chunk(2, dim=0)
-        return ExpertWeights(gate, up, experts.down_proj[expert])
+        return self.adapter.expert_weights(experts, expert)
 
     def set_expert_weights(self, expert: int, weights: ExpertWeights) -> None:
-        experts = self.experts
         with torch.no_grad():
-            size = weights.gate_proj.shape[0]
-            experts.gate_up_proj[expert, :size].copy_(weights.gate_proj)
-            experts.gate_up_proj[expert, size:].copy_(weights.up_proj)
-            experts.down_proj[expert].copy_(weights.down_proj)
+            self.adapter.set_expert_weights(self.experts, expert, weights)
+
+    def replace_experts(self, weights: list[ExpertWeights]) -> None:
+        """New fused expert tensors from `weights` (another count or width; the architecture's layout)."""
+        with torch.no_grad():
+            self.adapter.replace_experts(self.experts, weights)
 
     def expert_forward(
         self, expert: int, x: torch.Tensor, weights: ExpertWeights | None = None
@@ -111,9 +164,12 @@ class MoEBlockView:
         """(intermediate activations fed to down_proj, expert output) for tokens x [T, H], with the
         expert's own weights or the replacement `weights`."""
         w = weights if weights is not None else self.expert_weights(expert)
-        act = self.experts.act_fn
-        hidden = act(F.linear(x, w.gate_proj.to(x.dtype))) * F.linear(x, w.up_proj.to(x.dtype))
-        return hidden, F.linear(hidden, w.down_proj.to(x.dtype))
+        hidden = self.activation(_linear(x, w.gate_proj, w.gate_bias), _linear(x, w.up_proj, w.up_bias))
+        return hidden, _linear(hidden, w.down_proj, w.down_bias)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 class ModelAdapter:
@@ -153,8 +209,40 @@ class ModelAdapter:
         return bool(getattr(router, "norm_topk_prob", False))
 
     def router_linear(self, router: nn.Module) -> nn.Module:
-        """The module holding the router's [E, H] `weight` (the router itself unless it wraps a linear)."""
+        """The module holding the router's [E, H] `weight` and optional `bias` (the router itself unless it
+        wraps a linear)."""
         return router
+
+    # The fused experts module's layout. Default: transformers' `gate_up_proj [E, 2I, H]` (gate rows, then up
+    # rows), `down_proj [E, H, I]`, no biases, `act_fn`; an architecture with another layout overrides these.
+    def expert_weights(self, experts: nn.Module, e: int) -> ExpertWeights:
+        gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
+        return ExpertWeights(gate, up, experts.down_proj[e])
+
+    def set_expert_weights(self, experts: nn.Module, e: int, w: ExpertWeights) -> None:
+        size = w.gate_proj.shape[0]
+        experts.gate_up_proj[e, :size].copy_(w.gate_proj)
+        experts.gate_up_proj[e, size:].copy_(w.up_proj)
+        experts.down_proj[e].copy_(w.down_proj)
+
+    def replace_experts(self, experts: nn.Module, weights: list[ExpertWeights]) -> None:
+        dtype, grad = experts.down_proj.dtype, experts.down_proj.requires_grad
+        gate_up = torch.stack([torch.cat([w.gate_proj, w.up_proj]) for w in weights]).to(dtype)
+        experts.gate_up_proj = nn.Parameter(gate_up.contiguous(), requires_grad=grad)
+        down = torch.stack([w.down_proj for w in weights]).to(dtype)
+        experts.down_proj = nn.Parameter(down.contiguous(), requires_grad=grad)
+        experts.num_experts, experts.intermediate_dim = len(weights), int(down.shape[2])
+
+    def expert_parameters(self, experts: nn.Module) -> list[nn.Parameter]:
+        """The fused experts' trainable tensors."""
+        return [experts.gate_up_proj, experts.down_proj]
+
+    def down_projections(self, experts: nn.Module) -> tuple[nn.Parameter, bool]:
+        """The fused down projections, and whether they are stored transposed ([E, I, H] instead of [E, H, I])."""
+        return experts.down_proj, False
+
+    def expert_activation(self, experts: nn.Module) -> nn.Module:
+        return GatedActivation(experts.act_fn)
 
     def shared_experts(self, block: nn.Module) -> nn.Module | None:
         return None
@@ -162,8 +250,9 @@ class ModelAdapter:
     def route(
         self, router: nn.Module, hidden: torch.Tensor, excluded: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = self.router_linear(router).weight
-        logits = F.linear(hidden, weight.to(hidden.dtype)).float()
+        linear = self.router_linear(router)
+        weight, bias = linear.weight, getattr(linear, "bias", None)
+        logits = F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)).float()
         if excluded is not None:
             logits = logits.masked_fill(excluded.to(logits.device), float("-inf"))
         probs = torch.softmax(logits, dim=-1)

@@ -136,18 +136,23 @@ def install_packed_experts(
     reports: list[ExpertQuantReport],
     formats: list[dict[str, QuantFormat]] | None = None,
 ) -> PackedExperts:
-    """Replace the block's fused experts module with a `PackedExperts` holding `packed`; with `packed` None, an
-    empty one of `formats` on the meta device (a streamed layer whose tensors are already on disk)."""
-    fused = view.experts
-    intermediate, hidden = fused.down_proj.shape[2], fused.down_proj.shape[1]
+    """Replace the block's fused experts module with a `PackedExperts` holding `packed` (and the experts' biases,
+    where the architecture has them); with `packed` None, an empty one of `formats` on the meta device (a
+    streamed layer whose tensors are already on disk)."""
+    first = view.expert_weights(0)
+    hidden, intermediate = first.down_proj.shape
+    bias = first.gate_bias is not None
     formats = formats or [{p: t.fmt for p, t in e.items()} for e in packed]
     with torch.device("meta") if packed is None else contextlib.nullcontext():
-        module = PackedExperts(hidden, intermediate, formats, fused.act_fn)
+        module = PackedExperts(hidden, intermediate, formats, view.activation, bias)
     for e, (expert, report) in enumerate(zip(module, reports)):
+        weights = view.expert_weights(e) if bias and packed is not None else None
         for proj in PROJECTIONS:
             linear = getattr(expert, proj)
             if packed is not None:
                 linear.load_packed(packed[e][proj])
+                if weights is not None:
+                    linear.bias.copy_(weights.bias(proj))
             linear.method = report.method
     view.block.experts = module
     return module

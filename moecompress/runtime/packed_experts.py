@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.base import PROJECTIONS, ExpertWeights
+from ..models.base import PROJECTIONS, ExpertWeights, GatedActivation
 from ..quant.packing import PackedTensor, packed_layout, unpack
 from ..quant.qtensor import SCALE_DTYPE, QuantFormat
 
@@ -18,9 +18,10 @@ _pack_epoch = 0  # bumped whenever packed weights are replaced in place
 
 
 class PackedLinear(nn.Module):
-    """A bias-free linear layer whose weight is a `PackedTensor` held as buffers (no zero point for ternary)."""
+    """A linear layer whose weight is a `PackedTensor` held as buffers (no zero point for ternary), with a
+    float `bias` where the architecture's experts have one (GPT-OSS)."""
 
-    def __init__(self, out_features: int, in_features: int, fmt: QuantFormat):
+    def __init__(self, out_features: int, in_features: int, fmt: QuantFormat, bias: bool = False):
         super().__init__()
         self.out_features, self.in_features, self.fmt = out_features, in_features, fmt
         groups, scale_rows = fmt.groups(in_features), fmt.scale_rows(out_features)
@@ -29,6 +30,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight_scale", torch.zeros(scale_rows, groups, dtype=SCALE_DTYPE))
         zero_point = None if fmt.ternary else torch.zeros(out_features, groups, dtype=torch.uint8)
         self.register_buffer("weight_zero_point", zero_point)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._cache: torch.Tensor | None = None
         self.cache_dequantized = False
         self.method = "gptq"
@@ -60,32 +62,33 @@ class PackedLinear(nn.Module):
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(x.dtype))
+        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.fmt.name}"
 
 
 class PackedExpert(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, formats: dict[str, QuantFormat]):
+    def __init__(self, hidden_size: int, intermediate_size: int, formats: dict[str, QuantFormat], bias: bool = False):
         super().__init__()
-        self.gate_proj = PackedLinear(intermediate_size, hidden_size, formats["gate_proj"])
-        self.up_proj = PackedLinear(intermediate_size, hidden_size, formats["up_proj"])
-        self.down_proj = PackedLinear(hidden_size, intermediate_size, formats["down_proj"])
+        self.gate_proj = PackedLinear(intermediate_size, hidden_size, formats["gate_proj"], bias)
+        self.up_proj = PackedLinear(intermediate_size, hidden_size, formats["up_proj"], bias)
+        self.down_proj = PackedLinear(hidden_size, intermediate_size, formats["down_proj"], bias)
 
 
 class ExpertList(nn.Module):
     """Routed experts as modules `{e}.{gate_proj,up_proj,down_proj}` whose projections are linear layers with a
-    `dequantize(dtype)` method; a drop-in replacement for a transformers v5 fused experts module:
-    `forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`."""
+    `dequantize(dtype)` method (and optional biases); `activation(gate, up)` makes the hidden state (an
+    activation module like SiLU is taken as act(gate) * up). A drop-in replacement for a transformers v5 fused
+    experts module: `forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`."""
 
-    def __init__(self, experts: list[nn.Module], hidden_size: int, intermediate_size: int, act_fn: nn.Module):
+    def __init__(self, experts: list[nn.Module], hidden_size: int, intermediate_size: int, activation: nn.Module):
         super().__init__()
         for e, expert in enumerate(experts):
             self.add_module(str(e), expert)
         self.num_experts = len(experts)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
-        self.act_fn = act_fn
+        self.activation = activation if _is_gated(activation) else GatedActivation(activation)
 
     def __getitem__(self, expert: int) -> PackedExpert:
         return self._modules[str(expert)]
@@ -101,7 +104,8 @@ class ExpertList(nn.Module):
 
     def expert_weights(self, expert: int, dtype: torch.dtype = torch.float32) -> ExpertWeights:
         e = self[expert]
-        return ExpertWeights(*(getattr(e, p).dequantize(dtype) for p in PROJECTIONS))
+        biases = [getattr(getattr(e, p), "bias", None) for p in PROJECTIONS]
+        return ExpertWeights(*(getattr(e, p).dequantize(dtype) for p in PROJECTIONS), *biases)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -113,7 +117,7 @@ class ExpertList(nn.Module):
             tok, slot = torch.where(top_k_index == e)
             x = hidden_states[tok]
             expert = self[e]
-            y = expert.down_proj(self.act_fn(expert.gate_proj(x)) * expert.up_proj(x))
+            y = expert.down_proj(self.activation(expert.gate_proj(x), expert.up_proj(x)))
             out.index_add_(0, tok, (y * top_k_weights[tok, slot, None]).to(out.dtype))
         return out
 
@@ -121,22 +125,30 @@ class ExpertList(nn.Module):
 class PackedExperts(ExpertList):
     """Routed experts whose projections are `PackedLinear`s. On CPU the native fused kernel runs
     (`runtime/native.py`), on CUDA devices the CUDA decode kernels and the Triton grouped GEMM
-    (`runtime/cuda_kernels.py`), where they are available, unless dequantized copies are cached
-    (`set_cache_dequantized`, for evaluation) or gradients are needed; otherwise the torch reference path."""
+    (`runtime/cuda_kernels.py`), where they are available and the experts are bias-free SwiGLU ones, unless
+    dequantized copies are cached (`set_cache_dequantized`, for evaluation) or gradients are needed; otherwise
+    the torch reference path."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, formats: list[dict[str, QuantFormat]], act_fn: nn.Module
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        formats: list[dict[str, QuantFormat]],
+        activation: nn.Module,
+        bias: bool = False,
     ):
-        super().__init__(
-            [PackedExpert(hidden_size, intermediate_size, f) for f in formats], hidden_size, intermediate_size, act_fn
-        )
+        experts = [PackedExpert(hidden_size, intermediate_size, f, bias) for f in formats]
+        super().__init__(experts, hidden_size, intermediate_size, activation)
+        self.has_bias = bias
 
     def _kernels_apply(self, hidden_states: torch.Tensor) -> bool:
         cached = self.num_experts and self[0].gate_proj.cache_dequantized  # evaluation with dense copies kept
         return (
             not cached
             and not (torch.is_grad_enabled() and hidden_states.requires_grad)
-            and type(self.act_fn).__name__ in ("SiLU", "SiLUActivation")
+            and isinstance(self.activation, GatedActivation)
+            and self.activation.is_swiglu
+            and not self.has_bias
         )
 
     def native_usable(self, hidden_states: torch.Tensor) -> bool:
@@ -182,6 +194,11 @@ class PackedExperts(ExpertList):
         for module in self.modules():
             if isinstance(module, PackedLinear):
                 module.cache_dequantized, module._cache = enabled, None
+
+
+def _is_gated(activation: nn.Module) -> bool:
+    """A two-argument activation(gate, up) rather than an activation function of one tensor."""
+    return isinstance(activation, GatedActivation) or getattr(activation, "gated", False)
 
 
 def set_dequant_cache(model: nn.Module, enabled: bool) -> None:

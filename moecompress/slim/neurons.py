@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..models.base import ExpertWeights
+
 
 def taylor_neuron_scores(down_proj: torch.Tensor, down_grad: torch.Tensor) -> torch.Tensor:
     """|first-order estimate of the loss change when neuron j of expert e is removed| [E, I], from one batch.
@@ -20,15 +22,15 @@ def top_neurons(scores: torch.Tensor, width: int) -> torch.Tensor:
     return scores.topk(width, dim=1).indices.sort(dim=1).values
 
 
-def slice_neurons(
-    gate_up_proj: torch.Tensor, down_proj: torch.Tensor, keep: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused expert weights keeping, per expert, the neurons `keep` [E, w]: ([E, 2w, H], [E, H, w])."""
-    intermediate = down_proj.shape[2]
-    rows = torch.cat([keep, keep + intermediate], dim=1)
-    gate_up = torch.gather(gate_up_proj, 1, rows[:, :, None].expand(-1, -1, gate_up_proj.shape[2]))
-    down = torch.gather(down_proj, 2, keep[:, None, :].expand(-1, down_proj.shape[1], -1))
-    return gate_up, down
+def slice_expert(weights: ExpertWeights, keep: torch.Tensor) -> ExpertWeights:
+    """One expert keeping only its neurons `keep` [w]: gate/up rows, down columns and the gate/up biases."""
+    cut = {
+        "gate_proj": weights.gate_proj[keep],
+        "up_proj": weights.up_proj[keep],
+        "down_proj": weights.down_proj[:, keep],
+    }
+    cut.update({b: getattr(weights, b)[keep] for b in ("gate_bias", "up_bias") if getattr(weights, b) is not None})
+    return weights.replace(**cut)
 
 
 def stage_widths(width: int, target_width: int, stages: int, multiple_of: int = 8) -> list[int]:

@@ -25,7 +25,7 @@ from ..errors import CheckpointError, RecipeError
 from ..io.checkpoint import persistent_state
 from ..models.base import ModelAdapter
 from ..training.distill import DistillConfig, DistillData, distill
-from .neurons import slice_neurons, stage_widths, taylor_neuron_scores, top_neurons
+from .neurons import slice_expert, stage_widths, taylor_neuron_scores, top_neurons
 
 TRAINABLE = ("all", "experts")
 
@@ -96,17 +96,19 @@ def neuron_scores(model: nn.Module, adapter: ModelAdapter, batches: list[Calibra
     device = next(model.parameters()).device
     requires = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
-    downs = [view.experts.down_proj for view in views]
+    stored = [adapter.down_projections(view.experts) for view in views]  # (param, stored transposed)
+    downs = [p for p, _ in stored]
     for p in downs:
         p.requires_grad_(True)
-    scores = [torch.zeros(p.shape[0], p.shape[2], dtype=torch.float64) for p in downs]
+    scores = [torch.zeros(p.shape[0], p.shape[1 if t else 2], dtype=torch.float64) for p, t in stored]
     try:
         for batch in batches:
             inputs = {k: v.to(device) for k, v in batch.inputs.items()}
             loss = model(**inputs, labels=_labels(batch, inputs), use_cache=False).loss
             grads = torch.autograd.grad(loss, downs)
-            for total, p, g in zip(scores, downs, grads):
-                total += taylor_neuron_scores(p.detach(), g).cpu()
+            for total, (p, transposed), g in zip(scores, stored, grads):
+                w, g = (p.detach().transpose(1, 2), g.transpose(1, 2)) if transposed else (p.detach(), g)
+                total += taylor_neuron_scores(w, g).cpu()
     finally:
         for p, flag in requires.items():
             p.requires_grad_(flag)
@@ -115,25 +117,21 @@ def neuron_scores(model: nn.Module, adapter: ModelAdapter, batches: list[Calibra
 
 @torch.no_grad()
 def cut_experts(model: nn.Module, adapter: ModelAdapter, keep: list[torch.Tensor]) -> None:
-    """Keep the neurons `keep[b]` [E, w] of every expert of MoE block b; record the new width in the config."""
-    views = adapter.moe_blocks(model)
-    for view, indices in zip(views, keep):
-        fused = view.experts
-        indices = indices.to(fused.down_proj.device)
-        gate_up, down = slice_neurons(fused.gate_up_proj.data, fused.down_proj.data, indices)
-        fused.gate_up_proj = nn.Parameter(gate_up.contiguous(), requires_grad=fused.gate_up_proj.requires_grad)
-        fused.down_proj = nn.Parameter(down.contiguous(), requires_grad=fused.down_proj.requires_grad)
-        fused.intermediate_dim = indices.shape[1]
+    """Keep the neurons `keep[b]` [E, w] of every expert of MoE block b (and their biases); record the new
+    width in the config."""
+    for view, indices in zip(adapter.moe_blocks(model), keep):
+        rows = indices.to(view.device)
+        view.replace_experts([slice_expert(view.expert_weights(e), rows[e]) for e in range(view.num_experts)])
     adapter.set_expert_intermediate_size(model, int(keep[0].shape[1]))
 
 
 def _check_fused(model: nn.Module, adapter: ModelAdapter) -> int:
     views = adapter.moe_blocks(model)
-    if not views or not all(hasattr(v.experts, "gate_up_proj") for v in views):
+    if not views or any(hasattr(v.experts, "expert_weights") for v in views):  # packed experts have it
         raise RecipeError(
             "slimming works on unquantized fused experts: run it before quantization (the pipeline does)."
         )
-    widths = {int(v.experts.down_proj.shape[2]) for v in views}
+    widths = {v.intermediate_size for v in views}
     if len(widths) != 1:
         raise RecipeError(f"slimming needs one expert width across layers, found {sorted(widths)}.")
     return widths.pop()
@@ -250,5 +248,5 @@ def slim_experts(
 
 def _trainable(model: nn.Module, adapter: ModelAdapter, which: str) -> list[nn.Parameter]:
     if which == "experts":
-        return [p for view in adapter.moe_blocks(model) for p in (view.experts.gate_up_proj, view.experts.down_proj)]
+        return [p for view in adapter.moe_blocks(model) for p in adapter.expert_parameters(view.experts)]
     return [p for p in model.parameters() if p.is_floating_point()]

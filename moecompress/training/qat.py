@@ -90,10 +90,10 @@ class QATExperts(ExpertList):
                 start = originals[e][proj] if originals is not None else qt.dequantize()
                 projections[proj] = FakeQuantLinear(start, qt)
             experts.append(QATExpert(projections))
-        return cls(experts, packed.hidden_size, packed.intermediate_size, packed.act_fn)
+        return cls(experts, packed.hidden_size, packed.intermediate_size, packed.activation)
 
     def to_packed(self, method: str = "qat") -> PackedExperts:
-        module = PackedExperts(self.hidden_size, self.intermediate_size, self.formats(), self.act_fn)
+        module = PackedExperts(self.hidden_size, self.intermediate_size, self.formats(), self.activation)
         for qat_expert, packed_expert in zip(self, module):
             for proj in PROJECTIONS:
                 linear: PackedLinear = getattr(packed_expert, proj)
@@ -137,6 +137,11 @@ def recover_quantized_experts(
     Everything else in `model` stays frozen."""
     views = [v for v in adapter.moe_blocks(model) if isinstance(v.experts, PackedExperts)]
     teacher_views = {v.layer_index: v for v in adapter.moe_blocks(teacher)}
+    if any(getattr(v.experts, "has_bias", False) for v in views):
+        raise RecipeError(
+            "recovery training of experts with biases (GPT-OSS) is not supported yet; remove `recovery` from the "
+            "recipe."
+        )
     model.requires_grad_(False)
     if config.init == "original" and any(
         v.layer_index not in teacher_views or teacher_views[v.layer_index].num_experts != v.num_experts for v in views

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..models import get_adapter
+from ..models.base import ExpertWeights
 
 UPCYCLE_SOURCES = ("qwen2",)
 
@@ -50,8 +52,9 @@ def upcycle_dense_to_mote(
     generator = torch.Generator().manual_seed(seed)
     state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
     missing, _ = moe.load_state_dict(state, strict=False)
-    for layer, dense_layer in zip(moe.model.layers, dense.model.layers):
-        ffn, block = dense_layer.mlp, layer.mlp
+    views = get_adapter("qwen2_moe").moe_blocks(moe)
+    for view, dense_layer in zip(views, dense.model.layers):
+        ffn, block = dense_layer.mlp, view.block
         for name in ("gate_proj", "up_proj"):
             getattr(block.shared_expert, name).weight.copy_(getattr(ffn, name).weight)
         block.shared_expert.down_proj.weight.copy_(ffn.down_proj.weight * 2 * (1 - routed_share))
@@ -59,8 +62,8 @@ def upcycle_dense_to_mote(
         gate_up = torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight], dim=0)
         for e in range(num_experts):
             jitter = noise * gate_up.std() * torch.randn(gate_up.shape, generator=generator).to(gate_up)
-            block.experts.gate_up_proj[e].copy_(gate_up + jitter)
-            block.experts.down_proj[e].copy_(ffn.down_proj.weight * routed_share)
+            gate, up = (gate_up + jitter).chunk(2, dim=0)
+            view.set_expert_weights(e, ExpertWeights(gate, up, ffn.down_proj.weight * routed_share))
         block.gate.weight.normal_(0, 0.02, generator=generator)
     unset = [k for k in missing if ".mlp." not in k and "rotary" not in k]
     if unset:

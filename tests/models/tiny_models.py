@@ -32,6 +32,13 @@ CONFIGS = {
         moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=48
     ),
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "gpt_oss": dict(
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
     "olmoe": dict(num_experts=8, num_experts_per_tok=2),
     "deepseek_v3": dict(
         **GROUPED,
@@ -191,9 +198,11 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
         model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**{**COMMON, **kwargs, **overrides}))
     model.eval()
     with torch.no_grad():
-        for _name, p in model.named_parameters():
+        for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.2)
+            elif name.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias", "router.bias")):
+                p.normal_(0, 0.2)  # GPT-OSS: expert and router biases (zero at init) take part too
         for module in model.modules():
             if hasattr(module, "e_score_correction_bias"):
                 module.e_score_correction_bias.normal_(0, 0.1)

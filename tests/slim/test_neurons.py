@@ -1,7 +1,8 @@
 import torch
 import torch.nn.functional as F
 
-from moecompress.slim.neurons import slice_neurons, stage_widths, taylor_neuron_scores, top_neurons
+from moecompress.models.base import ExpertWeights
+from moecompress.slim.neurons import slice_expert, stage_widths, taylor_neuron_scores, top_neurons
 
 
 def test_taylor_score_from_down_weights_equals_activation_times_activation_gradient():
@@ -22,19 +23,23 @@ def test_taylor_score_from_down_weights_equals_activation_times_activation_gradi
 
 
 def test_slicing_keeps_exactly_the_chosen_neurons_of_each_expert():
+    """Dropping neurons equals masking their activations, biases included (GPT-OSS-style experts)."""
     E, H, N = 4, 8, 12
-    gate_up, down = torch.randn(E, 2 * N, H), torch.randn(E, H, N)
     keep = top_neurons(torch.rand(E, N), 5)
-    new_gate_up, new_down = slice_neurons(gate_up, down, keep)
-    assert new_gate_up.shape == (E, 10, H) and new_down.shape == (E, H, 5)
     x = torch.randn(7, H)
     for e in range(E):
+        w = ExpertWeights(torch.randn(N, H), torch.randn(N, H), torch.randn(H, N), torch.randn(N), torch.randn(N), None)
+        cut = slice_expert(w, keep[e])
+        assert cut.gate_proj.shape == (5, H) and cut.down_proj.shape == (H, 5) and cut.up_bias.shape == (5,)
         mask = torch.zeros(N)
         mask[keep[e]] = 1
-        g, u = F.linear(x, gate_up[e]).chunk(2, dim=-1)
-        full = F.linear(F.silu(g) * u * mask, down[e])
-        g2, u2 = F.linear(x, new_gate_up[e]).chunk(2, dim=-1)
-        assert torch.allclose(F.linear(F.silu(g2) * u2, new_down[e]), full, atol=1e-5)
+        full = F.linear(
+            F.silu(F.linear(x, w.gate_proj, w.gate_bias)) * F.linear(x, w.up_proj, w.up_bias) * mask, w.down_proj
+        )
+        small = F.linear(
+            F.silu(F.linear(x, cut.gate_proj, cut.gate_bias)) * F.linear(x, cut.up_proj, cut.up_bias), cut.down_proj
+        )
+        assert torch.allclose(small, full, atol=1e-5)
     assert torch.equal(keep, keep.sort(dim=1).values)
 
 

@@ -105,3 +105,53 @@ def test_a_slimmed_and_quantized_model_saves_and_loads_at_its_new_width(tiny_tex
     ids = torch.randint(0, 8192, (1, 32))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, result.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_cutting_neurons_equals_masking_them_in_every_expert_layout(model_type):
+    """Through the view, for the default fused layout and GPT-OSS's (transposed, interleaved, biases, clamped
+    SwiGLU): the cut experts compute what the full ones do with the other neurons' activations zeroed, and the
+    model's own fused forward agrees with the view afterwards."""
+    import torch.nn.functional as F
+
+    model, adapter = tiny_model(model_type), get_adapter(model_type)
+    views = adapter.moe_blocks(model)
+    width = views[0].intermediate_size
+    keep = [top_neurons(torch.rand(v.num_experts, width), width // 2) for v in views]
+    x = torch.randn(9, 64)
+    expected = []
+    with torch.no_grad():
+        for view, k in zip(views, keep):
+            for e in range(view.num_experts):
+                w, mask = view.expert_weights(e), torch.zeros(width)
+                mask[k[e]] = 1
+                h = view.activation(F.linear(x, w.gate_proj, w.gate_bias), F.linear(x, w.up_proj, w.up_bias))
+                expected.append(F.linear(h * mask, w.down_proj, w.down_bias))
+        cut_experts(model, adapter, keep)
+        views = adapter.moe_blocks(model)
+        got = [view.expert_forward(e, x)[1] for view in views for e in range(view.num_experts)]
+        view = views[0]
+        weights, indices = view.route(x)
+        manual = torch.zeros_like(x)
+        for e in range(view.num_experts):
+            tok, slot = torch.where(indices == e)
+            manual.index_add_(0, tok, weights[tok, slot, None] * view.expert_forward(e, x[tok])[1])
+        fused = view.experts(x, indices, weights)
+    assert views[0].intermediate_size == width // 2
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, manual, rtol=1e-5, atol=1e-5)
+
+
+def test_neuron_scores_read_transposed_down_projections():
+    """GPT-OSS stores down_proj [E, I, H]: the scores are still one per (expert, neuron), and the same as for
+    the weights written in the default layout."""
+    model, adapter = tiny_model("gpt_oss"), get_adapter("gpt_oss")
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    batch = CalibrationBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.zeros_like(ids).bool())
+    scores = neuron_scores(model, adapter, [batch])
+    view = adapter.moe_blocks(model)[0]
+    assert scores[0].shape == (view.num_experts, view.intermediate_size)
+    down, transposed = adapter.down_projections(view.experts)
+    assert transposed and down.shape[1] == view.intermediate_size
+    assert bool((scores[0] > 0).all()) and bool(torch.isfinite(scores[0]).all())

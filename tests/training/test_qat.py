@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moecompress.calibration.data import CalibrationBatch
-from moecompress.errors import CheckpointError
+from moecompress.errors import CheckpointError, RecipeError
 from moecompress.models import get_adapter
 from moecompress.models.base import PROJECTIONS
 from moecompress.quant.experts import ExpertQuantReport, install_packed_experts
@@ -103,3 +103,11 @@ def test_an_interrupted_recovery_resumes_to_the_uninterrupted_result(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(CheckpointError, match="another job"):
         run(teacher, batches(vocab), steps=6, state_dir=tmp_path, fingerprint="other")
+
+
+def test_recovery_refuses_experts_with_biases():
+    teacher = tiny_model("gpt_oss")
+    student, adapter = ternary_student(teacher)
+    assert adapter.moe_blocks(student)[0].experts.has_bias
+    with pytest.raises(RecipeError, match="biases"):
+        recover_quantized_experts(student, teacher, adapter, [], RecoveryConfig(enabled=True, steps=1), None, "job")
