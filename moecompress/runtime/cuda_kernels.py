@@ -35,6 +35,7 @@ HEADERS = Path(__file__).resolve().parents[2] / "cuda" / "csrc" / "common"
 FLAGS = ["-O3", "-std=c++17", "--shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-Wall", "-Werror", "all-warnings"]
 CHECK_ARCHS = ("80", "90a")
 DECODE_TOKENS = 8  # tokens per call up to which the CUDA decode kernels run; the Triton GEMM above
+CUDA_TOKENS = 4096  # tokens per launch of the decode kernels when they run larger calls (no Triton)
 
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
@@ -157,10 +158,13 @@ class GpuExperts:
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         lib = library()
-        if lib is None or hidden.shape[0] > DECODE_TOKENS:
+        if lib is None or (hidden.shape[0] > DECODE_TOKENS and triton_available()):
             from .triton_moe import experts_forward
 
             return experts_forward(self.tables, hidden, top_k_index, top_k_weights)
+        if hidden.shape[0] > CUDA_TOKENS:  # no Triton: the decode kernels, a grid row per (token, slot) pair
+            parts = zip(hidden.split(CUDA_TOKENS), top_k_index.split(CUDA_TOKENS), top_k_weights.split(CUDA_TOKENS))
+            return torch.cat([self.forward(*part) for part in parts])
         tokens, top_k = top_k_index.shape
         x = hidden.to(torch.float32).contiguous()
         ids = top_k_index.to(torch.int64).contiguous()
