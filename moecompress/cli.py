@@ -14,14 +14,20 @@ from pathlib import Path
 from .errors import MoECompressError, NonFiniteError
 
 
-def _load_for_eval(path: str, trust_remote_code: bool, cache_dequantized: bool = True, dtype: str = "float32"):
+def _load_for_eval(path: str, trust_remote_code: bool, cache_dequantized: bool | None = None, dtype: str = "float32"):
     """A packed checkpoint (moecompress.json present) or any supported original model, in `dtype` (a packed
-    checkpoint's experts stay packed), its processor and load seconds."""
+    checkpoint's experts stay packed), its processor and load seconds. `cache_dequantized` None: packed experts
+    run through the native CPU kernels where they are available (no dense copies: a 30B MoE's float32 experts
+    would take 120 GB), else through kept dense copies."""
     import torch
 
     from .api import load
     from .calibration.batches import load_tokenizer_or_processor
     from .models import get_adapter, load_model, read_config
+    from .runtime import native
+
+    if cache_dequantized is None:
+        cache_dequantized = native.library() is None
 
     config = read_config(path, trust_remote_code)
     multimodal = get_adapter(config.model_type).is_multimodal
@@ -217,17 +223,19 @@ def cmd_analyze(args) -> dict:
 
 def cmd_eval_ppl(args) -> dict:
     from .evaluation.perplexity import perplexity
+    from .runtime import native
 
     _check_record_target(args)
     model, processor, _ = _load_for_eval(args.model, args.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     results = {}
-    for d in args.data:
-        _reset_skip_stats(model)
-        results[data_label(d)] = {
-            **perplexity(model, tokenizer, d, args.seq_len, args.batch_size, args.max_windows).to_dict(),
-            **_skip_stats(model),
-        }
+    with native.float32_activations():  # quality numbers: the stored format's arithmetic, not int8 rounding
+        for d in args.data:
+            _reset_skip_stats(model)
+            results[data_label(d)] = {
+                **perplexity(model, tokenizer, d, args.seq_len, args.batch_size, args.max_windows).to_dict(),
+                **_skip_stats(model),
+            }
     return _record(args, "ppl", results)
 
 
@@ -250,25 +258,34 @@ def _skip_stats(model) -> dict:
 
 def cmd_eval_vlqa(args) -> dict:
     from .evaluation.vlqa import vl_qa_accuracy
+    from .runtime import native
 
     _check_record_target(args)
     model, processor, _ = _load_for_eval(args.model, args.trust_remote_code)
     _reset_skip_stats(model)
-    result = vl_qa_accuracy(
-        model, processor, args.data, args.batch_size, args.max_items, **({"prompt": args.prompt} if args.prompt else {})
-    )
+    with native.float32_activations():
+        result = vl_qa_accuracy(
+            model,
+            processor,
+            args.data,
+            args.batch_size,
+            args.max_items,
+            **({"prompt": args.prompt} if args.prompt else {}),
+        )
     return _record(args, "vlqa", {data_label(args.data): {**result.to_dict(), **_skip_stats(model)}})
 
 
 def cmd_eval_lm(args) -> dict:
     from .evaluation.lm_tasks import lm_eval_tasks
+    from .runtime import native
 
     _check_record_target(args)
     model, processor, _ = _load_for_eval(args.model, args.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     tasks = [t for t in args.tasks.split(",") if t]
     limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
-    results = lm_eval_tasks(model, tokenizer, tasks, args.include_path, limit, args.num_fewshot, args.batch_size)
+    with native.float32_activations():
+        results = lm_eval_tasks(model, tokenizer, tasks, args.include_path, limit, args.num_fewshot, args.batch_size)
     return _record(args, "lm_eval", results)
 
 

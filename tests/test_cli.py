@@ -77,3 +77,40 @@ def test_export_needs_a_target_and_converts_without_hub(compressed_tiny_text, tm
     assert "--format compressed-tensors|gptq" in capsys.readouterr().err
     assert main(["export", str(out), "--format", "compressed-tensors", "-o", str(tmp_path / "ct")]) == 0
     assert (tmp_path / "ct" / "model.safetensors").is_file() and not (tmp_path / "x").exists()
+
+
+def test_eval_ppl_runs_packed_experts_on_the_native_kernels_with_float32_activations(
+    compressed_tiny_text, tmp_path, monkeypatch
+):
+    """No dense copies of the experts (a 30B MoE's would take 120 GB), and the same perplexity as the dense
+    path to float32 rounding: the evaluation turns the int8 activations off."""
+    import json
+
+    from moecompress import cli
+    from moecompress.evaluation.perplexity import perplexity
+    from moecompress.runtime import native
+    from moecompress.runtime.packed_experts import PackedExperts
+
+    from .conftest import WIKI
+
+    if native.library() is None:
+        import pytest
+
+        pytest.skip("no native kernels here")
+    seen = {}
+
+    def spy(model, tokenizer, *args, **kwargs):
+        packed = [m for m in model.modules() if isinstance(m, PackedExperts)]
+        seen["cached"] = any(m[0].gate_proj.cache_dequantized for m in packed)
+        seen["int8_tokens"] = native.INT8_TOKENS
+        return perplexity(model, tokenizer, *args, **kwargs)
+
+    monkeypatch.setattr("moecompress.evaluation.perplexity.perplexity", spy)
+    out = tmp_path / "r.json"
+    args = ["eval", "ppl", str(compressed_tiny_text[1]), "--data", str(WIKI), "--max-windows", "2", "--no-record"]
+    assert cli.main([*args, "--json", str(out)]) == 0
+    assert seen == {"cached": False, "int8_tokens": 0} and native.INT8_TOKENS > 0
+    native_ppl = json.loads(out.read_text())["result"]["wikitext-2/test"]["ppl"]
+    model, processor, _ = cli._load_for_eval(str(compressed_tiny_text[1]), False, cache_dequantized=True)
+    dense = perplexity(model, processor, str(WIKI), max_windows=2, progress=False).ppl
+    assert abs(native_ppl / dense - 1) < 1e-5

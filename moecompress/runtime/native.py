@@ -17,6 +17,7 @@ base-3 ternary rows, which are repacked once per module to 2-bit codes (1.6 -> 2
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -135,6 +136,17 @@ def library() -> ctypes.CDLL | None:
     ]
     _library = lib
     return lib
+
+
+@contextlib.contextmanager
+def float32_activations():
+    """Float32 activations in the native kernels for the duration (evaluations: exact to float32 rounding)."""
+    global INT8_TOKENS
+    saved, INT8_TOKENS = INT8_TOKENS, 0
+    try:
+        yield
+    finally:
+        INT8_TOKENS = saved
 
 
 def kernel_name() -> str:
