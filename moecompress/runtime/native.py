@@ -6,9 +6,10 @@ The sources are compiled with the system C++ compiler on first use into a cache 
 headers, so no CUDA torch is needed to build it. Where no compiler is found, or the build fails, the torch
 reference path runs and one warning says why. `MOECOMPRESS_KERNELS=torch` forces the reference path.
 
-Activations: on CPUs with AVX-512 VNNI the experts run with their activations quantized to int8 per block of 16
-(llama.cpp's q8 scheme; integer dot products, about 0.5 % relative error per projection on Gaussian inputs);
-other CPUs, and `MOECOMPRESS_CPU_ACTIVATIONS=fp32`, use float32 activations (exact to float32 rounding).
+Activations: on CPUs with AVX-512 VNNI, or AVX2 (2- and 4-bit codes; 8-bit too with AVX-VNNI), the experts run
+with their activations quantized to int8 per block of 16 (llama.cpp's q8 scheme; integer dot products, about
+0.5 % relative error per projection on Gaussian inputs); other formats and CPUs, and
+`MOECOMPRESS_CPU_ACTIVATIONS=fp32`, use float32 activations (exact to float32 rounding).
 
 Layout: the on-disk format is read as it is (rows of `bits`-wide codes, fp16 scales, uint8 zeros), except
 base-3 ternary rows, which are repacked once per module to 2-bit codes (1.6 -> 2 bits per weight read, for
@@ -114,6 +115,7 @@ def library() -> ctypes.CDLL | None:
         )
         return None
     lib.moe_cpu_isa.restype = ctypes.c_int
+    lib.moe_q8_fits.argtypes = [ctypes.POINTER(ProjDesc)]
     lib.moe_packed_linear.argtypes = [
         ctypes.POINTER(ProjDesc),
         ctypes.c_void_p,
@@ -150,15 +152,17 @@ def float32_activations():
 
 
 def kernel_name() -> str:
-    """Which path CPU packed experts take: native-avx512-vnni (int8 activations), native-avx512,
-    native-avx2, native-portable, or torch (with the reason)."""
+    """Which path CPU packed experts take: native-avx512-vnni or native-avx2 (with int8 or fp32 activations),
+    native-avx512, native-portable, or torch (with the reason)."""
     lib = library()
     if lib is None:
         return f"torch ({_failure})"
     isa = lib.moe_cpu_isa()
     if isa == 4:
         return "native-avx512-vnni (int8 activations)" if INT8_TOKENS else "native-avx512 (fp32 activations)"
-    return {3: "native-avx512", 2: "native-avx2", 1: "native-portable"}[isa]
+    if isa == 2:
+        return "native-avx2 (int8 activations)" if INT8_TOKENS else "native-avx2 (fp32 activations)"
+    return {3: "native-avx512", 1: "native-portable"}[isa]
 
 
 def describe(linear) -> tuple[ProjDesc, list[torch.Tensor]]:
@@ -184,6 +188,14 @@ def describe(linear) -> tuple[ProjDesc, list[torch.Tensor]]:
         0,
     )
     return desc, [t for t in (packed, scale, zero) if t is not None]
+
+
+def int8_fits(linear) -> bool:
+    """Whether this CPU runs `linear` (a `PackedLinear`) with int8 activations (its bits, group and ISA)."""
+    desc, keep = describe(linear)
+    fits = bool(library().moe_q8_fits(ctypes.byref(desc)))
+    del keep
+    return fits
 
 
 def packed_linear(linear, x: torch.Tensor, int8: bool = False) -> torch.Tensor:

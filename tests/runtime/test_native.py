@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 
+from moecompress.models.base import PROJECTIONS
 from moecompress.quant.packing import pack
 from moecompress.quant.qtensor import QuantFormat
 from moecompress.quant.rtn import quantize_rtn
@@ -37,18 +38,20 @@ def quantized_activations(x: torch.Tensor, block: int = 16) -> torch.Tensor:
 
 
 def int8_kernels() -> bool:
-    return native.library().moe_cpu_isa() == 4
+    return native.library().moe_cpu_isa() in (2, 4)  # AVX2 or AVX-512 VNNI
 
 
-@pytest.fixture(autouse=True, params=["widest", "avx2", "portable"])
+@pytest.fixture(autouse=True, params=["widest", "avx2", "avx2-no-vnni", "portable"])
 def _kernels(request, monkeypatch):
-    """Every test on the widest ISA this CPU has, again with AVX-512 turned off (the AVX2 code), and on the
-    portable path, whose decoding is the CUDA kernels' (cuda/csrc/common/decode.h)."""
+    """Every test on the widest ISA this CPU has, again with AVX-512 turned off (the AVX2 code, with and without
+    AVX-VNNI), and on the portable path, whose decoding is the CUDA kernels' (cuda/csrc/common/decode.h)."""
     if native.library() is None:
         pytest.skip(f"native kernels unavailable here: {native.kernel_name()}")
-    if request.param == "avx2":
+    if request.param.startswith("avx2"):
         monkeypatch.setenv("MOECOMPRESS_NO_AVX512", "1")
-        if native.kernel_name() != "native-avx2":
+        if request.param == "avx2-no-vnni":
+            monkeypatch.setenv("MOECOMPRESS_NO_AVXVNNI", "1")
+        if not native.kernel_name().startswith("native-avx2"):
             pytest.skip("this CPU has no AVX2")
     if request.param == "portable":
         monkeypatch.setenv("MOECOMPRESS_NO_AVX2", "1")
@@ -84,13 +87,16 @@ def test_int8_gemv_is_exact_for_its_rounded_activations(fmt, shape, tokens):
     rounding itself moves the result by well under 1 % (formats whose groups the int8 layout cannot take, like
     g100, run on the float32 kernels and are exact)."""
     if not int8_kernels():
-        pytest.skip("no AVX-512 VNNI here")
+        pytest.skip("no int8 kernels on this path")
     torch.manual_seed(torch.seed() % 2**31)
     linear = packed_linear(*shape, fmt)
     x = torch.randn(tokens, shape[1]) * torch.rand(shape[1]) * 3  # uneven channel scales, as real activations
     weight = linear.dequantize(torch.float64)
     y = native.packed_linear(linear, x, int8=True)
-    rounded = fmt.effective_group(shape[1]) % 16 == 0 or fmt.groups(shape[1]) == 1
+    rounded = native.int8_fits(linear)  # groups the int8 layout takes, on this ISA
+    assert rounded == (fmt.effective_group(shape[1]) % 16 == 0 or fmt.groups(shape[1]) == 1) or (
+        native.library().moe_cpu_isa() == 2 and fmt.bits in (3, 8)  # AVX2: 3-bit (8-bit without AVX-VNNI) stay fp32
+    )
     expected = (quantized_activations(x) if rounded else x.double()) @ weight.T
     assert rel_err(y, expected) < 1e-5
     assert rel_err(y, x.double() @ weight.T) < (3e-2 if rounded else 1e-5)
@@ -140,11 +146,11 @@ def test_fused_moe_forward_matches_float64_and_the_reference_path(tokens, monkey
 
 @pytest.mark.parametrize(("tokens", "int8_tokens"), [(1, 8), (6, 8), (40, 8), (2100, 4096)])
 def test_fused_int8_forward_is_the_chain_of_int8_projections(tokens, int8_tokens, monkeypatch):
-    """Experts with at most INT8_TOKENS tokens run on the int8 kernels; with 40 tokens and INT8_TOKENS = 8 some
-    experts get more and run on the float32 kernels in the same call; 2100 tokens (4200 token-expert pairs)
-    take two int8 passes."""
+    """Experts with at most INT8_TOKENS tokens whose three projections the int8 layout takes (on AVX2 not 3-bit
+    ones) run on the int8 kernels; with 40 tokens and INT8_TOKENS = 8 some experts get more and run on the float32
+    kernels in the same call; 2100 tokens (4200 token-expert pairs) take two int8 passes."""
     if not int8_kernels():
-        pytest.skip("no AVX-512 VNNI here")
+        pytest.skip("no int8 kernels on this path")
     monkeypatch.setattr(native, "INT8_TOKENS", int8_tokens)
     module = mixed_experts(8)
     x = torch.randn(tokens, 72)
@@ -153,8 +159,8 @@ def test_fused_int8_forward_is_the_chain_of_int8_projections(tokens, int8_tokens
     chain = torch.zeros(tokens, 72, dtype=torch.float64)
     for e in ids.unique().tolist():
         tok, slot = torch.where(ids == e)
-        int8 = len(tok) <= native.INT8_TOKENS
-        expert = module[e]
+        expert = module[e]  # an expert runs on the int8 kernels when all three of its projections can
+        int8 = len(tok) <= native.INT8_TOKENS and all(native.int8_fits(getattr(expert, p)) for p in PROJECTIONS)
         h = torch.nn.functional.silu(native.packed_linear(expert.gate_proj, x[tok], int8))
         h = h * native.packed_linear(expert.up_proj, x[tok], int8)
         chain[tok] += weights[tok, slot, None].double() * native.packed_linear(expert.down_proj, h, int8).double()

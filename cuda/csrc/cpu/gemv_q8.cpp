@@ -20,6 +20,7 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
+#include <math.h>
 
 #include <vector>
 
@@ -134,44 +135,142 @@ constexpr RowsFn kRows[kMaxTokens + 1] = {nullptr,          rows_q8<1, BITS>, ro
                                           rows_q8<4, BITS>, rows_q8<5, BITS>, rows_q8<6, BITS>, rows_q8<7, BITS>,
                                           rows_q8<8, BITS>};
 
-// Position of code k of a chunk in the order its decoder yields codes (part k % P, byte k / P).
-inline int chunk_position(int k, int C) {
-    const int P = C / 64;
-    return (k % P) * 64 + k / P;
+// AVX2 (no AVX-512): the same scheme with 256-bit vectors. A chunk is one 32-byte load (128 2-bit, 64 4-bit or
+// 32 8-bit codes) in 8 lanes of the same L consecutive codes; the byte products are summed by vpmaddubsw and
+// vpmaddwd (no overflow for codes below 16: 15 * 127 * 2 < 2^15), or by AVX-VNNI's vpdpbusd where the CPU has
+// it (then 8-bit codes too). 3-bit codes stay on the float32 kernels here.
+#define Q8_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+
+// acc += byte dot products of u (unsigned) and s (signed) in fours. AVX-VNNI's vpdpbusd is written as inline
+// assembly, so that this code is compiled for plain AVX2 and runs on CPUs without AVX-VNNI (the VNNI branch is
+// taken only where the CPU has it).
+template <bool VNNI>
+Q8_AVX2_TARGET inline __m256i dot_bytes(__m256i acc, __m256i u, __m256i s) {
+    if (VNNI) {
+        asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+        return acc;
+    }
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
+
+Q8_AVX2_TARGET inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+// `count` (<= 8) fp16 values from p as floats, zeros after them (never reading past p + count).
+Q8_AVX2_TARGET inline __m256 half8(const uint16_t* p, int count) {
+    alignas(16) uint16_t h[8] = {0};
+    memcpy(h, p, sizeof(uint16_t) * (size_t)count);
+    return _mm256_cvtph_ps(_mm_load_si128((const __m128i*)h));
+}
+
+template <int T, int BITS, bool VNNI>
+Q8_AVX2_TARGET void rows_q8_avx2(const ProjDesc& d, int n0, int n1, const QAct* a,
+                                                                  const float* xsum, float* y, int64_t ldy) {
+    constexpr int C = 32 * 8 / BITS, P = 8 / BITS;  // codes per 32-byte chunk, parts per chunk
+    const int64_t chunks = chunks_of(d.in_features, C);
+    const int G = d.groups, per_chunk = G == 1 || d.group % C == 0 ? 0 : C / d.group;
+    alignas(32) int32_t lane_group[8];
+    for (int i = 0; i < 8; ++i) lane_group[i] = per_chunk ? i * (C / 8) / d.group : 0;
+    const __m256i idx = _mm256_load_si256((const __m256i*)lane_group), mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
+    for (int n = n0; n < n1; ++n) {
+        const uint8_t* row = d.packed + (int64_t)n * d.row_bytes;
+        const uint16_t* srow = d.scale + (d.scale_rows == 1 ? 0 : (int64_t)n * G);
+        __m256 tot[T];
+        for (int t = 0; t < T; ++t) tot[t] = _mm256_setzero_ps();
+        __m256 svec = _mm256_setzero_ps();
+        for (int64_t c = 0, g = 0, next = 0; c < chunks; ++c) {
+            __m256i v;
+            const int64_t rem = d.row_bytes - c * 32;
+            if (rem >= 32) {
+                _mm_prefetch((const char*)row + c * 32 + kPrefetch, _MM_HINT_T0);
+                v = _mm256_loadu_si256((const __m256i*)(row + c * 32));
+            } else {  // the row's last bytes: never read past it
+                alignas(32) uint8_t tail[32] = {0};
+                memcpy(tail, row + c * 32, (size_t)rem);
+                v = _mm256_load_si256((const __m256i*)tail);
+            }
+            if (per_chunk) {
+                const int64_t g0 = c * per_chunk;
+                svec = _mm256_permutevar8x32_ps(half8(srow + g0, (int)(G - g0 < per_chunk ? G - g0 : per_chunk)), idx);
+            } else if (c == next) {
+                svec = _mm256_set1_ps(_cvtsh_ss(srow[g++]));
+                next += G == 1 ? chunks : d.group / C;
+            }
+            __m256i part[P];
+            for (int p = 0; p < P; ++p) part[p] = BITS == 8 ? v : _mm256_and_si256(_mm256_srli_epi16(v, p * BITS), mask);
+            for (int t = 0; t < T; ++t) {
+                const int8_t* xq = a[t].xq + c * C;
+                __m256i acc = _mm256_setzero_si256();
+                for (int p = 0; p < P; ++p) acc = dot_bytes<VNNI>(acc, part[p], _mm256_loadu_si256((const __m256i*)(xq + 32 * p)));
+                const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(a[t].dvec + c * 8));
+                tot[t] = _mm256_fmadd_ps(f, svec, tot[t]);
+            }
+        }
+        float out[T];
+        for (int t = 0; t < T; ++t) out[t] = hsum8(tot[t]);
+        for (int g = 0; g < G; ++g) {  // zero points
+            const float sz = half_to_float(srow[g]) * zero_of(d, n, g);
+            for (int t = 0; t < T; ++t) out[t] -= sz * xsum[t * G + g];
+        }
+        for (int t = 0; t < T; ++t) y[t * ldy + n] = out[t];
+    }
+}
+
+template <int BITS, bool VNNI>
+constexpr RowsFn kRowsAvx2[kMaxTokens + 1] = {
+    nullptr,
+    rows_q8_avx2<1, BITS, VNNI>, rows_q8_avx2<2, BITS, VNNI>, rows_q8_avx2<3, BITS, VNNI>, rows_q8_avx2<4, BITS, VNNI>,
+    rows_q8_avx2<5, BITS, VNNI>, rows_q8_avx2<6, BITS, VNNI>, rows_q8_avx2<7, BITS, VNNI>, rows_q8_avx2<8, BITS, VNNI>};
 
 }  // namespace
 
-int q8_chunk_codes(int bits) { return chunk_codes(bits); }
+Q8Layout q8_layout(int bits) {
+    if (has_q8()) return {chunk_codes(bits), 64};
+    return {32 * 8 / bits, 32};
+}
+
+int q8_layout_id(Q8Layout layout) {
+    const int base = layout.part == 64 ? 0 : 3, smallest = layout.part == 64 ? 64 : 32;
+    return base + (layout.chunk == smallest ? 0 : layout.chunk == 2 * smallest ? 1 : 2);
+}
 
 bool q8_fits(const ProjDesc& d) {
-    if (!has_q8() || (d.bits != 2 && d.bits != 3 && d.bits != 4 && d.bits != 8)) return false;
-    const int C = chunk_codes(d.bits);
+    const bool isa = has_q8() ? (d.bits == 2 || d.bits == 3 || d.bits == 4 || d.bits == 8)
+                              : has_avx2() && (d.bits == 2 || d.bits == 4 || (d.bits == 8 && has_avxvnni()));
+    if (!isa) return false;
+    const int C = q8_layout(d.bits).chunk;
     return d.groups == 1 || (d.group % kBlock == 0 && (d.group % C == 0 || C % d.group == 0));
 }
 
-size_t q8_act_floats(int64_t K, int C) { return (size_t)(chunks_of(K, C) * 16 + (K + kBlock - 1) / kBlock); }
+size_t q8_dvec_floats(int64_t K, Q8Layout layout) { return (size_t)(chunks_of(K, layout.chunk) * (layout.part / 4)); }
 
-Q8_TARGET void q8_quantize(const float* x, int64_t K, int C, int8_t* xq, float* dvec, float* bsum) {
+size_t q8_act_floats(int64_t K, Q8Layout layout) { return q8_dvec_floats(K, layout) + (size_t)((K + kBlock - 1) / kBlock); }
+
+// Portable (every ISA takes the same activations): scale = max|x| / 127, round half to even, per block of 16;
+// the values go where the layout's chunk decoder yields their codes (part k % P, byte k / P of the chunk).
+void q8_quantize(const float* x, int64_t K, Q8Layout layout, int8_t* xq, float* dvec, float* bsum) {
+    const int C = layout.chunk, P = C / layout.part > 0 ? C / layout.part : 1, L = C / (layout.part / 4);
     const int64_t chunks = chunks_of(K, C), blocks = (K + kBlock - 1) / kBlock;
     memset(xq, 0, (size_t)(chunks * C));
-    alignas(64) int32_t q[kBlock];
     for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t k0 = b * kBlock;
-        const int n = K - k0 < kBlock ? (int)(K - k0) : kBlock;
-        const __m512 v = _mm512_maskz_loadu_ps(first(n), x + k0);
-        const float amax = _mm512_reduce_max_ps(_mm512_abs_ps(v));
+        const int64_t k0 = b * kBlock, k1 = K - k0 < kBlock ? K : k0 + kBlock;
+        float amax = 0.f;
+        for (int64_t k = k0; k < k1; ++k) amax = fmaxf(amax, fabsf(x[k]));
         const float scale = amax / 127.f;
-        const __m512i qi = scale > 0.f ? _mm512_cvtps_epi32(_mm512_div_ps(v, _mm512_set1_ps(scale))) : _mm512_setzero_si512();
-        _mm512_store_si512(q, qi);
-        for (int i = 0; i < n; ++i) {
-            const int64_t k = k0 + i;
-            xq[k / C * C + chunk_position((int)(k % C), C)] = (int8_t)q[i];
+        int32_t sum = 0;
+        for (int64_t k = k0; k < k1; ++k) {
+            const int q = scale > 0.f ? (int)nearbyintf(x[k] / scale) : 0;
+            const int j = (int)(k % C);
+            xq[k / C * C + (j % P) * layout.part + j / P] = (int8_t)q;
+            sum += q;
         }
-        bsum[b] = scale * (float)_mm512_reduce_add_epi32(qi);
-        for (int64_t k = k0; k < k0 + kBlock; k += C / 16) dvec[k / (C / 16)] = scale;  // the block's lanes
+        bsum[b] = scale * (float)sum;
+        for (int64_t k = k0; k < k0 + kBlock; k += L) dvec[k / L] = scale;  // the block's lanes
     }
-    for (int64_t i = (K + C / 16 - 1) / (C / 16); i < chunks * 16; ++i) dvec[i] = 0.f;  // lanes past the row
+    for (int64_t i = (K + L - 1) / L; i < (int64_t)q8_dvec_floats(K, layout); ++i) dvec[i] = 0.f;  // past the row
 }
 
 void q8_group_sums(const ProjDesc& d, const QAct* a, int T, float* xsum) {
@@ -186,7 +285,13 @@ void q8_group_sums(const ProjDesc& d, const QAct* a, int T, float* xsum) {
 }
 
 void q8_rows(const ProjDesc& d, int n0, int n1, const QAct* a, const float* xsum, int T, float* y, int64_t ldy) {
-    const RowsFn fn = d.bits == 2 ? kRows<2>[T] : d.bits == 3 ? kRows<3>[T] : d.bits == 4 ? kRows<4>[T] : kRows<8>[T];
+    RowsFn fn;
+    if (has_q8())
+        fn = d.bits == 2 ? kRows<2>[T] : d.bits == 3 ? kRows<3>[T] : d.bits == 4 ? kRows<4>[T] : kRows<8>[T];
+    else if (has_avxvnni())
+        fn = d.bits == 2 ? kRowsAvx2<2, true>[T] : d.bits == 4 ? kRowsAvx2<4, true>[T] : kRowsAvx2<8, true>[T];
+    else
+        fn = d.bits == 2 ? kRowsAvx2<2, false>[T] : kRowsAvx2<4, false>[T];
     fn(d, n0, n1, a, xsum, y, ldy);
 }
 

@@ -27,28 +27,27 @@ using Routed = std::vector<std::vector<std::pair<int64_t, float>>>;  // expert -
 constexpr int kTile = 64;                                             // rows per scheduled work item
 constexpr int64_t kMaxSlots = 4096;  // (token, expert) pairs per int8 pass: 4096 x (2 inter + hidden) floats
 
-// Quantized activation vectors of width K, `stride` bytes and `floats` floats apart, each for its chunk size.
+// Quantized activation vectors of width K, `stride` bytes and `floats` floats apart, each in its own layout.
 struct Acts {
     int64_t K, stride = 0, floats = 0;
     std::vector<int8_t> q;
     std::vector<float> f;
-    std::vector<int> C;
+    std::vector<Q8Layout> layout;
 
-    Acts(int64_t width, int64_t count) : K(width), C((size_t)count, 0) {
-        for (int c : {64, 128, 256}) {
-            stride = std::max(stride, (K + c - 1) / c * c);
-            floats = std::max(floats, (int64_t)q8_act_floats(K, c));
+    Acts(int64_t width, int64_t count) : K(width), layout((size_t)count, Q8Layout{64, 64}) {
+        for (Q8Layout l : {Q8Layout{64, 64}, Q8Layout{128, 64}, Q8Layout{256, 64}, Q8Layout{32, 32}, Q8Layout{64, 32},
+                           Q8Layout{128, 32}}) {
+            stride = std::max(stride, (K + l.chunk - 1) / l.chunk * l.chunk);
+            floats = std::max(floats, (int64_t)q8_act_floats(K, l));
         }
         q.resize((size_t)(stride * count));
         f.resize((size_t)(floats * count));
     }
-    void quantize(int64_t i, const float* x, int chunk) {
-        C[i] = chunk;
-        q8_quantize(x, K, chunk, &q[i * stride], &f[i * floats], &f[i * floats + (K + chunk - 1) / chunk * 16]);
+    void quantize(int64_t i, const float* x, Q8Layout l) {
+        layout[i] = l;
+        q8_quantize(x, K, l, &q[i * stride], &f[i * floats], &f[i * floats + q8_dvec_floats(K, l)]);
     }
-    QAct at(int64_t i) const {
-        return {&q[i * stride], &f[i * floats], &f[i * floats + (K + C[i] - 1) / C[i] * 16]};
-    }
+    QAct at(int64_t i) const { return {&q[i * stride], &f[i * floats], &f[i * floats + q8_dvec_floats(K, layout[i])]}; }
 };
 
 // y[i, n] for rows [n0, n1) of `d` and the `count` activations `a`, kMaxTokens per pass over the rows.
@@ -101,15 +100,20 @@ void q8_experts(const ProjDesc* projs, const std::vector<int>& experts, const Ro
     std::vector<int64_t> first(n + 1, 0);  // slots first[i] .. first[i+1]-1: expert i's (token, weight) pairs
     for (int i = 0; i < n; ++i) first[i + 1] = first[i] + (int64_t)routed[experts[i]].size();
     const int64_t slots = first[n];
-    std::vector<char> kind_used(3, 0);  // chunk sizes 64, 128, 256 among the gate/up projections
+    std::vector<int> slot_of(kQ8Layouts, -1);  // the activation layouts of the gate/up projections, numbered
+    std::vector<Q8Layout> layouts;
     for (int e : experts)
-        for (int p = 0; p < 2; ++p) kind_used[q8_chunk_codes(projs[3 * e + p].bits) / 128] = 1;
+        for (int p = 0; p < 2; ++p) {
+            const Q8Layout l = q8_layout(projs[3 * e + p].bits);
+            if (slot_of[q8_layout_id(l)] < 0) slot_of[q8_layout_id(l)] = (int)layouts.size(), layouts.push_back(l);
+        }
+    const int kinds = (int)layouts.size();
     std::vector<int64_t> row_of((size_t)T, -1), tokens;  // token -> its row among the quantized inputs
     for (int e : experts)
         for (const auto& pr : routed[e])
             if (row_of[pr.first] < 0) row_of[pr.first] = (int64_t)tokens.size(), tokens.push_back(pr.first);
     const int64_t U = (int64_t)tokens.size();
-    Acts in(hidden, 3 * U), mid(inter, slots);  // inputs: one row per (chunk size, token)
+    Acts in(hidden, kinds * U), mid(inter, slots);  // inputs: one row per (layout, token)
     std::vector<float> gate((size_t)(slots * inter)), up((size_t)(slots * inter)), down((size_t)(slots * hidden));
     const int up_tiles = tiles(inter), down_tiles = tiles(hidden);
 #pragma omp parallel
@@ -117,8 +121,7 @@ void q8_experts(const ProjDesc* projs, const std::vector<int>& experts, const Ro
         std::vector<QAct> a;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < U; ++r)
-            for (int k = 0; k < 3; ++k)
-                if (kind_used[k]) in.quantize(k * U + r, x + tokens[r] * hidden, 64 << k);
+            for (int k = 0; k < kinds; ++k) in.quantize(k * U + r, x + tokens[r] * hidden, layouts[k]);
         split_runs(
             n * 2 * up_tiles,
             [&](int w) { return tile_cost(projs[3 * experts[w / (2 * up_tiles)] + w / up_tiles % 2], w % up_tiles * kTile); },
@@ -127,7 +130,7 @@ void q8_experts(const ProjDesc* projs, const std::vector<int>& experts, const Ro
                 const ProjDesc& d = projs[3 * experts[i] + p];
                 a.clear();
                 for (const auto& pr : routed[experts[i]])
-                    a.push_back(in.at(q8_chunk_codes(d.bits) / 128 * U + row_of[pr.first]));
+                    a.push_back(in.at(slot_of[q8_layout_id(q8_layout(d.bits))] * U + row_of[pr.first]));
                 float* y = (p ? up : gate).data() + first[i] * inter;
                 rows_for(d, n0, std::min(n0 + kTile, inter), a.data(), (int64_t)a.size(), y);
             });
@@ -137,7 +140,7 @@ void q8_experts(const ProjDesc* projs, const std::vector<int>& experts, const Ro
                 float* g = &gate[s * inter];
                 const float* u = &up[s * inter];
                 for (int j = 0; j < inter; ++j) g[j] = g[j] / (1.f + expf(-g[j])) * u[j];
-                mid.quantize(s, g, q8_chunk_codes(projs[3 * experts[i] + 2].bits));
+                mid.quantize(s, g, q8_layout(projs[3 * experts[i] + 2].bits));
             }
         split_runs(
             n * down_tiles, [&](int w) { return tile_cost(projs[3 * experts[w / down_tiles] + 2], w % down_tiles * kTile); },
@@ -184,16 +187,20 @@ using namespace moecpu;
 
 extern "C" {
 
-// 4: AVX-512 with VNNI/VBMI (int8 activations), 3: AVX-512 path, 2: AVX2+FMA path, 1: portable path.
+// 4: AVX-512 with VNNI/VBMI (int8 activations), 3: AVX-512 path, 2: AVX2+FMA path (int8 activations for 2- and
+// 4-bit codes, 8-bit too with AVX-VNNI), 1: portable path.
 int moe_cpu_isa() { return has_q8() ? 4 : has_avx512() ? 3 : has_avx2() ? 2 : 1; }
+
+// 1 where this CPU runs projection `d` with int8 activations.
+int moe_q8_fits(const ProjDesc* d) { return q8_fits(*d) ? 1 : 0; }
 
 // y[T, out] = x[T, in] W^T for one packed projection, any T; int8 activations where `q8` and the format allows.
 void moe_packed_linear(const ProjDesc* d, const float* x, int64_t T, int32_t q8, float* y) {
     if (!q8 || !q8_fits(*d)) return project_f32(*d, x, T, y);
-    const int C = q8_chunk_codes(d->bits);
+    const Q8Layout layout = q8_layout(d->bits);
     Acts acts(d->in_features, T);
     std::vector<QAct> a((size_t)T);
-    for (int64_t t = 0; t < T; ++t) acts.quantize(t, x + t * d->in_features, C), a[t] = acts.at(t);
+    for (int64_t t = 0; t < T; ++t) acts.quantize(t, x + t * d->in_features, layout), a[t] = acts.at(t);
 #pragma omp parallel for schedule(dynamic)
     for (int w = 0; w < tiles(d->out_features); ++w)
         rows_for(*d, w * kTile, std::min((w + 1) * kTile, d->out_features), a.data(), T, y);

@@ -62,21 +62,35 @@ inline bool has_q8() {
     return yes && has_avx512();
 }
 
+// AVX-VNNI (256-bit vpdpbusd): 8-bit codes in the AVX2 int8 kernels (without it, products of codes above 127
+// would saturate vpmaddubsw's 16-bit sums).
+inline bool has_avxvnni() {  // MOECOMPRESS_NO_AVXVNNI=1: vpmaddubsw instead (tests)
+    static const bool yes = __builtin_cpu_supports("avxvnni");
+    return yes && has_avx2() && getenv("MOECOMPRESS_NO_AVXVNNI") == nullptr;
+}
+
 // gemv_f32.cpp: y[T, out] = x[T, in] W^T with float32 activations, any T.
 void project_f32(const ProjDesc& d, const float* x, int64_t T, float* y);
 
 // gemv_q8.cpp: the same with activations quantized to int8 per block of 16 (see there).
+struct Q8Layout {  // how a projection's int8 activations are laid out on this CPU
+    int chunk;     // codes decoded from one vector load of a row
+    int part;      // bytes of one decoded part (64: AVX-512, 32: AVX2); a chunk has chunk / part parts
+};
+constexpr int kQ8Layouts = 6;  // AVX-512: chunks of 64, 128, 256 codes; AVX2: 32, 64, 128
 bool q8_fits(const ProjDesc& d);
-int q8_chunk_codes(int bits);
+Q8Layout q8_layout(int bits);
+int q8_layout_id(Q8Layout layout);  // 0 .. kQ8Layouts - 1
 
-struct QAct {            // one token's activations, quantized for weights of one chunk size
-    const int8_t* xq;    // [chunks * C]: whole chunks, codes in the order the chunk decoder yields them
-    const float* dvec;   // [chunks * 16]: the scale of the block each 32-bit lane's codes lie in
+struct QAct {            // one token's activations, quantized for weights of one layout
+    const int8_t* xq;    // [chunks * chunk]: whole chunks, codes in the order the chunk decoder yields them
+    const float* dvec;   // [chunks * lanes]: the scale of the block each 32-bit lane's codes lie in
     const float* bsum;   // [ceil(K / 16)]: scale * sum of the block's int8 values
 };
 
-size_t q8_act_floats(int64_t K, int C);  // floats of dvec + bsum for one token
-void q8_quantize(const float* x, int64_t K, int C, int8_t* xq, float* dvec, float* bsum);
+size_t q8_act_floats(int64_t K, Q8Layout layout);  // floats of dvec + bsum for one token
+size_t q8_dvec_floats(int64_t K, Q8Layout layout);
+void q8_quantize(const float* x, int64_t K, Q8Layout layout, int8_t* xq, float* dvec, float* bsum);
 // xsum[t, g] = sum of the group's quantized activations (for the zero points), per token of `a`.
 void q8_group_sums(const ProjDesc& d, const QAct* a, int T, float* xsum);
 // Rows [n0, n1) of y[t * ldy + n] for T <= kMaxTokens tokens.
