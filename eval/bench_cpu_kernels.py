@@ -49,25 +49,31 @@ def stream_bandwidth(mbytes: int = 512, repeats: int = 5) -> dict[str, float]:
     }
 
 
-def packed_layer(formats: list[QuantFormat]) -> PackedExperts:
+def fill(linear, g: torch.Generator):
+    """Random codes, scales and zeros into a `PackedLinear` (speed does not depend on the values)."""
+    packed = linear.weight_packed
+    if packed.dtype == torch.int32:
+        packed.copy_(torch.randint(-(2**31), 2**31 - 1, packed.shape, generator=g, dtype=torch.int64).to(torch.int32))
+    else:
+        packed.copy_(torch.randint(0, 243, packed.shape, generator=g).to(torch.uint8))
+    linear.weight_scale.copy_((torch.rand(linear.weight_scale.shape, generator=g) * 0.01 + 1e-3).half())
+    if linear.weight_zero_point is not None:
+        linear.weight_zero_point.copy_(
+            torch.randint(0, 2**linear.fmt.bits, linear.weight_zero_point.shape, generator=g).to(torch.uint8)
+        )
+    return linear
+
+
+def packed_layer(
+    formats: list[QuantFormat], experts: int = E, hidden: int = H, inter: int = INTER, g: torch.Generator | None = None
+) -> PackedExperts:
     """Experts e with format formats[e % len(formats)], filled with random codes, scales and zeros."""
     module = PackedExperts(
-        H, INTER, [dict.fromkeys(PROJECTIONS, formats[e % len(formats)]) for e in range(E)], torch.nn.SiLU()
+        hidden, inter, [dict.fromkeys(PROJECTIONS, formats[e % len(formats)]) for e in range(experts)], torch.nn.SiLU()
     )
-    g = torch.Generator().manual_seed(0)
+    g = g if g is not None else torch.Generator().manual_seed(0)
     for linear in (getattr(expert, p) for expert in module for p in PROJECTIONS):
-        packed = linear.weight_packed
-        if packed.dtype == torch.int32:
-            packed.copy_(
-                torch.randint(-(2**31), 2**31 - 1, packed.shape, generator=g, dtype=torch.int64).to(torch.int32)
-            )
-        else:
-            packed.copy_(torch.randint(0, 243, packed.shape, generator=g).to(torch.uint8))
-        linear.weight_scale.copy_((torch.rand(linear.weight_scale.shape, generator=g) * 0.01 + 1e-3).half())
-        if linear.weight_zero_point is not None:
-            linear.weight_zero_point.copy_(
-                torch.randint(0, 2**linear.fmt.bits, linear.weight_zero_point.shape, generator=g).to(torch.uint8)
-            )
+        fill(linear, g)
     return module
 
 

@@ -28,9 +28,11 @@ SMOKE = "--smoke" in sys.argv
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
+from bench_cpu_kernels import fill, packed_layer  # noqa: E402
+
 from moecompress.quant.qtensor import QuantFormat  # noqa: E402
 from moecompress.runtime import cuda_kernels  # noqa: E402
-from moecompress.runtime.packed_experts import ExpertList, PackedExperts, PackedLinear  # noqa: E402
+from moecompress.runtime.packed_experts import ExpertList, PackedLinear  # noqa: E402
 
 FORMATS = {
     "w8 g128": [QuantFormat(8, 128)],
@@ -40,22 +42,6 @@ FORMATS = {
     "ternary g128": [QuantFormat.make_ternary(128, "bits")],
     "mixed 2/3/4": [QuantFormat(2, 128), QuantFormat(3, 128), QuantFormat(4, 128), QuantFormat(3, 128)],
 }
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
-def fill(linear: PackedLinear, g: torch.Generator) -> PackedLinear:
-    """Random codes, scales and zeros (speed does not depend on the values)."""
-    packed = linear.weight_packed
-    if packed.dtype == torch.int32:
-        packed.copy_(torch.randint(-(2**31), 2**31 - 1, packed.shape, generator=g, dtype=torch.int64).to(torch.int32))
-    else:
-        packed.copy_(torch.randint(0, 243, packed.shape, generator=g).to(torch.uint8))
-    linear.weight_scale.copy_((torch.rand(linear.weight_scale.shape, generator=g) * 0.01 + 1e-3).half())
-    if linear.weight_zero_point is not None:
-        linear.weight_zero_point.copy_(
-            torch.randint(0, 2**linear.fmt.bits, linear.weight_zero_point.shape, generator=g).to(torch.uint8)
-        )
-    return linear
 
 
 def nbytes(module: torch.nn.Module) -> int:
@@ -196,16 +182,6 @@ def bench_matrices(args, device, bandwidth, l2) -> list[dict]:
     return rows
 
 
-def packed_moe(formats, experts, hidden, inter, g, device) -> PackedExperts:
-    module = PackedExperts(
-        hidden, inter, [dict.fromkeys(PROJECTIONS, formats[e % len(formats)]) for e in range(experts)], torch.nn.SiLU()
-    )
-    for expert in module:
-        for p in PROJECTIONS:
-            fill(getattr(expert, p), g)
-    return module.to(device)
-
-
 def bench_moe(args, device, bandwidth, l2) -> list[dict]:
     from moecompress.runtime import native
 
@@ -214,7 +190,7 @@ def bench_moe(args, device, bandwidth, l2) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     dense = [torch.randn(experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16) * 0.02,
              torch.randn(experts, hidden, inter, device=device, dtype=torch.bfloat16) * 0.02]  # fmt: skip
-    modules = {label: packed_moe(formats, experts, hidden, inter, g, device) for label, formats in FORMATS.items()}
+    modules = {label: packed_layer(formats, experts, hidden, inter, g).to(device) for label, formats in FORMATS.items()}
     path = cuda_kernels.kernel_name() if device.type == "cuda" else native.kernel_name()
     for tokens in args.moe_batches:
         x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)

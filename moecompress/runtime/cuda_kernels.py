@@ -21,12 +21,11 @@ import subprocess
 import sys
 import tempfile
 import uuid
-import weakref
 from pathlib import Path
 
 import torch
 
-from .native import ProjDesc
+from .native import ProjDesc, TableCache
 
 log = logging.getLogger(__name__)
 
@@ -190,18 +189,8 @@ class GpuExperts:
         return out.to(hidden.dtype)
 
 
-_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PackedExperts -> (epoch, GpuExperts)
-
-
-def table_for(experts, epoch: int) -> GpuExperts:
-    cached = _tables.get(experts)
-    if cached is None or cached[0] != epoch:
-        cached = _tables[experts] = (epoch, GpuExperts(experts))
-    return cached[1]
-
-
-def drop_table(experts) -> None:
-    _tables.pop(experts, None)
+_tables = TableCache(GpuExperts)
+table_for, drop_table = _tables.get, _tables.drop
 
 
 if __name__ == "__main__":  # CI: every CUDA source builds for sm_80 and sm_90a

@@ -239,16 +239,22 @@ class ExpertTable:
         return out.to(hidden.dtype)
 
 
-_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PackedExperts -> (epoch, ExpertTable)
+class TableCache:
+    """Kernel tables per `PackedExperts` module, built by `build(module)` and rebuilt when packed weights were
+    replaced since (`epoch`); dropped when the module's buffers move."""
+
+    def __init__(self, build):
+        self.build, self.tables = build, weakref.WeakKeyDictionary()  # module -> (epoch, table)
+
+    def get(self, experts, epoch: int):
+        cached = self.tables.get(experts)
+        if cached is None or cached[0] != epoch:
+            cached = self.tables[experts] = (epoch, self.build(experts))
+        return cached[1]
+
+    def drop(self, experts) -> None:
+        self.tables.pop(experts, None)
 
 
-def table_for(experts, epoch: int) -> ExpertTable:
-    """The module's kernel table, rebuilt when packed weights were replaced since (`epoch`)."""
-    cached = _tables.get(experts)
-    if cached is None or cached[0] != epoch:
-        cached = _tables[experts] = (epoch, ExpertTable(experts))
-    return cached[1]
-
-
-def drop_table(experts) -> None:
-    _tables.pop(experts, None)
+_tables = TableCache(ExpertTable)
+table_for, drop_table = _tables.get, _tables.drop
