@@ -295,7 +295,7 @@ def cmd_eval_efficiency(args) -> dict:
     from .models import get_adapter
 
     _check_record_target(args)
-    # The packed path as deployed: experts dequantized on every forward, no cache.
+    # The packed path as deployed: the expert kernels, no dense copies.
     model, processor, seconds = _load_for_eval(args.model, args.trust_remote_code, False, args.dtype)
     tokens = evaluation_stream(args.data, getattr(processor, "tokenizer", processor))
     result = measure_efficiency(
