@@ -13,19 +13,16 @@ sources for sm_80 and sm_90a with warnings as errors (CI runs it: `python -m moe
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 import torch
 
-from .native import ProjDesc, TableCache
+from .native import ProjDesc, TableCache, cached_build
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +65,8 @@ def _build() -> Path:
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA device")
     arch = _device_arch()
-    digest = hashlib.sha256(" ".join([*FLAGS, arch]).encode())
-    for path in sorted([*SOURCES.iterdir(), *HEADERS.iterdir()]):
-        digest.update(path.name.encode() + path.read_bytes())
-    cache = Path(os.environ.get("MOECOMPRESS_CACHE", Path.home() / ".cache" / "moecompress")) / "cuda"
-    target = cache / f"moe_gemv-sm{arch}-{digest.hexdigest()[:16]}.so"
-    if not target.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-        log.info("compiling the CUDA expert kernels (once, sm_%s) into %s", arch, target)
-        try:
-            _run_nvcc(tmp, (arch,))
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return target
+    inputs = sorted([*SOURCES.iterdir(), *HEADERS.iterdir()])
+    return cached_build("cuda", f"moe_gemv-sm{arch}", inputs, [*FLAGS, arch], lambda path: _run_nvcc(path, (arch,)))
 
 
 def library() -> ctypes.CDLL | None:

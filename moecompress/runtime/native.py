@@ -66,8 +66,27 @@ _library: ctypes.CDLL | None = None
 _failure: str | None = None
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MOECOMPRESS_CACHE", Path.home() / ".cache" / "moecompress")) / "native"
+COMMON = SOURCES.parent / "common"  # headers shared with the CUDA kernels
+
+
+def cached_build(kind: str, name: str, inputs: list[Path], options: list[str], compile_to) -> Path:
+    """`$MOECOMPRESS_CACHE/<kind>/<name>-<hash>.so`, keyed by `options` and the files `inputs`, compiled by
+    `compile_to(path)` on first use into a temporary name and renamed into place (concurrent builds are safe)."""
+    digest = hashlib.sha256(" ".join(options).encode())
+    for path in inputs:
+        digest.update(path.name.encode() + path.read_bytes())
+    cache = Path(os.environ.get("MOECOMPRESS_CACHE", Path.home() / ".cache" / "moecompress")) / kind
+    target = cache / f"{name}-{digest.hexdigest()[:16]}.so"
+    if not target.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+        log.info("compiling the %s expert kernels (once) into %s", kind, target)
+        try:
+            compile_to(tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
 
 
 def _build() -> Path:
@@ -77,25 +96,14 @@ def _build() -> Path:
     sources = sorted(SOURCES.glob("*.cpp"))
     if not sources:
         raise RuntimeError(f"kernel sources in {SOURCES} are missing (install moecompress from its repository)")
-    digest = hashlib.sha256(" ".join([compiler, *FLAGS]).encode())
-    for path in sorted(SOURCES.iterdir()):
-        digest.update(path.name.encode() + path.read_bytes())
-    key = digest.hexdigest()[:16]
-    target = _cache_dir() / f"moe_gemv-{key}.so"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-        log.info("compiling the native CPU expert kernels (once) into %s", target)
-        try:
-            result = subprocess.run(
-                [compiler, *FLAGS, "-o", str(tmp), *map(str, sources)], capture_output=True, text=True
-            )
-            if result.returncode:
-                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return target
+
+    def compile_to(path: Path) -> None:
+        result = subprocess.run([compiler, *FLAGS, "-o", str(path), *map(str, sources)], capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+
+    inputs = sorted([*SOURCES.iterdir(), *COMMON.iterdir()])
+    return cached_build("native", "moe_gemv", inputs, [compiler, *FLAGS], compile_to)
 
 
 def library() -> ctypes.CDLL | None:
