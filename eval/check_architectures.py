@@ -56,7 +56,7 @@ def walk_error(model_type: str) -> float:
     batch = CalibrationBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.zeros_like(ids).bool())
     walked = walked_states(model, adapter, [batch])
     with torch.no_grad():
-        real = model.model(**batch.inputs, output_hidden_states=True).hidden_states
+        real = model(**batch.inputs, output_hidden_states=True).hidden_states
     return max(rel(walked[i][0], real[i + 1]) for i in range(len(walked) - 1))
 
 

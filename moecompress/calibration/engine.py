@@ -231,14 +231,14 @@ class ExpertObserver:
             tok, slot = torch.where(indices == e)
             if tok.numel() == 0:
                 continue
-            xe = x[tok]
+            routing = weights[tok, slot].float()
+            xe, w = self.view.expert_inputs(x[tok], routing)  # w: what the output is summed with
             mid, out = self.view.expert_forward(e, xe)
-            w = weights[tok, slot].float()
             contribution = w[:, None] * out
             routed.index_add_(0, tok, contribution)
             m = modality[tok]
             self.tokens[e] += torch.bincount(m, minlength=M).double().cpu()
-            self.weight_sum[e] += torch.bincount(m, weights=w, minlength=M).double().cpu()
+            self.weight_sum[e] += torch.bincount(m, weights=routing, minlength=M).double().cpu()
             self.output_norm_sum[e] += torch.bincount(m, weights=contribution.pow(2).sum(1), minlength=M).double().cpu()
             if self.collect_hessians:
                 self.hessian_in.add(e, xe)
@@ -263,7 +263,7 @@ class ExpertObserver:
             excluded = torch.zeros(E, dtype=torch.bool)
             excluded[e] = True
             w2, idx2 = self.view.route(x[tok], excluded)
-            rerouted = self.view.experts(x[tok], idx2, w2)
+            rerouted = self.view.routed_forward(x[tok], idx2, w2)
             err = (routed[tok] - rerouted).pow(2).sum(1)
             self.drop_loss[e] += torch.bincount(modality[tok], weights=err, minlength=len(MODALITIES)).double().cpu()
 

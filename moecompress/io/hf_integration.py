@@ -86,7 +86,10 @@ class MoECompressHfQuantizer(HfQuantizer):
         from torch import nn
 
         from ..merge.apply import MappedExperts
+        from ..models import get_adapter
 
+        adapter = get_adapter(model.config.model_type)
+        adapter.moe_blocks(model)  # blocks take the common experts call before their experts are replaced (Llama 4)
         for name, slot_map in self.quantization_config.expert_maps.items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
@@ -96,9 +99,6 @@ class MoECompressHfQuantizer(HfQuantizer):
                 setattr(fused, param, nn.Parameter(torch.empty(kept, *shape[1:], device="meta"), requires_grad=False))
             fused.num_experts = kept
             setattr(parent, child, MappedExperts(fused, torch.tensor(slot_map)))
-        from ..models import get_adapter
-
-        adapter = get_adapter(model.config.model_type)
         formats = [QuantFormat.from_dict(f) for f in self.quantization_config.formats]
         for name, rows in self.quantization_config.experts.items():
             parent_name, _, child = name.rpartition(".")

@@ -143,6 +143,19 @@ class MoEBlockView:
         entry in the bool mask `excluded` [E] is set made unreachable (as if their router rows were removed)."""
         return self.adapter.route_block(self.block, hidden, excluded)
 
+    def expert_inputs(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the expert computes on, the weight its output is summed with) for tokens x [T, H] routed to it with
+        `weights` [T]: (x, weights), or (weights x, 1) where the router scales the experts' inputs (Llama 4)."""
+        if self.adapter.scales_expert_inputs:
+            return x * weights[:, None].to(x.dtype), torch.ones_like(weights)
+        return x, weights
+
+    def routed_forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts' summed output for tokens x [T, H] and their top-k `indices` and `weights`."""
+        if self.adapter.scales_expert_inputs:
+            return input_scaled_experts(self.experts, x, indices, weights)
+        return self.experts(x, indices, weights)
+
     def expert_weights(self, expert: int) -> ExpertWeights:
         experts = self.experts
         if hasattr(experts, "expert_weights"):
@@ -168,6 +181,17 @@ class MoEBlockView:
         return hidden, _linear(hidden, w.down_proj, w.down_bias)
 
 
+def input_scaled_experts(
+    experts: nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """sum_k E_k(w_k x) with a common experts module `experts(hidden, top_k_index, top_k_weights)`: each
+    (token, slot) pair becomes one row, scaled by its weight, routed to its expert with weight 1."""
+    tokens, k = indices.shape
+    scaled = (x[:, None, :] * weights[..., None].to(x.dtype)).reshape(tokens * k, -1)
+    ones = torch.ones(tokens * k, 1, dtype=weights.dtype, device=weights.device)
+    return experts(scaled, indices.reshape(-1, 1), ones).view(tokens, k, -1).sum(1)
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
@@ -179,6 +203,7 @@ class ModelAdapter:
     is_multimodal = False
     block_name = "mlp"  # the decoder layer's attribute holding the sparse MoE block
     router_name = "gate"  # the block's attribute holding the router
+    scales_expert_inputs = False  # routing weights scale the experts' outputs (True: their inputs, as Llama 4)
 
     def text_model(self, model: nn.Module) -> nn.Module:
         return model.model

@@ -34,7 +34,7 @@ def test_layerwise_walk_reproduces_the_real_forward_at_every_layer(model_type, o
     walked = walked_states(model, adapter, data)
     for b, batch in enumerate(data):
         with torch.no_grad():
-            real = model.model(**batch.inputs, output_hidden_states=True).hidden_states
+            real = model(**batch.inputs, output_hidden_states=True).hidden_states
         for index in range(len(walked) - 1):  # the last entry of hidden_states is after the final norm
             reference = real[index + 1].double()
             error = float((walked[index][b].double() - reference).norm() / reference.norm())
@@ -48,7 +48,7 @@ def test_layerwise_walk_reproduces_the_real_forward_at_every_layer(model_type, o
 def image_batch(model, seed=0) -> CalibrationBatch:
     """Two sequences with one 4 x 4-patch image each (4 image tokens after the 2 x 2 merge) among text tokens, as
     the model's processor lays them out (Qwen/GLM: flattened patches, start/end tokens and multimodal rotary token
-    types; Kimi: 3 x P x P patches)."""
+    types; Kimi: 3 x P x P patches; Llama 4: one 28 x 28 image of 16 patches, pixel-shuffled by 2)."""
     gen = torch.Generator().manual_seed(seed)
     vision, config = model.config.vision_config, model.config
     start = getattr(config, "image_start_token_id", None) or getattr(config, "vision_start_token_id", None)
@@ -56,7 +56,10 @@ def image_batch(model, seed=0) -> CalibrationBatch:
     image = [start] * (start is not None) + [config.image_token_id] * 4 + [end] * (end is not None)
     ids = torch.stack([torch.tensor(row) for row in ([5, 6] + image + [7, 8], [9] + image + [10, 11, 12])])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "image_grid_thw": torch.tensor([[1, 4, 4]] * 2)}
-    if hasattr(vision, "temporal_patch_size"):
+    if hasattr(vision, "pixel_shuffle_ratio"):
+        del inputs["image_grid_thw"]
+        inputs["pixel_values"] = torch.randn(2, 3, vision.image_size, vision.image_size, generator=gen)
+    elif hasattr(vision, "temporal_patch_size"):
         patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
         inputs |= {"pixel_values": torch.randn(2 * 16, patch, generator=gen)}
         inputs |= {"mm_token_type_ids": (ids == config.image_token_id).long()}
@@ -65,7 +68,7 @@ def image_batch(model, seed=0) -> CalibrationBatch:
     return CalibrationBatch(inputs, ids == config.image_token_id)
 
 
-@pytest.mark.parametrize("model_type", ["glm4v_moe", "qwen3_5_moe", "qwen3_vl_moe", "kimi_k25"])
+@pytest.mark.parametrize("model_type", ["glm4v_moe", "qwen3_5_moe", "qwen3_vl_moe", "kimi_k25", "llama4"])
 def test_vision_language_walk_sees_the_images(model_type):
     """With pixels in the batch, the layer-wise walk reproduces the model's own forward (vision features merged at the
     image positions, multimodal rotary positions, Qwen3-VL's DeepStack features added after the first layers) and
@@ -76,8 +79,8 @@ def test_vision_language_walk_sees_the_images(model_type):
     walked = walked_states(model, adapter, [batch])
     text_only = {k: v for k, v in batch.inputs.items() if k in ("input_ids", "attention_mask")}
     with torch.no_grad():
-        real = model.model(**batch.inputs, output_hidden_states=True).hidden_states
-        blind = model.model(**text_only, output_hidden_states=True).hidden_states
+        real = model(**batch.inputs, output_hidden_states=True).hidden_states
+        blind = model(**text_only, output_hidden_states=True).hidden_states
         last = adapter.text_model(model).norm(walked[len(walked) - 1][0])
     deepstack = len(getattr(model.config.vision_config, "deepstack_visual_indexes", []))
     for index in range(deepstack, len(walked) - 1):  # transformers records a layer's output before DeepStack adds to it

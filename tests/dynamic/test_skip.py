@@ -151,3 +151,36 @@ def test_skipped_pairs_are_exact_zeros_in_every_transformers_experts_implementat
     finally:
         loaded.model.set_experts_implementation("grouped_mm")
         controller.remove()
+
+
+def test_llama4_skipping_runs_through_its_router_and_input_scaled_experts():
+    """Llama 4's blocks take the common router output, so the skip hooks apply: with ODP the block computes the
+    shared expert plus the kept experts, each on its scaled input; dropping every expert of the layer leaves the
+    shared expert alone."""
+    from moecompress.dynamic.rules import ratio_keep
+    from moecompress.dynamic.skip import SkipController, SkipRule
+    from moecompress.models import get_adapter
+
+    from ..models.tiny_models import tiny_model
+
+    model, adapter = tiny_model("llama4_text"), get_adapter("llama4_text")
+    view = adapter.moe_blocks(model)[0]
+    controller = SkipController(model, adapter, SkipRule("odp", 0.5, beta=[0.999, 0.999]))
+    x = torch.randn(1, 20, 64)
+    try:
+        with torch.no_grad():
+            kept, _ = view.block(x)
+            with controller.set_mode(("drop", 0, "text")):
+                dropped, _ = view.block(x)
+            weights, indices = view.route(x[0])
+            keep = ratio_keep(weights, 0.999)
+            expected = view.shared_experts(x[0]) + view.routed_forward(
+                x[0], indices.masked_fill(~keep, view.num_experts), weights.masked_fill(~keep, 0)
+            )
+            full = view.shared_experts(x[0]) + view.routed_forward(x[0], indices, weights)
+            shared = view.shared_experts(x[0])
+    finally:
+        controller.remove()
+    assert 0 < int((~keep).sum()) < keep.numel() // 2  # some tokens lose their second expert
+    assert torch.allclose(kept, expected, atol=1e-5) and not torch.allclose(kept, full, atol=1e-3)
+    assert torch.allclose(dropped, shared, atol=1e-6)

@@ -26,7 +26,7 @@ def batches(vocab: int) -> list[CalibrationBatch]:
     ]
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral", "llama4_text"])
 @pytest.mark.parametrize("method", ["prune", "subspace"])
 def test_reduced_models_shrink_the_router_and_reload_identically(model_type, method, tmp_path):
     lm = loaded(model_type)

@@ -1,3 +1,4 @@
+import copy
 import sys
 
 import pytest
@@ -10,6 +11,10 @@ from moecompress.models.loading import require_moe
 
 from ..conftest import CALIB
 from .tiny_models import CONFIGS, tiny_model
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
@@ -39,8 +44,31 @@ def test_per_expert_view_reproduces_the_fused_experts_output(model_type):
     manual = torch.zeros_like(x)
     for e in range(view.num_experts):
         tok, slot = torch.where(indices == e)
-        manual.index_add_(0, tok, weights[tok, slot, None] * view.expert_forward(e, x[tok])[1])
-    torch.testing.assert_close(view.experts(x, indices, weights), manual, rtol=1e-5, atol=1e-5)
+        inputs, w = view.expert_inputs(x[tok], weights[tok, slot])
+        manual.index_add_(0, tok, w[:, None] * view.expert_forward(e, inputs)[1])
+    torch.testing.assert_close(view.routed_forward(x, indices, weights), manual, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama4_text", "llama4"])
+def test_llama4_blocks_in_the_common_form_keep_the_original_outputs(model_type):
+    """Viewing a Llama 4 block gives its router, experts and forward the common (index, weights) form: the block's
+    output and the model's logits stay those of transformers' own dense forward, which runs every expert on the
+    input scaled by its sigmoid router score; scaling the outputs instead would be far off."""
+    model = tiny_model(model_type)
+    original = copy.deepcopy(model)
+    ids = torch.randint(3, 120, (2, 24))
+    x = torch.randn(30, 64)
+    view = get_adapter(model_type).moe_blocks(model)[0]
+    reference_block = original.get_submodule(view.name)
+    with torch.no_grad():
+        expected, _ = reference_block(x)
+        out, _ = view.block(x)
+        weights, indices = view.route(x)
+        output_scaled = view.shared_experts(x) + view.experts(x, indices, weights)
+        assert rel_err(model(input_ids=ids).logits, original(input_ids=ids).logits) < 1e-5
+    assert type(view.block).__name__ == "RoutedLlama4TextMoe"
+    assert rel_err(out, expected) < 1e-5
+    assert rel_err(output_scaled, expected) > 1e-2
 
 
 def test_excluded_expert_is_never_selected():

@@ -125,6 +125,18 @@ CONFIGS = {
         head_dim=16,
     ),
     "hunyuan_v1_moe": dict(num_experts=8, moe_topk=2, intermediate_size=32, head_dim=16, use_qk_norm=True),
+    # chunked attention with RoPE / full attention without, a dense layer between two MoE layers
+    "llama4_text": dict(
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        intermediate_size_mlp=96,
+        num_hidden_layers=3,
+        moe_layers=[0, 2],
+        head_dim=16,
+        attention_chunk_size=8,
+        no_rope_layer_interval=2,
+    ),
 }
 
 VISION = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=COMMON["hidden_size"])
@@ -167,6 +179,23 @@ CONFIGS.update(
             **IMAGE_TOKENS,
             vision_start_token_id=122,
             vision_end_token_id=123,
+        ),
+        "llama4": dict(
+            text_config=CONFIGS["llama4_text"],
+            vision_config=dict(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=128,  # the pixel shuffle's width: hidden_size / pixel_shuffle_ratio^2
+                image_size=28,
+                patch_size=7,
+                vision_output_dim=32,
+                projector_input_dim=32,
+                projector_output_dim=32,
+            ),
+            image_token_index=IMAGE_TOKENS["image_token_id"],
+            boi_token_index=122,
+            eoi_token_index=123,
         ),
         "kimi_k25": dict(
             text_config=dict(**CONFIGS["deepseek_v3"], model_type="deepseek_v3"),

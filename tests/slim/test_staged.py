@@ -107,10 +107,10 @@ def test_a_slimmed_and_quantized_model_saves_and_loads_at_its_new_width(tiny_tex
         assert torch.allclose(model(input_ids=ids).logits, result.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss", "llama4_text"])
 def test_cutting_neurons_equals_masking_them_in_every_expert_layout(model_type):
-    """Through the view, for the default fused layout and GPT-OSS's (transposed, interleaved, biases, clamped
-    SwiGLU): the cut experts compute what the full ones do with the other neurons' activations zeroed, and the
+    """Through the view, for the default fused layout, GPT-OSS's (transposed, interleaved, biases, clamped
+    SwiGLU) and Llama 4's (transposed, input-scaled routing): the cut experts compute what the full ones do with the other neurons' activations zeroed, and the
     model's own fused forward agrees with the view afterwards."""
     import torch.nn.functional as F
 
@@ -135,8 +135,9 @@ def test_cutting_neurons_equals_masking_them_in_every_expert_layout(model_type):
         manual = torch.zeros_like(x)
         for e in range(view.num_experts):
             tok, slot = torch.where(indices == e)
-            manual.index_add_(0, tok, weights[tok, slot, None] * view.expert_forward(e, x[tok])[1])
-        fused = view.experts(x, indices, weights)
+            inputs, w = view.expert_inputs(x[tok], weights[tok, slot])
+            manual.index_add_(0, tok, w[:, None] * view.expert_forward(e, inputs)[1])
+        fused = view.routed_forward(x, indices, weights)
     assert views[0].intermediate_size == width // 2
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
