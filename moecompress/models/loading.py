@@ -73,6 +73,27 @@ def read_config(source: str, trust_remote_code: bool = False):
         ) from exc
 
 
+def dequantizing_config(config, source: str):
+    """For a pre-quantized source (GPT-OSS in MXFP4, DeepSeek-V3 and Kimi-K2 in FP8), its quantization config set to
+    make transformers dequantize each tensor as it is read; None for an unquantized source."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    try:
+        qc = AutoQuantizationConfig.from_dict(dict(qc)) if isinstance(qc, dict) else qc
+    except ValueError as exc:
+        raise ModelLoadError(f"'{source}': {' '.join(str(exc).split())}") from None
+    if not hasattr(qc, "dequantize"):
+        raise ModelLoadError(
+            f"'{source}' is quantized with {getattr(qc.quant_method, 'value', qc.quant_method)}, which transformers cannot dequantize while loading; "
+            "pass the unquantized (bf16/fp16) model."
+        )
+    qc.dequantize = True
+    return qc
+
+
 def load_model(
     source: str,
     dtype: torch.dtype = torch.float32,
@@ -80,10 +101,14 @@ def load_model(
     trust_remote_code: bool = False,
     **placement,
 ) -> LoadedModel:
-    """Load `source` (folder or hub id) in `dtype`; raise if it is not a supported MoE. `placement`: accelerate's
-    big-model arguments of `from_pretrained` (max_memory, offload_folder)."""
+    """Load `source` (folder or hub id) in `dtype`, dequantized if it is stored quantized (MXFP4, FP8); raise if it
+    is not a supported MoE. `placement`: accelerate's big-model arguments of `from_pretrained` (max_memory,
+    offload_folder)."""
     config = read_config(source, trust_remote_code)
     adapter = get_adapter(config.model_type)
+    quantized = dequantizing_config(config, source)
+    if quantized is not None:
+        placement["quantization_config"] = quantized
     try:
         model = adapter.auto_model_class().from_pretrained(
             source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, **placement

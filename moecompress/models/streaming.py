@@ -27,7 +27,7 @@ from ..errors import ModelLoadError
 from ..io.outputs import disk_errors
 from ..io.tensorfiles import StoredTensor, TensorFileError, read_header, write_safetensors
 from .base import ModelAdapter
-from .loading import LoadedModel, read_config, require_finite_layer, require_moe
+from .loading import LoadedModel, dequantizing_config, read_config, require_finite_layer, require_moe
 from .registry import get_adapter
 
 TRIM_STEP = 64 << 20
@@ -92,12 +92,15 @@ class StreamedModel(LoadedModel):
         super().__init__(model, adapter, source)
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, rename_source_key
+        from transformers.quantizers.auto import AutoHfQuantizer
 
         self.dtype, self.tensors = dtype, tensors
         self.work_dir: Path | None = None  # where layers changed in place (merged, pruned) are kept between passes
         self.changed: set[int] = set()
         self._trim_floor = _resident_bytes()
-        self.mapping = get_model_conversion_mapping(model)
+        quantized = dequantizing_config(model.config, source)  # an MXFP4 / FP8 source: dequantized as it is read
+        quantizer = AutoHfQuantizer.from_config(quantized, pre_quantized=True) if quantized is not None else None
+        self.mapping = get_model_conversion_mapping(model, hf_quantizer=quantizer)
         converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
         renamings = [m for m in self.mapping if not isinstance(m, WeightConverter)]
         targets = model.state_dict()
