@@ -83,19 +83,24 @@ class MoEBlockView:
         return self.adapter.router_linear(self.router).weight
 
     def router_rows(self) -> torch.Tensor:
-        """The router's [E, H] matrix, with its bias as one more column where it has one (GPT-OSS)."""
-        linear = self.adapter.router_linear(self.router)
-        bias = getattr(linear, "bias", None)
-        weight = linear.weight.data
-        return weight if bias is None else torch.cat([weight, bias.data[:, None].to(weight.dtype)], dim=1)
+        """The router's [E, H] matrix, with one more column per per-expert vector of the router (its bias, as
+        GPT-OSS's; ERNIE's selection bias): rows that pruning selects and merging averages."""
+        weight = self.adapter.router_linear(self.router).weight.data
+        vectors = [
+            getattr(m, n).data.reshape(-1, weight.shape[0]).T for m, n in self.adapter.router_vectors(self.block)
+        ]
+        return torch.cat([weight, *(v.to(weight.dtype) for v in vectors)], dim=1)
 
     def set_router_rows(self, rows: torch.Tensor) -> None:
         """Another set of router rows (as `router_rows` gives them): after experts were merged or pruned."""
+        vectors = self.adapter.router_vectors(self.block)  # before the matrix changes: the default reads its bias
         linear = self.adapter.router_linear(self.router)
-        hidden, bias = linear.weight.shape[1], getattr(linear, "bias", None)
+        hidden = linear.weight.shape[1]
         linear.weight = nn.Parameter(rows[:, :hidden].contiguous(), requires_grad=False)
-        if bias is not None:
-            linear.bias = nn.Parameter(rows[:, hidden].to(bias.dtype).contiguous(), requires_grad=False)
+        for column, (module, name) in enumerate(vectors, start=hidden):
+            old = getattr(module, name)
+            new = rows[:, column].to(old.dtype).reshape(*old.shape[:-1], -1).contiguous()
+            setattr(module, name, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)
 
     @property
     def num_experts(self) -> int:
@@ -232,6 +237,12 @@ class ModelAdapter:
 
     def norm_topk_prob(self, router: nn.Module) -> bool:
         return bool(getattr(router, "norm_topk_prob", False))
+
+    def router_vectors(self, block: nn.Module) -> list[tuple[nn.Module, str]]:
+        """The router's per-expert vectors besides its matrix, as (module, attribute) of tensors [..., E]: pruned
+        and merged with its rows. Default: the router linear's bias, where it has one."""
+        linear = self.router_linear(getattr(block, self.router_name))
+        return [(linear, "bias")] if getattr(linear, "bias", None) is not None else []
 
     def router_linear(self, router: nn.Module) -> nn.Module:
         """The module holding the router's [E, H] `weight` and optional `bias` (the router itself unless it

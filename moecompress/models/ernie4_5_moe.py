@@ -13,6 +13,9 @@ class Ernie45MoeAdapter(ModelAdapter):
     model_types = ("ernie4_5_moe",)
     num_experts_key = "moe_num_experts"
 
+    def router_vectors(self, block: nn.Module) -> list[tuple[nn.Module, str]]:
+        return [(getattr(block, self.router_name).moe_statics, "e_score_correction_bias")]
+
     def shared_experts(self, block: nn.Module) -> nn.Module | None:
         return block.shared_experts
 

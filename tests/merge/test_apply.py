@@ -26,7 +26,7 @@ def batches(vocab: int) -> list[CalibrationBatch]:
     ]
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral", "llama4_text"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral", "llama4_text", "ernie4_5_moe"])
 @pytest.mark.parametrize("method", ["prune", "subspace"])
 def test_reduced_models_shrink_the_router_and_reload_identically(model_type, method, tmp_path):
     lm = loaded(model_type)
@@ -78,3 +78,24 @@ def test_keep_router_mode_maps_every_original_slot_to_a_merged_expert(tmp_path):
     assert again.model.layers[0].mlp.experts.experts.gate_up_proj.shape[0] == 4
     with torch.no_grad():
         assert torch.allclose(again(input_ids=ids).logits, lm.model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_pruning_and_merging_carry_the_routers_selection_bias():
+    """ERNIE-4.5's router chooses experts on probabilities plus a per-expert bias (`moe_statics`): pruning keeps the
+    kept experts' biases, merging gives each merged expert its members' frequency-weighted mean, like the rows."""
+    for method in ("prune", "average"):
+        lm = loaded("ernie4_5_moe")
+        before = [v.router.moe_statics.e_score_correction_bias.clone() for v in lm.adapter.moe_blocks(lm.model)]
+        reductions = reduce_experts(
+            lm, batches(lm.model.config.vocab_size), MergeConfig(method=method, ratio=0.25), progress=False
+        )
+        for view, old, reduction in zip(lm.adapter.moe_blocks(lm.model), before, reductions):
+            bias = view.router.moe_statics.e_score_correction_bias
+            assert bias.shape == (1, 6)
+            if method == "prune":
+                kept = [e for e, slot in enumerate(reduction.slot_map) if slot >= 0]
+                assert torch.equal(bias, old[:, kept])
+            else:  # each merged bias lies within its members' range
+                for c in range(6):
+                    members = old[0, torch.tensor(reduction.slot_map) == c]
+                    assert members.min() - 1e-6 <= bias[0, c] <= members.max() + 1e-6
