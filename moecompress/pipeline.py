@@ -327,7 +327,7 @@ def run_record(
     if plan is not None:
         record.bit_allocation = {"layers": plan.layers, "values": plan.bits.mean(dim=2).tolist()}
     if reports:
-        layers = sorted({r.layer for r in reports})
+        layers = list(dict.fromkeys(r.layer for r in reports))  # block keys, in the model's order
         tokens = torch.zeros(len(layers), max(r.expert for r in reports) + 1)
         for r in reports:
             tokens[layers.index(r.layer), r.expert] = r.tokens

@@ -81,7 +81,7 @@ class RunContext:
 
     def moe_layers(self) -> tuple[list[int], int]:
         views = self.loaded.adapter.moe_blocks(self.loaded.model)
-        return [v.layer_index for v in views], views[0].num_experts
+        return [v.key for v in views], views[0].num_experts
 
 
 class Stage(Protocol):
@@ -182,35 +182,38 @@ class QuantizeStage:
         q, loaded, store = ctx.recipe.quantization, ctx.loaded, ctx.store
         gptq = GPTQOptions(damp=q.damp, act_order=q.act_order, clip_search=q.clip_search, ternary_scale=q.ternary_scale)
         rare = RareExpertPolicy(q.rare_experts.policy, q.rare_experts.min_tokens)
-        views = {v.layer_index: v for v in loaded.adapter.moe_blocks(loaded.model)}
-        reports: dict[int, list[ExpertQuantReport]] = {}
-        packed: dict[int, list] = {}
+        views: dict[int, list[MoEBlockView]] = {}  # a layer's MoE blocks: one, or one per modality group
+        for view in loaded.adapter.moe_blocks(loaded.model):
+            views.setdefault(view.layer_index, []).append(view)
+        reports: dict[int | str, list[ExpertQuantReport]] = {}  # by block key
+        packed: dict[int | str, list] = {}
         resume = store.resume_point() if store is not None else None
         for index in store.done() if resume is not None else []:
-            reports[index] = _restore_layer(views.get(index), store.record(index))
+            reports.update(_restore_layer(views.get(index, []), store.record(index)))
         if resume is not None:
             log.info("resuming after layer %d from %s", resume[0] - 1, store.folder)
 
         def quantize_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
-            formats = ctx.plan.layer_formats(view.layer_index)
-            packed[view.layer_index], reports[view.layer_index] = quantize_block_experts(
+            formats = ctx.plan.layer_formats(view.key)
+            packed[view.key], reports[view.key] = quantize_block_experts(
                 view, observer, formats, q.method, gptq, rare, loaded.trim
             )
             return True
 
         def layer_done(index: int, layer: torch.nn.Module, hidden: list[torch.Tensor]) -> None:
-            if index in packed:
-                install_packed_experts(views[index], packed.pop(index), reports[index])
+            blocks = views.get(index, [])
+            for view in blocks:
+                if view.key in packed:
+                    install_packed_experts(view, packed.pop(view.key), reports[view.key])
             if store is not None:
                 prefix = f"{loaded.adapter.layers_prefix(loaded.model)}.{index}."
                 state = {
                     prefix + k: v for k, v in persistent_state(layer, getattr(torch, ctx.recipe.save_dtype)).items()
                 }
+                formats = {v.group: _format_dicts(ctx.plan.layer_formats(v.key)) for v in blocks}
                 record = {
-                    "reports": [asdict(r) for r in reports.get(index, [])],
-                    "formats": [{p: f.to_dict() for p, f in e.items()} for e in ctx.plan.layer_formats(index)]
-                    if index in views
-                    else None,
+                    "reports": [asdict(r) for v in blocks for r in reports.get(v.key, [])],
+                    "formats": formats.get(None, formats) if blocks else None,  # {group: ...} for grouped blocks
                 }
                 store.save_layer(index, state, record, hidden)
 
@@ -229,16 +232,23 @@ class QuantizeStage:
                 resume=resume,
                 activations=holding,
             )
-        ctx.quant_reports = [r for index in sorted(reports) for r in reports[index]]
+        ctx.quant_reports = [r for key in reports for r in reports[key]]  # restored layers, then the others, in order
 
 
-def _restore_layer(view: MoEBlockView | None, record: dict) -> list[ExpertQuantReport]:
-    """A layer finished by an earlier run: its quantization reports, and meta packed experts in the skeleton (for the
-    checkpoint's config and manifest; the tensors themselves are in the store)."""
-    reports = [ExpertQuantReport(**r) for r in record["reports"]]
-    if view is not None and record["formats"] is not None:
-        formats = [{p: QuantFormat.from_dict(f) for p, f in e.items()} for e in record["formats"]]
-        install_packed_experts(view, None, reports, formats)
+def _format_dicts(formats: list[dict[str, QuantFormat]]) -> list[dict[str, dict]]:
+    return [{p: f.to_dict() for p, f in e.items()} for e in formats]
+
+
+def _restore_layer(blocks: list[MoEBlockView], record: dict) -> dict[int | str, list[ExpertQuantReport]]:
+    """A layer finished by an earlier run: its quantization reports by block key, and meta packed experts in the
+    skeleton (for the checkpoint's config and manifest; the tensors themselves are in the store)."""
+    reports: dict[int | str, list[ExpertQuantReport]] = {}
+    for r in record["reports"]:
+        reports.setdefault(r["layer"], []).append(ExpertQuantReport(**r))
+    for view in blocks if record["formats"] is not None else []:
+        stored = record["formats"] if view.group is None else record["formats"][view.group]
+        formats = [{p: QuantFormat.from_dict(f) for p, f in e.items()} for e in stored]
+        install_packed_experts(view, None, reports.get(view.key, []), formats)
     return reports
 
 
@@ -314,7 +324,7 @@ def plan_allocation(
     q, a = recipe.quantization, recipe.allocation
     views = loaded.adapter.moe_blocks(loaded.model)
     if a.method == "uniform":
-        return CompressionPlan.uniform([v.layer_index for v in views], views[0].num_experts, q.format), None
+        return CompressionPlan.uniform([v.key for v in views], views[0].num_experts, q.format), None
     formats = [q.format_for(k) for k in a.profile_keys]
     integer_format = QuantFormat(q.bits, q.group_size, q.sym)
     if a.max_bytes is not None:

@@ -181,7 +181,10 @@ def allocate(
             raise RecipeError(f"allocation.fixed pattern '{pattern}' matches no expert (names look like {names[0]}).")
         allowed[hits] = torch.tensor([k == b for k in keys])
 
-    sizes = torch.ones(n, dtype=torch.float64)  # all routed experts / projections have equal size
+    sizes = torch.ones(n, dtype=torch.float64)  # routed experts / projections of one size, unless blocks differ
+    if stats.expert_params is not None:
+        per_block = torch.tensor(stats.expert_params, dtype=torch.float64)
+        sizes = (per_block / per_block.mean()).repeat_interleave(items_per_layer)
     if config.scope == "layer":
         groups = torch.arange(n) // items_per_layer
     else:

@@ -217,8 +217,11 @@ class ExpertObserver:
         self.collectors = collectors(view) if collectors is not None else []
 
     def hook(self, module, args, output) -> None:
-        hidden = args[0]
-        self.observe(hidden.reshape(-1, hidden.shape[-1]), self.image_mask.reshape(-1))
+        hidden = args[0].reshape(-1, self.view.hidden_size)
+        if self.view.group is None:
+            self.observe(hidden, self.image_mask.reshape(-1))
+        else:  # a modality group's block sees only that modality's tokens
+            self.observe(hidden, torch.full((hidden.shape[0],), self.view.group == "image", device=hidden.device))
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor, image_mask: torch.Tensor) -> None:
@@ -286,10 +289,11 @@ def collect_expert_stats(
     """Calibration pass without changing the model: routing, output and drop-loss statistics per expert,
     and whatever `collectors(view)` gather per layer (e.g. the allocator's `ErrorProfile`)."""
     views = adapter.moe_blocks(model)
-    stats = ExpertStats.empty(source, [v.layer_index for v in views], views[0].num_experts, views[0].top_k)
+    sizes = [v.expert_params // v.num_experts for v in views]
+    stats = ExpertStats.empty(source, [v.key for v in views], views[0].num_experts, views[0].top_k, sizes)
 
     def record(view: MoEBlockView, observer: ExpertObserver) -> bool:
-        stats.record(view.layer_index, observer)
+        stats.record(view.key, observer)
         return False
 
     run_layerwise(
@@ -331,8 +335,9 @@ def run_layerwise(
     activations: Activations | None = None,
     keep_changes: bool = False,
 ) -> None:
-    """Walk the decoder; `on_moe_layer(view, observer)` sees each MoE block after its calibration pass
-    and returns True when it changed the layer (then the layer's outputs are recomputed).
+    """Walk the decoder; `on_moe_layer(view, observer)` sees each MoE block after its calibration pass (each of a
+    layer's blocks, where it has one per modality) and returns True when it changed the layer (then the layer's
+    outputs are recomputed).
     `layers_from` hands out the layers (a `StreamedModel` reads each from disk; default: `model`'s own);
     `on_layer_done(index, layer, outputs)` sees every finished layer before it is released (outputs may be
     `DiskTensors`: files that stay until two layers later); `resume` (first layer, its inputs) skips the layers
@@ -349,23 +354,25 @@ def run_layerwise(
         if resume is not None:
             first = resume[0]
             inputs.keep(resume[1])
-        views = {v.layer_index: v for v in adapter.moe_blocks(model)}
+        views: dict[int, list[MoEBlockView]] = {}
+        for view in adapter.moe_blocks(model):
+            views.setdefault(view.layer_index, []).append(view)
         count = len(adapter.decoder_layers(model))
         options = dict(
             collect_hessians=collect_hessians, measure_drop_loss=measure_drop_loss, **(observer_options or {})
         )
         for index in tqdm(range(first, count), desc=desc, disable=not progress, initial=first, total=count):
             layer = source.load_layer(index, device)
-            view, changed = views.get(index), False
-            if view is None:
+            blocks, changed = views.get(index, []), False
+            if not blocks:
                 inputs.keep(forward_layer(layer, adapter, index, inputs))
             else:
-                observer = ExpertObserver(view, inputs.num_tokens, seed=index, **options)
-                outputs = _observed_forward(layer, adapter, index, inputs, observer)
+                observers = [ExpertObserver(view, inputs.num_tokens, seed=index, **options) for view in blocks]
+                outputs = _observed_forward(layer, adapter, index, inputs, observers)
                 source.trim()
-                changed = on_moe_layer(view, observer)
-                del observer
-                source.trim()
+                for view in blocks:
+                    changed = on_moe_layer(view, observers.pop(0)) or changed
+                    source.trim()
                 if changed:  # the outputs of the layer before the change are stale: freed before recomputing
                     if isinstance(outputs, DiskTensors):
                         outputs.remove()
@@ -377,16 +384,18 @@ def run_layerwise(
             source.release_layer(index, changed=keep_changes and changed)
 
 
-def _observed_forward(layer: nn.Module, adapter: ModelAdapter, index: int, inputs: LayerInputs, observer):
-    """`forward_layer` with `observer` watching the layer's MoE block."""
-    handle = observer.view.block.register_forward_hook(observer.hook)
+def _observed_forward(layer: nn.Module, adapter: ModelAdapter, index: int, inputs: LayerInputs, observers: list):
+    """`forward_layer` with each of `observers` watching its MoE block of the layer."""
+    handles = [observer.view.block.register_forward_hook(observer.hook) for observer in observers]
     try:
         outputs = inputs.sink()
         for hidden, kwargs, extras, mask in inputs.batches(index):
-            observer.image_mask = mask
+            for observer in observers:
+                observer.image_mask = mask
             out = layer(hidden, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
             outputs.append(inputs.held(adapter.after_layer(index, out, extras)))
         return outputs
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()

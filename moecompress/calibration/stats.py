@@ -73,10 +73,12 @@ class ExpertStats:
                               ||routing_weight * (y_quantized - y)||^2 with candidate format c applied by
                               RTN to projection p (0 gate, 1 up, 2 down) or, for p = 3, to all three
     profile_tokens[l, e]      tokens the profile was measured on
+    expert_params[l]          weights of one routed expert of block l (blocks of one model may differ: ERNIE-4.5-VL)
+    Blocks are named by their keys (`MoEBlockView.key`): layer indices, or "layer.group" for modality groups.
     """
 
     model: str
-    layers: list[int]
+    layers: list[int | str]
     num_experts: int
     top_k: int
     tokens: torch.Tensor
@@ -90,15 +92,19 @@ class ExpertStats:
     quant_error: torch.Tensor | None = None
     profile_tokens: torch.Tensor | None = None
     hessians: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    expert_params: list[int] | None = None
 
     @classmethod
-    def empty(cls, model: str, layers: list[int], num_experts: int, top_k: int) -> ExpertStats:
+    def empty(
+        cls, model: str, layers: list[int | str], num_experts: int, top_k: int, expert_params: list[int] | None = None
+    ) -> ExpertStats:
         shape = (len(layers), num_experts, len(MODALITIES))
         return cls(
             model=model,
             layers=list(layers),
             num_experts=num_experts,
             top_k=top_k,
+            expert_params=expert_params,
             tokens=torch.zeros(shape, dtype=torch.float64),
             weight_sum=torch.zeros(shape, dtype=torch.float64),
             output_norm_sum=torch.zeros(shape, dtype=torch.float64),
@@ -107,10 +113,10 @@ class ExpertStats:
             block_output_norm_sum=torch.zeros(len(layers), len(MODALITIES), dtype=torch.float64),
         )
 
-    def row(self, layer: int) -> int:
+    def row(self, layer: int | str) -> int:
         return self.layers.index(layer)
 
-    def record(self, layer: int, observer) -> None:
+    def record(self, layer: int | str, observer) -> None:
         """Copy what an `ExpertObserver` accumulated for `layer`."""
         i = self.row(layer)
         for name in ("tokens", "weight_sum", "output_norm_sum"):
@@ -131,7 +137,8 @@ class ExpertStats:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         meta = {
-            k: getattr(self, k) for k in ("model", "layers", "num_experts", "top_k", "modalities", "candidate_formats")
+            k: getattr(self, k)
+            for k in ("model", "layers", "num_experts", "top_k", "modalities", "candidate_formats", "expert_params")
         }
         tensors = {
             k: getattr(self, k).contiguous() for k in _TENSOR_FIELDS + _PROFILE_FIELDS if getattr(self, k) is not None

@@ -166,7 +166,9 @@ class SkipController:
         input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         self._image_mask = None if input_ids is None else self.adapter.image_token_mask(module, input_ids).flatten()
 
-    def _is_image(self, tokens: int, device) -> torch.Tensor:
+    def _is_image(self, tokens: int, device, view: MoEBlockView) -> torch.Tensor:
+        if view.group is not None:  # a modality group's router sees that modality's tokens alone
+            return torch.full((tokens,), view.group == "image", dtype=torch.bool, device=device)
         mask = self._image_mask
         if mask is None or mask.numel() != tokens:
             return torch.zeros(tokens, dtype=torch.bool, device=device)
@@ -177,7 +179,7 @@ class SkipController:
             logits, weights, indices = output
             if self.mode == "off":
                 return output
-            image = self._is_image(weights.shape[0], weights.device)
+            image = self._is_image(weights.shape[0], weights.device, view)
             if self.mode == "collect":
                 self.records[position].append((weights.detach().float().cpu(), image.cpu()))
                 return output

@@ -131,6 +131,12 @@ def checkpoint_projection_names(model_type: str) -> dict[str, str]:
         if targets[0].endswith("experts.gate_up_proj") and len(sources) == 2:
             names["gate_proj"], names["up_proj"] = sources[0][1], sources[1][1]
         elif targets[0].endswith("experts.down_proj"):
+            if len(targets) > 1:  # ERNIE-4.5-VL: one stored list, split into text and vision sets on load
+                raise CheckpointError(
+                    f"transformers splits one stored {model_type} expert list into text and vision sets on load, "
+                    "which the GPTQ / compressed-tensors export does not write yet: export with --format "
+                    "moecompress (loads with moecompress.load and from_pretrained)."
+                )
             names["down_proj"] = sources[0][1]
     if set(names) != {"gate_proj", "up_proj", "down_proj"}:
         raise CheckpointError(

@@ -99,7 +99,7 @@ class MappedExperts(nn.Module):
 
 @dataclass
 class LayerReduction:
-    layer: int
+    layer: int | str  # the block's key
     kept: int
     slot_map: list[int]
     error: float | None = None
@@ -114,7 +114,11 @@ def expert_frequencies(observer: ExpertObserver, modality_weights: dict[str, flo
 def _sample(observer: ExpertObserver, count: int, device) -> torch.Tensor:
     tokens = observer.reservoir_tokens()
     if tokens.numel() == 0:
-        raise RecipeError("no calibration tokens reached this MoE layer; check the calibration data.")
+        group = observer.view.group
+        raise RecipeError(
+            f"no calibration tokens reached MoE block {observer.view.key}; "
+            + (f"its experts take {group} tokens alone: calibrate with {group} data." if group else "check the data.")
+        )
     return tokens[:count].to(device)
 
 
@@ -137,7 +141,7 @@ def merge_block(view: MoEBlockView, observer: ExpertObserver, config: MergeConfi
         slot_map = torch.full((E,), -1, dtype=torch.long)
         slot_map[keep] = torch.arange(k)
         _install(view, [originals[e] for e in keep], view.router_rows()[keep].clone(), None, k)
-        return LayerReduction(view.layer_index, k, slot_map.tolist(), error)
+        return LayerReduction(view.key, k, slot_map.tolist(), error)
     if config.clustering == "dominant":
         labels = group_around_dominant(outputs.reshape(E, -1), freqs, k, config.max_cluster_size)
     else:
@@ -157,7 +161,7 @@ def merge_block(view: MoEBlockView, observer: ExpertObserver, config: MergeConfi
         rows.append((weights[:, None].to(router.dtype) * router[members]).sum(0))
     keep_rows = config.router == "keep"
     _install(view, merged, None if keep_rows else torch.stack(rows), labels if keep_rows else None, k)
-    return LayerReduction(view.layer_index, k, labels.tolist())
+    return LayerReduction(view.key, k, labels.tolist())
 
 
 def _merge_bias(biases: list[torch.Tensor | None], freqs: torch.Tensor) -> torch.Tensor | None:

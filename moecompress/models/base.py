@@ -62,12 +62,19 @@ class GatedActivation(nn.Module):
 @dataclass
 class MoEBlockView:
     """One sparse MoE block. `experts` stores fused `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
-    (or is a `PackedExperts` after quantization)."""
+    (or is a `PackedExperts` after quantization). Where a decoder layer has one block per modality (ERNIE-4.5-VL's
+    text and vision experts), each is a view with its `group`: the modality of every token it sees."""
 
     layer_index: int
     name: str
     block: nn.Module
     adapter: ModelAdapter
+    group: str | None = None
+
+    @property
+    def key(self) -> int | str:
+        """How plans, statistics and reports name the block: its layer index, with its group where it has one."""
+        return self.layer_index if self.group is None else f"{self.layer_index}.{self.group}"
 
     @property
     def router(self) -> nn.Module:
@@ -195,6 +202,20 @@ def input_scaled_experts(
     scaled = (x[:, None, :] * weights[..., None].to(x.dtype)).reshape(tokens * k, -1)
     ones = torch.ones(tokens * k, 1, dtype=weights.dtype, device=weights.device)
     return experts(scaled, indices.reshape(-1, 1), ones).view(tokens, k, -1).sum(1)
+
+
+_SWAPPED: dict[type, type] = {}
+
+
+def swap_forward(module: nn.Module, forward) -> None:
+    """Give `module` a subclass of its class (`Routed<name>`) whose forward is `forward`, once; the parameters and
+    state-dict names stay."""
+    cls = type(module)
+    if cls in _SWAPPED.values():
+        return
+    if cls not in _SWAPPED:
+        _SWAPPED[cls] = type(f"Routed{cls.__name__}", (cls,), {"forward": forward})
+    module.__class__ = _SWAPPED[cls]
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ExpertWeights, ModelAdapter, VisionLanguageAdapter, input_scaled_experts
+from .base import ExpertWeights, ModelAdapter, VisionLanguageAdapter, input_scaled_experts, swap_forward
 from .registry import register_adapter
 
 
@@ -35,19 +35,6 @@ def _experts_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_
     return out
 
 
-_SWAPPED: dict[type, type] = {}
-
-
-def _swap_forward(module: nn.Module, forward) -> None:
-    """Give `module` a subclass of its class whose forward is `forward` (same parameters and state-dict names)."""
-    cls = type(module)
-    if cls in _SWAPPED.values():
-        return
-    if cls not in _SWAPPED:
-        _SWAPPED[cls] = type(f"Routed{cls.__name__}", (cls,), {"forward": forward})
-    module.__class__ = _SWAPPED[cls]
-
-
 @register_adapter
 class Llama4TextAdapter(ModelAdapter):
     """Llama 4: sigmoid of the top-k router logits, unnormalised, scales each routed expert's *input*
@@ -70,10 +57,10 @@ class Llama4TextAdapter(ModelAdapter):
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         block = super().moe_block(layer)
         if block is not None:
-            _swap_forward(block, _block_forward)
-            _swap_forward(block.router, _router_forward)
+            swap_forward(block, _block_forward)
+            swap_forward(block.router, _router_forward)
             if hasattr(block.experts, "gate_up_proj"):
-                _swap_forward(block.experts, _experts_forward)
+                swap_forward(block.experts, _experts_forward)
         return block
 
     def route(self, router: nn.Module, hidden: torch.Tensor, excluded: torch.Tensor | None):

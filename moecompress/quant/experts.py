@@ -52,7 +52,7 @@ class RareExpertPolicy:
 
 @dataclass
 class ExpertQuantReport:
-    layer: int
+    layer: int | str  # the block's key
     expert: int
     tokens: int
     method: str
@@ -99,7 +99,7 @@ def quantize_block_experts(
         quantized = {}
         for proj in PROJECTIONS:
             w = weights[proj].float()
-            where = f"layer {view.layer_index} expert {e} {proj}"
+            where = f"layer {view.key} expert {e} {proj}"
             if not bool(torch.isfinite(w).all()):
                 raise NonFiniteError(f"{where}: the source weight holds NaN/Inf values; fix or re-download the model.")
             if hessians is None:
@@ -124,7 +124,7 @@ def quantize_block_experts(
         view.set_expert_weights(e, ExpertWeights(*(quantized[p].dequantize() for p in PROJECTIONS)))
         packed.append({p: pack(q) for p, q in quantized.items()})
         tokens = int(observer.tokens[e].sum())
-        reports.append(ExpertQuantReport(view.layer_index, e, tokens, "gptq" if hessians is not None else "rtn"))
+        reports.append(ExpertQuantReport(view.key, e, tokens, "gptq" if hessians is not None else "rtn"))
         if after_expert is not None:
             after_expert()
     return packed, reports

@@ -136,7 +136,7 @@ def recover_quantized_experts(
     """Distill `teacher` into the packed experts of `model` (QAT with STE), then re-pack them in place.
     Everything else in `model` stays frozen."""
     views = [v for v in adapter.moe_blocks(model) if isinstance(v.experts, PackedExperts)]
-    teacher_views = {v.layer_index: v for v in adapter.moe_blocks(teacher)}
+    teacher_views = {v.key: v for v in adapter.moe_blocks(teacher)}
     if any(getattr(v.experts, "has_bias", False) for v in views):
         raise RecipeError(
             "recovery training of experts with biases (GPT-OSS) is not supported yet; remove `recovery` from the "
@@ -144,7 +144,7 @@ def recover_quantized_experts(
         )
     model.requires_grad_(False)
     if config.init == "original" and any(
-        v.layer_index not in teacher_views or teacher_views[v.layer_index].num_experts != v.num_experts for v in views
+        v.key not in teacher_views or teacher_views[v.key].num_experts != v.num_experts for v in views
     ):
         raise RecipeError(
             "recovery.init original needs a teacher with the same experts as the model; "
@@ -153,7 +153,7 @@ def recover_quantized_experts(
     for view in views:
         originals = None
         if config.init == "original":
-            source = teacher_views[view.layer_index]
+            source = teacher_views[view.key]
             with align_module_device(source.experts):  # an offloaded teacher's experts are read in for the copy
                 originals = [
                     ExpertWeights(*(source.expert_weights(e)[p].float() for p in PROJECTIONS))

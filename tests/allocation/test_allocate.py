@@ -100,3 +100,21 @@ def test_ternary_is_an_allocation_candidate_charged_its_true_size():
     assert storage <= 2 + 24 / 128 + 1e-9
     with pytest.raises(BudgetError, match="smallest feasible budget is 1.53"):
         allocate(stats, config(avg_bits=1.5, candidates=["ternary", 2, 3, 4]))
+
+
+def test_blocks_of_different_expert_sizes_are_charged_their_sizes():
+    """ERNIE-4.5-VL's vision experts are a third of its text experts' size: the budget counts parameters, so at the
+    same error the smaller block's experts are the cheaper upgrade, and the parameter-weighted mean is the budget."""
+    stats = profiled_stats()
+    stats.tokens[:, :, 0], stats.tokens[:, :, 1] = 25.0, 0.0  # every expert alike but block 0's errors are 20 %
+    stats.weight_sum[:] = stats.tokens * 0.9  # larger: counting experts, not parameters, it would get the bits
+    stats.profile_tokens = stats.tokens.sum(-1)
+    error = stats.profile_tokens[:, :, None] * torch.tensor([8.0, 2.0, 0.5]) * torch.tensor([1.2, 1.0])[:, None, None]
+    stats.quant_error = error[..., None].expand(2, 4, 3, 4).contiguous()
+    stats.expert_params = [3000, 1000]
+    plan = allocate(stats, config(avg_bits=3.0, candidates=[2, 4], scope="global"))
+    bits = plan.bits[:, :, 0].double()
+    weighted = float((bits * torch.tensor([[3.0], [1.0]])).sum() / (4 * 4))
+    assert weighted <= 3.0 + 1e-9
+    assert (bits[1] == 4).all() and float(bits[0].mean()) < 3  # the small block's upgrades come first
+    assert weighted > 3.0 - 0.75  # and the budget is spent: less than one big upgrade is left

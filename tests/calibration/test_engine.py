@@ -48,7 +48,9 @@ def test_layerwise_walk_reproduces_the_real_forward_at_every_layer(model_type, o
 def image_batch(model, seed=0) -> CalibrationBatch:
     """Two sequences with one 4 x 4-patch image each (4 image tokens after the 2 x 2 merge) among text tokens, as
     the model's processor lays them out (Qwen/GLM: flattened patches, start/end tokens and multimodal rotary token
-    types; Kimi: 3 x P x P patches; Llama 4: one 28 x 28 image of 16 patches, pixel-shuffled by 2)."""
+    types; Kimi: 3 x P x P patches; Llama 4: one 28 x 28 image of 16 patches, pixel-shuffled by 2; ERNIE-4.5-VL:
+    flattened patches, and the tokens for the vision experts, its start/end markers included). The image mask is the
+    adapter's."""
     gen = torch.Generator().manual_seed(seed)
     vision, config = model.config.vision_config, model.config
     start = getattr(config, "image_start_token_id", None) or getattr(config, "vision_start_token_id", None)
@@ -59,20 +61,27 @@ def image_batch(model, seed=0) -> CalibrationBatch:
     if hasattr(vision, "pixel_shuffle_ratio"):
         del inputs["image_grid_thw"]
         inputs["pixel_values"] = torch.randn(2, 3, vision.image_size, vision.image_size, generator=gen)
+    elif hasattr(vision, "temporal_merge_size"):
+        inputs["pixel_values"] = torch.randn(2 * 16, 3 * vision.patch_size**2, generator=gen)
+        inputs["mm_token_type_ids"] = (ids == config.image_token_id).long()
+        inputs["moe_mm_token_type_ids"] = get_adapter(config.model_type).image_token_mask(model, ids).long()
     elif hasattr(vision, "temporal_patch_size"):
         patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
         inputs |= {"pixel_values": torch.randn(2 * 16, patch, generator=gen)}
         inputs |= {"mm_token_type_ids": (ids == config.image_token_id).long()}
     else:
         inputs["pixel_values"] = torch.randn(2 * 16, 3, vision.patch_size, vision.patch_size, generator=gen)
-    return CalibrationBatch(inputs, ids == config.image_token_id)
+    return CalibrationBatch(inputs, get_adapter(config.model_type).image_token_mask(model, ids))
 
 
-@pytest.mark.parametrize("model_type", ["glm4v_moe", "qwen3_5_moe", "qwen3_vl_moe", "kimi_k25", "llama4"])
+@pytest.mark.parametrize(
+    "model_type", ["glm4v_moe", "qwen3_5_moe", "qwen3_vl_moe", "kimi_k25", "llama4", "ernie4_5_vl_moe"]
+)
 def test_vision_language_walk_sees_the_images(model_type):
     """With pixels in the batch, the layer-wise walk reproduces the model's own forward (vision features merged at the
     image positions, multimodal rotary positions, Qwen3-VL's DeepStack features added after the first layers) and
-    every MoE layer counts each image token, top-k times, as image."""
+    every MoE layer counts each image token, top-k times, as image; where a layer has a text and a vision expert set
+    (ERNIE-4.5-VL), the vision set counts every image token and the text set every other one."""
     model = tiny_model(model_type)
     adapter = get_adapter(model_type)
     batch = image_batch(model)
@@ -89,11 +98,12 @@ def test_vision_language_walk_sees_the_images(model_type):
     assert float((last.double() - real[-1].double()).norm() / real[-1].double().norm()) < 1e-5  # after the final norm
     assert float((blind[1] - real[1]).norm() / real[1].norm()) > 1e-2  # the images do change the states
     stats = collect_expert_stats(model, adapter, [batch], "tiny", measure_drop_loss=False, progress=False)
-    images, top_k = int(batch.image_mask.sum()), adapter.moe_blocks(model)[0].top_k
-    assert images == 8
-    for layer in range(stats.tokens.shape[0]):
-        assert stats.tokens[layer, :, 1].sum() == images * top_k
-        assert stats.tokens[layer, :, 0].sum() == (batch.image_mask.numel() - images) * top_k
+    images, views = int(batch.image_mask.sum()), adapter.moe_blocks(model)
+    assert images == 8 + 4 * (model_type == "ernie4_5_vl_moe")  # ERNIE's vision experts take the markers too
+    for row, view in enumerate(views):
+        sees = {"text": view.group != "image", "image": view.group != "text"}
+        assert stats.tokens[row, :, 1].sum() == images * view.top_k * sees["image"]
+        assert stats.tokens[row, :, 0].sum() == (batch.image_mask.numel() - images) * view.top_k * sees["text"]
 
 
 def test_observer_counts_and_hessians_match_the_routing():

@@ -184,3 +184,34 @@ def test_llama4_skipping_runs_through_its_router_and_input_scaled_experts():
     assert 0 < int((~keep).sum()) < keep.numel() // 2  # some tokens lose their second expert
     assert torch.allclose(kept, expected, atol=1e-5) and not torch.allclose(kept, full, atol=1e-3)
     assert torch.allclose(dropped, shared, atol=1e-6)
+
+
+def test_skipping_counts_each_modality_groups_tokens_under_its_modality():
+    """ERNIE-4.5-VL's vision routers see only image tokens and its text routers only text tokens: the skip
+    statistics count them so (2 MoE layers x top-2), and dropping the image modality at the vision block of layer 1
+    leaves out all of its pairs and changes the logits."""
+    from moecompress.dynamic.skip import SkipController, SkipRule
+    from moecompress.models import get_adapter
+
+    from ..calibration.test_engine import image_batch
+    from ..models.tiny_models import tiny_model
+
+    model, adapter = tiny_model("ernie4_5_vl_moe"), get_adapter("ernie4_5_vl_moe")
+    batch = image_batch(model)
+    images, tokens = int(batch.image_mask.sum()), batch.image_mask.numel()
+    controller = SkipController(model, adapter, SkipRule("odp", 0.0, beta=[0.0] * 4))
+    try:
+        with torch.no_grad():
+            model(**batch.inputs)
+            assert int(controller.stats.total["image"]) == images * 2 * 2
+            assert int(controller.stats.total["text"]) == (tokens - images) * 2 * 2
+            assert int(controller.stats.kept["image"]) == images * 2 * 2  # beta 0 keeps everything
+            full = model(**batch.inputs).logits
+            controller.reset_stats()
+            with controller.set_mode(("drop", 1, "image")):  # position 1: layer 1's vision block, alone counted
+                dropped = model(**batch.inputs).logits
+            assert int(controller.stats.total["image"]) == images * 2 and int(controller.stats.kept["image"]) == 0
+            assert int(controller.stats.total["text"]) == 0
+            assert float((dropped - full).norm() / full.norm()) > 1e-3
+    finally:
+        controller.remove()

@@ -3,6 +3,7 @@ import torch
 
 import moecompress
 from moecompress.calibration.data import CalibrationBatch
+from moecompress.errors import RecipeError
 from moecompress.io.checkpoint import save_checkpoint
 from moecompress.merge.apply import MappedExperts, MergeConfig, reduce_experts
 from moecompress.models import get_adapter
@@ -30,13 +31,11 @@ def batches(vocab: int) -> list[CalibrationBatch]:
 @pytest.mark.parametrize("method", ["prune", "subspace"])
 def test_reduced_models_shrink_the_router_and_reload_identically(model_type, method, tmp_path):
     lm = loaded(model_type)
-    reductions = reduce_experts(
-        lm, batches(lm.model.config.vocab_size), MergeConfig(method=method, ratio=0.25), progress=False
-    )
+    reductions = reduce_experts(lm, batches(128), MergeConfig(method=method, ratio=0.25), progress=False)
     views = lm.adapter.moe_blocks(lm.model)
     assert [r.kept for r in reductions] == [6] * len(views)
     assert all(v.router.weight.shape[0] == 6 and v.experts.gate_up_proj.shape[0] == 6 for v in views)
-    ids = torch.randint(0, lm.model.config.vocab_size, (1, 16))
+    ids = torch.randint(0, 128, (1, 16))
     with torch.no_grad():
         logits = lm.model(input_ids=ids).logits
     save_checkpoint(lm.model, tmp_path / "m", "merge: {}", lm.source, dtype=torch.float32)
@@ -86,9 +85,7 @@ def test_pruning_and_merging_carry_the_routers_selection_bias():
     for method in ("prune", "average"):
         lm = loaded("ernie4_5_moe")
         before = [v.router.moe_statics.e_score_correction_bias.clone() for v in lm.adapter.moe_blocks(lm.model)]
-        reductions = reduce_experts(
-            lm, batches(lm.model.config.vocab_size), MergeConfig(method=method, ratio=0.25), progress=False
-        )
+        reductions = reduce_experts(lm, batches(128), MergeConfig(method=method, ratio=0.25), progress=False)
         for view, old, reduction in zip(lm.adapter.moe_blocks(lm.model), before, reductions):
             bias = view.router.moe_statics.e_score_correction_bias
             assert bias.shape == (1, 6)
@@ -99,3 +96,24 @@ def test_pruning_and_merging_carry_the_routers_selection_bias():
                 for c in range(6):
                     members = old[0, torch.tensor(reduction.slot_map) == c]
                     assert members.min() - 1e-6 <= bias[0, c] <= members.max() + 1e-6
+
+
+def test_modality_groups_are_reduced_apart_and_reload(tmp_path):
+    """ERNIE-4.5-VL: the text and the vision experts of each layer are pruned as separate sets, each on its own
+    tokens (images in the calibration batch), and the reduced model reloads with the same logits."""
+    from ..calibration.test_engine import image_batch
+
+    lm = loaded("ernie4_5_vl_moe")
+    batch = image_batch(lm.model)
+    reductions = reduce_experts(lm, [batch], MergeConfig(method="prune", ratio=0.25), progress=False)
+    views = lm.adapter.moe_blocks(lm.model)
+    assert [r.layer for r in reductions] == ["1.text", "1.image", "2.text", "2.image"]
+    assert all(v.num_experts == 6 and v.experts.gate_up_proj.shape[0] == 6 for v in views)
+    with torch.no_grad():
+        logits = lm.model(**batch.inputs).logits
+    save_checkpoint(lm.model, tmp_path / "m", "merge: {}", lm.source, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(moecompress.load(tmp_path / "m")(**batch.inputs).logits, logits, rtol=1e-5, atol=1e-5)
+    text_only = loaded("ernie4_5_vl_moe")
+    with pytest.raises(RecipeError, match="block 1.image; its experts take image tokens alone"):
+        reduce_experts(text_only, batches(128), MergeConfig(method="prune", ratio=0.25), progress=False)

@@ -197,6 +197,24 @@ CONFIGS.update(
             boi_token_index=122,
             eoi_token_index=123,
         ),
+        # a text and a vision expert set per MoE layer (of widths 32 and 16), shared experts beside them
+        "ernie4_5_vl_moe": dict(
+            text_config=dict(
+                moe_num_experts=8,
+                moe_k=2,
+                moe_intermediate_size=[32, 16],
+                moe_num_shared_experts=1,
+                num_hidden_layers=3,
+                head_dim=16,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]},
+            ),
+            vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=48, patch_size=4),
+            **IMAGE_TOKENS,
+            image_start_token_id=122,
+            image_end_token_id=123,
+            video_start_token_id=124,
+            video_end_token_id=125,
+        ),
         "kimi_k25": dict(
             text_config=dict(**CONFIGS["deepseek_v3"], model_type="deepseek_v3"),
             vision_config=dict(

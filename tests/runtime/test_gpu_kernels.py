@@ -13,8 +13,7 @@ from moecompress.runtime import cuda_kernels
 
 from .test_native import FORMATS, float64_moe, mixed_experts, rel_err
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined (first import)
+assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest before any import
 triton_moe = pytest.importorskip("moecompress.runtime.triton_moe", reason="triton is not installed")
 
 
