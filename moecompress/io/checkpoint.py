@@ -53,7 +53,7 @@ _AUX_PATTERNS = (
 
 def quantization_config(model: nn.Module) -> dict:
     """The `quantization_config` that lets the loader rebuild every `PackedExperts` before loading weights."""
-    from ..merge.apply import MappedExperts
+    from ..runtime.packed_experts import MappedExperts
 
     formats: list[QuantFormat] = []
     experts: dict[str, list[list[int]]] = {}

@@ -85,8 +85,8 @@ class MoECompressHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         from torch import nn
 
-        from ..merge.apply import MappedExperts
         from ..models import get_adapter
+        from ..runtime.packed_experts import MappedExperts
 
         adapter = get_adapter(model.config.model_type)
         adapter.moe_blocks(model)  # blocks take the common experts call before their experts are replaced (Llama 4)

@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from ..calibration.data import CalibrationBatch
 from ..calibration.engine import Activations, ExpertObserver, run_layerwise
 from ..errors import RecipeError
 from ..models.base import BIASES, MODALITIES, PROJECTIONS, ExpertWeights, MoEBlockView
 from ..models.loading import LoadedModel
+from ..runtime.packed_experts import MappedExperts
 from .cluster import cluster_experts, group_around_dominant
 from .prune import select_experts_to_prune
 from .subspace import align_neurons, average_merge, subspace_merge
@@ -79,22 +79,6 @@ class MergeConfig:
                 f"merge.ratio {self.ratio} leaves {kept} experts but the router picks top-{top_k}; lower the ratio."
             )
         return kept
-
-
-class MappedExperts(nn.Module):
-    """A reduced experts module addressed through the original router slots: slot s -> expert slot_map[s]."""
-
-    def __init__(self, experts: nn.Module, slot_map: torch.Tensor):
-        super().__init__()
-        self.experts = experts
-        self.register_buffer("slot_map", slot_map.to(torch.long), persistent=False)
-
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        # index E (one past the slots) means "no expert" (a skipped pair); it maps to the inner "no expert"
-        table = torch.cat([self.slot_map, self.slot_map.new_tensor([self.experts.num_experts])])
-        return self.experts(hidden_states, table.to(top_k_index.device)[top_k_index], top_k_weights)
 
 
 @dataclass

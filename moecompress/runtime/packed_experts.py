@@ -196,6 +196,22 @@ class PackedExperts(ExpertList):
                 module.cache_dequantized, module._cache = enabled, None
 
 
+class MappedExperts(nn.Module):
+    """A reduced experts module addressed through the original router slots: slot s -> expert slot_map[s]."""
+
+    def __init__(self, experts: nn.Module, slot_map: torch.Tensor):
+        super().__init__()
+        self.experts = experts
+        self.register_buffer("slot_map", slot_map.to(torch.long), persistent=False)
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        # index E (one past the slots) means "no expert" (a skipped pair); it maps to the inner "no expert"
+        table = torch.cat([self.slot_map, self.slot_map.new_tensor([self.experts.num_experts])])
+        return self.experts(hidden_states, table.to(top_k_index.device)[top_k_index], top_k_weights)
+
+
 def _is_gated(activation: nn.Module) -> bool:
     """A two-argument activation(gate, up) rather than an activation function of one tensor."""
     return isinstance(activation, GatedActivation) or getattr(activation, "gated", False)
