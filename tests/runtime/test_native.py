@@ -79,7 +79,9 @@ def test_gemv_matches_the_float64_reference_of_the_packed_weight(fmt, shape, tok
     assert rel_err(native.packed_linear(linear, x), reference) < 1e-5
 
 
-@pytest.mark.parametrize("fmt", FORMATS + [QuantFormat(4, 16), QuantFormat(3, 256)], ids=lambda f: f.name)
+@pytest.mark.parametrize(
+    "fmt", FORMATS + [QuantFormat(4, 16), QuantFormat(2, 16), QuantFormat(3, 256)], ids=lambda f: f.name
+)
 @pytest.mark.parametrize("shape", [(37, 200), (64, 768), (5, 21)])
 @pytest.mark.parametrize("tokens", [1, 5, 11])
 def test_int8_gemv_is_exact_for_its_rounded_activations(fmt, shape, tokens):

@@ -48,7 +48,8 @@ int64_t chunks_of(int64_t K, int C) { return (K + C - 1) / C; }
 
 template <int BITS>
 Q8_TARGET inline void decode_chunk(const uint8_t* p, __mmask64 m, __m512i* part) {
-    const __m512i v = _mm512_maskz_loadu_epi8(m, p);
+    // a masked byte load costs more than a plain one: plain wherever 64 bytes of the row remain
+    const __m512i v = m == ~0ull ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(m, p);
     if (BITS == 8) {
         part[0] = v;
     } else if (BITS == 3) {  // qword q <- bytes 3q .. 3q+7; byte j of it <- bits 3j .. 3j+7 (code 8q + j)
@@ -73,6 +74,18 @@ Q8_TARGET inline __m512i lane_groups(int L, int group) {
 }
 
 inline __mmask16 first(int count) { return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1); }
+
+// The `count` fp16 scales of a chunk's groups (a chunk holds 2, 4, 8 or 16): plain loads where the count is whole,
+// a masked one (slower) at a row's end.
+Q8_TARGET inline __m256i chunk_scales(const uint16_t* p, int count, int per_chunk) {
+    if (count == per_chunk) {
+        if (count == 16) return _mm256_loadu_si256((const __m256i*)p);
+        if (count == 8) return _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)p));
+        if (count == 4) return _mm256_zextsi128_si256(_mm_loadl_epi64((const __m128i*)p));
+        if (count == 2) return _mm256_zextsi128_si256(_mm_loadu_si32(p));
+    }
+    return _mm256_maskz_loadu_epi16(first(count), p);
+}
 
 // tot[t] -= sum_g scale_g * zero_g * xsum[t, g], 16 groups at a time.
 template <int T>
@@ -106,10 +119,10 @@ Q8_TARGET void rows_q8(const ProjDesc& d, int n0, int n1, const QAct* a, const f
             const int64_t rem = d.row_bytes - c * CB;  // >= 1: the chunk holds a code below in_features
             __m512i part[P];
             _mm_prefetch((const char*)row + c * CB + kPrefetch, _MM_HINT_T0);
-            decode_chunk<BITS>(row + c * CB, rem >= CB ? full : (1ull << rem) - 1, part);
+            decode_chunk<BITS>(row + c * CB, rem >= 64 ? ~0ull : rem >= CB ? full : (1ull << rem) - 1, part);
             if (per_chunk) {
                 const int64_t g0 = c * per_chunk;
-                const __m256i h = _mm256_maskz_loadu_epi16(first((int)(G - g0 < per_chunk ? G - g0 : per_chunk)), srow + g0);
+                const __m256i h = chunk_scales(srow + g0, (int)(G - g0 < per_chunk ? G - g0 : per_chunk), per_chunk);
                 svec = _mm512_permutexvar_ps(idx, _mm512_cvtph_ps(h));
             } else if (c == next) {  // a group of whole chunks starts (no division in the loop)
                 svec = _mm512_set1_ps(_cvtsh_ss(srow[g++]));
