@@ -302,12 +302,17 @@ def _to_meta(module: nn.Module, skip: nn.Module | None = None) -> None:
 
 
 def parameter_count(source: str) -> int:
-    """Parameters in `source`'s safetensors headers (0 when it has none to read, e.g. a hub id not downloaded)."""
+    """Parameters in `source`'s safetensors headers (0 when it has none to read, e.g. a hub id not downloaded). A
+    quantized source's scales are not parameters, and an MXFP4 source's `*_blocks` bytes hold two each."""
     try:
         tensors = source_tensors(local_folder(source))
     except ModelLoadError:
         return 0
-    return sum(math.prod(t.shape) for t in tensors.values())
+    count = 0
+    for t in tensors.values():
+        if not t.name.endswith(("_scales", "_scale_inv")):
+            count += math.prod(t.shape) * (2 if t.name.endswith("_blocks") and t.dtype == "U8" else 1)
+    return count
 
 
 def open_streamed(source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> StreamedModel:

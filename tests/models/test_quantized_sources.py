@@ -12,7 +12,7 @@ from transformers.integrations.mxfp4 import FP4_VALUES
 
 from moecompress.errors import ModelLoadError
 from moecompress.models.loading import load_model
-from moecompress.models.streaming import open_streamed
+from moecompress.models.streaming import open_streamed, parameter_count
 
 from .tiny_models import tiny_model
 
@@ -89,6 +89,8 @@ def test_quantized_sources_are_dequantized_alike_streamed_and_in_memory(model_ty
     layer = streamed.load_layer(last, "cpu")
     for name, tensor in whole.model.layers[last].state_dict().items():
         assert torch.equal(layer.state_dict()[name], tensor), name
+    stored = {t.data_ptr(): t.numel() for t in model.state_dict().values()}  # persistent buffers too, tied once
+    assert parameter_count(str(source)) == sum(stored.values())  # scales not counted, MXFP4 bytes twice
     original = model.model.layers[last].mlp.experts.gate_up_proj.detach()
     dequantized = layer.mlp.experts.gate_up_proj.detach()
     error = float((dequantized - original).norm() / original.norm())
