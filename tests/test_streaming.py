@@ -358,3 +358,38 @@ def test_offloaded_activations_live_on_disk_and_change_nothing(
     assert homes == ({tmp_path / "o.compress-state" / "scratch"} if stream else {tmp_path / "tmp"})
     assert not list((tmp_path / "tmp").glob("moecompress-*")) and not (tmp_path / "o.compress-state").exists()
     assert tensor_hashes(tmp_path / "o") == tensor_hashes(in_memory(name))
+
+
+def test_a_layer_with_a_block_per_modality_resumes_with_both(tmp_path, monkeypatch):
+    """ERNIE-4.5-VL: the store keeps each finished layer's text and vision experts (formats and reports per block);
+    a run stopped in layer 2 resumes after layer 1 and writes the tensors of an uninterrupted run."""
+    from moecompress.models.streaming import StreamedModel
+
+    from .calibration.test_engine import image_batch
+    from .models.tiny_models import tiny_model
+
+    model = tiny_model("ernie4_5_vl_moe")
+    model.save_pretrained(tmp_path / "src")
+    batch = image_batch(model)
+    monkeypatch.setattr("moecompress.pipeline.calibration_batches", lambda *args, **kwargs: [batch])
+    r = Recipe.from_dict({"quantization": {"method": "gptq", "bits": 4, "group_size": 16}})
+    moecompress.compress(str(tmp_path / "src"), r, tmp_path / "whole", progress=False)
+
+    load_layer = StreamedModel.load_layer
+
+    def stop_at_layer_2(self, index, device):
+        if index == 2:
+            raise KeyboardInterrupt
+        return load_layer(self, index, device)
+
+    monkeypatch.setattr(StreamedModel, "load_layer", stop_at_layer_2)
+    with pytest.raises(KeyboardInterrupt):
+        moecompress.compress(str(tmp_path / "src"), r, tmp_path / "w4", progress=False)
+    state = tmp_path / "w4.compress-state"
+    assert sorted(p.name for p in state.glob("layer-*.json")) == ["layer-00000.json", "layer-00001.json"]
+    assert set(json.loads((state / "layer-00001.json").read_text())["formats"]) == {"text", "image"}
+    monkeypatch.setattr(StreamedModel, "load_layer", load_layer)
+    moecompress.compress(str(tmp_path / "src"), r, tmp_path / "w4", progress=False)
+    assert tensor_hashes(tmp_path / "w4") == tensor_hashes(tmp_path / "whole")
+    record = json.loads((tmp_path / "w4" / "run.json").read_text())  # the restored blocks' reports, then the others
+    assert record["importance"]["layers"] == ["1.text", "1.image", "2.text", "2.image"]

@@ -17,17 +17,17 @@ from ..quant.qtensor import QuantFormat
 class CompressionPlan:
     """choice[l, e, p] indexes `formats` for layer `layers[l]`, expert e, projection p (gate, up, down)."""
 
-    layers: list[int]
+    layers: list[int | str]  # block keys (`MoEBlockView.key`)
     choice: torch.Tensor
     formats: list[QuantFormat]
     method: str = "uniform"
     details: dict = field(default_factory=dict)
 
     @classmethod
-    def uniform(cls, layers: list[int], num_experts: int, fmt: QuantFormat) -> CompressionPlan:
+    def uniform(cls, layers: list[int | str], num_experts: int, fmt: QuantFormat) -> CompressionPlan:
         return cls(list(layers), torch.zeros(len(layers), num_experts, len(PROJECTIONS), dtype=torch.long), [fmt])
 
-    def layer_formats(self, layer: int) -> list[dict[str, QuantFormat]]:
+    def layer_formats(self, layer: int | str) -> list[dict[str, QuantFormat]]:
         row = self.choice[self.layers.index(layer)]
         return [{p: self.formats[int(row[e, i])] for i, p in enumerate(PROJECTIONS)} for e in range(row.shape[0])]
 
@@ -62,7 +62,7 @@ class CompressionPlan:
             data = json.loads(Path(path).expanduser().read_text())
             formats = [QuantFormat.from_dict(f) for f in data["formats"]]
             plan = cls(
-                [int(x) for x in data["layers"]],
+                [x if isinstance(x, str) else int(x) for x in data["layers"]],  # block keys: 3, or "3.image"
                 torch.tensor(data["choice"], dtype=torch.long),
                 formats,
                 data.get("method", "unknown"),
@@ -94,7 +94,7 @@ class CompressionPlan:
             )
         return plan
 
-    def check_fits(self, layers: list[int], num_experts: int, where: str = "plan") -> CompressionPlan:
+    def check_fits(self, layers: list[int | str], num_experts: int, where: str = "plan") -> CompressionPlan:
         """Raise unless the plan covers exactly these MoE layers with `num_experts` experts each."""
         if list(self.layers) != list(layers) or self.choice.shape[1] != num_experts:
             raise CheckpointError(
