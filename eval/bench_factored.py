@@ -1,0 +1,86 @@
+"""Factored experts (issue 20, first measurement) on moe-tiny-text: every MoE layer's experts as a shared base (their
+routing-frequency-weighted mean) plus a low-rank delta per expert, at 75 % and 50 % of the dense expert
+parameters, the delta truncated plainly or whitened by each expert's own input Gram matrix (`merge/factored.py`).
+Layer by layer on the calibration set, each layer's inputs from the already factored layers before it (as GPTQ
+runs). The factored weights are written back dense: this measures the method's quality at its parameter count,
+before a stored format exists. Perplexity on the first `--max-windows` 512-token windows of each set, comparable
+with `eval/bench_merge.py --max-windows 40` (pruning and averaging at the same parameter counts).
+
+    python eval/bench_factored.py --max-windows 40     # ~10 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from bench_foundation import SHARED, TEXT, perplexities
+from transformers import AutoTokenizer
+
+from moecompress.calibration.batches import calibration_batches
+from moecompress.calibration.engine import run_layerwise
+from moecompress.merge.factored import factor_experts, rank_for_budget
+from moecompress.models import load_model
+from moecompress.models.base import PROJECTIONS
+from moecompress.recipe import Recipe
+
+CALIB = str(SHARED / "data" / "calib" / "calib_mix.jsonl")
+
+
+@torch.no_grad()
+def factor_model(fraction: float, whiten: bool, batches) -> tuple[torch.nn.Module, dict[str, int]]:
+    """moe-tiny-text with every MoE layer's experts factored at `fraction` of their parameters; the ranks used."""
+    loaded = load_model(str(TEXT))
+    ranks: dict[str, int] = {}
+
+    def factor_layer(view, observer) -> bool:
+        experts = range(view.num_experts)
+        freqs = observer.tokens.sum(-1)
+        originals = [view.expert_weights(e) for e in experts]
+        rebuilt: list[dict[str, torch.Tensor]] = [{} for _ in experts]
+        for p in PROJECTIONS:
+            out, inp = originals[0][p].shape
+            rank = ranks.setdefault(p, rank_for_budget(out, inp, view.num_experts, fraction))
+            sums = observer.hessian_mid if p == "down_proj" else observer.hessian_in
+            grams = [sums.full(e) for e in experts] if whiten else None
+            base, factors = factor_experts([w[p] for w in originals], freqs, rank, grams)
+            for e, (a, b) in enumerate(factors):
+                rebuilt[e][p] = (base + a @ b).to(originals[e][p].dtype)
+        for e in experts:
+            view.set_expert_weights(e, originals[e].replace(**rebuilt[e]))
+        return True
+
+    run_layerwise(loaded.model, loaded.adapter, batches, factor_layer, collect_hessians=whiten, progress=False)
+    return loaded.model, ranks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.75, 0.5])
+    parser.add_argument("--max-windows", type=int, default=40)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(TEXT)
+    source = load_model(str(TEXT))
+    batches = calibration_batches(source, Recipe.from_dict({"calibration": {"dataset": CALIB}}))
+    rows = [{"config": "bf16 reference", **perplexities(source.model, tokenizer, args.max_windows)}]
+    print(json.dumps(rows[-1]), flush=True)
+    for fraction in args.fractions:
+        for whiten in (False, True):
+            model, ranks = factor_model(fraction, whiten, batches)
+            label = f"factored {fraction:.0%} of the expert parameters, {'whitened' if whiten else 'plain'} truncation"
+            rows.append({"config": label, "ranks": ranks, **perplexities(model, tokenizer, args.max_windows)})
+            print(json.dumps(rows[-1]), flush=True)
+    print("| config | delta rank (gate/up/down) | wiki | python | kernel |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        ranks = "/".join(str(row["ranks"][p]) for p in PROJECTIONS) if "ranks" in row else ""
+        print(f"| {row['config']} | {ranks} | {row['wiki']:.2f} | {row['python']:.2f} | {row['kernel']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
