@@ -55,8 +55,12 @@ class GatedActivation(nn.Module):
 
     @property
     def is_swiglu(self) -> bool:
-        """SiLU(gate) * up: what the native kernels compute."""
+        """SiLU(gate) * up: what every kernel computes."""
         return type(self.act).__name__ in ("SiLU", "SiLUActivation")
+
+    def kernel_spec(self) -> tuple[int, float, float] | None:
+        """(kind, alpha, limit) for the CPU fused forward: 0 for SiLU(gate) * up; None for other activations."""
+        return (0, 0.0, 0.0) if self.is_swiglu else None
 
 
 @dataclass

@@ -18,6 +18,10 @@ class ClampedSwiGLU(nn.Module):
         gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
         return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
 
+    def kernel_spec(self) -> tuple[int, float, float]:
+        """Kind 1 of the CPU fused forward (`cuda/csrc/cpu/moe_forward.cpp`)."""
+        return (1, float(self.alpha), float(self.limit))
+
 
 @register_adapter
 class GptOssAdapter(ModelAdapter):

@@ -137,6 +137,7 @@ class GpuExperts:
             1 if s_rowstride == 0 else table.out_features,
             fixed_zero,
             0,
+            None,
         )
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,7 @@ class ProjDesc(ctypes.Structure):
         ("scale_rows", ctypes.c_int32),
         ("fixed_zero", ctypes.c_int32),
         ("pad_", ctypes.c_int32),
+        ("bias", ctypes.c_void_p),
     ]
 
 
@@ -142,6 +143,9 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_int32,
         ctypes.c_int32,
         ctypes.c_int32,
+        ctypes.c_int32,
+        ctypes.c_float,
+        ctypes.c_float,
         ctypes.c_void_p,
     ]
     _library = lib
@@ -181,6 +185,7 @@ def describe(linear) -> tuple[ProjDesc, list[torch.Tensor]]:
         packed = pack_codes(unpack_trits(packed, in_features), 2)
     packed, scale = packed.contiguous(), linear.weight_scale.contiguous()
     zero = None if fmt.ternary else linear.weight_zero_point.contiguous()
+    bias = None if getattr(linear, "bias", None) is None else linear.bias.to(torch.float32).contiguous()
     desc = ProjDesc(
         packed.data_ptr(),
         scale.data_ptr(),
@@ -194,8 +199,9 @@ def describe(linear) -> tuple[ProjDesc, list[torch.Tensor]]:
         fmt.scale_rows(out_features),
         1,
         0,
+        bias.data_ptr() if bias is not None else None,
     )
-    return desc, [t for t in (packed, scale, zero) if t is not None]
+    return desc, [t for t in (packed, scale, zero, bias) if t is not None]
 
 
 def int8_fits(linear) -> bool:
@@ -217,6 +223,12 @@ def packed_linear(linear, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], linear.out_features)
 
 
+def activation_spec(activation) -> tuple[int, float, float] | None:
+    """(kind, alpha, limit) of a gated activation the fused forward computes (`kernel_spec()`), or None."""
+    spec = getattr(activation, "kernel_spec", None)
+    return spec() if spec is not None else None
+
+
 class ExpertTable:
     """Descriptors of every projection of a `PackedExperts` (gate, up, down per expert), built once."""
 
@@ -225,6 +237,7 @@ class ExpertTable:
         self.array = (ProjDesc * len(described))(*(d for d, _ in described))
         self.keep = [t for _, ts in described for t in ts]
         self.num_experts, self.hidden, self.intermediate = len(experts), experts.hidden_size, experts.intermediate_size
+        self.activation = activation_spec(experts.activation)
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         x = hidden.to(torch.float32).contiguous()
@@ -242,6 +255,7 @@ class ExpertTable:
             self.hidden,
             self.intermediate,
             INT8_TOKENS,
+            *self.activation,
             out.data_ptr(),
         )
         return out.to(hidden.dtype)

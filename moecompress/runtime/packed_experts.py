@@ -124,8 +124,8 @@ class ExpertList(nn.Module):
 
 class PackedExperts(ExpertList):
     """Routed experts whose projections are `PackedLinear`s. On CPU the native fused kernel runs
-    (`runtime/native.py`), on CUDA devices the CUDA decode kernels and the Triton grouped GEMM
-    (`runtime/cuda_kernels.py`), where they are available and the experts are bias-free SwiGLU ones, unless
+    (`runtime/native.py`; biases and GPT-OSS's clamped SwiGLU included), on CUDA devices the CUDA decode kernels and
+    the Triton grouped GEMM (`runtime/cuda_kernels.py`; bias-free SwiGLU experts), where they are available, unless
     dequantized copies are cached (`set_cache_dequantized`, for evaluation) or gradients are needed; otherwise
     the torch reference path."""
 
@@ -143,30 +143,30 @@ class PackedExperts(ExpertList):
 
     def _kernels_apply(self, hidden_states: torch.Tensor) -> bool:
         cached = self.num_experts and self[0].gate_proj.cache_dequantized  # evaluation with dense copies kept
-        return (
-            not cached
-            and not (torch.is_grad_enabled() and hidden_states.requires_grad)
-            and isinstance(self.activation, GatedActivation)
-            and self.activation.is_swiglu
-            and not self.has_bias
-        )
+        return not cached and not (torch.is_grad_enabled() and hidden_states.requires_grad)
 
     def native_usable(self, hidden_states: torch.Tensor) -> bool:
+        """The CPU fused forward takes biases and the gated activations with a `kernel_spec` (SwiGLU, GPT-OSS's)."""
         from . import native
 
         return (
             hidden_states.device.type == "cpu"
             and hidden_states.shape[0] <= native.MAX_TOKENS
             and self._kernels_apply(hidden_states)
+            and native.activation_spec(self.activation) is not None
             and native.library() is not None
         )
 
     def gpu_usable(self, hidden_states: torch.Tensor) -> bool:
+        """The CUDA and Triton paths take bias-free SwiGLU experts."""
         from . import cuda_kernels
 
         return (
             hidden_states.device.type == "cuda"
             and self._kernels_apply(hidden_states)
+            and isinstance(self.activation, GatedActivation)
+            and self.activation.is_swiglu
+            and not self.has_bias
             and (cuda_kernels.triton_available() or cuda_kernels.library() is not None)
         )
 

@@ -107,28 +107,35 @@ def test_int8_gemv_is_exact_for_its_rounded_activations(fmt, shape, tokens):
     assert ((y.double() - exact).norm(dim=-1) <= bound * 1.001 + 1e-5 * exact.norm(dim=-1)).all()
 
 
-def mixed_experts(num_experts: int = 6, hidden: int = 72, intermediate: int = 40) -> PackedExperts:
+def mixed_experts(
+    num_experts: int = 6, hidden: int = 72, intermediate: int = 40, activation=None, bias: bool = False
+) -> PackedExperts:
     formats = [
         dict(zip(("gate_proj", "up_proj", "down_proj"), (FORMATS[(3 * e + i) % len(FORMATS)] for i in range(3))))
         for e in range(num_experts)
     ]
-    module = PackedExperts(hidden, intermediate, formats, torch.nn.SiLU())
+    module = PackedExperts(hidden, intermediate, formats, activation or torch.nn.SiLU(), bias)
     for expert, fmts in zip(module, formats):
         for proj, fmt in fmts.items():
             linear = getattr(expert, proj)
             linear.load_packed(pack(quantize_rtn(torch.randn(linear.out_features, linear.in_features), fmt)))
+            if bias:
+                linear.bias.copy_(torch.randn(linear.out_features) * 2)
     return module
 
 
 def float64_moe(module: PackedExperts, x, ids, weights) -> torch.Tensor:
+    """The layer in float64 from the packed data: the module's own activation, biases where it has them."""
     out = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
         for k in range(ids.shape[1]):
             e = module[int(ids[t, k])]
-            w = {p: getattr(e, p).dequantize(torch.float64) for p in ("gate_proj", "up_proj", "down_proj")}
+            w = {p: getattr(e, p).dequantize(torch.float64) for p in PROJECTIONS}
+            b = {p: getattr(e, p).bias for p in PROJECTIONS}
+            b = {p: torch.zeros(w[p].shape[0], dtype=torch.float64) if v is None else v.double() for p, v in b.items()}
             xt = x[t].double()
-            h = torch.nn.functional.silu(w["gate_proj"] @ xt) * (w["up_proj"] @ xt)
-            out[t] += float(weights[t, k]) * (w["down_proj"] @ h)
+            h = module.activation(w["gate_proj"] @ xt + b["gate_proj"], w["up_proj"] @ xt + b["up_proj"])
+            out[t] += float(weights[t, k]) * (w["down_proj"] @ h + b["down_proj"])
     return out
 
 
@@ -208,3 +215,34 @@ def test_without_a_compiler_the_torch_path_runs_with_one_warning(monkeypatch, ca
     with torch.no_grad():
         assert not module.native_usable(x)
         assert rel_err(module(x, ids, weights), float64_moe(module, x, ids, weights)) < 1e-5
+
+
+@pytest.mark.parametrize("tokens", [1, 6, 40])
+def test_fused_forward_takes_biases_and_the_clamped_swiglu(tokens, monkeypatch):
+    """GPT-OSS's experts (a bias on every projection, (clamp(up) + 1) * g * sigmoid(1.702 g) with g = min(gate, 7))
+    run on the fused kernels: float64 agreement below 1e-5 with float32 activations, and the int8 kernels within
+    their rounding; the inputs are large enough that the clamps act."""
+    from moecompress.models.gpt_oss import ClampedSwiGLU
+
+    torch.manual_seed(torch.seed() % 2**31)
+    module = mixed_experts(8, activation=ClampedSwiGLU(1.702, 7.0), bias=True)
+    x = torch.randn(tokens, 72)
+    ids = torch.stack([torch.randperm(7)[:2] for _ in range(tokens)])
+    weights = torch.rand(tokens, 2).softmax(-1)
+    expected = float64_moe(module, x, ids, weights)
+    with torch.no_grad():
+        assert module.native_usable(x)
+        gate = module[int(ids[0, 0])].gate_proj
+        assert bool((native.packed_linear(gate, x).double() > 7).any())  # the gate clamp acts
+        monkeypatch.setattr(native, "INT8_TOKENS", 0)
+        assert rel_err(module(x, ids, weights), expected) < 1e-5
+        assert rel_err(ExpertList.forward(module, x, ids, weights), expected) < 1e-5
+        monkeypatch.setattr(native, "INT8_TOKENS", native.MAX_TOKENS)
+        assert rel_err(module(x, ids, weights), expected) < 2e-2
+
+
+def test_the_descriptor_has_the_layout_of_the_c_sources():
+    """cpu/packed.h and cuda/moe_gemv.cu static_assert 72 bytes; the ctypes mirror must agree."""
+    import ctypes
+
+    assert ctypes.sizeof(native.ProjDesc) == 72 and native.ProjDesc.bias.offset == 64

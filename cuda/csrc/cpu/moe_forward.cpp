@@ -1,6 +1,7 @@
 // The C ABI of the CPU expert kernels (built by moecompress/runtime/native.py with g++ into a cache, called
-// through ctypes; no torch headers) and the fused MoE layer forward: gate/up -> SiLU x up -> down -> weighted
-// sum over the active experts, in one call, each expert in its own format.
+// through ctypes; no torch headers) and the fused MoE layer forward: gate/up -> gated activation -> down ->
+// weighted sum over the active experts, in one call, each expert in its own format, with the projections' biases
+// where they have them (GPT-OSS).
 //
 // Experts with at most `q8_tokens` tokens (decode) run on the int8-activation kernels (gemv_q8.cpp) in one
 // OpenMP region: all their gate/up rows, then the activations, then all down rows, split into one contiguous
@@ -24,6 +25,37 @@ namespace moecpu {
 namespace {
 
 using Routed = std::vector<std::vector<std::pair<int64_t, float>>>;  // expert -> (token, routing weight)
+
+// The experts' gated activation h = act(gate, up): SiLU(gate) * up, or GPT-OSS's clamped SwiGLU
+// (clamp(up, -l, l) + 1) * g * sigmoid(alpha * g) with g = min(gate, l).
+struct Activation {
+    int32_t kind;  // 0: SiLU-gated, 1: clamped SwiGLU
+    float alpha, limit;
+};
+
+// h = act(gate + gate bias, up + up bias), written over gate; n values of one (token, expert) row.
+void gated(const Activation& act, const ProjDesc* proj, float* g, float* u, int n) {
+    if (proj[0].bias)
+        for (int j = 0; j < n; ++j) g[j] += proj[0].bias[j];
+    if (proj[1].bias)
+        for (int j = 0; j < n; ++j) u[j] += proj[1].bias[j];
+    if (act.kind == 0) {
+        for (int j = 0; j < n; ++j) g[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+        return;
+    }
+    for (int j = 0; j < n; ++j) {
+        const float x = fminf(g[j], act.limit), y = fminf(fmaxf(u[j], -act.limit), act.limit);
+        g[j] = (y + 1.f) * x / (1.f + expf(-act.alpha * x));
+    }
+}
+
+// out[h] += w * (y[h] + down bias[h]) for h in [h0, h1).
+inline void accumulate(float* out, float w, const float* y, const float* bias, int h0, int h1) {
+    if (bias)
+        for (int h = h0; h < h1; ++h) out[h] += w * (y[h] + bias[h]);
+    else
+        for (int h = h0; h < h1; ++h) out[h] += w * y[h];
+}
 constexpr int kTile = 64;                                             // rows per scheduled work item
 constexpr int64_t kMaxSlots = 4096;  // (token, expert) pairs per int8 pass: 4096 x (2 inter + hidden) floats
 
@@ -95,7 +127,7 @@ double tile_cost(const ProjDesc& d, int n0) {
 
 // The experts `experts` (each with its tokens in `routed`) on the int8 kernels, added into out.
 void q8_experts(const ProjDesc* projs, const std::vector<int>& experts, const Routed& routed, const float* x,
-                int64_t T, int hidden, int inter, float* out) {
+                int64_t T, int hidden, int inter, const Activation& act, float* out) {
     const int n = (int)experts.size();
     std::vector<int64_t> first(n + 1, 0);  // slots first[i] .. first[i+1]-1: expert i's (token, weight) pairs
     for (int i = 0; i < n; ++i) first[i + 1] = first[i] + (int64_t)routed[experts[i]].size();
@@ -138,8 +170,7 @@ void q8_experts(const ProjDesc* projs, const std::vector<int>& experts, const Ro
         for (int i = 0; i < n; ++i)
             for (int64_t s = first[i]; s < first[i + 1]; ++s) {
                 float* g = &gate[s * inter];
-                const float* u = &up[s * inter];
-                for (int j = 0; j < inter; ++j) g[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+                gated(act, projs + 3 * experts[i], g, &up[s * inter], inter);
                 mid.quantize(s, g, q8_layout(projs[3 * experts[i] + 2].bits));
             }
         split_runs(
@@ -156,27 +187,24 @@ void q8_experts(const ProjDesc* projs, const std::vector<int>& experts, const Ro
             for (int i = 0; i < n; ++i)
                 for (int64_t s = first[i]; s < first[i + 1]; ++s) {
                     const auto& pr = routed[experts[i]][s - first[i]];
-                    float* o = out + pr.first * hidden;
-                    const float* y = &down[s * hidden];
-                    for (int h = h0; h < std::min(h0 + 256, hidden); ++h) o[h] += pr.second * y[h];
+                    accumulate(out + pr.first * hidden, pr.second, &down[s * hidden], projs[3 * experts[i] + 2].bias,
+                               h0, std::min(h0 + 256, hidden));
                 }
     }
 }
 
 // One expert on the float32 kernels, added into out.
 void f32_expert(const ProjDesc* proj, const std::vector<std::pair<int64_t, float>>& pairs, const float* x, int hidden,
-                int inter, float* out) {
+                int inter, const Activation& act, float* out) {
     const int64_t n = (int64_t)pairs.size();
     std::vector<float> xs((size_t)n * hidden), gate((size_t)n * inter), up((size_t)n * inter), down((size_t)n * hidden);
     for (int64_t i = 0; i < n; ++i) memcpy(&xs[(size_t)i * hidden], x + pairs[i].first * hidden, sizeof(float) * hidden);
     project_f32(proj[0], xs.data(), n, gate.data());
     project_f32(proj[1], xs.data(), n, up.data());
-    for (size_t i = 0; i < gate.size(); ++i) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+    for (int64_t i = 0; i < n; ++i) gated(act, proj, &gate[(size_t)i * inter], &up[(size_t)i * inter], inter);
     project_f32(proj[2], gate.data(), n, down.data());
-    for (int64_t i = 0; i < n; ++i) {
-        float* o = out + pairs[i].first * hidden;
-        for (int h = 0; h < hidden; ++h) o[h] += pairs[i].second * down[(size_t)i * hidden + h];
-    }
+    for (int64_t i = 0; i < n; ++i)
+        accumulate(out + pairs[i].first * hidden, pairs[i].second, &down[(size_t)i * hidden], proj[2].bias, 0, hidden);
 }
 
 }  // namespace
@@ -194,24 +222,32 @@ int moe_cpu_isa() { return has_q8() ? 4 : has_avx512() ? 3 : has_avx2() ? 2 : 1;
 // 1 where this CPU runs projection `d` with int8 activations.
 int moe_q8_fits(const ProjDesc* d) { return q8_fits(*d) ? 1 : 0; }
 
-// y[T, out] = x[T, in] W^T for one packed projection, any T; int8 activations where `q8` and the format allows.
+// y[T, out] = x[T, in] W^T (+ bias) for one packed projection, any T; int8 activations where `q8` and the format
+// allows.
 void moe_packed_linear(const ProjDesc* d, const float* x, int64_t T, int32_t q8, float* y) {
-    if (!q8 || !q8_fits(*d)) return project_f32(*d, x, T, y);
-    const Q8Layout layout = q8_layout(d->bits);
-    Acts acts(d->in_features, T);
-    std::vector<QAct> a((size_t)T);
-    for (int64_t t = 0; t < T; ++t) acts.quantize(t, x + t * d->in_features, layout), a[t] = acts.at(t);
+    if (!q8 || !q8_fits(*d)) {
+        project_f32(*d, x, T, y);
+    } else {
+        const Q8Layout layout = q8_layout(d->bits);
+        Acts acts(d->in_features, T);
+        std::vector<QAct> a((size_t)T);
+        for (int64_t t = 0; t < T; ++t) acts.quantize(t, x + t * d->in_features, layout), a[t] = acts.at(t);
 #pragma omp parallel for schedule(dynamic)
-    for (int w = 0; w < tiles(d->out_features); ++w)
-        rows_for(*d, w * kTile, std::min((w + 1) * kTile, d->out_features), a.data(), T, y);
+        for (int w = 0; w < tiles(d->out_features); ++w)
+            rows_for(*d, w * kTile, std::min((w + 1) * kTile, d->out_features), a.data(), T, y);
+    }
+    if (d->bias)
+        for (int64_t t = 0; t < T; ++t) accumulate(y + t * d->out_features, 1.f, d->bias, nullptr, 0, d->out_features);
 }
 
-// One MoE layer: out[T, H] = sum_k w[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, k], over the
-// experts `projs[3e .. 3e+2]` (gate, up, down; each expert its own format). Ids outside [0, E) are skipped.
-// Experts with at most `q8_tokens` tokens run with int8 activations where the CPU and their formats allow.
+// One MoE layer: out[T, H] = sum_k w[t, k] * down_e(act(gate_e(x_t), up_e(x_t))), e = ids[t, k], over the
+// experts `projs[3e .. 3e+2]` (gate, up, down; each expert its own format, each projection with its bias if it
+// has one). act: `act_kind` 0 SiLU(gate) * up, 1 clamped SwiGLU (`alpha`, `limit`). Ids outside [0, E) are
+// skipped. Experts with at most `q8_tokens` tokens run with int8 activations where the CPU and formats allow.
 void moe_experts_forward(const ProjDesc* projs, int32_t num_experts, const float* x, const int64_t* ids,
                          const float* weights, int64_t T, int32_t K, int32_t hidden, int32_t inter, int32_t q8_tokens,
-                         float* out) {
+                         int32_t act_kind, float alpha, float limit, float* out) {
+    const Activation act{act_kind, alpha, limit};
     memset(out, 0, sizeof(float) * (size_t)T * hidden);
     Routed routed(num_experts);
     for (int64_t t = 0; t < T; ++t)
@@ -229,9 +265,9 @@ void moe_experts_forward(const ProjDesc* projs, int32_t num_experts, const float
         std::vector<int> pass;
         for (int64_t slots = 0; i < q8.size() && (pass.empty() || slots + (int64_t)routed[q8[i]].size() <= kMaxSlots);)
             slots += (int64_t)routed[q8[i]].size(), pass.push_back(q8[i++]);
-        q8_experts(projs, pass, routed, x, T, hidden, inter, out);
+        q8_experts(projs, pass, routed, x, T, hidden, inter, act, out);
     }
-    for (int e : f32) f32_expert(projs + 3 * e, routed[e], x, hidden, inter, out);
+    for (int e : f32) f32_expert(projs + 3 * e, routed[e], x, hidden, inter, act, out);
 }
 
 }  // extern "C"

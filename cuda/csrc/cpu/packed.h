@@ -27,7 +27,9 @@ struct ProjDesc {
     int32_t groups, scale_rows;  // scale_rows: out_features, or 1 (one scale per tensor)
     int32_t fixed_zero;
     int32_t pad_;
+    const float* bias;        // float32 [out_features] added to the outputs, or null
 };
+static_assert(sizeof(ProjDesc) == 72, "ProjDesc: keep the layout of runtime/native.py and cuda/moe_gemv.cu");
 
 }  // extern "C"
 

@@ -27,7 +27,9 @@ struct ProjDesc {             // the layout of cuda/csrc/cpu/packed.h, device po
     int32_t groups, scale_rows;
     int32_t fixed_zero;
     int32_t pad_;
+    const float* bias;        // null here: the CUDA paths take bias-free experts
 };
+static_assert(sizeof(ProjDesc) == 72, "ProjDesc: keep the layout of runtime/native.py and cpu/packed.h");
 
 namespace {
 
