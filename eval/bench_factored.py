@@ -29,24 +29,29 @@ CALIB = str(SHARED / "data" / "calib" / "calib_mix.jsonl")
 
 
 @torch.no_grad()
-def factor_model(fraction: float, whiten: bool, batches) -> tuple[torch.nn.Module, dict[str, int]]:
-    """moe-tiny-text with every MoE layer's experts factored at `fraction` of their parameters; the ranks used."""
+def factor_model(fraction: float, whiten: bool, batches, live_only: bool = False) -> tuple[torch.nn.Module, dict]:
+    """moe-tiny-text with every MoE layer's experts factored at `fraction` of their parameters; the delta ranks
+    used per layer. `live_only`: experts no calibration token reached keep the base alone (rank 0), and their share
+    of the budget goes to the others."""
     loaded = load_model(str(TEXT))
-    ranks: dict[str, int] = {}
+    ranks: dict = {}
 
     def factor_layer(view, observer) -> bool:
         experts = range(view.num_experts)
         freqs = observer.tokens.sum(-1)
+        live = (freqs > 0) if live_only else torch.ones(view.num_experts, dtype=torch.bool)
         originals = [view.expert_weights(e) for e in experts]
         rebuilt: list[dict[str, torch.Tensor]] = [{} for _ in experts]
         for p in PROJECTIONS:
             out, inp = originals[0][p].shape
-            rank = ranks.setdefault(p, rank_for_budget(out, inp, view.num_experts, fraction))
+            budget = fraction * view.num_experts / int(live.sum())  # the same parameters over the live experts
+            rank = rank_for_budget(out, inp, int(live.sum()), budget)
+            ranks[view.layer_index] = rank
             sums = observer.hessian_mid if p == "down_proj" else observer.hessian_in
             grams = [sums.full(e) for e in experts] if whiten else None
             base, factors = factor_experts([w[p] for w in originals], freqs, rank, grams)
             for e, (a, b) in enumerate(factors):
-                rebuilt[e][p] = (base + a @ b).to(originals[e][p].dtype)
+                rebuilt[e][p] = (base + (a @ b if live[e] else 0)).to(originals[e][p].dtype)
         for e in experts:
             view.set_expert_weights(e, originals[e].replace(**rebuilt[e]))
         return True
@@ -59,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.75, 0.5])
     parser.add_argument("--max-windows", type=int, default=40)
+    parser.add_argument("--live-only", action="store_true", help="also: dead experts keep the base alone")
     parser.add_argument("--json")
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(TEXT)
@@ -66,16 +72,17 @@ def main() -> None:
     batches = calibration_batches(source, Recipe.from_dict({"calibration": {"dataset": CALIB}}))
     rows = [{"config": "bf16 reference", **perplexities(source.model, tokenizer, args.max_windows)}]
     print(json.dumps(rows[-1]), flush=True)
+    variants = [(False, False), (True, False)] + ([(True, True)] if args.live_only else [])
     for fraction in args.fractions:
-        for whiten in (False, True):
-            model, ranks = factor_model(fraction, whiten, batches)
-            label = f"factored {fraction:.0%} of the expert parameters, {'whitened' if whiten else 'plain'} truncation"
+        for whiten, live_only in variants:
+            model, ranks = factor_model(fraction, whiten, batches, live_only)
+            label = f"factored {fraction:.0%}, {'whitened' if whiten else 'plain'}" + (", live experts" * live_only)
             rows.append({"config": label, "ranks": ranks, **perplexities(model, tokenizer, args.max_windows)})
             print(json.dumps(rows[-1]), flush=True)
-    print("| config | delta rank (gate/up/down) | wiki | python | kernel |")
+    print("| config | delta rank per MoE layer | wiki | python | kernel |")
     print("|---|---|---|---|---|")
     for row in rows:
-        ranks = "/".join(str(row["ranks"][p]) for p in PROJECTIONS) if "ranks" in row else ""
+        ranks = "/".join(str(r) for r in row["ranks"].values()) if "ranks" in row else ""
         print(f"| {row['config']} | {ranks} | {row['wiki']:.2f} | {row['python']:.2f} | {row['kernel']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
