@@ -10,7 +10,7 @@ from moecompress.models import get_adapter, supported_model_types
 from moecompress.models.loading import require_moe
 
 from ..conftest import CALIB
-from .tiny_models import CONFIGS, tiny_model
+from .tiny_models import CONFIGS, routed_by_hand, tiny_model
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -41,11 +41,7 @@ def test_per_expert_view_reproduces_the_fused_experts_output(model_type):
     view = get_adapter(model_type).moe_blocks(model)[0]
     x = torch.randn(40, 64)
     weights, indices = view.route(x)
-    manual = torch.zeros_like(x)
-    for e in range(view.num_experts):
-        tok, slot = torch.where(indices == e)
-        inputs, w = view.expert_inputs(x[tok], weights[tok, slot])
-        manual.index_add_(0, tok, w[:, None] * view.expert_forward(e, inputs)[1])
+    manual = routed_by_hand(view, x, indices, weights)
     torch.testing.assert_close(view.routed_forward(x, indices, weights), manual, rtol=1e-5, atol=1e-5)
 
 

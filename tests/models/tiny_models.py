@@ -256,6 +256,16 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
     return model
 
 
+def routed_by_hand(view, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The block's routed output expert by expert through the view (`expert_inputs`, `expert_forward`)."""
+    out = torch.zeros_like(x)
+    for e in range(view.num_experts):
+        tok, slot = torch.where(indices == e)
+        inputs, w = view.expert_inputs(x[tok], weights[tok, slot])
+        out.index_add_(0, tok, w[:, None] * view.expert_forward(e, inputs)[1])
+    return out
+
+
 def walked_states(model, adapter, batches) -> dict[int, list[torch.Tensor]]:
     """Per decoder layer, the hidden states leaving it in the layer-wise calibration engine (nothing compressed)."""
     from moecompress.calibration.engine import run_layerwise

@@ -11,7 +11,7 @@ from moecompress.slim.neurons import top_neurons
 from moecompress.slim.staged import SlimConfig, cut_experts, neuron_scores, slim_experts
 
 from ..conftest import CALIB, WIKI, require_shared
-from ..models.tiny_models import tiny_model
+from ..models.tiny_models import routed_by_hand, tiny_model
 
 
 def _lm_loss(model, batches) -> float:
@@ -132,11 +132,7 @@ def test_cutting_neurons_equals_masking_them_in_every_expert_layout(model_type):
         got = [view.expert_forward(e, x)[1] for view in views for e in range(view.num_experts)]
         view = views[0]
         weights, indices = view.route(x)
-        manual = torch.zeros_like(x)
-        for e in range(view.num_experts):
-            tok, slot = torch.where(indices == e)
-            inputs, w = view.expert_inputs(x[tok], weights[tok, slot])
-            manual.index_add_(0, tok, w[:, None] * view.expert_forward(e, inputs)[1])
+        manual = routed_by_hand(view, x, indices, weights)
         fused = view.routed_forward(x, indices, weights)
     assert views[0].intermediate_size == width // 2
     for a, b in zip(got, expected):
