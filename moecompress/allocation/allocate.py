@@ -9,7 +9,7 @@ import torch
 
 from ..calibration.stats import ExpertStats
 from ..errors import BudgetError, RecipeError
-from ..models.base import PROJECTIONS
+from ..models.base import MODALITIES, PROJECTIONS
 from ..quant.qtensor import SUPPORTED_BITS, TERNARY, QuantFormat
 from .plan import CompressionPlan
 from .solver import random_allocation, ranked_allocation, solve_allocation
@@ -43,7 +43,7 @@ class AllocationConfig:
     granularity: str = "expert"
     alpha: float = 1.0
     beta: float = 1.5
-    modality_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "image": 1.0})
+    modality_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "image": 1.0, "audio": 1.0})
     fixed: dict[str, int | str] = field(default_factory=dict)
     profile_tokens: int = 4096
     seed: int = 0
@@ -112,11 +112,9 @@ def avg_bits_for_bytes(
 
 def _importance(stats: ExpertStats, config: AllocationConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(frequency, mean routing weight) per [layer, expert], mixed over modalities."""
-    unknown = set(config.modality_weights) - set(stats.modalities)
+    unknown = set(config.modality_weights) - set(MODALITIES)
     if unknown:
-        raise RecipeError(
-            f"allocation.modality_weights: unknown modalities {sorted(unknown)}; use {list(stats.modalities)}"
-        )
+        raise RecipeError(f"allocation.modality_weights: unknown modalities {sorted(unknown)}; use {list(MODALITIES)}")
     lam = torch.tensor([config.modality_weights.get(m, 0.0) for m in stats.modalities], dtype=torch.float64)
     present = (stats.total_tokens.sum(0) > 0).double()
     lam = lam * present

@@ -63,9 +63,7 @@ def calibration_batches(loaded: LoadedModel, recipe: Recipe, trust_remote_code: 
                 f"'{loaded.source}' is a vision-language model: set calibration.vl_dataset to an image+text jsonl "
                 "so that image tokens are calibrated too."
             )
-        batches += vl_calibration_batches(
-            cal.vl_dataset, processor, loaded.model.config.image_token_id, cal.vl_num_samples, cal.seed
-        )
+        batches += vl_calibration_batches(cal.vl_dataset, processor, _image_mask(loaded), cal.vl_num_samples, cal.seed)
     return batches
 
 
@@ -79,8 +77,10 @@ def training_batches(
         r.dataset or cal.dataset, tokenizer, r.num_samples, r.seq_len, r.batch_size, r.seed
     )
     if loaded.adapter.is_multimodal and cal.vl_dataset and r.vl_num_samples:
-        batches += vl_calibration_batches(
-            cal.vl_dataset, processor, loaded.model.config.image_token_id, r.vl_num_samples, r.seed
-        )
+        batches += vl_calibration_batches(cal.vl_dataset, processor, _image_mask(loaded), r.vl_num_samples, r.seed)
     random.Random(r.seed).shuffle(batches)
     return batches
+
+
+def _image_mask(loaded: LoadedModel):
+    return lambda input_ids: loaded.adapter.image_token_mask(loaded.model, input_ids)

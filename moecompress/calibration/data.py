@@ -143,9 +143,10 @@ def read_vl_items(source: str) -> list[dict]:
 
 
 def vl_calibration_batches(
-    source: str, processor, image_token_id: int, num_samples: int = 128, seed: int = 0, templates: dict | None = None
+    source: str, processor, image_mask, num_samples: int = 128, seed: int = 0, templates: dict | None = None
 ) -> list[CalibrationBatch]:
-    """One batch per image+text item; captions and question/answer pairs alternate."""
+    """One batch per image+text item; captions and question/answer pairs alternate. `image_mask(input_ids)`: the
+    model's image tokens (the adapter's `image_token_mask`)."""
     from PIL import Image
 
     templates = templates or DEFAULT_VL_TEMPLATES
@@ -160,5 +161,5 @@ def vl_calibration_batches(
                 inputs = dict(processor(images=[image.convert("RGB")], text=[prompt], return_tensors="pt"))
         except (OSError, KeyError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
             raise CalibrationDataError(f"{source}: item {item['image']}: {type(exc).__name__}: {exc}.") from None
-        batches.append(CalibrationBatch(inputs, inputs["input_ids"] == image_token_id))
+        batches.append(CalibrationBatch(inputs, image_mask(inputs["input_ids"])))
     return batches

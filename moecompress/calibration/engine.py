@@ -55,11 +55,11 @@ class Activations:
 class LayerInputs:
     """Per calibration batch: hidden states entering the current layer (held as `holding` says, computed in
     `compute` dtype), every decoder layer's keyword arguments (position embeddings, the mask of its attention
-    type: full, sliding, chunked, linear), adapter extras (e.g. DeepStack features), image mask."""
+    type: full, sliding, chunked, linear), adapter extras (e.g. DeepStack features), each token's modality id."""
 
     kwargs: list[list[dict]] = field(default_factory=list)  # [batch][layer]
     extras: list[dict] = field(default_factory=list)
-    image_masks: list[torch.Tensor] = field(default_factory=list)
+    modalities: list[torch.Tensor] = field(default_factory=list)  # per token its modality id (`MODALITIES`)
     holding: Activations = field(default_factory=Activations)
     device: torch.device = torch.device("cpu")
     compute: torch.dtype | None = None
@@ -95,14 +95,14 @@ class LayerInputs:
             stale.remove()
 
     def batches(self, layer: int):
-        """(hidden in the compute dtype, decoder layer `layer`'s own keyword arguments, extras, image mask) per
+        """(hidden in the compute dtype, decoder layer `layer`'s own keyword arguments, extras, modality ids) per
         calibration batch."""
-        for hidden, kwargs, extras, mask in zip(self.hidden, self.kwargs, self.extras, self.image_masks):
+        for hidden, kwargs, extras, mask in zip(self.hidden, self.kwargs, self.extras, self.modalities):
             yield hidden.to(self.compute) if self.compute is not None else hidden, kwargs[layer], extras, mask
 
     @property
     def num_tokens(self) -> int:
-        return sum(int(m.numel()) for m in self.image_masks)
+        return sum(int(m.numel()) for m in self.modalities)
 
 
 def _to(value, device):
@@ -158,12 +158,22 @@ def capture_layer_inputs(
                 model(**_to(batch.inputs, device), use_cache=False)
             except _StopForward:
                 pass
-            captured.image_masks.append(batch.image_mask.to(device))
+            captured.modalities.append(_modalities(model, adapter, batch).to(device))
     finally:
         handle.remove()
         for layer in layers:
             del layer.forward
     return captured
+
+
+def _modalities(model: nn.Module, adapter: ModelAdapter, batch: CalibrationBatch) -> torch.Tensor:
+    """Each token's modality id (`MODALITIES`: 0 text, 1 image, 2 audio): the batch's image mask, and audio
+    where the adapter finds audio tokens in the input ids."""
+    ids = batch.image_mask.long()
+    input_ids = batch.inputs.get("input_ids")
+    if input_ids is not None:
+        ids = ids.masked_fill(adapter.audio_token_mask(model, input_ids).to(ids.device), MODALITIES.index("audio"))
+    return ids
 
 
 def _moved(value, device: torch.device, moved: dict[int, object]):
@@ -213,20 +223,23 @@ class ExpertObserver:
         self.reservoir: list[torch.Tensor] = []
         self._reservoir_rate = min(1.0, reservoir_size / max(total_tokens, 1))
         self._generator = torch.Generator().manual_seed(seed)
-        self.image_mask: torch.Tensor | None = None
+        self.modality: torch.Tensor | None = None  # the current batch's modality ids
         self.collectors = collectors(view) if collectors is not None else []
 
     def hook(self, module, args, output) -> None:
         hidden = args[0].reshape(-1, self.view.hidden_size)
         if self.view.group is None:
-            self.observe(hidden, self.image_mask.reshape(-1))
+            self.observe(hidden, self.modality.reshape(-1))
         else:  # a modality group's block sees only that modality's tokens
-            self.observe(hidden, torch.full((hidden.shape[0],), self.view.group == "image", device=hidden.device))
+            self.observe(
+                hidden, torch.full((hidden.shape[0],), MODALITIES.index(self.view.group), device=hidden.device)
+            )
 
     @torch.no_grad()
-    def observe(self, x: torch.Tensor, image_mask: torch.Tensor) -> None:
+    def observe(self, x: torch.Tensor, modality: torch.Tensor) -> None:
+        """Tokens x [T, H] entering the block and their modality ids (or a bool image mask) [T]."""
         x = x.float()
-        modality = image_mask.long().to(x.device)
+        modality = modality.long().to(x.device)
         M = len(MODALITIES)
         weights, indices = self.view.route(x)
         routed = torch.zeros_like(x)
@@ -389,9 +402,9 @@ def _observed_forward(layer: nn.Module, adapter: ModelAdapter, index: int, input
     handles = [observer.view.block.register_forward_hook(observer.hook) for observer in observers]
     try:
         outputs = inputs.sink()
-        for hidden, kwargs, extras, mask in inputs.batches(index):
+        for hidden, kwargs, extras, modality in inputs.batches(index):
             for observer in observers:
-                observer.image_mask = mask
+                observer.modality = modality
             out = layer(hidden, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
             outputs.append(inputs.held(adapter.after_layer(index, out, extras)))

@@ -25,11 +25,15 @@ from tqdm.auto import tqdm
 
 from ..calibration.data import CalibrationBatch
 from ..errors import RecipeError
-from ..models.base import MODALITIES, ModelAdapter, MoEBlockView
+from ..models.base import ModelAdapter, MoEBlockView
 from ..training.distill import DistillConfig, distill, token_kl
 from .rules import ratio_keep, relaxed_bernoulli, score_keep, threshold_for_fraction, top_slot
 
 SKIP_METHODS = ("none", "odp", "modes", "learned")
+
+
+# Skipping tells text from image tokens (audio tokens count as text).
+MODALITIES = ("text", "image")
 
 
 @dataclass

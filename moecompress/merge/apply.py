@@ -53,7 +53,7 @@ class MergeConfig:
     beam: int = 4
     align_neurons: bool = True
     max_cluster_size: int | None = None
-    modality_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "image": 1.0})
+    modality_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "image": 1.0, "audio": 1.0})
     seed: int = 0
 
     def validate(self) -> MergeConfig:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODALITIES = ("text", "image")
+MODALITIES = ("text", "image", "audio")  # statistics count tokens per modality; ids 0, 1, 2
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 BIASES = ("gate_bias", "up_bias", "down_bias")
 
@@ -331,6 +331,10 @@ class ModelAdapter:
 
     def image_token_mask(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """Bool mask of image tokens in `input_ids`; text-only models have none."""
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+
+    def audio_token_mask(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask of audio tokens in `input_ids` (Qwen3-Omni); models without an audio tower have none."""
         return torch.zeros_like(input_ids, dtype=torch.bool)
 
     def after_layer(self, layer_index: int, hidden: torch.Tensor, extras: dict) -> torch.Tensor:

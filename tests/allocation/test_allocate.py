@@ -14,7 +14,7 @@ def profiled_stats() -> ExpertStats:
     stats = ExpertStats.empty("synthetic", [0, 1], num_experts=4, top_k=1)
     stats.tokens[:, :, 0] = torch.tensor([60.0, 25, 15, 0])
     stats.tokens[:, :, 1] = torch.tensor([0.0, 0, 10, 0])  # image tokens only go to expert 2
-    stats.total_tokens[:] = torch.tensor([100.0, 10])
+    stats.total_tokens[:] = torch.tensor([100.0, 10, 0])  # text, image, audio
     stats.weight_sum[:] = stats.tokens * 0.9
     stats.candidate_formats = [{"bits": b, "group_size": 128, "sym": False} for b in (2, 3, 4)]
     per_token = torch.tensor([8.0, 2.0, 0.5], dtype=torch.float64)  # error at 2/3/4 bits

@@ -52,7 +52,8 @@ def image_batch(model, seed=0) -> CalibrationBatch:
     flattened patches, and the tokens for the vision experts, its start/end markers included). The image mask is the
     adapter's."""
     gen = torch.Generator().manual_seed(seed)
-    vision, config = model.config.vision_config, model.config
+    config = getattr(model.config, "thinker_config", model.config)  # Qwen3-Omni: the thinker's
+    vision = config.vision_config
     start = getattr(config, "image_start_token_id", None) or getattr(config, "vision_start_token_id", None)
     end = getattr(config, "image_end_token_id", None) or getattr(config, "vision_end_token_id", None)
     image = [start] * (start is not None) + [config.image_token_id] * 4 + [end] * (end is not None)
@@ -64,18 +65,19 @@ def image_batch(model, seed=0) -> CalibrationBatch:
     elif hasattr(vision, "temporal_merge_size"):
         inputs["pixel_values"] = torch.randn(2 * 16, 3 * vision.patch_size**2, generator=gen)
         inputs["mm_token_type_ids"] = (ids == config.image_token_id).long()
-        inputs["moe_mm_token_type_ids"] = get_adapter(config.model_type).image_token_mask(model, ids).long()
+        inputs["moe_mm_token_type_ids"] = get_adapter(model.config.model_type).image_token_mask(model, ids).long()
     elif hasattr(vision, "temporal_patch_size"):
         patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
         inputs |= {"pixel_values": torch.randn(2 * 16, patch, generator=gen)}
         inputs |= {"mm_token_type_ids": (ids == config.image_token_id).long()}
     else:
         inputs["pixel_values"] = torch.randn(2 * 16, 3, vision.patch_size, vision.patch_size, generator=gen)
-    return CalibrationBatch(inputs, get_adapter(config.model_type).image_token_mask(model, ids))
+    return CalibrationBatch(inputs, get_adapter(model.config.model_type).image_token_mask(model, ids))
 
 
 @pytest.mark.parametrize(
-    "model_type", ["glm4v_moe", "qwen3_5_moe", "qwen3_vl_moe", "kimi_k25", "llama4", "ernie4_5_vl_moe"]
+    "model_type",
+    ["glm4v_moe", "qwen3_5_moe", "qwen3_vl_moe", "kimi_k25", "llama4", "ernie4_5_vl_moe", "qwen3_omni_moe"],
 )
 def test_vision_language_walk_sees_the_images(model_type):
     """With pixels in the batch, the layer-wise walk reproduces the model's own forward (vision features merged at the
@@ -91,7 +93,8 @@ def test_vision_language_walk_sees_the_images(model_type):
         real = model(**batch.inputs, output_hidden_states=True).hidden_states
         blind = model(**text_only, output_hidden_states=True).hidden_states
         last = adapter.text_model(model).norm(walked[len(walked) - 1][0])
-    deepstack = len(getattr(model.config.vision_config, "deepstack_visual_indexes", []))
+    vision = getattr(model.config, "thinker_config", model.config).vision_config
+    deepstack = len(getattr(vision, "deepstack_visual_indexes", []))
     for index in range(deepstack, len(walked) - 1):  # transformers records a layer's output before DeepStack adds to it
         reference = real[index + 1].double()
         assert float((walked[index][0].double() - reference).norm() / reference.norm()) < 1e-5
@@ -115,7 +118,7 @@ def test_observer_counts_and_hessians_match_the_routing():
     observer.observe(x, image)
     weights, indices = view.route(x)
     assert observer.tokens.sum() == 300 * 2
-    assert observer.total_tokens.tolist() == [float((~image).sum()), float(image.sum())]
+    assert observer.total_tokens.tolist() == [float((~image).sum()), float(image.sum()), 0.0]  # no audio
     for e in range(8):
         tok = (indices == e).any(1)
         assert observer.tokens[e, 1] == (tok & image).sum()
@@ -130,7 +133,7 @@ def test_expert_stats_round_trip_and_drop_loss(tmp_path):
     model = tiny_model("qwen2_moe")
     adapter = get_adapter("qwen2_moe")
     stats = collect_expert_stats(model, adapter, batches(), "tiny-qwen2-moe", progress=False)
-    assert stats.tokens.shape == (2, 8, 2)
+    assert stats.tokens.shape == (2, 8, 3)  # text, image, audio
     assert torch.allclose(stats.frequency.sum(1)[:, 0], torch.full((2,), 2.0, dtype=torch.float64))
     routed = stats.tokens.sum(-1) > 0
     assert (stats.drop_loss[routed].sum(-1) > 0).all()
@@ -199,3 +202,34 @@ def test_gram_sums_hold_half_and_give_back_the_full_sums_gptq_needs():
     fmt = QuantFormat(bits=4, group_size=16, sym=False)
     assert torch.equal(quantize_gptq(w, single.pop(0), fmt).codes, quantize_gptq(w, gram, fmt).codes)
     assert sums.pop(0) is not None and sums.full(0) is None and sums.pop(0) is None
+
+
+def test_audio_tokens_are_a_third_modality():
+    """Qwen3-Omni with 100 frames of log-mel features per sequence (13 audio tokens after the audio tower): the walk
+    reproduces the thinker's forward below 1e-5, the audio changes the states, and every MoE layer counts each
+    audio token top-k times under "audio" (none under "image")."""
+    model, adapter = tiny_model("qwen3_omni_moe"), get_adapter("qwen3_omni_moe")
+    config = model.config.thinker_config
+    audio = [config.audio_start_token_id] + [config.audio_token_id] * 13
+    ids = torch.stack([torch.tensor(row) for row in ([5, 6] + audio + [7, 8], [9] + audio + [10, 11, 12])])
+    features = torch.randn(2, 128, 100, generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch = CalibrationBatch(
+        {**inputs, "input_features": features, "feature_attention_mask": torch.ones(2, 100, dtype=torch.long)},
+        adapter.image_token_mask(model, ids),
+    )
+    walked = walked_states(model, adapter, [batch])
+    with torch.no_grad():
+        real = model(**batch.inputs, output_hidden_states=True).hidden_states
+        deaf = model(**inputs, output_hidden_states=True).hidden_states
+    for index in range(len(walked) - 1):
+        reference = real[index + 1].double()
+        assert float((walked[index][0].double() - reference).norm() / reference.norm()) < 1e-5
+    assert float((deaf[1] - real[1]).norm() / real[1].norm()) > 1e-2
+    stats = collect_expert_stats(model, adapter, [batch], "tiny", measure_drop_loss=False, progress=False)
+    assert stats.modalities == ("text", "image", "audio")
+    top_k = adapter.moe_blocks(model)[0].top_k
+    assert stats.tokens[:, :, 2].sum(1).tolist() == [26 * top_k] * stats.tokens.shape[0]
+    assert (
+        stats.tokens[:, :, 1].sum() == 0 and stats.tokens[:, :, 0].sum(1).tolist() == [(ids.numel() - 26) * top_k] * 2
+    )

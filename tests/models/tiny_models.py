@@ -215,6 +215,30 @@ CONFIGS.update(
             video_start_token_id=124,
             video_end_token_id=125,
         ),
+        # the thinker: audio and vision towers before a Qwen3-MoE decoder with DeepStack; no talker
+        "qwen3_omni_moe": dict(
+            thinker_config=dict(
+                text_config=dict(
+                    **COMMON,
+                    **CONFIGS["qwen3_moe"],
+                    rope_parameters={**_mrope([2, 2, 4], 1.0), "mrope_interleaved": True},
+                ),
+                vision_config=dict(**VISION, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+                audio_config=dict(
+                    encoder_layers=1,
+                    encoder_attention_heads=2,
+                    encoder_ffn_dim=32,
+                    d_model=32,
+                    output_dim=COMMON["hidden_size"],
+                    downsample_hidden_size=8,
+                ),
+                **IMAGE_TOKENS,
+                vision_start_token_id=122,
+                audio_token_id=124,
+                audio_start_token_id=125,
+            ),
+            enable_audio_output=False,
+        ),
         "kimi_k25": dict(
             text_config=dict(**CONFIGS["deepseek_v3"], model_type="deepseek_v3"),
             vision_config=dict(
@@ -238,7 +262,11 @@ CONFIGS.update(
 def tiny_model(model_type: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     kwargs = CONFIGS[model_type]
-    if "text_config" in kwargs:
+    if "thinker_config" in kwargs:  # Qwen3-Omni: its adapter's class (transformers' has no forward)
+        from moecompress.models import get_adapter
+
+        model = get_adapter(model_type).auto_model_class()(CONFIG_MAPPING[model_type](**kwargs))
+    elif "text_config" in kwargs:
         text = {**COMMON, **kwargs["text_config"], **overrides}
         model = AutoModelForImageTextToText.from_config(CONFIG_MAPPING[model_type](**{**kwargs, "text_config": text}))
     else:
