@@ -86,9 +86,10 @@ def dequantizing_config(config, source: str):
     except ValueError as exc:
         raise ModelLoadError(f"'{source}': {' '.join(str(exc).split())}") from None
     if not hasattr(qc, "dequantize"):
+        method = getattr(qc.quant_method, "value", qc.quant_method)
         raise ModelLoadError(
-            f"'{source}' is quantized with {getattr(qc.quant_method, 'value', qc.quant_method)}, which transformers cannot dequantize while loading; "
-            "pass the unquantized (bf16/fp16) model."
+            f"'{source}' is quantized with {method}, which transformers cannot dequantize while loading; pass the "
+            "unquantized (bf16/fp16) model."
         )
     qc.dequantize = True
     return qc
