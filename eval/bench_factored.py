@@ -6,7 +6,7 @@ runs). The factored weights are written back dense: this measures the method's q
 before a stored format exists. Perplexity on the first `--max-windows` 512-token windows of each set, comparable
 with `eval/bench_merge.py --max-windows 40` (pruning and averaging at the same parameter counts).
 
-    python eval/bench_factored.py --max-windows 40     # ~10 min on 2 cores
+    python eval/bench_factored.py --max-windows 40 --live-only --alpha 0.5     # ~3 min on 2 cores
 """
 
 from __future__ import annotations
