@@ -92,13 +92,18 @@ template <int T>
 Q8_TARGET inline void zero_points(const ProjDesc& d, int n, const uint16_t* srow, const float* xsum, __m512* tot) {
     const int G = d.groups;
     for (int g = 0; g < G; g += 16) {
+        const bool whole = G - g >= 16;  // plain loads (cheaper than masked ones) for whole blocks of 16 groups
         const __mmask16 m = first(G - g);
-        const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, srow + g));
-        const __m512 z = d.zero ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                      _mm_maskz_loadu_epi8(m, d.zero + (int64_t)n * G + g)))
-                                : _mm512_set1_ps((float)d.fixed_zero);
-        const __m512 sz = _mm512_mul_ps(s, z);
-        for (int t = 0; t < T; ++t) tot[t] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(m, xsum + t * G + g), tot[t]);
+        const uint8_t* zrow = d.zero ? d.zero + (int64_t)n * G + g : nullptr;
+        const __m256i h = whole ? _mm256_loadu_si256((const __m256i*)(srow + g)) : _mm256_maskz_loadu_epi16(m, srow + g);
+        const __m512 z = zrow ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(whole ? _mm_loadu_si128((const __m128i*)zrow)
+                                                                             : _mm_maskz_loadu_epi8(m, zrow)))
+                              : _mm512_set1_ps((float)d.fixed_zero);
+        const __m512 sz = _mm512_mul_ps(_mm512_cvtph_ps(h), z);
+        for (int t = 0; t < T; ++t) {
+            const float* xs = xsum + t * G + g;
+            tot[t] = _mm512_fnmadd_ps(sz, whole ? _mm512_loadu_ps(xs) : _mm512_maskz_loadu_ps(m, xs), tot[t]);
+        }
     }
 }
 
