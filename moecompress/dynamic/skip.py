@@ -33,7 +33,7 @@ SKIP_METHODS = ("none", "odp", "modes", "learned")
 
 
 # Skipping tells text from image tokens (audio tokens count as text).
-MODALITIES = ("text", "image")
+SKIP_MODALITIES = ("text", "image")
 
 
 @dataclass
@@ -102,11 +102,11 @@ class SkipPredictor(nn.Module):
 
 @dataclass
 class SkipStats:
-    kept: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MODALITIES, 0))
-    total: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MODALITIES, 0))
+    kept: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_MODALITIES, 0))
+    total: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_MODALITIES, 0))
 
     def skipped(self, modality: str | None = None) -> float:
-        names = MODALITIES if modality is None else (modality,)
+        names = SKIP_MODALITIES if modality is None else (modality,)
         total = int(sum(self.total[m] for m in names))
         return 1 - int(sum(self.kept[m] for m in names)) / total if total else 0.0
 
@@ -294,7 +294,7 @@ def _layer_importance(controller: SkipController, batches, progress: bool) -> di
     modality, normalised to mean 1 over layers (1 everywhere for a modality the data lacks)."""
     present = {"text": True, "image": any(b.image_mask is not None and bool(b.image_mask.any()) for b in batches)}
     alpha = {}
-    for m in MODALITIES:
+    for m in SKIP_MODALITIES:
         if not present[m]:
             alpha[m] = [1.0] * len(controller.views)
             continue
@@ -309,7 +309,7 @@ def _layer_importance(controller: SkipController, batches, progress: bool) -> di
 
 def _fit_modes(controller: SkipController, batches, records, config: SkipConfig, progress: bool) -> SkipRule:
     alpha = _layer_importance(controller, batches, progress)
-    scores = {m: [] for m in MODALITIES}
+    scores = {m: [] for m in SKIP_MODALITIES}
     for position, (w, image) in enumerate(records):
         for m, sel in (("text", ~image), ("image", image)):
             scores[m].append((alpha[m][position] * w[sel]).flatten())
@@ -319,7 +319,7 @@ def _fit_modes(controller: SkipController, batches, records, config: SkipConfig,
     has_image = scores["image"].numel() > 0
     if not (config.per_modality and has_image):
         tau = threshold_for_fraction(torch.cat(list(scores.values())), config.target)
-        controller.rule = SkipRule("modes", config.target, alpha=alpha, tau=dict.fromkeys(MODALITIES, tau))
+        controller.rule = SkipRule("modes", config.target, alpha=alpha, tau=dict.fromkeys(SKIP_MODALITIES, tau))
         controller.rule.calibration_kl = calibration_kl(controller, batches)
         return controller.rule
     n_text, n_image = scores["text"].numel(), scores["image"].numel()

@@ -2,15 +2,10 @@
 // to float32 rounding. Never a float copy of a weight: each row is decoded 8 codes at a time into registers and
 // used for every token of the call. AVX-512 (F/BW/VL) or AVX2+FMA code is chosen at run time when the CPU has it
 // (MOECOMPRESS_NO_AVX512=1 stops at AVX2); a portable path otherwise.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 flags _mm512_undefined_* inside its own headers
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
-#include <immintrin.h>
-
 #include <vector>
 
 #include "packed.h"
+#include "simd.h"
 
 namespace moecpu {
 

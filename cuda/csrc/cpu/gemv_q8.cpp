@@ -15,16 +15,12 @@
 // with xsum[t, g] the group's sum of d * int8 activations. Against float activations this adds the rounding
 // error of the activations (about 0.3 % relative per projection on Gaussian inputs); against a float64
 // reference computed from the same int8 activations it is exact to float32 rounding.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 flags _mm512_undefined_* inside its own headers
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
-#include <immintrin.h>
 #include <math.h>
 
 #include <vector>
 
 #include "packed.h"
+#include "simd.h"
 
 namespace moecpu {
 
