@@ -1,120 +1,127 @@
-"""Factored experts (issue 20, first measurement) on moe-tiny-text: every MoE layer's experts as a shared base (their
-routing-frequency-weighted mean) plus a low-rank delta per expert, at 75 % and 50 % of the dense expert
-parameters, the delta truncated plainly or whitened by each expert's own input Gram matrix (`merge/factored.py`).
-Layer by layer on the calibration set, each layer's inputs from the already factored layers before it (as GPTQ
-runs). The factored weights are written back dense: this measures the method's quality at its parameter count,
-before a stored format exists. Perplexity on the first `--max-windows` 512-token windows of each set, comparable
-with `eval/bench_merge.py --max-windows 40` (pruning and averaging at the same parameter counts).
+"""Factored experts (issue 20) at equal expert bytes: on moe-tiny-text (wiki / python / kernel perplexity) and, with
+--vl, moe-tiny-vl (shapes-vl QA accuracy), at 75 % and 50 % of the w4g128 expert bytes and of the bf16 expert bytes:
 
-    python eval/bench_factored.py --max-windows 40 --live-only --alpha 0.5     # ~3 min on 2 cores
+  factored        `factor:` with its defaults: per expert projection a low-rank delta (whitened truncation, as
+                  SVD-LLM), a dense delta or none, to a quantized shared base or to none, every width and rank
+                  chosen by the integer program under the byte budget (the "chosen" column)
+  factored, shared w4 base   the same with the shared base forced (D²-MoE's base + deltas)
+  factored plain  the same as "factored" with plain (Frobenius) truncation
+  prune           NAEE pruning of the same share of experts (+ GPTQ w4 at the w4 budgets; bf16 at the bf16 ones)
+  average         dominant-anchored averaging of the same share (MC-SMoE), likewise
+  uniform GPTQ    every expert at the smallest uniform format that is at least the budget (w3g128 for 3.14 bits,
+                  w2g128 for 2.09, w8g128 for 12 and 8): never fewer bytes than the others
+
+Every model is compressed by `moecompress.compress`, saved, loaded back and evaluated; the measured stored bits per
+expert parameter are printed beside the budget.
+
+    python eval/bench_factored.py --max-windows 40          # ~20 min on 2 cores
+    python eval/bench_factored.py --vl-only                 # moe-tiny-vl rows, ~20 min
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from pathlib import Path
 
-import torch
-from bench_foundation import SHARED, TEXT, perplexities
+from bench_foundation import DATA, SHARED, TEXT, VL, perplexities, print_table
 from transformers import AutoTokenizer
 
-from moecompress.calibration.batches import calibration_batches
-from moecompress.calibration.engine import run_layerwise
-from moecompress.merge.factored import factor_experts, rank_for_budget
+import moecompress
 from moecompress.models import load_model
-from moecompress.models.base import PROJECTIONS
 from moecompress.recipe import Recipe
 
 CALIB = str(SHARED / "data" / "calib" / "calib_mix.jsonl")
+VL_CALIB = str(SHARED / "data" / "shapes-vl" / "calib.jsonl")
+VL_EVAL = str(SHARED / "data" / "shapes-vl" / "eval.jsonl")
+W4 = 4 + 24 / 128  # stored bits per parameter of w4g128 asym: codes, an fp16 scale and a uint8 zero per 128
+# (label, budget in stored bits per expert parameter, share of experts kept by pruning/averaging, their bits)
+POINTS = [
+    ("75% of w4", 0.75 * W4, 0.75, 4),
+    ("50% of w4", 0.50 * W4, 0.50, 4),
+    ("75% of bf16", 12.0, 0.75, None),
+    ("50% of bf16", 8.0, 0.50, None),
+]
+UNIFORM = {"75% of w4": 3, "50% of w4": 2, "75% of bf16": 8, "50% of bf16": 8}
 
 
-def expert_ranks(freqs: torch.Tensor, live: torch.Tensor, rank: int, alpha: float, full: int) -> list[int]:
-    """Per expert a delta rank: `rank` for every live expert, or with `alpha` > 0 the same total shared in
-    proportion to routing frequency ** alpha (at most `full`, where the factors stop being smaller than the dense
-    delta); 0 for the others."""
-    total = rank * int(live.sum())
-    if alpha <= 0:
-        return [rank if bool(flag) else 0 for flag in live]
-    share = freqs.double().clamp(min=0) ** alpha * live
-    ranks = torch.zeros(len(share), dtype=torch.long)
-    while int(ranks.sum()) < total:  # water-filling: what a capped expert cannot take goes to the others
-        open_ = (ranks < full) & (share > 0)
-        if not bool(open_.any()):
-            break
-        left = total - int(ranks.sum())
-        add = (share * open_ / (share * open_).sum() * left).floor().long()
-        if int(add.sum()) == 0:  # the rounding remainder, one each to the busiest open experts
-            add[torch.argsort(share * open_, descending=True)[:left]] = 1
-        ranks = torch.minimum(ranks + add * open_, torch.tensor(full))
-    return ranks.tolist()
+def recipes(label: str, budget: float, kept: float, bits: int | None, methods: list[str] | None) -> dict:
+    """The recipe sections of every row at one budget point."""
+    quantized = {"method": "gptq", "bits": bits} if bits else {"method": "none"}
+    rows = {
+        "factored": {"factor": {"enabled": True, "avg_bits": budget}},
+        "factored, shared w4 base": {"factor": {"enabled": True, "avg_bits": budget, "base_bits": [4]}},
+        "factored plain": {"factor": {"enabled": True, "avg_bits": budget, "whiten": False}},
+        "prune": {"merge": {"method": "prune", "ratio": 1 - kept}, "quantization": quantized},
+        "average": {
+            "merge": {"method": "average", "ratio": 1 - kept, "clustering": "dominant"},
+            "quantization": quantized,
+        },
+        f"uniform GPTQ w{UNIFORM[label]}": {"quantization": {"method": "gptq", "bits": UNIFORM[label]}},
+    }
+    return {k: v for k, v in rows.items() if not methods or any(m in k for m in methods)}
 
 
-@torch.no_grad()
-def factor_model(
-    fraction: float, whiten: bool, batches, live_only: bool = False, alpha: float = 0.0
-) -> tuple[torch.nn.Module, dict]:
-    """moe-tiny-text with every MoE layer's experts factored at `fraction` of their parameters; the delta ranks
-    used per layer. `live_only`: experts no calibration token reached keep the base alone (rank 0), and their share
-    of the budget goes to the others; `alpha` > 0: ranks in proportion to routing frequency ** alpha."""
-    loaded = load_model(str(TEXT))
-    ranks: dict = {}
-
-    def factor_layer(view, observer) -> bool:
-        experts = range(view.num_experts)
-        freqs = observer.tokens.sum(-1)
-        live = (freqs > 0) if live_only else torch.ones(view.num_experts, dtype=torch.bool)
-        originals = [view.expert_weights(e) for e in experts]
-        rebuilt: list[dict[str, torch.Tensor]] = [{} for _ in experts]
-        for p in PROJECTIONS:
-            out, inp = originals[0][p].shape
-            budget = fraction * view.num_experts / int(live.sum())  # the same parameters over the live experts
-            rank = rank_for_budget(out, inp, int(live.sum()), budget)
-            per_expert = expert_ranks(freqs, live, rank, alpha, out * inp // (out + inp))  # above: dense is smaller
-            ranks[view.layer_index] = rank if alpha <= 0 else f"{min(per_expert)}-{max(per_expert)}"
-            sums = observer.hessian_mid if p == "down_proj" else observer.hessian_in
-            grams = [sums.full(e) for e in experts] if whiten else None
-            base, factors = factor_experts([w[p] for w in originals], freqs, max(per_expert), grams)
-            for e, (a, b) in enumerate(factors):  # SVD order: the first r columns are the best rank-r delta
-                r = per_expert[e]
-                rebuilt[e][p] = (base + a[:, :r] @ b[:r]).to(originals[e][p].dtype)
-        for e in experts:
-            view.set_expert_weights(e, originals[e].replace(**rebuilt[e]))
-        return True
-
-    run_layerwise(loaded.model, loaded.adapter, batches, factor_layer, collect_hessians=whiten, progress=False)
-    return loaded.model, ranks
+def run(source: Path, sections: dict, calibration: dict, out: Path, evaluate, vl: bool, params: int) -> dict:
+    """Compress, save, load back, evaluate; stored bits per expert parameter *of the source* (pruned and merged
+    experts count as stored in zero bytes), and what the factored allocation chose."""
+    recipe = Recipe.from_dict({"name": "bench", "calibration": calibration, **sections})
+    result = moecompress.compress(str(source), recipe, output=out, overwrite=True, progress=False, trust_remote_code=vl)
+    model = moecompress.load(out, cache_dequantized=True, trust_remote_code=vl)
+    row = {"bits/param": 8 * result.report.expert_bytes / params}
+    if result.report.factor:
+        blocks = result.report.factor["blocks"].values()
+        share = {k: sum(b["deltas"][k] for b in blocks) for k in ("dense", "low_rank", "none")}
+        chosen = " / ".join(f"{k.replace('_', '-')} {v / sum(share.values()):.0%}" for k, v in share.items())
+        row["chosen"] = f"{chosen}; base in {sum(b['base'] is not None for b in blocks)} of {len(blocks)} blocks"
+    return {**row, **evaluate(model)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--fractions", nargs="+", type=float, default=[0.75, 0.5])
     parser.add_argument("--max-windows", type=int, default=40)
-    parser.add_argument("--live-only", action="store_true", help="also: dead experts keep the base alone")
-    parser.add_argument("--alpha", type=float, help="also: live experts' ranks by routing frequency ** ALPHA")
+    parser.add_argument("--points", nargs="+", help="labels of the budget points to run (default: all)")
+    parser.add_argument("--methods", nargs="+", help="substrings of the row names to run (default: all)")
+    parser.add_argument("--vl", action="store_true", help="also the moe-tiny-vl rows")
+    parser.add_argument("--vl-only", action="store_true", help="only the moe-tiny-vl rows")
     parser.add_argument("--json")
     args = parser.parse_args()
-    tokenizer = AutoTokenizer.from_pretrained(TEXT)
-    source = load_model(str(TEXT))
-    batches = calibration_batches(source, Recipe.from_dict({"calibration": {"dataset": CALIB}}))
-    rows = [{"config": "bf16 reference", **perplexities(source.model, tokenizer, args.max_windows)}]
-    print(json.dumps(rows[-1]), flush=True)
-    variants = [(False, False, 0.0), (True, False, 0.0)] + ([(True, True, 0.0)] if args.live_only else [])
-    variants += [(True, True, args.alpha)] if args.alpha else []
-    for fraction in args.fractions:
-        for whiten, live_only, alpha in variants:
-            model, ranks = factor_model(fraction, whiten, batches, live_only, alpha)
-            label = f"factored {fraction:.0%}, {'whitened' if whiten else 'plain'}" + (", live experts" * live_only)
-            label += f", ranks by frequency^{alpha:g}" if alpha else ""
-            rows.append({"config": label, "ranks": ranks, **perplexities(model, tokenizer, args.max_windows)})
-            print(json.dumps(rows[-1]), flush=True)
-    print("| config | delta rank per MoE layer | wiki | python | kernel |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        ranks = "/".join(str(r) for r in row["ranks"].values()) if "ranks" in row else ""
-        print(f"| {row['config']} | {ranks} | {row['wiki']:.2f} | {row['python']:.2f} | {row['kernel']:.2f} |")
+    points = [p for p in POINTS if not args.points or p[0] in args.points]
+    models = ([] if args.vl_only else [(TEXT, False)]) + ([(VL, True)] if args.vl or args.vl_only else [])
+    rows: list[dict] = []
+    for source, vl in models:
+        evaluate = _vl_evaluator() if vl else _text_evaluator(args.max_windows)
+        name = "vl " if vl else ""
+        calibration = {"dataset": CALIB, **({"vl_dataset": VL_CALIB} if vl else {})}
+        reference = load_model(str(source))
+        params = sum(v.expert_params for v in reference.adapter.moe_blocks(reference.model))
+        rows.append({"config": f"{name}bf16 reference", "bits/param": 16.0, **evaluate(reference.model)})
+        print(json.dumps(rows[-1]), flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            for label, budget, kept, bits in points:
+                for method, sections in recipes(label, budget, kept, bits, args.methods).items():
+                    row = {"config": f"{name}{label} ({budget:.2f} bits): {method}"}
+                    row.update(run(source, sections, calibration, Path(tmp) / "model", evaluate, vl, params))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    base = next((r for r in rows if r["config"] == "bf16 reference"), {})
+    print_table(rows, ["config", "bits/param", *DATA, "qa", "chosen"], {k: v for k, v in base.items() if k in DATA})
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def _text_evaluator(max_windows: int):
+    tokenizer = AutoTokenizer.from_pretrained(TEXT)
+    return lambda model: perplexities(model, tokenizer, max_windows)
+
+
+def _vl_evaluator():
+    from moecompress.evaluation.vlqa import vl_qa_accuracy
+    from moecompress.pipeline import load_tokenizer_or_processor
+
+    processor = load_tokenizer_or_processor(str(VL), True, trust_remote_code=True)
+    return lambda model: {"qa": vl_qa_accuracy(model, processor, VL_EVAL, progress=False).accuracy}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Expert merging and pruning (issue 5) on moe-tiny-text, and with --vl on moe-tiny-vl: 25% and 50% of the
 routed experts removed by (a) frequency-weighted averaging, (b) Sub-MoE subspace merging at two ranks,
-(c) NAEE pruning, (d) each followed by GPTQ w4. Merges are measured with both router updates (shrink: one
+(c) NAEE pruning, (d) each followed by GPTQ w4; with --factored, (e) factored experts (`factor:`) at the same
+expert bytes as (d), every expert kept. Merges are measured with both router updates (shrink: one
 row per merged expert; keep: all E rows mapped to merged experts). Every model is saved, loaded back, then
 evaluated.
 
@@ -23,6 +24,7 @@ from moecompress.models import load_model
 from moecompress.recipe import Recipe
 
 CALIB = str(SHARED / "data" / "calib" / "calib_mix.jsonl")
+W4 = 4 + 24 / 128  # stored bits per parameter of w4g128 asym
 KMEANS = {"clustering": "kmeans"}
 METHODS = {
     "average (no alignment)": {"method": "average", "align_neurons": False, **KMEANS},
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, help="evaluate the first N 512-token windows of each set")
     parser.add_argument("--no-w4", action="store_true", help="skip the merged + GPTQ w4 rows")
     parser.add_argument("--methods", nargs="+", help="substrings of the method names to run (default: all)")
+    parser.add_argument("--factored", action="store_true", help="also factored experts at each ratio's w4 bytes")
     parser.add_argument("--vl", action="store_true", help="also moe-tiny-vl at 25% on shapes-vl QA")
     parser.add_argument("--vl-only", action="store_true", help="only the moe-tiny-vl rows")
     parser.add_argument("--json")
@@ -95,6 +98,26 @@ def main() -> None:
                     row.update(evaluate(moecompress.load(out, cache_dequantized=True)))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+            if args.factored:  # the same expert bytes as this ratio's merged + GPTQ w4 rows, all experts kept
+                recipe = Recipe.from_dict(
+                    {
+                        "name": "factored",
+                        "calibration": {"dataset": CALIB},
+                        "factor": {"enabled": True, "avg_bits": (1 - ratio) * W4},
+                    }
+                )
+                out = Path(tmp) / "model"
+                start = time.perf_counter()
+                result = moecompress.compress(str(TEXT), recipe, output=out, overwrite=True, progress=False)
+                row = {
+                    "config": f"factored at the bytes of -{ratio:.0%} + w4",
+                    "experts/layer": 16,
+                    "expert MB": result.report.expert_bytes / 1e6,
+                    "seconds": time.perf_counter() - start,
+                }
+                row.update(evaluate(moecompress.load(out, cache_dequantized=True)))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
         if args.vl or args.vl_only:
             rows += bench_vl(Path(tmp))
     print_table(rows, ["config", "experts/layer", "expert params M", "expert MB", "seconds", *DATA, "qa"], base)

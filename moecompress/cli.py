@@ -127,7 +127,7 @@ def _recipe_with_overrides(args):
         if value:
             setattr(recipe.calibration, key, value)
     if getattr(args, "avg_bits", None):
-        recipe.allocation.avg_bits = args.avg_bits
+        (recipe.factor if recipe.factor.enabled else recipe.allocation).avg_bits = args.avg_bits
     if getattr(args, "recovery_steps", None) is not None:
         recipe.recovery.enabled = args.recovery_steps > 0
         recipe.recovery.steps = max(args.recovery_steps, 1)
@@ -464,7 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_at_least(1), help="override calibration.num_samples")
     p.add_argument("--device", help="compute device for the layer being processed (cpu, cuda, cuda:1)")
     p.add_argument("--plan", help="plan.json from `moecompress plan` (bits per expert); skips the allocation")
-    p.add_argument("--avg-bits", type=_positive_float, help="override allocation.avg_bits")
+    p.add_argument(
+        "--avg-bits", type=_positive_float, help="override allocation.avg_bits (factor.avg_bits in a factor recipe)"
+    )
     p.add_argument(
         "--recovery-steps", type=_at_least(0), help="override recovery.steps (0 turns recovery training off)"
     )

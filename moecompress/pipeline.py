@@ -16,6 +16,7 @@ from torch import nn
 
 from .allocation import CompressionPlan
 from .calibration.batches import calibration_batches, load_tokenizer_or_processor, training_batches
+from .errors import RecipeError
 from .evaluation.records import RUN_RECORD, RunRecord
 from .io.layer_store import LayerStore, state_folder
 from .io.outputs import claim_output, disk_errors
@@ -23,6 +24,7 @@ from .models import LoadedModel, load_model
 from .models.streaming import StreamedModel, local_folder, open_streamed, parameter_count
 from .quant.experts import ExpertQuantReport
 from .recipe import Recipe
+from .runtime.factored_experts import FactoredExperts
 from .runtime.packed_experts import PackedLinear, set_dequant_cache
 from .stages import STAGES, RunContext, plan_allocation
 from .training.memory import TrainingMemory, require_room
@@ -57,6 +59,7 @@ class CompressionReport:
     rare_experts: list[dict] = field(default_factory=list)
     recovery: dict | None = None
     merge: dict | None = None
+    factor: dict | None = None
     slim: dict | None = None
     skip: dict | None = None
     stage_seconds: dict = field(default_factory=dict)
@@ -89,12 +92,16 @@ class CompressionResult:
 
 
 def expert_bytes(model: nn.Module) -> tuple[int, int]:
-    """(packed bytes incl. scales/zeros, expert parameters) over all `PackedExperts`."""
-    nbytes = params = 0
+    """(packed bytes incl. scales/zeros, expert parameters) over all `PackedExperts` and `FactoredExperts` (whose
+    parameters are those of the dense experts they stand for)."""
+    factored = [m for m in model.modules() if isinstance(m, FactoredExperts)]
+    inside = {id(m) for f in factored for m in f.modules()}
+    params = sum(3 * f.num_experts * f.hidden_size * f.intermediate_size for f in factored)
+    nbytes = 0
     for module in model.modules():
         if isinstance(module, PackedLinear):
             nbytes += module.packed().nbytes
-            params += module.out_features * module.in_features
+            params += 0 if id(module) in inside else module.out_features * module.in_features
     return nbytes, params
 
 
@@ -122,8 +129,12 @@ def compress(
     stream: read one decoder layer at a time from the source's safetensors and write each finished layer to
     `<output>.compress-state/` at once, so memory stays at about one layer and a killed run resumes where it
     stopped (only when every enabled stage is layer-wise: merging, allocation, quantization; slimming, recovery and
-    skipping work on the whole model in memory). The result is bit-identical either way."""
+    skipping work on the whole model in memory; so does factoring). The result is bit-identical either way."""
     recipe = _as_recipe(recipe)
+    if plan is not None and recipe.factor.enabled:
+        raise RecipeError(
+            f"recipe '{recipe.name}' factors its experts and allocates their ranks and bits itself; drop --plan."
+        )
     if plan is not None and not isinstance(plan, CompressionPlan):
         plan = CompressionPlan.load(plan)
     source = model.source if isinstance(model, LoadedModel) else model
@@ -229,7 +240,7 @@ def _compress(
         rare_experts=[asdict(r) for r in reports if r.tokens < min_tokens],
         stage_seconds=seconds,
         engine="streamed" if streamed else "in-memory",
-        **{name: ctx.reports.get(name) for name in ("recovery", "merge", "slim", "skip")},
+        **{name: ctx.reports.get(name) for name in ("recovery", "merge", "factor", "slim", "skip")},
     )
     if output is not None:
         from .io.checkpoint import save_checkpoint
@@ -299,7 +310,9 @@ def run_record(
     output: Path,
 ) -> RunRecord:
     """The record `moecompress report` and the model card read: what was done, bits per expert, routing shares."""
-    if plan is None:
+    if report.factor:
+        method = f"{recipe.quantization.method} factored experts ({report.bits_per_expert_param:.2f} bits)"
+    elif plan is None:
         method = "bf16 experts" if recipe.quantization.method == "none" else recipe.quantization.method
     elif len(plan.formats) == 1:
         method = f"{recipe.quantization.method} {plan.formats[0].name}"

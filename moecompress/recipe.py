@@ -16,6 +16,7 @@ from .allocation.allocate import AllocationConfig
 from .dynamic.skip import SkipConfig
 from .errors import RecipeError
 from .merge.apply import MergeConfig
+from .merge.factor_layer import FactorConfig
 from .quant.experts import RARE_POLICIES
 from .quant.qtensor import PACKINGS, SUPPORTED_BITS, TERNARY, QuantFormat
 from .quant.ternary import TERNARY_SCALE_METHODS
@@ -78,6 +79,7 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    factor: FactorConfig = field(default_factory=FactorConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     slim: SlimConfig = field(default_factory=SlimConfig)
@@ -140,6 +142,8 @@ class Recipe:
             raise RecipeError(
                 f"recipe '{self.name}': merge.router keep cannot be quantized yet; use merge.router: shrink."
             )
+        if self.factor.enabled:
+            self._check_factor()
         if self.recovery.enabled and q.method == "none":
             raise RecipeError(f"recipe '{self.name}': recovery trains quantized experts; set a quantization.method.")
         if self.recovery.enabled:
@@ -161,6 +165,24 @@ class Recipe:
                 "merging/slimming changed; set recovery.init: quantized."
             )
         return self
+
+    def _check_factor(self) -> None:
+        self.factor.validate()
+        clashes = [
+            (
+                self.quantization.method == "none",
+                "quantization.method none (the factors are quantized: use gptq or rtn)",
+            ),
+            (
+                self.allocation.method != "uniform",
+                f"allocation.method {self.allocation.method} (factor allocates ranks and bits itself)",
+            ),
+            (self.quantization.ternary, "quantization.ternary (factors take integer widths)"),
+            (self.recovery.enabled, "recovery (it trains per-expert packed weights, not factors)"),
+        ]
+        for clash, what in clashes:
+            if clash:
+                raise RecipeError(f"recipe '{self.name}': factor cannot be combined with {what}; remove one of them.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -34,7 +34,9 @@ from .quant.experts import (
     install_packed_experts,
     quantize_block_experts,
 )
+from .quant.gptq import quantize_gptq
 from .quant.qtensor import QuantFormat
+from .quant.rtn import quantize_rtn
 from .recipe import Recipe
 from .runtime.packed_experts import set_dequant_cache
 from .training.memory import teacher_placement
@@ -146,13 +148,64 @@ class SlimStage:
         ).to_dict()
 
 
+class FactorStage:
+    """Factored experts (`factor:`): per MoE block an optional quantized shared base and quantized per-expert deltas
+    (low-rank, dense or none), their forms, ranks and widths chosen under the byte budget (`merge/factor_layer.py`),
+    layer by layer on the calibration data (each layer calibrated on the factored layers before it). It replaces
+    the allocation and quantization stages, and holds the whole model (no streaming yet)."""
+
+    name = "factor"
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.factor.enabled
+
+    def run(self, ctx: RunContext) -> dict:
+        from .merge.factor_layer import check_budget, factor_block, install_factored_experts
+
+        q, f, loaded = ctx.recipe.quantization, ctx.recipe.factor, ctx.loaded
+        check_budget(loaded.adapter.moe_blocks(loaded.model), f, q.format_for)
+
+        def quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat):
+            if q.method == "rtn":
+                return quantize_rtn(w, fmt, q.clip_search)
+            return quantize_gptq(w, hessian, fmt, q.damp, q.act_order, clip_search=q.clip_search)
+
+        blocks, done = {}, {}
+
+        def factor_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
+            blocks[view.key] = (view, factor_block(view, observer, f, q.format_for, quantize))
+            return True
+
+        def layer_done(index: int, layer: torch.nn.Module, hidden: list[torch.Tensor]) -> None:
+            for key in [k for k, (view, _) in blocks.items() if view.layer_index == index]:
+                view, block = blocks.pop(key)
+                install_factored_experts(view, block)
+                done[str(key)] = block.summary()
+
+        with ctx.activations(self.name) as holding:
+            run_layerwise(
+                loaded.model,
+                loaded.adapter,
+                ctx.batches,
+                factor_layer,
+                ctx.recipe.device,
+                collect_hessians=True,
+                progress=ctx.progress,
+                desc="factor",
+                layers_from=loaded,
+                on_layer_done=layer_done,
+                activations=holding,
+            )
+        return {"avg_bits_budget": f.avg_bits, "base_bits": f.base_bits, "whiten": f.whiten, "blocks": done}
+
+
 class AllocationStage:
     """The format of every expert projection: the given plan (checked against the model) or the allocator's."""
 
     name = "allocation"
 
     def enabled(self, recipe: Recipe) -> bool:
-        return recipe.quantization.method != "none"
+        return recipe.quantization.method != "none" and not recipe.factor.enabled
 
     def run(self, ctx: RunContext) -> None:
         saved = ctx.store.folder / "plan.json" if ctx.store is not None else None
@@ -176,7 +229,7 @@ class QuantizeStage:
     name = "quantize"
 
     def enabled(self, recipe: Recipe) -> bool:
-        return recipe.quantization.method != "none"
+        return recipe.quantization.method != "none" and not recipe.factor.enabled
 
     def run(self, ctx: RunContext) -> None:
         q, loaded, store = ctx.recipe.quantization, ctx.loaded, ctx.store
@@ -305,6 +358,7 @@ class SkipStage:
 STAGES: tuple[Stage, ...] = (
     MergeStage(),
     SlimStage(),
+    FactorStage(),
     AllocationStage(),
     QuantizeStage(),
     RecoveryStage(),

@@ -140,8 +140,13 @@ def expert_kernels(model: nn.Module) -> str:
     """What runs the routed experts: for packed ones the kernel path, for dense ones transformers' experts
     implementation and the weights' dtype."""
     from ..runtime import cuda_kernels, native
+    from ..runtime.factored_experts import FactoredExperts
     from ..runtime.packed_experts import PackedExperts
 
+    factored = next((m for m in model.modules() if isinstance(m, FactoredExperts)), None)
+    if factored is not None:
+        native_gemv = next(factored.buffers()).device.type == "cpu" and native.library() is not None
+        return f"factored: {native.kernel_name() + ' GEMV' if native_gemv else 'torch dequant+matmul'}"
     packed = next((m for m in model.modules() if isinstance(m, PackedExperts)), None)
     if packed is not None:
         device = next(packed.buffers()).device.type

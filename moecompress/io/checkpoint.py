@@ -22,15 +22,16 @@ from torch import nn
 
 from ..models.base import PROJECTIONS
 from ..quant.qtensor import QuantFormat
+from ..runtime.factored_experts import FactoredExperts
 from ..runtime.packed_experts import PackedExperts, PackedLinear
 from .integrity import (
-    FORMAT_VERSION,
     QUANT_METHOD,
     canonical_sha256,
     file_sha256,
     read_manifest,
     stored_tensors,
     verify_checkpoint,
+    written_version,
 )
 from .outputs import MANIFEST, atomic_folder
 from .tensorfiles import StoredTensor, write_sharded
@@ -58,24 +59,30 @@ def quantization_config(model: nn.Module) -> dict:
     formats: list[QuantFormat] = []
     experts: dict[str, list[list[int]]] = {}
     expert_maps: dict[str, list[int]] = {}
+    factored: dict[str, dict] = {}
+
+    def index(fmt: QuantFormat | None) -> int | None:
+        if fmt is not None and fmt not in formats:
+            formats.append(fmt)
+        return None if fmt is None else formats.index(fmt)
+
     for name, module in model.named_modules():
         if isinstance(module, MappedExperts):
             expert_maps[name] = module.slot_map.tolist()
         if isinstance(module, PackedExperts):
-            rows = []
-            for per_expert in module.formats():
-                row = []
-                for proj in PROJECTIONS:
-                    if per_expert[proj] not in formats:
-                        formats.append(per_expert[proj])
-                    row.append(formats.index(per_expert[proj]))
-                rows.append(row)
-            experts[name] = rows
+            experts[name] = [[index(per_expert[p]) for p in PROJECTIONS] for per_expert in module.formats()]
+        if isinstance(module, FactoredExperts):
+            base = module.base_formats()
+            factored[name] = {
+                "base": [index(base[p]) for p in PROJECTIONS] if base else None,
+                "deltas": [[[d[p][0], index(d[p][1]), index(d[p][2])] for p in PROJECTIONS] for d in module.deltas()],
+            }
     return {
         "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
+        "format_version": written_version({"factored": factored}),
         "formats": [f.to_dict() for f in formats],
         "experts": experts,
+        **({"factored": factored} if factored else {}),
         **({"expert_maps": expert_maps} if expert_maps else {}),
         **({"dynamic_skip": model.skip_controller.rule.to_dict()} if hasattr(model, "skip_controller") else {}),
     }
@@ -143,7 +150,7 @@ def save_checkpoint(
         stored = stored_tensors(tmp, {"files": files})
         manifest = {
             "format": QUANT_METHOD,
-            "format_version": FORMAT_VERSION,
+            "format_version": written_version(config.quantization_config),
             "source_model": source,
             "summary": summary or {},
             "config": {"quantization_config_sha256": canonical_sha256(config.quantization_config)},

@@ -16,6 +16,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..errors import CheckpointError
 from ..models.base import PROJECTIONS
 from ..quant.qtensor import QuantFormat
+from ..runtime.factored_experts import FactoredExperts
 from ..runtime.packed_experts import PackedExperts
 from .integrity import (
     FORMAT_VERSION,
@@ -56,6 +57,7 @@ class MoECompressConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         expert_maps: dict[str, list[int]] | None = None,
         dynamic_skip: dict | None = None,
+        factored: dict[str, dict] | None = None,
         **kwargs: Any,
     ):
         self.quant_method = QUANT_METHOD
@@ -64,9 +66,12 @@ class MoECompressConfig(QuantizationConfigMixin):
         self.experts = experts or {}
         self.expert_maps = expert_maps or {}
         self.dynamic_skip = dynamic_skip
+        self.factored = factored or {}
 
     def to_dict(self) -> dict[str, Any]:
         extra = {"expert_maps": self.expert_maps} if self.expert_maps else {}
+        if self.factored:
+            extra["factored"] = self.factored
         if self.dynamic_skip:
             extra["dynamic_skip"] = self.dynamic_skip
         return {
@@ -110,6 +115,19 @@ class MoECompressHfQuantizer(HfQuantizer):
                 module = PackedExperts(
                     *first.down_proj.shape, per_expert, adapter.expert_activation(fused), first.gate_bias is not None
                 )
+            setattr(parent, child, module)
+        for name, layout in self.quantization_config.factored.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            fused = getattr(parent, child)
+            first = adapter.expert_weights(fused, 0)
+            base = {p: formats[i] for p, i in zip(PROJECTIONS, layout["base"])} if layout["base"] else None
+            deltas = [
+                {p: (r, *(None if i is None else formats[i] for i in ab)) for p, (r, *ab) in zip(PROJECTIONS, row)}
+                for row in layout["deltas"]
+            ]
+            with torch.device("meta"):
+                module = FactoredExperts(*first.down_proj.shape, base, deltas, adapter.expert_activation(fused))
             setattr(parent, child, module)
         skip = self.quantization_config.dynamic_skip
         if skip and skip["method"] == "learned":

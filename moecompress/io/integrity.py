@@ -28,10 +28,17 @@ from ..quant.qtensor import QuantFormat
 from .outputs import MANIFEST
 from .tensorfiles import TensorFileError, read_header
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # the newest this reader knows; a checkpoint is written as the oldest that holds it
+
+
 QUANT_METHOD = "moecompress"
 VERIFY_ENV = "MOECOMPRESS_VERIFY_HASHES"  # "0": skip the sha256 of weight files (sizes and structure still checked)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def written_version(qc: dict) -> int:
+    """3 for checkpoints with factored experts (readers before 0.6 cannot build them), else 2."""
+    return 3 if qc.get("factored") else 2
 
 
 def canonical_sha256(obj) -> str:
@@ -207,12 +214,20 @@ def expected_packed_formats(qc: dict, folder: Path) -> dict[str, QuantFormat]:
     """{projection module: format} that config.json's quantization_config declares."""
     try:
         formats = [QuantFormat.from_dict(f) for f in qc["formats"]]
-        return {
+        declared = {
             f"{module}.{e}.{p}": formats[i]
             for module, rows in qc["experts"].items()
             for e, row in enumerate(rows)
             for p, i in zip(PROJECTIONS, row, strict=True)
         }
+        for module, layout in qc.get("factored", {}).items():
+            for p, i in zip(PROJECTIONS, layout["base"] or [], strict=bool(layout["base"])):
+                declared[f"{module}.base.{p}"] = formats[i]
+            for e, row in enumerate(layout["deltas"]):
+                for p, (rank, a, b) in zip(PROJECTIONS, row, strict=True):
+                    names = [] if not rank else ["weight"] if rank == -1 else ["lora_A", "lora_B"]
+                    declared.update({f"{module}.{e}.{p}.{n}": formats[i] for n, i in zip(names, (a, b))})
+        return declared
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise CheckpointError(
             f"{folder / 'config.json'}: quantization_config is malformed ({type(exc).__name__}: {exc})."

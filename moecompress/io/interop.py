@@ -149,7 +149,12 @@ def checkpoint_projection_names(model_type: str) -> dict[str, str]:
 def uniform_format(config: dict) -> QuantFormat:
     """The single integer format of a moecompress checkpoint's experts, or a CheckpointError saying why not."""
     qc = config.get("quantization_config", {})
-    for key, why in (("expert_maps", "merged experts with router 'keep'"), ("dynamic_skip", "dynamic expert skipping")):
+    uses = (
+        ("expert_maps", "merged experts with router 'keep'"),
+        ("dynamic_skip", "dynamic expert skipping"),
+        ("factored", "factored experts (a shared base and low-rank deltas)"),
+    )
+    for key, why in uses:
         if qc.get(key):
             raise CheckpointError(
                 f"this checkpoint uses {why}, which only moecompress can run; export it with --format moecompress."

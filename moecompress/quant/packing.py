@@ -93,6 +93,14 @@ def packed_layout(fmt: QuantFormat, k: int) -> tuple[int, torch.dtype]:
     return packed_words(k, fmt.bits), torch.int32
 
 
+def packed_nbytes(fmt: QuantFormat, out_features: int, in_features: int) -> int:
+    """Bytes of a packed [out, in] matrix: codes, fp16 scales and (integer formats) uint8 zero points."""
+    columns, dtype = packed_layout(fmt, in_features)
+    groups = fmt.groups(in_features)
+    zeros = 0 if fmt.ternary else out_features * groups
+    return out_features * columns * dtype.itemsize + 2 * fmt.scale_rows(out_features) * groups + zeros
+
+
 @dataclass
 class PackedTensor:
     """On-disk form of a QTensor: `weight_packed` (int32 words, or uint8 for base-3 ternary),

@@ -107,6 +107,11 @@ class ExpertList(nn.Module):
         biases = [getattr(getattr(e, p), "bias", None) for p in PROJECTIONS]
         return ExpertWeights(*(getattr(e, p).dequantize(dtype) for p in PROJECTIONS), *biases)
 
+    def set_cache_dequantized(self, enabled: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, PackedLinear):
+                module.cache_dequantized, module._cache = enabled, None
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -190,11 +195,6 @@ class PackedExperts(ExpertList):
         cuda_kernels.drop_table(self)
         return super()._apply(fn, recurse)
 
-    def set_cache_dequantized(self, enabled: bool) -> None:
-        for module in self.modules():
-            if isinstance(module, PackedLinear):
-                module.cache_dequantized, module._cache = enabled, None
-
 
 class MappedExperts(nn.Module):
     """A reduced experts module addressed through the original router slots: slot s -> expert slot_map[s]."""
@@ -220,5 +220,5 @@ def _is_gated(activation: nn.Module) -> bool:
 def set_dequant_cache(model: nn.Module, enabled: bool) -> None:
     """Keep dequantized expert weights between forwards (faster CPU evaluation, full-precision memory)."""
     for module in model.modules():
-        if isinstance(module, PackedExperts):
+        if isinstance(module, ExpertList):
             module.set_cache_dequantized(enabled)

@@ -101,6 +101,9 @@ def test_only_uniform_integer_checkpoints_export():
         uniform_format(ternary)
     with pytest.raises(CheckpointError, match="dynamic expert skipping"):
         uniform_format({"quantization_config": {**config["quantization_config"], "dynamic_skip": {"method": "odp"}}})
+    factored = {"base": [0, 0, 0], "deltas": [[[8, 0, 0], [0, None, None], [8, 0, 0]]]}
+    with pytest.raises(CheckpointError, match="factored experts"):
+        uniform_format({"quantization_config": {**config["quantization_config"], "factored": {"m": factored}}})
 
 
 def test_expert_names_follow_the_original_checkpoints():

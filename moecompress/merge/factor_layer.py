@@ -1,0 +1,316 @@
+"""Factoring one MoE block's routed experts into a quantized shared base and quantized per-expert deltas, with
+each delta's form (rank and bits) chosen by the allocator's integer program under a byte budget.
+
+Per projection: the base W_0 (routing-frequency-weighted mean of the experts) is GPTQ'd on the pooled Gram of all
+the experts' inputs; each expert's delta is taken against the *quantized* base (so it also corrects the base's
+rounding) and whitened by the expert's own Gram (SVD-LLM). The candidates of every (expert, projection) are: rank 0
+(the base alone), a low-rank delta lora_B @ lora_A at (rank, format), or the whole delta dense in a format. Their
+costs are the estimated output errors on the expert's calibration tokens relative to the projection's output
+energy, weighted like the bit allocator's (routing frequency^alpha x mean routing weight^beta); their sizes are
+their packed bytes. The multiple-choice knapsack (`allocation.solver`) picks one per item under the block's bytes
+minus the base's. Base width 0 means no base: the deltas are then the experts themselves, so the same program
+also covers mixed precision (dense candidates) and pruning (rank 0: an expert no token reaches costs nothing)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..allocation.solver import solve_allocation
+from ..errors import BudgetError, RecipeError
+from ..models.base import PROJECTIONS, ExpertWeights, MoEBlockView
+from ..quant.packing import PackedTensor, pack, packed_nbytes
+from ..quant.qtensor import SUPPORTED_BITS, QTensor, QuantFormat
+from ..runtime.factored_experts import DENSE, FactoredExperts
+from .factored import DeltaSpectrum, candidate_errors, delta_spectrum, dense_errors, quantize_delta, whitening
+from .subspace import average_merge
+
+
+@dataclass
+class FactorConfig:
+    """Routed experts as a quantized shared base plus quantized per-expert deltas, low-rank or dense (D²-MoE),
+    instead of quantizing each expert on its own (`factor:`; group size, symmetry and GPTQ settings come from
+    `quantization:`).
+
+    avg_bits: the budget, in stored bits per routed-expert parameter: base + deltas, scales and zeros included
+            (4.19 is the size of w4g128; 8 is half of bf16).
+    bits: the deltas' candidate widths. base_bits: the base's candidate widths, 0 for no base; each is tried and
+            the plan of least estimated error kept.
+    rank_steps: candidate ranks are the multiples of break-even rank / rank_steps (rounded up to 8), where the
+            break-even rank out x in / (out + in) is where factors stop being smaller than a dense matrix.
+    dense: also offer each delta dense in every width of `bits`.
+    estimate: how a dense candidate's error is measured: gptq (the quantizer that will run, once per width, base
+            width and expert: exact, and as many GPTQ passes) or rtn (round to nearest: fast, for very large models).
+    whiten: truncate each delta, and measure every candidate's error, in the norm of its expert's outputs on the
+            calibration tokens (SVD-LLM), not in the weights' Frobenius norm (GPTQ uses the expert's inputs either way).
+    alpha, beta: the weights of routing frequency and mean routing weight in the costs (as `allocation:`).
+    """
+
+    enabled: bool = False
+    avg_bits: float = 3.0
+    bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
+    base_bits: list[int] = field(default_factory=lambda: [0, 4])
+    rank_steps: int = 16
+    dense: bool = True
+    estimate: str = "gptq"
+    whiten: bool = True
+    alpha: float = 1.0
+    beta: float = 1.5
+
+    def validate(self) -> FactorConfig:
+        problems = []
+        bad = [b for b in self.bits if b not in SUPPORTED_BITS] + [
+            b for b in self.base_bits if b not in (0, *SUPPORTED_BITS)
+        ]
+        if bad or not self.bits or not self.base_bits:
+            problems.append(
+                f"factor.bits / base_bits {bad or '[]'}: use widths from {list(SUPPORTED_BITS)} (base 0: none)"
+            )
+        if not self.avg_bits > 0:
+            problems.append(f"factor.avg_bits {self.avg_bits}: stored bits per expert parameter, > 0")
+        if self.rank_steps < 1:
+            problems.append(f"factor.rank_steps {self.rank_steps}: use 1 or more")
+        if self.estimate not in ("gptq", "rtn"):
+            problems.append(f"factor.estimate '{self.estimate}': use gptq or rtn")
+        if problems:
+            raise RecipeError("; ".join(problems))
+        return self
+
+
+Delta = tuple[PackedTensor, ...]  # (lora_A, lora_B) low-rank, (weight,) dense
+
+
+@dataclass
+class FactoredBlock:
+    """What `factor_block` makes of a block: the packed base per projection (None: no base), per expert and
+    projection its packed delta (None at rank 0), and the allocation's objective (importance-weighted estimated
+    relative output errors)."""
+
+    base: dict[str, PackedTensor] | None
+    deltas: list[dict[str, Delta | None]]
+    error: float
+
+    @property
+    def ranks(self) -> list[list[int]]:
+        """Per expert and projection: the delta's rank, 0 for none, -1 for dense."""
+        return [[_rank(d[p]) for p in PROJECTIONS] for d in self.deltas]
+
+    @property
+    def nbytes(self) -> int:
+        stored = [t for d in self.deltas for delta in d.values() if delta for t in delta]
+        return sum(t.nbytes for t in [*(self.base or {}).values(), *stored])
+
+    def summary(self) -> dict:
+        """What was chosen, for reports: the base's format, how many expert projections got a dense, low-rank or no
+        delta, their mean rank, the stored bytes and the objective (every rank is in the checkpoint's config)."""
+        ranks = [r for per_expert in self.ranks for r in per_expert]
+        low = [r for r in ranks if r > 0]
+        return {
+            "base": self.base["gate_proj"].fmt.name if self.base else None,
+            "deltas": {"dense": ranks.count(DENSE), "low_rank": len(low), "none": ranks.count(0)},
+            "mean_rank": sum(low) / len(low) if low else 0.0,
+            "bytes": self.nbytes,
+            "objective": self.error,
+        }
+
+
+def _rank(delta: Delta | None) -> int:
+    return 0 if delta is None else DENSE if len(delta) == 1 else delta[0].shape[0]
+
+
+@dataclass
+class _Item:
+    """One (expert, projection) and its candidates' costs before importance, relative to its output energy:
+    `low_rank[k, f]` at ranks[k + 1] and format f, `dense[f]`, `zero` at rank 0."""
+
+    expert: int
+    proj: str
+    spec: DeltaSpectrum
+    gram: torch.Tensor | None
+    ranks: list[int]
+    low_rank: torch.Tensor
+    dense: torch.Tensor
+    zero: float
+
+    def error(self, rank: int, f: int) -> float:
+        if rank == 0:
+            return self.zero
+        return float(self.dense[f] if rank == DENSE else self.low_rank[self.ranks.index(rank) - 1, f])
+
+
+Quantizer = Callable[[torch.Tensor, torch.Tensor, QuantFormat], QTensor]
+
+
+def check_budget(views: list[MoEBlockView], config: FactorConfig, fmt: Callable[[int], QuantFormat]) -> None:
+    """Before any calibration: a budget below the smallest shared base (the base alone) fits no plan."""
+    if min(config.base_bits) == 0:
+        return
+    for view in views:
+        first = view.expert_weights(0)
+        base = sum(packed_nbytes(fmt(min(config.base_bits)), *first[p].shape) for p in PROJECTIONS)
+        smallest = 8 * base / view.expert_params
+        if config.avg_bits < smallest:
+            raise BudgetError(
+                f"factor.avg_bits {config.avg_bits:g} is infeasible for block {view.key}: the shared base alone takes "
+                f"{smallest:.3g} bits per expert parameter; raise avg_bits, or add base width 0 (no base)."
+            )
+
+
+def candidate_ranks(out_features: int, in_features: int, steps: int) -> list[int]:
+    """0 and multiples of a step (a multiple of 8) up to the break-even rank."""
+    full = min(out_features * in_features // (out_features + in_features), out_features, in_features)
+    step = max(8, (-(-full // steps) + 7) // 8 * 8)
+    return [0, *range(step, full, step), full] if full > step else [0, full]
+
+
+@torch.no_grad()
+def factor_block(
+    view: MoEBlockView, observer, config: FactorConfig, fmt: Callable[[int], QuantFormat], quantize: Quantizer
+) -> FactoredBlock:
+    """Factor `view`'s routed experts from what the calibration `observer` saw (its token counts, routing weights
+    and per-expert Gram sums); `fmt(bits)` makes a format, `quantize(w, hessian, fmt)` rounds a matrix (GPTQ).
+    Each base width of `config.base_bits` is tried and the plan of least estimated error kept. The block's expert
+    weights are replaced by what the factors represent (later layers calibrate on them)."""
+    E = view.num_experts
+    originals = [view.expert_weights(e) for e in range(E)]
+    if originals[0].gate_bias is not None:
+        raise RecipeError("factor: experts with biases (GPT-OSS) cannot be factored yet; use quantization alone.")
+    freqs = observer.tokens.sum(-1)
+    share = freqs / observer.total_tokens.sum().clamp(min=1)
+    weight = observer.weight_sum.sum(-1) / freqs.clamp(min=1)
+    importance = share.clamp(min=0) ** config.alpha * weight.clamp(min=0) ** config.beta
+    formats = [fmt(b) for b in sorted(set(config.bits))]
+    grams = {
+        p: [(observer.hessian_mid if p == "down_proj" else observer.hessian_in).full(e) for e in range(E)]
+        for p in PROJECTIONS
+    }
+    best = None
+    for base_bits in sorted(set(config.base_bits)):
+        base_format = fmt(base_bits) if base_bits else None
+        base, base_hat, items = _candidates(originals, grams, freqs, config, base_format, formats, quantize)
+        try:
+            choice, objective = _allocate(items, formats, importance, config, base, originals[0])
+        except BudgetError:
+            if base_bits == max(config.base_bits) and best is None:
+                raise
+            continue
+        if best is None or objective < best[0]:
+            best = (objective, base, base_hat, items, choice)
+    objective, base, base_hat, items, choice = best
+    deltas: list[dict] = [{} for _ in range(E)]
+    rebuilt: list[dict] = [{} for _ in range(E)]
+    for item, (r, f) in zip(items, choice):
+        e, p = item.expert, item.proj
+        delta = originals[e][p].double() - base_hat[p].double()
+        deltas[e][p], rebuilt[e][p] = _quantize(delta, item, r, formats[f] if r else None, quantize)
+        rebuilt[e][p] = rebuilt[e][p] + base_hat[p]
+    for e in range(E):
+        view.set_expert_weights(e, ExpertWeights(*(rebuilt[e][p] for p in PROJECTIONS)))
+    return FactoredBlock(base, deltas, objective)
+
+
+def _quantize(delta: torch.Tensor, item: _Item, rank: int, fmt: QuantFormat | None, quantize: Quantizer):
+    """(the packed delta or None, what it represents) for the chosen candidate."""
+    if rank == 0:
+        return None, torch.zeros_like(delta, dtype=torch.float32)
+    if rank == DENSE:
+        hessian = item.gram if item.gram is not None else torch.eye(delta.shape[1])
+        q = quantize(delta.float(), hessian.float(), fmt)
+        return (pack(q),), q.dequantize()
+    lora_a, lora_b = quantize_delta(delta, item.spec, rank, fmt, item.gram, quantize)
+    return (pack(lora_a), pack(lora_b)), lora_b.dequantize() @ lora_a.dequantize()
+
+
+def _candidates(originals, grams, freqs, config, base_format, formats, quantize):
+    """Per projection the quantized base (GPTQ on the pooled Gram; zero without a base format), and per (expert,
+    projection) the spectrum of its delta to that base and its candidates' relative errors."""
+    base, base_hat, items = ({} if base_format else None), {}, []
+    for p in PROJECTIONS:
+        weights = [w[p].float() for w in originals]
+        seen = [g for g in grams[p] if g is not None]
+        if base_format is None:
+            base_hat[p] = torch.zeros_like(weights[0])
+        else:
+            w0 = average_merge(weights, freqs)
+            q = quantize(w0, sum(seen) if seen else torch.eye(w0.shape[1]), base_format)
+            base[p], base_hat[p] = pack(q), q.dequantize()
+        ranks = candidate_ranks(*weights[0].shape, config.rank_steps)
+        for e, (w, g) in enumerate(zip(weights, grams[p])):  # GPTQ takes the Gram either way; `whiten`: truncation
+            lower = whitening(g) if g is not None and config.whiten else None
+            delta = w - base_hat[p]
+            spec = delta_spectrum(delta, w, lower, ranks[-1])
+            signal = max(spec.signal, 1e-30)
+            low_rank = candidate_errors(spec, ranks[1:], formats, lower) / signal
+            dense = torch.full((len(formats),), float("inf"))
+            if config.dense:
+                hessian = (g if g is not None else torch.eye(delta.shape[1])).float()
+                exact = (lambda m, f, h=hessian: quantize(m, h, f)) if config.estimate == "gptq" else None
+                dense = dense_errors(delta, formats, lower, exact) / signal
+            items.append(_Item(e, p, spec, g, ranks, low_rank, dense, float(spec.tail[0]) / signal))
+    return base, base_hat, items
+
+
+def _allocate(items: list[_Item], formats, importance, config, base, first) -> tuple[list[tuple[int, int]], float]:
+    """(rank, format index) per item, and the objective, by the multiple-choice knapsack: candidate columns are
+    (shape, rank, format) with rank 0 once per shape; an item may take only its shape's columns."""
+    shapes = sorted({tuple(first[p].shape) for p in PROJECTIONS})
+    ranks = [*items[0].ranks[1:], *([DENSE] if config.dense else [])]
+    columns = [(s, 0, 0) for s in shapes] + [(s, r, f) for s in shapes for r in ranks for f in range(len(formats))]
+    params = first.gate_proj.numel()  # every projection has out x in = I x H
+    bits = [8 * _nbytes(formats[f], s, r) / params for s, r, f in columns]
+    costs = torch.zeros(len(items), len(columns), dtype=torch.float64)
+    allowed = torch.zeros(len(items), len(columns), dtype=torch.bool)
+    for i, item in enumerate(items):
+        shape = tuple(first[item.proj].shape)
+        # without a base, rank 0 zeroes the projection, and with it the whole expert (the costs of its projections
+        # add up, the program cannot see that): only for experts no calibration token reached
+        zero_ok = base is not None or float(importance[item.expert]) == 0
+        for c, (s, r, f) in enumerate(columns):
+            if s == shape and (r != 0 or zero_ok):
+                allowed[i, c] = True
+                costs[i, c] = importance[item.expert] * item.error(r, f)
+    base_bits = 8 * sum(t.nbytes for t in base.values()) / params if base else 0.0
+    budget = config.avg_bits * len(items) - base_bits
+    if budget < 0:
+        raise BudgetError(
+            f"factor.avg_bits {config.avg_bits:g} is below the shared base alone ({base_bits / len(items):.3g} bits per "
+            "expert parameter); raise avg_bits or lower factor.base_bits."
+        )
+    groups = torch.zeros(len(items), dtype=torch.long)  # one program per block; its greedy start is within one
+    # item of the optimum, and CBC's proof of the last 0.1 % over hundreds of candidates is not worth minutes
+    choice = solve_allocation(
+        costs, torch.ones(len(items)), bits, groups, {0: budget}, allowed, time_limit=10, gap=5e-3
+    )
+    objective = float(costs.gather(1, choice[:, None]).sum())
+    return [(columns[c][1], columns[c][2]) for c in choice.tolist()], objective
+
+
+def _nbytes(fmt: QuantFormat, shape: tuple[int, int], rank: int) -> int:
+    if rank == 0:
+        return 0
+    if rank == DENSE:
+        return packed_nbytes(fmt, *shape)
+    return packed_nbytes(fmt, rank, shape[1]) + packed_nbytes(fmt, shape[0], rank)
+
+
+def install_factored_experts(view: MoEBlockView, block: FactoredBlock) -> FactoredExperts:
+    """Replace the block's experts module with a `FactoredExperts` holding `block`."""
+    deltas = [{p: _spec(delta) for p, delta in d.items()} for d in block.deltas]
+    base = {p: t.fmt for p, t in block.base.items()} if block.base else None
+    module = FactoredExperts(view.hidden_size, view.intermediate_size, base, deltas, view.activation)
+    for p in PROJECTIONS:
+        if block.base:
+            getattr(module.base, p).load_packed(block.base[p])
+        for e, d in enumerate(block.deltas):
+            getattr(module[e], p).load(d[p])
+    view.block.experts = module
+    return module
+
+
+def _spec(delta: Delta | None) -> tuple[int, QuantFormat | None, QuantFormat | None]:
+    """(rank, first format, second format) as `FactoredExperts` takes a delta's layout."""
+    if delta is None:
+        return (0, None, None)
+    return (_rank(delta), delta[0].fmt, delta[1].fmt if len(delta) == 2 else None)
