@@ -25,6 +25,7 @@ from ..errors import CheckpointError
 from ..models.base import PROJECTIONS
 from ..quant.packing import packed_layout
 from ..quant.qtensor import QuantFormat
+from ..runtime.factored_experts import DENSE
 from .outputs import MANIFEST
 from .tensorfiles import TensorFileError, read_header
 
@@ -225,7 +226,7 @@ def expected_packed_formats(qc: dict, folder: Path) -> dict[str, QuantFormat]:
                 declared[f"{module}.base.{p}"] = formats[i]
             for e, row in enumerate(layout["deltas"]):
                 for p, (rank, a, b) in zip(PROJECTIONS, row, strict=True):
-                    names = [] if not rank else ["weight"] if rank == -1 else ["lora_A", "lora_B"]
+                    names = [] if not rank else ["weight"] if rank == DENSE else ["lora_A", "lora_B"]
                     declared.update({f"{module}.{e}.{p}.{n}": formats[i] for n, i in zip(names, (a, b))})
         return declared
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
