@@ -106,29 +106,9 @@ class MoECompressHfQuantizer(HfQuantizer):
             setattr(parent, child, MappedExperts(fused, torch.tensor(slot_map)))
         formats = [QuantFormat.from_dict(f) for f in self.quantization_config.formats]
         for name, rows in self.quantization_config.experts.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            fused = getattr(parent, child)
-            first = adapter.expert_weights(fused, 0)  # the architecture's layout, on the meta device
-            per_expert = [dict(zip(PROJECTIONS, (formats[i] for i in row))) for row in rows]
-            with torch.device("meta"):  # the packed tensors go straight from the files into these buffers
-                module = PackedExperts(
-                    *first.down_proj.shape, per_expert, adapter.expert_activation(fused), first.gate_bias is not None
-                )
-            setattr(parent, child, module)
+            _swap_experts(model, name, lambda fused, rows=rows: _packed_experts(adapter, fused, rows, formats))
         for name, layout in self.quantization_config.factored.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            fused = getattr(parent, child)
-            first = adapter.expert_weights(fused, 0)
-            base = {p: formats[i] for p, i in zip(PROJECTIONS, layout["base"])} if layout["base"] else None
-            deltas = [
-                {p: (r, *(None if i is None else formats[i] for i in ab)) for p, (r, *ab) in zip(PROJECTIONS, row)}
-                for row in layout["deltas"]
-            ]
-            with torch.device("meta"):
-                module = FactoredExperts(*first.down_proj.shape, base, deltas, adapter.expert_activation(fused))
-            setattr(parent, child, module)
+            _swap_experts(model, name, lambda fused, layout=layout: _factored_experts(adapter, fused, layout, formats))
         skip = self.quantization_config.dynamic_skip
         if skip and skip["method"] == "learned":
             from ..dynamic.skip import add_predictor_modules
@@ -164,3 +144,29 @@ class MoECompressHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _swap_experts(model, name: str, make) -> None:
+    """Replace the fused experts module `name` with `make(fused)`, built on the meta device: the packed tensors go
+    straight from the files into its buffers."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    with torch.device("meta"):
+        setattr(parent, child, make(getattr(parent, child)))
+
+
+def _packed_experts(adapter, fused, rows: list[list[int]], formats: list[QuantFormat]) -> PackedExperts:
+    first = adapter.expert_weights(fused, 0)  # the architecture's layout, on the meta device
+    per_expert = [dict(zip(PROJECTIONS, (formats[i] for i in row))) for row in rows]
+    bias = first.gate_bias is not None
+    return PackedExperts(*first.down_proj.shape, per_expert, adapter.expert_activation(fused), bias)
+
+
+def _factored_experts(adapter, fused, layout: dict, formats: list[QuantFormat]) -> FactoredExperts:
+    first = adapter.expert_weights(fused, 0)
+    base = {p: formats[i] for p, i in zip(PROJECTIONS, layout["base"])} if layout["base"] else None
+    deltas = [
+        {p: (r, *(None if i is None else formats[i] for i in ab)) for p, (r, *ab) in zip(PROJECTIONS, row)}
+        for row in layout["deltas"]
+    ]
+    return FactoredExperts(*first.down_proj.shape, base, deltas, adapter.expert_activation(fused))

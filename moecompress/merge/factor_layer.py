@@ -90,7 +90,7 @@ class FactoredBlock:
 
     base: dict[str, PackedTensor] | None
     deltas: list[dict[str, Delta | None]]
-    error: float
+    objective: float
 
     @property
     def ranks(self) -> list[list[int]]:
@@ -112,7 +112,7 @@ class FactoredBlock:
             "deltas": {"dense": ranks.count(DENSE), "low_rank": len(low), "none": ranks.count(0)},
             "mean_rank": sum(low) / len(low) if low else 0.0,
             "bytes": self.nbytes,
-            "objective": self.error,
+            "objective": self.objective,
         }
 
 
@@ -165,6 +165,25 @@ def candidate_ranks(out_features: int, in_features: int, steps: int) -> list[int
     return [0, *range(step, full, step), full] if full > step else [0, full]
 
 
+class _ExpertInputs:
+    """Per projection each expert's input Gram (gate and up share one), its whitening factor (None without
+    `whiten` or tokens) and the pooled Gram of all experts: computed once per block, whatever the base widths."""
+
+    def __init__(self, observer, experts: int, whiten: bool):
+        ins = [observer.hessian_in.full(e) for e in range(experts)]
+        mids = [observer.hessian_mid.full(e) for e in range(experts)]
+        self.grams = {"gate_proj": ins, "up_proj": ins, "down_proj": mids}
+        lowers = {id(g): [whitening(x) if x is not None and whiten else None for x in g] for g in (ins, mids)}
+        self.lowers = {p: lowers[id(g)] for p, g in self.grams.items()}
+        pooled = {id(g): _pooled(g) for g in (ins, mids)}
+        self.pooled = {p: pooled[id(g)] for p, g in self.grams.items()}
+
+
+def _pooled(grams: list[torch.Tensor | None]) -> torch.Tensor | None:
+    seen = [g for g in grams if g is not None]
+    return sum(seen) if seen else None
+
+
 @torch.no_grad()
 def factor_block(
     view: MoEBlockView, observer, config: FactorConfig, fmt: Callable[[int], QuantFormat], quantize: Quantizer
@@ -182,14 +201,11 @@ def factor_block(
     weight = observer.weight_sum.sum(-1) / freqs.clamp(min=1)
     importance = share.clamp(min=0) ** config.alpha * weight.clamp(min=0) ** config.beta
     formats = [fmt(b) for b in sorted(set(config.bits))]
-    grams = {
-        p: [(observer.hessian_mid if p == "down_proj" else observer.hessian_in).full(e) for e in range(E)]
-        for p in PROJECTIONS
-    }
+    inputs = _ExpertInputs(observer, E, config.whiten)
     best = None
     for base_bits in sorted(set(config.base_bits)):
         base_format = fmt(base_bits) if base_bits else None
-        base, base_hat, items = _candidates(originals, grams, freqs, config, base_format, formats, quantize)
+        base, base_hat, items = _candidates(originals, inputs, freqs, config, base_format, formats, quantize)
         try:
             choice, objective = _allocate(items, formats, importance, config, base, originals[0])
         except BudgetError:
@@ -223,22 +239,22 @@ def _quantize(delta: torch.Tensor, item: _Item, rank: int, fmt: QuantFormat | No
     return (pack(lora_a), pack(lora_b)), lora_b.dequantize() @ lora_a.dequantize()
 
 
-def _candidates(originals, grams, freqs, config, base_format, formats, quantize):
+def _candidates(originals, inputs: _ExpertInputs, freqs, config, base_format, formats, quantize):
     """Per projection the quantized base (GPTQ on the pooled Gram; zero without a base format), and per (expert,
     projection) the spectrum of its delta to that base and its candidates' relative errors."""
     base, base_hat, items = ({} if base_format else None), {}, []
     for p in PROJECTIONS:
         weights = [w[p].float() for w in originals]
-        seen = [g for g in grams[p] if g is not None]
+        grams, lowers = inputs.grams[p], inputs.lowers[p]
         if base_format is None:
             base_hat[p] = torch.zeros_like(weights[0])
         else:
             w0 = average_merge(weights, freqs)
-            q = quantize(w0, sum(seen) if seen else torch.eye(w0.shape[1]), base_format)
+            pooled = inputs.pooled[p]
+            q = quantize(w0, pooled if pooled is not None else torch.eye(w0.shape[1]), base_format)
             base[p], base_hat[p] = pack(q), q.dequantize()
         ranks = candidate_ranks(*weights[0].shape, config.rank_steps)
-        for e, (w, g) in enumerate(zip(weights, grams[p])):  # GPTQ takes the Gram either way; `whiten`: truncation
-            lower = whitening(g) if g is not None and config.whiten else None
+        for e, (w, g, lower) in enumerate(zip(weights, grams, lowers)):  # GPTQ takes the Gram either way
             delta = w - base_hat[p]
             spec = delta_spectrum(delta, w, lower, ranks[-1])
             signal = max(spec.signal, 1e-30)

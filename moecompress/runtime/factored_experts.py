@@ -113,10 +113,8 @@ class FactoredExperts(ExpertList):
         are cached (evaluation) or gradients are needed."""
         from . import native
 
-        linears = [m for m in self.modules() if isinstance(m, PackedLinear)]
-        cached = bool(linears) and linears[0].cache_dequantized
         grad = torch.is_grad_enabled() and x.requires_grad
-        return x.device.type == "cpu" and not cached and not grad and native.library() is not None
+        return x.device.type == "cpu" and not self.cache_dequantized and not grad and native.library() is not None
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

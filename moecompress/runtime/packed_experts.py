@@ -89,6 +89,7 @@ class ExpertList(nn.Module):
         self.num_experts = len(experts)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.activation = activation if _is_gated(activation) else GatedActivation(activation)
+        self.cache_dequantized = False
 
     def __getitem__(self, expert: int) -> PackedExpert:
         return self._modules[str(expert)]
@@ -108,6 +109,7 @@ class ExpertList(nn.Module):
         return ExpertWeights(*(getattr(e, p).dequantize(dtype) for p in PROJECTIONS), *biases)
 
     def set_cache_dequantized(self, enabled: bool) -> None:
+        self.cache_dequantized = enabled  # read on every forward by the kernel dispatch
         for module in self.modules():
             if isinstance(module, PackedLinear):
                 module.cache_dequantized, module._cache = enabled, None
@@ -147,8 +149,8 @@ class PackedExperts(ExpertList):
         self.has_bias = bias
 
     def _kernels_apply(self, hidden_states: torch.Tensor) -> bool:
-        cached = self.num_experts and self[0].gate_proj.cache_dequantized  # evaluation with dense copies kept
-        return not cached and not (torch.is_grad_enabled() and hidden_states.requires_grad)
+        grad = torch.is_grad_enabled() and hidden_states.requires_grad
+        return not self.cache_dequantized and not grad  # cached: evaluation with dense copies kept
 
     def native_usable(self, hidden_states: torch.Tensor) -> bool:
         """The CPU fused forward takes biases and the gated activations with a `kernel_spec` (SwiGLU, GPT-OSS's)."""
