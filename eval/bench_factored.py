@@ -35,7 +35,14 @@ from moecompress.recipe import Recipe
 CALIB = str(SHARED / "data" / "calib" / "calib_mix.jsonl")
 VL_CALIB = str(SHARED / "data" / "shapes-vl" / "calib.jsonl")
 VL_EVAL = str(SHARED / "data" / "shapes-vl" / "eval.jsonl")
-W4 = 4 + 24 / 128  # stored bits per parameter of w4g128 asym: codes, an fp16 scale and a uint8 zero per 128
+
+
+def _storage(bits: int) -> float:
+    """Stored bits per parameter of a w{bits}g128 asym matrix: codes, an fp16 scale and a uint8 zero per 128."""
+    return bits + 24 / 128
+
+
+W4 = _storage(4)
 # (label, budget in stored bits per expert parameter, share of experts kept by pruning/averaging, their bits)
 POINTS = [
     ("75% of w4", 0.75 * W4, 0.75, 4),
@@ -46,13 +53,15 @@ POINTS = [
 UNIFORM = {"75% of w4": 3, "50% of w4": 2, "75% of bf16": 8, "50% of bf16": 8}
 
 
-def recipes(label: str, budget: float, kept: float, bits: int | None, methods: list[str] | None) -> dict:
-    """The recipe sections of every row at one budget point."""
+def recipes(label: str, budget: float, kept: float, bits: int | None, methods: list[str] | None, vl: bool) -> dict:
+    """The recipe sections of every row at one budget point (a text model has one calibration source: balancing
+    them changes nothing there)."""
     quantized = {"method": "gptq", "bits": bits} if bits else {"method": "none"}
     rows = {
         "factored": {"factor": {"enabled": True, "avg_bits": budget}},
         "factored, shared w4 base": {"factor": {"enabled": True, "avg_bits": budget, "base_bits": [4]}},
         "factored plain": {"factor": {"enabled": True, "avg_bits": budget, "whiten": False}},
+        **({"factored, unbalanced": {"factor": {"enabled": True, "avg_bits": budget, "balance": False}}} if vl else {}),
         "prune": {"merge": {"method": "prune", "ratio": 1 - kept}, "quantization": quantized},
         "average": {
             "merge": {"method": "average", "ratio": 1 - kept, "clustering": "dominant"},
@@ -60,6 +69,12 @@ def recipes(label: str, budget: float, kept: float, bits: int | None, methods: l
         },
         f"uniform GPTQ w{UNIFORM[label]}": {"quantization": {"method": "gptq", "bits": UNIFORM[label]}},
     }
+    if vl:  # the factor stage limited to dense deltas of one width and no base is GPTQ at that width with the factor
+        # stage's source-balanced Grams: uniform GPTQ calibrated as the factored rows are
+        w = UNIFORM[label]
+        rows[f"uniform GPTQ w{w}, balanced"] = {
+            "factor": {"enabled": True, "avg_bits": _storage(w), "bits": [w], "base_bits": [0], "rank_steps": 1}
+        }
     return {k: v for k, v in rows.items() if not methods or any(m in k for m in methods)}
 
 
@@ -100,7 +115,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             for label, budget, kept, bits in points:
-                for method, sections in recipes(label, budget, kept, bits, args.methods).items():
+                for method, sections in recipes(label, budget, kept, bits, args.methods, vl).items():
                     row = {"config": f"{name}{label} ({budget:.2f} bits): {method}"}
                     row.update(run(source, sections, calibration, Path(tmp) / "model", evaluate, vl, params))
                     rows.append(row)

@@ -128,8 +128,8 @@ def compress(
 
     stream: read one decoder layer at a time from the source's safetensors and write each finished layer to
     `<output>.compress-state/` at once, so memory stays at about one layer and a killed run resumes where it
-    stopped (only when every enabled stage is layer-wise: merging, allocation, quantization; slimming, recovery and
-    skipping work on the whole model in memory; so does factoring). The result is bit-identical either way."""
+    stopped (only when every enabled stage is layer-wise: merging, allocation, quantization, factoring; slimming,
+    recovery and skipping work on the whole model in memory). The result is bit-identical either way."""
     recipe = _as_recipe(recipe)
     if plan is not None and recipe.factor.enabled:
         raise RecipeError(
@@ -173,7 +173,7 @@ def whole_model_stages(recipe: Recipe) -> list[str]:
     is nothing layer-wise to stream either."""
     if recipe.quantization.method == "none":
         return ["save"]
-    return [s.name for s in STAGES if s.enabled(recipe) and s.name not in ("merge", "allocation", "quantize")]
+    return [s.name for s in STAGES if s.enabled(recipe) and s.name not in ("merge", "allocation", "quantize", "factor")]
 
 
 def _compress(

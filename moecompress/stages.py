@@ -152,7 +152,8 @@ class FactorStage:
     """Factored experts (`factor:`): per MoE block an optional quantized shared base and quantized per-expert deltas
     (low-rank, dense or none), their forms, ranks and widths chosen under the byte budget (`merge/factor_layer.py`),
     layer by layer on the calibration data (each layer calibrated on the factored layers before it). It replaces
-    the allocation and quantization stages, and holds the whole model (no streaming yet)."""
+    the allocation and quantization stages. Streamed (`ctx.store`) as quantization is: each finished layer is
+    stored with its layout, and a resumed run starts after the last stored layer."""
 
     name = "factor"
 
@@ -160,27 +161,47 @@ class FactorStage:
         return recipe.factor.enabled
 
     def run(self, ctx: RunContext) -> dict:
-        from .merge.factor_layer import check_budget, factor_block, install_factored_experts
+        from .merge.factor_layer import (
+            block_layout,
+            check_budget,
+            factor_block,
+            install_factored_experts,
+            restore_factored_experts,
+        )
 
-        q, f, loaded = ctx.recipe.quantization, ctx.recipe.factor, ctx.loaded
+        q, f, loaded, store = ctx.recipe.quantization, ctx.recipe.factor, ctx.loaded, ctx.store
         check_budget(loaded.adapter.moe_blocks(loaded.model), f, q.format_for)
+        views: dict[int, list[MoEBlockView]] = {}
+        for view in loaded.adapter.moe_blocks(loaded.model):
+            views.setdefault(view.layer_index, []).append(view)
+        resume = store.resume_point() if store is not None else None
+        blocks, done = {}, {}
+        for index in store.done() if resume is not None else []:
+            for view in views.get(index, []):
+                record = store.record(index)["factored"][str(view.key)]
+                restore_factored_experts(view, record["layout"])
+                done[str(view.key)] = record["summary"]
 
         def quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat):
             if q.method == "rtn":
                 return quantize_rtn(w, fmt, q.clip_search)
             return quantize_gptq(w, hessian, fmt, q.damp, q.act_order, clip_search=q.clip_search)
 
-        blocks, done = {}, {}
-
         def factor_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
-            blocks[view.key] = (view, factor_block(view, observer, f, q.format_for, quantize))
+            blocks[view.key] = factor_block(view, observer, f, q.format_for, quantize)
             return True
 
         def layer_done(index: int, layer: torch.nn.Module, hidden: list[torch.Tensor]) -> None:
-            for key in [k for k, (view, _) in blocks.items() if view.layer_index == index]:
-                view, block = blocks.pop(key)
+            record = {}
+            for view in views.get(index, []):
+                block = blocks.pop(view.key)
                 install_factored_experts(view, block)
-                done[str(key)] = block.summary()
+                done[str(view.key)] = block.summary()
+                record[str(view.key)] = {"layout": block_layout(block), "summary": done[str(view.key)]}
+            if store is not None:
+                prefix = f"{loaded.adapter.layers_prefix(loaded.model)}.{index}."
+                state = persistent_state(layer, getattr(torch, ctx.recipe.save_dtype))
+                store.save_layer(index, {prefix + k: v for k, v in state.items()}, {"factored": record}, hidden)
 
         with ctx.activations(self.name) as holding:
             run_layerwise(
@@ -194,7 +215,9 @@ class FactorStage:
                 desc="factor",
                 layers_from=loaded,
                 on_layer_done=layer_done,
+                resume=resume,
                 activations=holding,
+                balance=f.modality_weights if f.balance else None,
             )
         return {"avg_bits_budget": f.avg_bits, "base_bits": f.base_bits, "whiten": f.whiten, "blocks": done}
 

@@ -33,6 +33,7 @@ RECIPES = {
     "rtn-ternary": {**SMALL, "quantization": {"method": "rtn", "ternary": True, "group_size": -1}},
     "submoe-25": {**SMALL, "merge": {"method": "subspace", "ratio": 0.25, "sample_tokens": 256}},
     "prune-25": {**SMALL, "merge": {"method": "prune", "ratio": 0.25, "beam": 2, "sample_tokens": 256}},
+    "factored": {**SMALL, "factor": {"enabled": True, "avg_bits": 2.09, "rank_steps": 8, "estimate": "rtn"}},
 }
 
 
@@ -134,7 +135,9 @@ def killed_run(source: Path, output: Path, recipe_file: Path, where: str, layer:
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
 
 
-@pytest.mark.parametrize("where, name", [("after", "gptq-w4"), ("inside", "gptq-w4"), ("after", "prune-25")])
+@pytest.mark.parametrize(
+    "where, name", [("after", "gptq-w4"), ("inside", "gptq-w4"), ("after", "prune-25"), ("after", "factored")]
+)
 def test_sigkilled_run_resumes_after_its_last_stored_layer(
     where, name, in_memory, tiny_text_path, tmp_path, monkeypatch
 ):

@@ -20,10 +20,12 @@ DEFAULT_VL_TEMPLATES = {
 
 @dataclass
 class CalibrationBatch:
-    """Model inputs for one forward pass; `image_mask` [B, T] marks image tokens."""
+    """Model inputs for one forward pass; `image_mask` [B, T] marks image tokens; `source`: the recipe key of the
+    data it came from (calibration.dataset or vl_dataset)."""
 
     inputs: dict[str, torch.Tensor]
     image_mask: torch.Tensor = field(default=None)
+    source: str = "dataset"
 
     @property
     def num_tokens(self) -> int:
@@ -161,5 +163,5 @@ def vl_calibration_batches(
                 inputs = dict(processor(images=[image.convert("RGB")], text=[prompt], return_tensors="pt"))
         except (OSError, KeyError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
             raise CalibrationDataError(f"{source}: item {item['image']}: {type(exc).__name__}: {exc}.") from None
-        batches.append(CalibrationBatch(inputs, image_mask(inputs["input_ids"])))
+        batches.append(CalibrationBatch(inputs, image_mask(inputs["input_ids"]), source="vl_dataset"))
     return batches

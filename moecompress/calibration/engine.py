@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import RecipeError
 from ..io.tensorfiles import DiskTensors
 from ..models.base import MODALITIES, ModelAdapter, MoEBlockView
 from ..models.loading import LoadedModel
@@ -60,6 +61,7 @@ class LayerInputs:
     kwargs: list[list[dict]] = field(default_factory=list)  # [batch][layer]
     extras: list[dict] = field(default_factory=list)
     modalities: list[torch.Tensor] = field(default_factory=list)  # per token its modality id (`MODALITIES`)
+    sources: list[str] = field(default_factory=list)  # per batch the data it came from (`CalibrationBatch.source`)
     holding: Activations = field(default_factory=Activations)
     device: torch.device = torch.device("cpu")
     compute: torch.dtype | None = None
@@ -103,6 +105,29 @@ class LayerInputs:
     @property
     def num_tokens(self) -> int:
         return sum(int(m.numel()) for m in self.modalities)
+
+    def token_weights(self, modality_weights: dict[str, float]) -> list[torch.Tensor]:
+        """Per batch each token's weight (mean 1) when every calibration source counts the same, whatever its token
+        count, and within one each modality by `modality_weights` (a VLM's few image+text items weigh as much as
+        its text windows, and their image tokens as much as their text)."""
+        unknown = set(modality_weights) - set(MODALITIES)
+        if unknown:
+            raise RecipeError(f"modality_weights: unknown modalities {sorted(unknown)}; use {list(MODALITIES)}")
+        lam = torch.tensor([max(modality_weights.get(m, 0.0), 0.0) for m in MODALITIES], dtype=torch.float64)
+        per_source = {}
+        for source in sorted(set(self.sources)):
+            counts = sum(
+                torch.bincount(m.reshape(-1).cpu(), minlength=len(MODALITIES)).double()
+                for m, s in zip(self.modalities, self.sources)
+                if s == source
+            )
+            share = lam * (counts > 0)
+            per_source[source] = share / share.sum().clamp(min=1e-30) / counts.clamp(min=1)
+        weights = [per_source[s][m.long().cpu()] for m, s in zip(self.modalities, self.sources)]
+        total = sum(float(w.sum()) for w in weights)
+        if total <= 0:
+            raise RecipeError("modality_weights give zero weight to every modality in the calibration data.")
+        return [(w * (self.num_tokens / total)).float().to(m.device) for w, m in zip(weights, self.modalities)]
 
 
 def _to(value, device):
@@ -159,6 +184,7 @@ def capture_layer_inputs(
             except _StopForward:
                 pass
             captured.modalities.append(_modalities(model, adapter, batch).to(device))
+            captured.sources.append(batch.source)
     finally:
         handle.remove()
         for layer in layers:
@@ -224,22 +250,28 @@ class ExpertObserver:
         self._reservoir_rate = min(1.0, reservoir_size / max(total_tokens, 1))
         self._generator = torch.Generator().manual_seed(seed)
         self.modality: torch.Tensor | None = None  # the current batch's modality ids
+        self.token_weight: torch.Tensor | None = None  # and its tokens' weights in `weighted` and the Grams
+        self.weighted = torch.zeros(E, 2, dtype=torch.float64)  # per expert: sum of token weights, of weight x routing
+        self.weighted_total = 0.0
         self.collectors = collectors(view) if collectors is not None else []
 
     def hook(self, module, args, output) -> None:
         hidden = args[0].reshape(-1, self.view.hidden_size)
         if self.view.group is None:
-            self.observe(hidden, self.modality.reshape(-1))
-        else:  # a modality group's block sees only that modality's tokens
+            weight = None if self.token_weight is None else self.token_weight.reshape(-1)
+            self.observe(hidden, self.modality.reshape(-1), weight)
+        else:  # a modality group's block sees only that modality's tokens (each counting 1)
             self.observe(
                 hidden, torch.full((hidden.shape[0],), MODALITIES.index(self.view.group), device=hidden.device)
             )
 
     @torch.no_grad()
-    def observe(self, x: torch.Tensor, modality: torch.Tensor) -> None:
-        """Tokens x [T, H] entering the block and their modality ids (or a bool image mask) [T]."""
+    def observe(self, x: torch.Tensor, modality: torch.Tensor, token_weight: torch.Tensor | None = None) -> None:
+        """Tokens x [T, H] entering the block, their modality ids (or a bool image mask) [T] and weights [T] (in
+        `weighted` and the Grams; default 1)."""
         x = x.float()
         modality = modality.long().to(x.device)
+        token_weight = torch.ones(x.shape[0], device=x.device) if token_weight is None else token_weight.to(x.device)
         M = len(MODALITIES)
         weights, indices = self.view.route(x)
         routed = torch.zeros_like(x)
@@ -256,12 +288,16 @@ class ExpertObserver:
             self.tokens[e] += torch.bincount(m, minlength=M).double().cpu()
             self.weight_sum[e] += torch.bincount(m, weights=routing, minlength=M).double().cpu()
             self.output_norm_sum[e] += torch.bincount(m, weights=contribution.pow(2).sum(1), minlength=M).double().cpu()
+            t = token_weight[tok]
+            self.weighted[e] += torch.stack([t.sum(), (t * routing).sum()]).double().cpu()
             if self.collect_hessians:
-                self.hessian_in.add(e, xe)
-                self.hessian_mid.add(e, mid)
+                root = t.sqrt()[:, None]
+                self.hessian_in.add(e, xe * root)
+                self.hessian_mid.add(e, mid * root)
             for collector in self.collectors:
                 collector.observe_expert(self.view, e, xe, w, out)
         self.total_tokens += torch.bincount(modality, minlength=M).double().cpu()
+        self.weighted_total += float(token_weight.sum())
         self.block_output_norm_sum += torch.bincount(modality, weights=routed.pow(2).sum(1), minlength=M).double().cpu()
         if self.measure_drop_loss:
             self._observe_drop_loss(x, modality, weights, indices, routed)
@@ -347,6 +383,7 @@ def run_layerwise(
     resume: tuple[int, list[torch.Tensor] | DiskTensors] | None = None,
     activations: Activations | None = None,
     keep_changes: bool = False,
+    balance: dict[str, float] | None = None,
 ) -> None:
     """Walk the decoder; `on_moe_layer(view, observer)` sees each MoE block after its calibration pass (each of a
     layer's blocks, where it has one per modality) and returns True when it changed the layer (then the layer's
@@ -356,13 +393,15 @@ def run_layerwise(
     `DiskTensors`: files that stay until two layers later); `resume` (first layer, its inputs) skips the layers
     before it; `activations` says how activations are held between layers (dtype, memory or disk), each layer
     still computing in the model's dtype; `keep_changes`: later passes see the layers this one changed (a streamed
-    model keeps them on disk)."""
+    model keeps them on disk); `balance`: modality weights with which each observer weighs its tokens
+    (`LayerInputs.token_weights`; default: every token 1)."""
     with _lean_experts(model):
         device = torch.device(device)
         source = layers_from if layers_from is not None else LoadedModel(model, adapter, "")
         source.prepare_layers(device)
         inputs = capture_layer_inputs(model, adapter, batches, device, activations)
         source.after_capture()
+        weights = inputs.token_weights(balance) if balance is not None else None
         first = 0
         if resume is not None:
             first = resume[0]
@@ -381,7 +420,7 @@ def run_layerwise(
                 inputs.keep(forward_layer(layer, adapter, index, inputs))
             else:
                 observers = [ExpertObserver(view, inputs.num_tokens, seed=index, **options) for view in blocks]
-                outputs = _observed_forward(layer, adapter, index, inputs, observers)
+                outputs = _observed_forward(layer, adapter, index, inputs, observers, weights)
                 source.trim()
                 for view in blocks:
                     changed = on_moe_layer(view, observers.pop(0)) or changed
@@ -397,14 +436,16 @@ def run_layerwise(
             source.release_layer(index, changed=keep_changes and changed)
 
 
-def _observed_forward(layer: nn.Module, adapter: ModelAdapter, index: int, inputs: LayerInputs, observers: list):
-    """`forward_layer` with each of `observers` watching its MoE block of the layer."""
+def _observed_forward(layer, adapter: ModelAdapter, index: int, inputs: LayerInputs, observers: list, weights=None):
+    """`forward_layer` with each of `observers` watching its MoE block of the layer (`weights`: per batch its tokens'
+    weights)."""
     handles = [observer.view.block.register_forward_hook(observer.hook) for observer in observers]
     try:
         outputs = inputs.sink()
-        for hidden, kwargs, extras, modality in inputs.batches(index):
+        for b, (hidden, kwargs, extras, modality) in enumerate(inputs.batches(index)):
             for observer in observers:
                 observer.modality = modality
+                observer.token_weight = None if weights is None else weights[b]
             out = layer(hidden, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
             outputs.append(inputs.held(adapter.after_layer(index, out, extras)))

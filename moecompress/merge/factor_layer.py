@@ -13,6 +13,7 @@ also covers mixed precision (dense candidates) and pruning (rank 0: an expert no
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import torch
 
 from ..allocation.solver import solve_allocation
 from ..errors import BudgetError, RecipeError
-from ..models.base import PROJECTIONS, ExpertWeights, MoEBlockView
+from ..models.base import MODALITIES, PROJECTIONS, ExpertWeights, MoEBlockView
 from ..quant.packing import PackedTensor, pack, packed_nbytes
 from ..quant.qtensor import SUPPORTED_BITS, QTensor, QuantFormat
 from ..runtime.factored_experts import DENSE, FactoredExperts
@@ -46,6 +47,10 @@ class FactorConfig:
     whiten: truncate each delta, and measure every candidate's error, in the norm of its expert's outputs on the
             calibration tokens (SVD-LLM), not in the weights' Frobenius norm (GPTQ uses the expert's inputs either way).
     alpha, beta: the weights of routing frequency and mean routing weight in the costs (as `allocation:`).
+    balance: every calibration source (calibration.dataset, vl_dataset) counts the same in the costs' frequencies
+            and routing weights and in every Gram (whitening, GPTQ, error estimates), whatever its token count, and
+            within one each modality by `modality_weights` (a VLM's few short image+text items against long text
+            windows); false: every token counts the same.
     """
 
     enabled: bool = False
@@ -58,6 +63,8 @@ class FactorConfig:
     whiten: bool = True
     alpha: float = 1.0
     beta: float = 1.5
+    balance: bool = True
+    modality_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "image": 1.0, "audio": 1.0})
 
     def validate(self) -> FactorConfig:
         problems = []
@@ -74,6 +81,11 @@ class FactorConfig:
             problems.append(f"factor.rank_steps {self.rank_steps}: use 1 or more")
         if self.estimate not in ("gptq", "rtn"):
             problems.append(f"factor.estimate '{self.estimate}': use gptq or rtn")
+        unknown = set(self.modality_weights) - set(MODALITIES)
+        if unknown or any(w < 0 for w in self.modality_weights.values()) or not any(self.modality_weights.values()):
+            problems.append(
+                f"factor.modality_weights {self.modality_weights}: weights >= 0, not all 0, for {list(MODALITIES)}"
+            )
         if problems:
             raise RecipeError("; ".join(problems))
         return self
@@ -196,10 +208,8 @@ def factor_block(
     originals = [view.expert_weights(e) for e in range(E)]
     if originals[0].gate_bias is not None:
         raise RecipeError("factor: experts with biases (GPT-OSS) cannot be factored yet; use quantization alone.")
-    freqs = observer.tokens.sum(-1)
-    share = freqs / observer.total_tokens.sum().clamp(min=1)
-    weight = observer.weight_sum.sum(-1) / freqs.clamp(min=1)
-    importance = share.clamp(min=0) ** config.alpha * weight.clamp(min=0) ** config.beta
+    freqs = observer.weighted[:, 0]  # the base's weights: each expert's (weighted) token count
+    importance = _importance(observer, config)
     formats = [fmt(b) for b in sorted(set(config.bits))]
     inputs = _ExpertInputs(observer, E, config.whiten)
     best = None
@@ -225,6 +235,14 @@ def factor_block(
     for e in range(E):
         view.set_expert_weights(e, ExpertWeights(*(rebuilt[e][p] for p in PROJECTIONS)))
     return FactoredBlock(base, deltas, objective)
+
+
+def _importance(observer, config: FactorConfig) -> torch.Tensor:
+    """Per expert frequency^alpha x mean routing weight^beta over the (weighted) calibration tokens."""
+    tokens, routing = observer.weighted.unbind(-1)
+    share = tokens / max(observer.weighted_total, 1e-30)
+    weight = routing / tokens.clamp(min=1e-30)
+    return share.clamp(min=0) ** config.alpha * weight.clamp(min=0) ** config.beta
 
 
 def _quantize(delta: torch.Tensor, item: _Item, rank: int, fmt: QuantFormat | None, quantize: Quantizer):
@@ -313,14 +331,40 @@ def _nbytes(fmt: QuantFormat, shape: tuple[int, int], rank: int) -> int:
 
 def install_factored_experts(view: MoEBlockView, block: FactoredBlock) -> FactoredExperts:
     """Replace the block's experts module with a `FactoredExperts` holding `block`."""
-    deltas = [{p: _spec(delta) for p, delta in d.items()} for d in block.deltas]
-    base = {p: t.fmt for p, t in block.base.items()} if block.base else None
-    module = FactoredExperts(view.hidden_size, view.intermediate_size, base, deltas, view.activation)
+    module = restore_factored_experts(view, block_layout(block), device=None)
     for p in PROJECTIONS:
         if block.base:
             getattr(module.base, p).load_packed(block.base[p])
         for e, d in enumerate(block.deltas):
             getattr(module[e], p).load(d[p])
+    return module
+
+
+def block_layout(block: FactoredBlock) -> dict:
+    """The block's layout as JSON (a streamed run's layer record): the base's formats (or None) and per expert and
+    projection (rank, first format, second format)."""
+
+    def encode(delta: Delta | None) -> list:
+        rank, *fmts = _spec(delta)
+        return [rank, *(f.to_dict() if f is not None else None for f in fmts)]
+
+    return {
+        "base": {p: t.fmt.to_dict() for p, t in block.base.items()} if block.base else None,
+        "deltas": [{p: encode(delta) for p, delta in d.items()} for d in block.deltas],
+    }
+
+
+def restore_factored_experts(view: MoEBlockView, layout: dict, device: str | None = "meta") -> FactoredExperts:
+    """Replace the block's experts module with an empty `FactoredExperts` of `layout` (`block_layout`), on the meta
+    device by default (a streamed layer whose tensors are already on disk)."""
+
+    def decode(fmt: dict | None) -> QuantFormat | None:
+        return QuantFormat.from_dict(fmt) if fmt is not None else None
+
+    base = {p: QuantFormat.from_dict(f) for p, f in layout["base"].items()} if layout["base"] else None
+    deltas = [{p: (r, decode(a), decode(b)) for p, (r, a, b) in d.items()} for d in layout["deltas"]]
+    with torch.device(device) if device else contextlib.nullcontext():
+        module = FactoredExperts(view.hidden_size, view.intermediate_size, base, deltas, view.activation)
     view.block.experts = module
     return module
 

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from moecompress.calibration.data import CalibrationBatch
-from moecompress.calibration.engine import ExpertObserver, collect_expert_stats
+from moecompress.calibration.engine import ExpertObserver, LayerInputs, collect_expert_stats
 from moecompress.calibration.stats import GramSums
+from moecompress.errors import RecipeError
 from moecompress.models import get_adapter
 from moecompress.quant.gptq import quantize_gptq
 from moecompress.quant.qtensor import QuantFormat
@@ -127,6 +128,57 @@ def test_observer_counts_and_hessians_match_the_routing():
             torch.testing.assert_close(
                 observer.weight_sum[e].sum().float(), weights[indices == e].sum(), rtol=1e-5, atol=1e-5
             )
+
+
+def test_observer_weighs_tokens_in_its_grams_and_weighted_counts():
+    """Token weights w enter the Grams as sum w x x^T (float64 reference) and the weighted counts as sum w and
+    sum w x routing weight; weights of 1 give the unweighted sums exactly."""
+    model = tiny_model("qwen3_moe")
+    view = get_adapter("qwen3_moe").moe_blocks(model)[0]
+    x, image = torch.randn(300, 64), torch.rand(300) < 0.3
+    w = torch.rand(300) * 3 + 0.1
+    weighted, plain = ExpertObserver(view, total_tokens=300), ExpertObserver(view, total_tokens=300)
+    weighted.observe(x, image, w)
+    plain.observe(x, image, torch.ones(300))
+    reference = ExpertObserver(view, total_tokens=300)
+    reference.observe(x, image)
+    with torch.no_grad():
+        routing, indices = view.route(x)
+    assert weighted.weighted_total == pytest.approx(float(w.sum()), rel=1e-6)
+    for e in range(8):
+        tok, slot = torch.where(indices == e)
+        if tok.numel() == 0:
+            continue
+        xd, wd = x[tok].double(), w[tok].double()
+        expected = (xd * wd[:, None]).T @ xd
+        got = weighted.hessian_in.full(e).double()
+        assert float((got - expected).norm() / expected.norm()) < 1e-5
+        assert torch.equal(plain.hessian_in.full(e), reference.hessian_in.full(e))
+        assert float(weighted.weighted[e, 0]) == pytest.approx(float(wd.sum()), rel=1e-6)
+        assert float(weighted.weighted[e, 1]) == pytest.approx(
+            float((wd * routing[tok, slot].double()).sum()), rel=1e-5
+        )
+
+
+def test_token_weights_count_every_source_the_same_and_split_its_modalities():
+    """Three long text batches and two short image+text ones: each source carries half the total weight, within
+    the image+text source the modalities split as `modality_weights` say, and the mean weight is 1."""
+    text = [torch.zeros(2, 50, dtype=torch.long) for _ in range(3)]
+    vl = [torch.tensor([[0, 1, 1, 1, 0, 0, 0, 0]]), torch.tensor([[0, 1, 1, 1, 0, 0]])]
+    inputs = LayerInputs(modalities=text + vl, sources=["dataset"] * 3 + ["vl_dataset"] * 2)
+    weights = inputs.token_weights({"text": 1.0, "image": 3.0})
+    n = inputs.num_tokens
+    assert sum(float(w.sum()) for w in weights) == pytest.approx(n)
+    assert sum(float(w.sum()) for w in weights[:3]) == pytest.approx(n / 2)
+    image = sum(float(w[m == 1].sum()) for w, m in zip(weights[3:], vl))
+    assert image == pytest.approx(n / 2 * 3 / 4)
+    assert all(torch.allclose(w, w.flatten()[0]) for w in weights[:3])  # one text token weighs like another
+    only_text = LayerInputs(modalities=text, sources=["dataset"] * 3)
+    assert all(torch.equal(w, torch.ones_like(w, dtype=torch.float32)) for w in only_text.token_weights({"text": 1}))
+    with pytest.raises(RecipeError, match="unknown modalities"):
+        inputs.token_weights({"video": 1.0})
+    with pytest.raises(RecipeError, match="zero weight"):
+        only_text.token_weights({"image": 1.0})
 
 
 def test_expert_stats_round_trip_and_drop_loss(tmp_path):

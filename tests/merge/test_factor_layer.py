@@ -112,6 +112,8 @@ def test_budgets_below_the_shared_base_are_refused_before_calibration(tiny_text_
         ({"allocation": {"method": "lp"}}, "allocation.method lp"),
         ({"recovery": {"enabled": True}}, "recovery"),
         ({"factor": {"enabled": True, "bits": [5]}}, "factor.bits"),
+        ({"factor": {"enabled": True, "modality_weights": {"video": 1.0}}}, "factor.modality_weights"),
+        ({"factor": {"enabled": True, "modality_weights": {"text": 0.0}}}, "factor.modality_weights"),
     ],
 )
 def test_recipes_that_factor_and_do_what_factoring_replaces_are_refused(section, clash):
