@@ -25,7 +25,7 @@ from ..models.base import MODALITIES, PROJECTIONS, ExpertWeights, MoEBlockView
 from ..quant.packing import PackedTensor, pack, packed_nbytes
 from ..quant.qtensor import SUPPORTED_BITS, QTensor, QuantFormat
 from ..runtime.factored_experts import DENSE, FactoredExperts
-from .factored import DeltaSpectrum, candidate_errors, delta_spectrum, dense_errors, quantize_delta, whitening
+from .factored import candidate_errors, delta_spectrum, dense_errors, quantize_delta, whitening
 from .subspace import average_merge
 
 
@@ -139,8 +139,6 @@ class _Item:
 
     expert: int
     proj: str
-    spec: DeltaSpectrum
-    gram: torch.Tensor | None
     ranks: list[int]
     low_rank: torch.Tensor
     dense: torch.Tensor
@@ -178,22 +176,39 @@ def candidate_ranks(out_features: int, in_features: int, steps: int) -> list[int
 
 
 class _ExpertInputs:
-    """Per projection each expert's input Gram (gate and up share one), its whitening factor (None without
-    `whiten` or tokens) and the pooled Gram of all experts: computed once per block, whatever the base widths."""
+    """Each expert's input Gram per projection (gate and up share one) and its whitening factor (None without
+    `whiten` or tokens), made from the observer's sums when asked and held for one expert at a time (a DeepSeek-V3
+    layer's all at once would take over 100 GB), and per projection the pooled Gram of all experts."""
 
     def __init__(self, observer, experts: int, whiten: bool):
-        ins = [observer.hessian_in.full(e) for e in range(experts)]
-        mids = [observer.hessian_mid.full(e) for e in range(experts)]
-        self.grams = {"gate_proj": ins, "up_proj": ins, "down_proj": mids}
-        lowers = {id(g): [whitening(x) if x is not None and whiten else None for x in g] for g in (ins, mids)}
-        self.lowers = {p: lowers[id(g)] for p, g in self.grams.items()}
-        pooled = {id(g): _pooled(g) for g in (ins, mids)}
-        self.pooled = {p: pooled[id(g)] for p, g in self.grams.items()}
+        self.sums = {
+            "gate_proj": observer.hessian_in,
+            "up_proj": observer.hessian_in,
+            "down_proj": observer.hessian_mid,
+        }
+        self.experts, self.whiten = experts, whiten
+        self._held: tuple | None = None  # (key, Gram, whitening factor)
+        self._pooled: dict[int, torch.Tensor | None] = {}
 
+    def get(self, proj: str, expert: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(Gram, whitening factor) of `expert`'s inputs to `proj`."""
+        key = (id(self.sums[proj]), expert)
+        if self._held is None or self._held[0] != key:
+            self._held = None  # the last one is freed before the next is made
+            gram = self.sums[proj].full(expert)
+            self._held = (key, gram, whitening(gram) if gram is not None and self.whiten else None)
+        return self._held[1], self._held[2]
 
-def _pooled(grams: list[torch.Tensor | None]) -> torch.Tensor | None:
-    seen = [g for g in grams if g is not None]
-    return sum(seen) if seen else None
+    def pooled(self, proj: str) -> torch.Tensor | None:
+        sums = self.sums[proj]
+        if id(sums) not in self._pooled:
+            total = None
+            for e in range(self.experts):
+                gram = sums.full(e)
+                if gram is not None:
+                    total = gram if total is None else total.add_(gram)
+            self._pooled[id(sums)] = total
+        return self._pooled[id(sums)]
 
 
 @torch.no_grad()
@@ -225,15 +240,20 @@ def factor_block(
         if best is None or objective < best[0]:
             best = (objective, base, base_hat, items, choice)
     objective, base, base_hat, items, choice = best
+    chosen = {(item.proj, item.expert): (item, r, f) for item, (r, f) in zip(items, choice)}
     deltas: list[dict] = [{} for _ in range(E)]
-    rebuilt: list[dict] = [{} for _ in range(E)]
-    for item, (r, f) in zip(items, choice):
-        e, p = item.expert, item.proj
-        delta = originals[e][p].double() - base_hat[p].double()
-        deltas[e][p], rebuilt[e][p] = _quantize(delta, item, r, formats[f] if r else None, quantize)
-        rebuilt[e][p] = rebuilt[e][p] + base_hat[p]
     for e in range(E):
-        view.set_expert_weights(e, ExpertWeights(*(rebuilt[e][p] for p in PROJECTIONS)))
+        rebuilt = {}
+        for p in PROJECTIONS:
+            item, r, f = chosen[p, e]
+            gram, lower = inputs.get(p, e)
+            spec = None
+            if r > 0:  # the spectrum the estimate read (dropped since: one per item for a whole layer is too much)
+                spec = delta_spectrum(originals[e][p].float() - base_hat[p], originals[e][p], lower, item.ranks[-1])
+            delta = originals[e][p].double() - base_hat[p].double()
+            deltas[e][p], rebuilt[p] = _quantize(delta, spec, gram, r, formats[f] if r else None, quantize)
+            rebuilt[p] = rebuilt[p] + base_hat[p]
+        view.set_expert_weights(e, ExpertWeights(*(rebuilt[p] for p in PROJECTIONS)))
     return FactoredBlock(base, deltas, objective)
 
 
@@ -245,45 +265,47 @@ def _importance(observer, config: FactorConfig) -> torch.Tensor:
     return share.clamp(min=0) ** config.alpha * weight.clamp(min=0) ** config.beta
 
 
-def _quantize(delta: torch.Tensor, item: _Item, rank: int, fmt: QuantFormat | None, quantize: Quantizer):
+def _quantize(delta: torch.Tensor, spec, gram, rank: int, fmt: QuantFormat | None, quantize: Quantizer):
     """(the packed delta or None, what it represents) for the chosen candidate."""
     if rank == 0:
         return None, torch.zeros_like(delta, dtype=torch.float32)
     if rank == DENSE:
-        hessian = item.gram if item.gram is not None else torch.eye(delta.shape[1])
+        hessian = gram if gram is not None else torch.eye(delta.shape[1])
         q = quantize(delta.float(), hessian.float(), fmt)
         return (pack(q),), q.dequantize()
-    lora_a, lora_b = quantize_delta(delta, item.spec, rank, fmt, item.gram, quantize)
+    lora_a, lora_b = quantize_delta(delta, spec, rank, fmt, gram, quantize)
     return (pack(lora_a), pack(lora_b)), lora_b.dequantize() @ lora_a.dequantize()
 
 
 def _candidates(originals, inputs: _ExpertInputs, freqs, config, base_format, formats, quantize):
     """Per projection the quantized base (GPTQ on the pooled Gram; zero without a base format), and per (expert,
-    projection) the spectrum of its delta to that base and its candidates' relative errors."""
-    base, base_hat, items = ({} if base_format else None), {}, []
+    projection) its candidates' relative errors (items ordered by projection, then expert), expert by expert."""
+    base, base_hat = ({} if base_format else None), {}
     for p in PROJECTIONS:
-        weights = [w[p].float() for w in originals]
-        grams, lowers = inputs.grams[p], inputs.lowers[p]
         if base_format is None:
-            base_hat[p] = torch.zeros_like(weights[0])
+            base_hat[p] = torch.zeros_like(originals[0][p], dtype=torch.float32)
         else:
-            w0 = average_merge(weights, freqs)
-            pooled = inputs.pooled[p]
+            w0 = average_merge([w[p].float() for w in originals], freqs)
+            pooled = inputs.pooled(p)
             q = quantize(w0, pooled if pooled is not None else torch.eye(w0.shape[1]), base_format)
             base[p], base_hat[p] = pack(q), q.dequantize()
-        ranks = candidate_ranks(*weights[0].shape, config.rank_steps)
-        for e, (w, g, lower) in enumerate(zip(weights, grams, lowers)):  # GPTQ takes the Gram either way
+    items = {}
+    for e, weights in enumerate(originals):
+        for p in PROJECTIONS:
+            gram, lower = inputs.get(p, e)  # GPTQ takes the Gram either way
+            w = weights[p].float()
             delta = w - base_hat[p]
+            ranks = candidate_ranks(*w.shape, config.rank_steps)
             spec = delta_spectrum(delta, w, lower, ranks[-1])
             signal = max(spec.signal, 1e-30)
             low_rank = candidate_errors(spec, ranks[1:], formats, lower) / signal
             dense = torch.full((len(formats),), float("inf"))
             if config.dense:
-                hessian = (g if g is not None else torch.eye(delta.shape[1])).float()
+                hessian = (gram if gram is not None else torch.eye(delta.shape[1])).float()
                 exact = (lambda m, f, h=hessian: quantize(m, h, f)) if config.estimate == "gptq" else None
                 dense = dense_errors(delta, formats, lower, exact) / signal
-            items.append(_Item(e, p, spec, g, ranks, low_rank, dense, float(spec.tail[0]) / signal))
-    return base, base_hat, items
+            items[p, e] = _Item(e, p, ranks, low_rank, dense, float(spec.tail[0]) / signal)
+    return base, base_hat, [items[p, e] for p in PROJECTIONS for e in range(len(originals))]
 
 
 def _allocate(items: list[_Item], formats, importance, config, base, first) -> tuple[list[tuple[int, int]], float]:

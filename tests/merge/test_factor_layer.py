@@ -126,3 +126,30 @@ def test_candidate_ranks_are_multiples_of_8_up_to_the_break_even_rank():
     assert candidate_ranks(256, 256, 16) == [0, *range(8, 129, 8)]
     ranks = candidate_ranks(768, 2048, 16)
     assert ranks[-1] == 558 and all(r % 8 == 0 for r in ranks[1:-1]) and len(ranks) <= 18
+
+
+def test_expert_inputs_are_made_one_expert_at_a_time_from_the_observers_sums():
+    """Gate and up share one Gram and whitening factor, the down projection has its own; only the last expert's are
+    held; the pooled Gram is the sum over experts (float64 reference)."""
+    from moecompress.calibration.stats import GramSums
+    from moecompress.merge.factor_layer import _ExpertInputs
+    from moecompress.merge.factored import whitening
+
+    class Observer:
+        hessian_in, hessian_mid = GramSums(), GramSums()
+
+    xs = {e: torch.randn(40 + e, 24, dtype=torch.float64) for e in range(3)}
+    mids = {e: torch.randn(40 + e, 16, dtype=torch.float64) for e in range(3)}
+    for e in range(3):
+        Observer.hessian_in.add(e, xs[e].float())
+        Observer.hessian_mid.add(e, mids[e].float())
+    inputs = _ExpertInputs(Observer, 3, whiten=True)
+    gram, lower = inputs.get("gate_proj", 1)
+    assert inputs.get("up_proj", 1)[1] is lower
+    reference = xs[1].T @ xs[1]
+    assert float((gram.double() - reference).norm() / reference.norm()) < 1e-6
+    assert torch.equal(lower, whitening(gram))
+    down, _ = inputs.get("down_proj", 1)
+    assert down.shape == (16, 16) and inputs.get("gate_proj", 1)[1] is not lower  # made again: only one is held
+    pooled = sum(x.T @ x for x in xs.values())
+    assert float((inputs.pooled("up_proj").double() - pooled).norm() / pooled.norm()) < 1e-6
