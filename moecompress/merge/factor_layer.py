@@ -84,7 +84,8 @@ class FactorConfig:
         unknown = set(self.modality_weights) - set(MODALITIES)
         if unknown or any(w < 0 for w in self.modality_weights.values()) or not any(self.modality_weights.values()):
             problems.append(
-                f"factor.modality_weights {self.modality_weights}: weights >= 0, not all 0, for {list(MODALITIES)}"
+                f"factor.modality_weights {self.modality_weights}: "
+                f"give weights >= 0, not all 0, to modalities of {list(MODALITIES)}"
             )
         if problems:
             raise RecipeError("; ".join(problems))
