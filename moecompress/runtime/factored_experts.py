@@ -120,13 +120,21 @@ class FactoredExperts(ExpertList):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         if self._native(hidden_states):
-            from .native import INT8_TOKENS, packed_linear
+            from . import packed_experts
+            from .native import INT8_TOKENS, linear_table_for
 
             x = hidden_states.to(torch.float32)
             int8 = x.shape[0] <= INT8_TOKENS
-            out = self._forward(x, top_k_index, top_k_weights, lambda m, v: packed_linear(m, v, int8))
+            table = linear_table_for(self, packed_experts._pack_epoch)
+            out = self._forward(x, top_k_index, top_k_weights, lambda m, v: table.linear(m, v, int8))
             return out.to(hidden_states.dtype)
         return self._forward(hidden_states, top_k_index, top_k_weights, lambda m, v: m(v))
+
+    def _apply(self, fn, recurse=True):
+        from . import native
+
+        native.drop_linear_table(self)  # buffers may move or change dtype: the descriptors point into them
+        return super()._apply(fn, recurse)
 
     def _forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, linear) -> torch.Tensor:
         """`linear(packed_linear_module, x)` computes each packed matrix's product."""

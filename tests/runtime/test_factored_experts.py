@@ -92,3 +92,19 @@ def test_a_rank_zero_expert_is_the_base_and_stores_no_factor():
     w0 = module.expert_weights(0)
     for p in PROJECTIONS:
         assert torch.equal(w0[p], getattr(module.base, p).dequantize())
+
+
+def test_the_native_path_reads_weights_loaded_after_its_first_call():
+    """Its descriptors are made once per module and point into the packed buffers: weights loaded in place after the
+    first call are the ones read."""
+    if native.library() is None:
+        pytest.skip(f"no native kernels here: {native.kernel_name()}")
+    module = _factored([{p: DENSE for p in PROJECTIONS}] * E, base=False)
+    x, index, weights = torch.randn(3, H), torch.tensor([[0, 1], [1, 2], [0, 2]]), torch.rand(3, 2) + 0.1
+    with native.float32_activations():
+        module(x, index, weights)
+        fmt = module[0].gate_proj.weight.fmt
+        module[0].gate_proj.load((pack(quantize_rtn(torch.randn(INTER, H), fmt)),))
+        got = module(x, index, weights)
+    want = _reference(module, x, index, weights)
+    assert float((got.double() - want).norm() / want.norm()) < 1e-5
