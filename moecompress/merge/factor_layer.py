@@ -271,7 +271,7 @@ def _quantize(delta: torch.Tensor, spec, gram, rank: int, fmt: QuantFormat | Non
     if rank == 0:
         return None, torch.zeros_like(delta, dtype=torch.float32)
     if rank == DENSE:
-        hessian = gram if gram is not None else torch.eye(delta.shape[1])
+        hessian = gram if gram is not None else torch.eye(delta.shape[1], device=delta.device)
         q = quantize(delta.float(), hessian.float(), fmt)
         return (pack(q),), q.dequantize()
     lora_a, lora_b = quantize_delta(delta, spec, rank, fmt, gram, quantize)
@@ -288,7 +288,7 @@ def _candidates(originals, inputs: _ExpertInputs, freqs, config, base_format, fo
         else:
             w0 = average_merge([w[p].float() for w in originals], freqs)
             pooled = inputs.pooled(p)
-            q = quantize(w0, pooled if pooled is not None else torch.eye(w0.shape[1]), base_format)
+            q = quantize(w0, pooled if pooled is not None else torch.eye(w0.shape[1], device=w0.device), base_format)
             base[p], base_hat[p] = pack(q), q.dequantize()
     items = {}
     for e, weights in enumerate(originals):
@@ -302,7 +302,7 @@ def _candidates(originals, inputs: _ExpertInputs, freqs, config, base_format, fo
             low_rank = candidate_errors(spec, ranks[1:], formats, lower) / signal
             dense = torch.full((len(formats),), float("inf"))
             if config.dense:
-                hessian = (gram if gram is not None else torch.eye(delta.shape[1])).float()
+                hessian = (gram if gram is not None else torch.eye(delta.shape[1], device=delta.device)).float()
                 exact = (lambda m, f, h=hessian: quantize(m, h, f)) if config.estimate == "gptq" else None
                 dense = dense_errors(delta, formats, lower, exact) / signal
             items[p, e] = _Item(e, p, ranks, low_rank, dense, float(spec.tail[0]) / signal)

@@ -60,7 +60,9 @@ def candidate_errors(
     input-side factor's error measured in the diagonal of the damped Gram L L^T). Both factors are rounded once at
     the largest rank: rows of the input-side factor round independently, so every smaller rank reads its prefix."""
     inputs = spec.right.shape[1]
-    diag = lower.pow(2).sum(1) if lower is not None else torch.ones(inputs, dtype=torch.float64)
+    diag = (
+        lower.pow(2).sum(1) if lower is not None else torch.ones(inputs, dtype=torch.float64, device=spec.right.device)
+    )
     table = torch.empty(len(ranks), len(formats), dtype=torch.float64)
     index = torch.tensor(ranks)
     for j, fmt in enumerate(formats):
@@ -100,10 +102,10 @@ def quantize_delta(
     rounds lora_A on the expert's Gram; lora_B is then refit by least squares to the rounded lora_A (absorbing
     its error) and rounded on the Gram of its own inputs."""
     d = delta.double()
-    g = gram.double() if gram is not None else torch.eye(d.shape[1], dtype=torch.float64)
+    g = gram.double() if gram is not None else torch.eye(d.shape[1], dtype=torch.float64, device=d.device)
     lora_a = quantize(spec.right[:rank].float(), g.float(), fmt)
     a = lora_a.dequantize().double()
     h = a @ g @ a.T
-    damped = h + damp * float(h.diagonal().mean().clamp(min=1e-12)) * torch.eye(rank, dtype=h.dtype)
+    damped = h + damp * float(h.diagonal().mean().clamp(min=1e-12)) * torch.eye(rank, dtype=h.dtype, device=h.device)
     b = torch.linalg.solve(damped, (d @ g @ a.T).T).T
     return lora_a, quantize(b.float(), h.float(), fmt)
