@@ -85,6 +85,47 @@ class RunContext:
         views = self.loaded.adapter.moe_blocks(self.loaded.model)
         return [v.key for v in views], views[0].num_experts
 
+    def layer_views(self) -> dict[int, list[MoEBlockView]]:
+        """Each decoder layer's MoE blocks: one, or one per modality group."""
+        views: dict[int, list[MoEBlockView]] = {}
+        for view in self.loaded.adapter.moe_blocks(self.loaded.model):
+            views.setdefault(view.layer_index, []).append(view)
+        return views
+
+    def resume_point(self) -> tuple[int, object] | None:
+        """Where a streamed run stopped before (first layer to do, its inputs), or None."""
+        resume = self.store.resume_point() if self.store is not None else None
+        if resume is not None:
+            log.info("resuming after layer %d from %s", resume[0] - 1, self.store.folder)
+        return resume
+
+    def store_layer(self, index: int, layer: torch.nn.Module, record: dict, hidden) -> None:
+        """A streamed run's finished layer: its tensors as the checkpoint will hold them, with `record` (what a
+        resumed run needs to rebuild it in the skeleton); nothing when the model is in memory."""
+        if self.store is None:
+            return
+        prefix = f"{self.loaded.adapter.layers_prefix(self.loaded.model)}.{index}."
+        state = persistent_state(layer, getattr(torch, self.recipe.save_dtype))
+        self.store.save_layer(index, {prefix + k: v for k, v in state.items()}, record, hidden)
+
+    def walk(self, stage: str, on_moe_layer, on_layer_done, resume, **options) -> None:
+        """`run_layerwise` over the loaded model and the calibration batches for `stage`, each finished layer handed
+        to `on_layer_done`, from `resume` on."""
+        with self.activations(stage) as holding:
+            run_layerwise(
+                self.loaded.model,
+                self.loaded.adapter,
+                self.batches,
+                on_moe_layer,
+                self.recipe.device,
+                progress=self.progress,
+                layers_from=self.loaded,
+                on_layer_done=on_layer_done,
+                resume=resume,
+                activations=holding,
+                **options,
+            )
+
 
 class Stage(Protocol):
     name: str
@@ -169,12 +210,9 @@ class FactorStage:
             restore_factored_experts,
         )
 
-        q, f, loaded, store = ctx.recipe.quantization, ctx.recipe.factor, ctx.loaded, ctx.store
-        check_budget(loaded.adapter.moe_blocks(loaded.model), f, q.format_for)
-        views: dict[int, list[MoEBlockView]] = {}
-        for view in loaded.adapter.moe_blocks(loaded.model):
-            views.setdefault(view.layer_index, []).append(view)
-        resume = store.resume_point() if store is not None else None
+        q, f, store = ctx.recipe.quantization, ctx.recipe.factor, ctx.store
+        check_budget(ctx.loaded.adapter.moe_blocks(ctx.loaded.model), f, q.format_for)
+        views, resume = ctx.layer_views(), ctx.resume_point()
         blocks, done = {}, {}
         for index in store.done() if resume is not None else []:
             for view in views.get(index, []):
@@ -198,27 +236,17 @@ class FactorStage:
                 install_factored_experts(view, block)
                 done[str(view.key)] = block.summary()
                 record[str(view.key)] = {"layout": block_layout(block), "summary": done[str(view.key)]}
-            if store is not None:
-                prefix = f"{loaded.adapter.layers_prefix(loaded.model)}.{index}."
-                state = persistent_state(layer, getattr(torch, ctx.recipe.save_dtype))
-                store.save_layer(index, {prefix + k: v for k, v in state.items()}, {"factored": record}, hidden)
+            ctx.store_layer(index, layer, {"factored": record}, hidden)
 
-        with ctx.activations(self.name) as holding:
-            run_layerwise(
-                loaded.model,
-                loaded.adapter,
-                ctx.batches,
-                factor_layer,
-                ctx.recipe.device,
-                collect_hessians=True,
-                progress=ctx.progress,
-                desc="factor",
-                layers_from=loaded,
-                on_layer_done=layer_done,
-                resume=resume,
-                activations=holding,
-                balance=f.modality_weights if f.balance else None,
-            )
+        ctx.walk(
+            self.name,
+            factor_layer,
+            layer_done,
+            resume,
+            collect_hessians=True,
+            desc="factor",
+            balance=f.modality_weights if f.balance else None,
+        )
         return {"avg_bits_budget": f.avg_bits, "base_bits": f.base_bits, "whiten": f.whiten, "blocks": done}
 
 
@@ -258,16 +286,11 @@ class QuantizeStage:
         q, loaded, store = ctx.recipe.quantization, ctx.loaded, ctx.store
         gptq = GPTQOptions(damp=q.damp, act_order=q.act_order, clip_search=q.clip_search, ternary_scale=q.ternary_scale)
         rare = RareExpertPolicy(q.rare_experts.policy, q.rare_experts.min_tokens)
-        views: dict[int, list[MoEBlockView]] = {}  # a layer's MoE blocks: one, or one per modality group
-        for view in loaded.adapter.moe_blocks(loaded.model):
-            views.setdefault(view.layer_index, []).append(view)
+        views, resume = ctx.layer_views(), ctx.resume_point()
         reports: dict[int | str, list[ExpertQuantReport]] = {}  # by block key
         packed: dict[int | str, list] = {}
-        resume = store.resume_point() if store is not None else None
         for index in store.done() if resume is not None else []:
             reports.update(_restore_layer(views.get(index, []), store.record(index)))
-        if resume is not None:
-            log.info("resuming after layer %d from %s", resume[0] - 1, store.folder)
 
         def quantize_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
             formats = ctx.plan.layer_formats(view.key)
@@ -281,33 +304,14 @@ class QuantizeStage:
             for view in blocks:
                 if view.key in packed:
                     install_packed_experts(view, packed.pop(view.key), reports[view.key])
-            if store is not None:
-                prefix = f"{loaded.adapter.layers_prefix(loaded.model)}.{index}."
-                state = {
-                    prefix + k: v for k, v in persistent_state(layer, getattr(torch, ctx.recipe.save_dtype)).items()
-                }
-                formats = {v.group: _format_dicts(ctx.plan.layer_formats(v.key)) for v in blocks}
-                record = {
-                    "reports": [asdict(r) for v in blocks for r in reports.get(v.key, [])],
-                    "formats": formats.get(None, formats) if blocks else None,  # {group: ...} for grouped blocks
-                }
-                store.save_layer(index, state, record, hidden)
+            formats = {v.group: _format_dicts(ctx.plan.layer_formats(v.key)) for v in blocks}
+            record = {
+                "reports": [asdict(r) for v in blocks for r in reports.get(v.key, [])],
+                "formats": formats.get(None, formats) if blocks else None,  # {group: ...} for grouped blocks
+            }
+            ctx.store_layer(index, layer, record, hidden)
 
-        with ctx.activations(self.name) as holding:
-            run_layerwise(
-                loaded.model,
-                loaded.adapter,
-                ctx.batches,
-                quantize_layer,
-                ctx.recipe.device,
-                collect_hessians=q.method == "gptq",
-                progress=ctx.progress,
-                desc="compress",
-                layers_from=loaded,
-                on_layer_done=layer_done,
-                resume=resume,
-                activations=holding,
-            )
+        ctx.walk(self.name, quantize_layer, layer_done, resume, collect_hessians=q.method == "gptq", desc="compress")
         ctx.quant_reports = [r for key in reports for r in reports[key]]  # restored layers, then the others, in order
 
 
