@@ -33,10 +33,9 @@ from .quant.experts import (
     RareExpertPolicy,
     install_packed_experts,
     quantize_block_experts,
+    quantize_matrix,
 )
-from .quant.gptq import quantize_gptq
 from .quant.qtensor import QuantFormat
-from .quant.rtn import quantize_rtn
 from .recipe import Recipe
 from .runtime.packed_experts import set_dequant_cache
 from .training.memory import teacher_placement
@@ -220,12 +219,11 @@ class FactorStage:
                 restore_factored_experts(view, record["layout"])
                 done[str(view.key)] = record["summary"]
 
-        def quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat):
-            if q.method == "rtn":
-                return quantize_rtn(w, fmt, q.clip_search)
-            return quantize_gptq(w, hessian, fmt, q.damp, q.act_order, clip_search=q.clip_search)
-
         def factor_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
+            def quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat):
+                h = hessian if q.method == "gptq" else None
+                return quantize_matrix(w, h, fmt, _gptq_options(q), f"layer {view.key} (factored experts)")
+
             blocks[view.key] = factor_block(view, observer, f, q.format_for, quantize)
             return True
 
@@ -284,7 +282,7 @@ class QuantizeStage:
 
     def run(self, ctx: RunContext) -> None:
         q, loaded, store = ctx.recipe.quantization, ctx.loaded, ctx.store
-        gptq = GPTQOptions(damp=q.damp, act_order=q.act_order, clip_search=q.clip_search, ternary_scale=q.ternary_scale)
+        gptq = _gptq_options(q)
         rare = RareExpertPolicy(q.rare_experts.policy, q.rare_experts.min_tokens)
         views, resume = ctx.layer_views(), ctx.resume_point()
         reports: dict[int | str, list[ExpertQuantReport]] = {}  # by block key
@@ -313,6 +311,10 @@ class QuantizeStage:
 
         ctx.walk(self.name, quantize_layer, layer_done, resume, collect_hessians=q.method == "gptq", desc="compress")
         ctx.quant_reports = [r for key in reports for r in reports[key]]  # restored layers, then the others, in order
+
+
+def _gptq_options(q) -> GPTQOptions:
+    return GPTQOptions(damp=q.damp, act_order=q.act_order, clip_search=q.clip_search, ternary_scale=q.ternary_scale)
 
 
 def _format_dicts(formats: list[dict[str, QuantFormat]]) -> list[dict[str, dict]]:

@@ -358,9 +358,11 @@ def nan_model(tmp_path, model_dir):
     return dest
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "factor"])
 def test_non_finite_source_weights_are_named(capsys, tmp_path, nan_model, method):
-    recipe = write_recipe(tmp_path, {**QUICK, "quantization": {"method": method}})
+    factor = {"factor": {"enabled": True, "avg_bits": 2.09, "estimate": "rtn", "rank_steps": 4}}
+    sections = factor if method == "factor" else {"quantization": {"method": method}}
+    recipe = write_recipe(tmp_path, {**QUICK, **sections})
     msg = refused(
         capsys,
         ["compress", nan_model, "--recipe", recipe, "-o", tmp_path / "o"],

@@ -78,6 +78,25 @@ def expert_hessians(
     return h_in, h_mid, own
 
 
+def quantize_matrix(w: torch.Tensor, hessian: torch.Tensor | None, fmt: QuantFormat, gptq: GPTQOptions, where: str):
+    """`w` [out, in] rounded to `fmt`: GPTQ on `hessian`, or round-to-nearest without one. Source weights with NaN/Inf
+    and scales that overflow float16 are refused, naming `where` (layer, expert, projection)."""
+    if not bool(torch.isfinite(w).all()):
+        raise NonFiniteError(f"{where}: the source weight holds NaN/Inf values; fix or re-download the model.")
+    if hessian is None:
+        q = quantize_rtn(w, fmt, gptq.clip_search, gptq.ternary_scale)
+    else:
+        q = quantize_gptq(
+            w, hessian, fmt, gptq.damp, gptq.act_order, gptq.block_size, gptq.clip_search, gptq.ternary_scale
+        )
+    if not bool(torch.isfinite(q.scales.float()).all()):
+        raise NonFiniteError(
+            f"{where}: a quantization scale overflows float16 (|w| > 65504 x levels); "
+            "this weight cannot be stored in this format."
+        )
+    return q
+
+
 @torch.no_grad()
 def quantize_block_experts(
     view: MoEBlockView,
@@ -98,29 +117,10 @@ def quantize_block_experts(
         hessians = expert_hessians(view, observer, e, rare) if method == "gptq" else None
         quantized = {}
         for proj in PROJECTIONS:
-            w = weights[proj].float()
-            where = f"layer {view.key} expert {e} {proj}"
-            if not bool(torch.isfinite(w).all()):
-                raise NonFiniteError(f"{where}: the source weight holds NaN/Inf values; fix or re-download the model.")
-            if hessians is None:
-                quantized[proj] = quantize_rtn(w, formats[e][proj], gptq.clip_search, gptq.ternary_scale)
-            else:
-                h = hessians[0] if proj != "down_proj" else hessians[1]
-                quantized[proj] = quantize_gptq(
-                    w,
-                    h,
-                    formats[e][proj],
-                    gptq.damp,
-                    gptq.act_order,
-                    gptq.block_size,
-                    gptq.clip_search,
-                    gptq.ternary_scale,
-                )
-            if not bool(torch.isfinite(quantized[proj].scales.float()).all()):
-                raise NonFiniteError(
-                    f"{where}: a quantization scale overflows float16 (|w| > 65504 x levels); "
-                    "this weight cannot be stored in this format."
-                )
+            h = None if hessians is None else hessians[0] if proj != "down_proj" else hessians[1]
+            quantized[proj] = quantize_matrix(
+                weights[proj].float(), h, formats[e][proj], gptq, f"layer {view.key} expert {e} {proj}"
+            )
         view.set_expert_weights(e, ExpertWeights(*(quantized[p].dequantize() for p in PROJECTIONS)))
         packed.append({p: pack(q) for p, q in quantized.items()})
         tokens = int(observer.tokens[e].sum())
