@@ -271,7 +271,7 @@ class ExpertObserver:
         `weighted` and the Grams; default 1)."""
         x = x.float()
         modality = modality.long().to(x.device)
-        token_weight = torch.ones(x.shape[0], device=x.device) if token_weight is None else token_weight.to(x.device)
+        token_weight = token_weight.to(x.device) if token_weight is not None else None
         M = len(MODALITIES)
         weights, indices = self.view.route(x)
         routed = torch.zeros_like(x)
@@ -288,16 +288,16 @@ class ExpertObserver:
             self.tokens[e] += torch.bincount(m, minlength=M).double().cpu()
             self.weight_sum[e] += torch.bincount(m, weights=routing, minlength=M).double().cpu()
             self.output_norm_sum[e] += torch.bincount(m, weights=contribution.pow(2).sum(1), minlength=M).double().cpu()
-            t = token_weight[tok]
+            t = token_weight[tok] if token_weight is not None else torch.ones_like(routing)
             self.weighted[e] += torch.stack([t.sum(), (t * routing).sum()]).double().cpu()
-            if self.collect_hessians:
-                root = t.sqrt()[:, None]
-                self.hessian_in.add(e, xe * root)
-                self.hessian_mid.add(e, mid * root)
+            if self.collect_hessians:  # unweighted tokens enter as they are (no copy on the common path)
+                root = token_weight[tok].sqrt()[:, None] if token_weight is not None else None
+                self.hessian_in.add(e, xe if root is None else xe * root)
+                self.hessian_mid.add(e, mid if root is None else mid * root)
             for collector in self.collectors:
                 collector.observe_expert(self.view, e, xe, w, out)
         self.total_tokens += torch.bincount(modality, minlength=M).double().cpu()
-        self.weighted_total += float(token_weight.sum())
+        self.weighted_total += float(token_weight.sum()) if token_weight is not None else x.shape[0]
         self.block_output_norm_sum += torch.bincount(modality, weights=routed.pow(2).sum(1), minlength=M).double().cpu()
         if self.measure_drop_loss:
             self._observe_drop_loss(x, modality, weights, indices, routed)
