@@ -4,9 +4,11 @@ native kernels for every stored format, at batch 1, 4, 16 and prefill 512. Print
 of expert weights read per ms (GB/s), their fraction of this machine's measured memory bandwidth (the best of a
 STREAM triad and a read-only dot product over buffers far above the L3 size, measured at the start and the end
 of the same run: other tenants of a shared machine move it by 10-20 %) and the speed-up over the faster dense
-path.
+path. Then the model's unquantized linear layers (the attention projections of 8 Qwen3-30B-A3B layers: q 4096x2048,
+k and v 512x2048, o 2048x4096, 604 MB as float32) at 1, 4 and 16 tokens: torch `F.linear` against the native dense
+GEMV (`runtime/native_linear.py`), float32 and bfloat16 weights.
 
-    python eval/bench_cpu_kernels.py [--batches 1 4 16 512] [--repeats 20]
+    python eval/bench_cpu_kernels.py [--batches 1 4 16 512] [--repeats 20] [--dense-only]
 
 Weights are random codes (speed does not depend on their values); routing is drawn fresh for every call, so
 the active experts' weights come from memory, not cache.
@@ -118,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 512])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--dense-only", action="store_true", help="only the unquantized linear layers")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     measured = stream_bandwidth()
@@ -126,6 +129,8 @@ def main() -> None:
         f"read {measured['read']:.1f} GB/s; kernels: {native.kernel_name()}"
     )
     bandwidth = max(measured.values())
+    if args.dense_only:
+        return bench_dense_linears(bandwidth, args.repeats)
     dense = {}
     for dtype in (torch.float32, torch.bfloat16):
         dense[dtype] = [
@@ -154,6 +159,43 @@ def main() -> None:
         f"(the fractions above are of {bandwidth:.1f}; the summary's of the higher of both, {limit:.1f})"
     )
     summarize(results, bandwidth / limit)
+    bench_dense_linears(bandwidth, args.repeats)
+
+
+def bench_dense_linears(bandwidth: float, repeats: int) -> None:
+    """The unquantized linear layers of a decode step: torch `F.linear` and the native dense GEMV over weights far
+    above the L3 size, read in turn (as a decode step reads them)."""
+    shapes = [(4096, H), (512, H), (512, H), (H, 4096)] * 8
+    g = torch.Generator().manual_seed(2)
+    weights = {torch.float32: [torch.randn(*s, generator=g) for s in shapes]}
+    weights[torch.bfloat16] = [w.bfloat16() for w in weights[torch.float32]]
+    paths = {
+        "torch F.linear": lambda w, x: F.linear(x.to(w.dtype), w),
+        "native dense GEMV": lambda w, x: native.dense_linear(w, None, x),
+    }
+    print("| dense linear layers | weights | tokens | ms | GB/s | % of bandwidth | x faster torch fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    for tokens in (1, 4, 16):
+        x = torch.randn(tokens, H, generator=g)
+        baseline = None
+        for (name, fn), dtype in ((p, d) for p in paths.items() for d in weights):
+            ws = weights[dtype]
+            for w in ws:  # warm-up
+                fn(w, x[:, : w.shape[1]] if w.shape[1] == H else torch.randn(tokens, w.shape[1]))
+            inputs = [torch.randn(tokens, w.shape[1], generator=g) for w in ws]
+            times = []
+            for _ in range(max(3, repeats // 4)):
+                start = time.perf_counter()
+                for w, xi in zip(ws, inputs):
+                    fn(w, xi)
+                times.append(time.perf_counter() - start)
+            seconds = statistics.median(times)
+            baseline = baseline or seconds
+            gbs = sum(w.numel() * w.element_size() for w in ws) / seconds / 1e9
+            print(
+                f"| {name} | {str(dtype).replace('torch.', '')} | {tokens} | {seconds * 1e3:.2f} | {gbs:.1f} | "
+                f"{100 * gbs / bandwidth:.0f} | {baseline / seconds:.2f} |"
+            )
 
 
 def bench_batch(tokens: int, repeats: int, dense: dict, layers: dict, bandwidth: float) -> dict:

@@ -24,12 +24,15 @@ def load(
     verify: bool = True,
     cache_dequantized: bool = False,
     trust_remote_code: bool = False,
+    dense_kernels: bool = True,
 ) -> nn.Module:
     """Rebuild a model from a moecompress checkpoint folder; experts run through the packed modules.
 
     verify: check every weight file's sha256 against the manifest (sizes, tensor names and shapes, and the
     config's quantization section are always checked, whatever the loader).
     cache_dequantized: keep dequantized expert weights after first use (fast CPU eval, more memory).
+    dense_kernels: run the unquantized linear layers (attention, LM head) through the native dense GEMV on the CPU
+    at decode (`runtime/native_linear.py`: same weights, no copy, float32 sums); False: torch's `F.linear`.
     """
     from transformers import AutoConfig
 
@@ -51,4 +54,8 @@ def load(
         hf_integration._verify_hashes.reset(token)
     model.eval()
     set_dequant_cache(model, cache_dequantized)
+    if dense_kernels:
+        from .runtime.native_linear import use_native_linears
+
+        use_native_linears(model)
     return model

@@ -14,17 +14,25 @@ from pathlib import Path
 from .errors import MoECompressError, NonFiniteError
 
 
-def _load_for_eval(path: str, trust_remote_code: bool, cache_dequantized: bool | None = None, dtype: str = "float32"):
+def _load_for_eval(
+    path: str,
+    trust_remote_code: bool,
+    cache_dequantized: bool | None = None,
+    dtype: str = "float32",
+    dense_kernels: str = "auto",
+):
     """A packed checkpoint (moecompress.json present) or any supported original model, in `dtype` (a packed
     checkpoint's experts stay packed), its processor and load seconds. `cache_dequantized` None: packed experts
     run through the native CPU kernels where they are available (no dense copies: a 30B MoE's float32 experts
-    would take 120 GB), else through kept dense copies."""
+    would take 120 GB), else through kept dense copies. `dense_kernels`: native or torch for the unquantized
+    linear layers; auto: native for a checkpoint, torch (transformers as it is) for an original model."""
     import torch
 
     from .api import load
     from .calibration.batches import load_tokenizer_or_processor
     from .models import get_adapter, load_model, read_config
     from .runtime import native
+    from .runtime.native_linear import use_native_linears
 
     if cache_dequantized is None:
         cache_dequantized = native.library() is None
@@ -32,12 +40,19 @@ def _load_for_eval(path: str, trust_remote_code: bool, cache_dequantized: bool |
     config = read_config(path, trust_remote_code)
     multimodal = get_adapter(config.model_type).is_multimodal
     start = time.perf_counter()
-    if _is_checkpoint(path):
+    checkpoint = _is_checkpoint(path)
+    if checkpoint:
         model = load(
-            path, getattr(torch, dtype), cache_dequantized=cache_dequantized, trust_remote_code=trust_remote_code
+            path,
+            getattr(torch, dtype),
+            cache_dequantized=cache_dequantized,
+            trust_remote_code=trust_remote_code,
+            dense_kernels=False,
         )
     else:
         model = load_model(path, getattr(torch, dtype), trust_remote_code=trust_remote_code).model
+    if dense_kernels == "native" or (dense_kernels == "auto" and checkpoint):
+        use_native_linears(model)
     seconds = time.perf_counter() - start
     return model, load_tokenizer_or_processor(path, multimodal, trust_remote_code), seconds
 
@@ -296,7 +311,9 @@ def cmd_eval_efficiency(args) -> dict:
 
     _check_record_target(args)
     # The packed path as deployed: the expert kernels, no dense copies.
-    model, processor, seconds = _load_for_eval(args.model, args.trust_remote_code, False, args.dtype)
+    model, processor, seconds = _load_for_eval(
+        args.model, args.trust_remote_code, False, args.dtype, args.dense_kernels
+    )
     tokens = evaluation_stream(args.data, getattr(processor, "tokenizer", processor))
     result = measure_efficiency(
         model,
@@ -566,6 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16"],
         default="float32",
         help="dtype of the dense weights (a checkpoint's packed experts stay packed; default float32)",
+    )
+    e.add_argument(
+        "--dense-kernels",
+        choices=["auto", "native", "torch"],
+        default="auto",
+        help="what runs the unquantized linear layers on the CPU at decode: the native dense GEMV or torch; "
+        "auto (default): native for a moecompress checkpoint, torch for an original model (transformers as it is)",
     )
     record(e)
     e.set_defaults(run=cmd_eval_efficiency)

@@ -114,3 +114,20 @@ def test_eval_ppl_runs_packed_experts_on_the_native_kernels_with_float32_activat
     model, processor, _ = cli._load_for_eval(str(compressed_tiny_text[1]), False, cache_dequantized=True)
     dense = perplexity(model, processor, str(WIKI), max_windows=2, progress=False).ppl
     assert abs(native_ppl / dense - 1) < 1e-5
+
+
+def test_eval_efficiency_says_what_ran_the_dense_layers(compressed_tiny_text, capsys):
+    import json
+
+    from .conftest import WIKI
+
+    ckpt = str(compressed_tiny_text[1])
+    common = ["--data", str(WIKI), "--prefill-tokens", "16", "--decode-tokens", "2", "--no-record"]
+    kernels = {}
+    for choice in ("auto", "torch"):
+        assert main(["eval", "efficiency", ckpt, *common, "--dense-kernels", choice]) == 0
+        kernels[choice] = json.loads(capsys.readouterr().out)["result"]["dense_kernels"]
+    from moecompress.runtime import native
+
+    assert kernels["torch"] == "torch"
+    assert ("dense GEMV" in kernels["auto"]) == (native.library() is not None)

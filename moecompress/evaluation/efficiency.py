@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..models.base import ModelAdapter
+from ..runtime.native_linear import dense_kernels
 from ..runtime.packed_experts import ExpertList, PackedLinear
 
 
@@ -31,6 +32,7 @@ class Efficiency:
     decode_tokens_per_s: float
     device: str
     expert_kernels: str = ""  # which code ran the routed experts (native-avx2, torch, dense grouped_mm ...)
+    dense_kernels: str = ""  # which code ran the unquantized linear layers (torch, native-avx512 dense GEMV)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,6 +134,7 @@ def measure_efficiency(
         decode_tokens_per_s=(out.shape[1] - short.shape[1]) / decode_seconds,
         device=str(device),
         expert_kernels=expert_kernels(model),
+        dense_kernels=dense_kernels(model),
         **budget,
     )
 

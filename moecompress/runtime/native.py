@@ -1,5 +1,6 @@
 """Native CPU kernels for packed experts (`cuda/csrc/cpu/`): group-wise dequant GEMV straight from the stored
-bit streams and a fused MoE layer forward, one native call per layer.
+bit streams and a fused MoE layer forward, one native call per layer; and a dense GEMV for the model's unquantized
+linear layers at decode (`runtime/native_linear.py`).
 
 The sources are compiled with the system C++ compiler on first use into a cache (`$MOECOMPRESS_CACHE` or
 `~/.cache/moecompress/native`, keyed by the sources' hash) and loaded with ctypes: plain C ABI, no torch
@@ -148,6 +149,16 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_float,
         ctypes.c_void_p,
     ]
+    lib.moe_dense_linear.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        ctypes.c_int32,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     _library = lib
     return lib
 
@@ -223,6 +234,27 @@ def packed_linear(linear, x: torch.Tensor, int8: bool = False, desc: ProjDesc | 
     library().moe_packed_linear(ctypes.byref(desc), flat.data_ptr(), flat.shape[0], int(int8), y.data_ptr())
     del keep
     return y.reshape(*x.shape[:-1], linear.out_features)
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] W^T (+ bias) for a contiguous float32 or bfloat16 `weight` [out, in] on the CPU, through the native
+    dense GEMV (float32 activations and sums); the result in x's dtype."""
+    out_features, in_features = weight.shape
+    flat = x.reshape(-1, in_features).to(torch.float32).contiguous()
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    y = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
+    bf16 = int(weight.dtype == torch.bfloat16)
+    library().moe_dense_linear(
+        weight.data_ptr(),
+        bf16,
+        None if b is None else b.data_ptr(),
+        out_features,
+        in_features,
+        flat.data_ptr(),
+        flat.shape[0],
+        y.data_ptr(),
+    )
+    return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 
 class LinearTable:

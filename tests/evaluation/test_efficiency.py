@@ -47,3 +47,26 @@ def test_measure_efficiency_reads_the_folder_and_times_both_phases(compressed_ti
     assert result.checkpoint_bytes == (out / "model.safetensors").stat().st_size
     assert result.bits_per_param == pytest.approx(8 * result.checkpoint_bytes / result.total_params)
     assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0 and result.expert_activations_skipped == 0
+
+
+def test_a_loaded_checkpoint_decodes_through_native_linears_as_through_torch(compressed_tiny_text):
+    from moecompress.runtime import native
+    from moecompress.runtime.native_linear import NativeLinear
+
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable here: {native.kernel_name()}")
+    _, out = compressed_tiny_text
+    fast, plain = moecompress.load(out), moecompress.load(out, dense_kernels=False)
+    assert isinstance(fast.model.layers[0].self_attn.q_proj, NativeLinear)
+    assert not any(isinstance(m, NativeLinear) for m in plain.modules())
+    prompt = torch.randint(0, 8000, (1, 12))
+    with torch.no_grad():
+        logits = fast(prompt[:, :3]).logits.double()  # 3 tokens: every linear native
+        assert float((logits - plain(prompt[:, :3]).logits).norm() / logits.norm()) < 1e-5
+    a = fast.generate(prompt, max_new_tokens=8, do_sample=False)
+    b = plain.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(a, b)
+    result = measure_efficiency(
+        fast, get_adapter("qwen3_moe"), out, torch.randint(0, 8000, (40,)), prefill_len=16, decode_tokens=2, repeats=1
+    )
+    assert result.dense_kernels.startswith("native-") and "dense GEMV" in result.dense_kernels

@@ -246,3 +246,45 @@ def test_the_descriptor_has_the_layout_of_the_c_sources():
     import ctypes
 
     assert ctypes.sizeof(native.ProjDesc) == 72 and native.ProjDesc.bias.offset == 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 200), (64, 1024), (5, 21), (3, 16)])  # odd N; K below and off 16 and 32
+@pytest.mark.parametrize("tokens", [1, 3, 4, 9])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dense_gemv_matches_the_float64_product(dtype, shape, tokens, bias):
+    """The native dense GEMV reads float32 and bfloat16 weights as they are and sums in float32."""
+    torch.manual_seed(torch.seed() % 2**31)
+    weight = torch.randn(*shape).to(dtype)
+    b = torch.randn(shape[0]) if bias else None
+    x = torch.randn(tokens, shape[1])
+    reference = x.double() @ weight.double().T + (0 if b is None else b.double())
+    assert rel_err(native.dense_linear(weight, b, x), reference) < 1e-5
+
+
+def test_native_linears_equal_torch_and_fall_back_where_the_kernel_does_not_apply():
+    from moecompress.runtime.native_linear import NATIVE_TOKENS, NativeLinear, use_native_linears
+
+    torch.manual_seed(torch.seed() % 2**31)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 40), torch.nn.ReLU(), torch.nn.Linear(40, 7, bias=False))
+    holder = torch.nn.ModuleDict({"net": model, "embedding": torch.nn.Embedding(5, 96)})
+    state = {k: v.clone() for k, v in holder.state_dict().items()}
+    x = torch.randn(2, 3, 96)
+    with torch.no_grad():
+        expected = model(x).double()
+        assert use_native_linears(holder) == 2 and isinstance(model[0], NativeLinear)
+        assert all(torch.equal(holder.state_dict()[k], v) for k, v in state.items())
+        assert rel_err(model(x), expected) < 1e-5
+        calls = []
+        real = native.dense_linear
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(native, "dense_linear", lambda *a: calls.append(1) or real(*a))
+            model(x)
+            assert len(calls) == 2  # 6 tokens: both layers native
+            model(torch.randn(NATIVE_TOKENS + 1, 96))
+            model.to(torch.float64)(x.double())  # not a kernel dtype
+            assert len(calls) == 2
+    model.float()
+    y = model(x.requires_grad_())  # gradients: torch's forward
+    y.sum().backward()
+    assert x.grad is not None and len(calls) == 2
