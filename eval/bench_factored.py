@@ -12,7 +12,9 @@
                   w2g128 for 2.09, w8g128 for 12 and 8): never fewer bytes than the others
 
 Every model is compressed by `moecompress.compress`, saved, loaded back and evaluated; the measured stored bits per
-expert parameter are printed beside the budget.
+expert parameter are printed beside the budget. For the text rows a second table compares every factored row with
+each other method at its budget point on the same windows: the perplexity ratio and the standard error of its log
+(paired over the windows, so the windows' own difficulty cancels), and how many standard errors apart they are.
 
     python eval/bench_factored.py --max-windows 40          # ~20 min on 2 cores
     python eval/bench_factored.py --vl-only                 # moe-tiny-vl rows, ~20 min
@@ -22,13 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 from pathlib import Path
 
-from bench_foundation import DATA, SHARED, TEXT, VL, perplexities, print_table
+from bench_foundation import DATA, SHARED, TEXT, VL, print_table
 from transformers import AutoTokenizer
 
 import moecompress
+from moecompress.evaluation.perplexity import paired_difference, perplexity
 from moecompress.models import load_model
 from moecompress.recipe import Recipe
 
@@ -112,23 +116,57 @@ def main() -> None:
         reference = load_model(str(source))
         params = sum(v.expert_params for v in reference.adapter.moe_blocks(reference.model))
         rows.append({"config": f"{name}bf16 reference", "bits/param": 16.0, **evaluate(reference.model)})
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps(_public(rows[-1])), flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             for label, budget, kept, bits in points:
                 for method, sections in recipes(label, budget, kept, bits, args.methods, vl).items():
                     row = {"config": f"{name}{label} ({budget:.2f} bits): {method}"}
                     row.update(run(source, sections, calibration, Path(tmp) / "model", evaluate, vl, params))
                     rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    print(json.dumps(_public(row)), flush=True)
     base = next((r for r in rows if r["config"] == "bf16 reference"), {})
     print_table(rows, ["config", "bits/param", *DATA, "qa", "chosen"], {k: v for k, v in base.items() if k in DATA})
+    print_paired(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps([_public(r) for r in rows], indent=1))
+
+
+def print_paired(rows: list[dict]) -> None:
+    """Per budget point, every factored text row against every other row of the point, set by set: ppl ratio, the
+    standard error of its log (paired over the windows) and the difference in standard errors (negative: the
+    factored row is better)."""
+    points = {}
+    for row in rows:
+        if "_windows" in row and ": " in row["config"]:
+            label, method = row["config"].split(": ", 1)
+            points.setdefault(label, {})[method] = row["_windows"]
+    print("\n| point | factored row | against | " + " | ".join(f"{d}: ratio (z)" for d in DATA) + " |")
+    print("|" + "---|" * (3 + len(DATA)))
+    for label, methods in points.items():
+        for mine in (m for m in methods if m.startswith("factored")):
+            for other in (m for m in methods if not m.startswith("factored")):
+                cells = []
+                for d in DATA:
+                    delta, stderr = paired_difference(methods[mine][d], methods[other][d])
+                    cells.append(f"{math.exp(delta):.4f} ({delta / stderr if stderr else 0:+.1f})")
+                print(f"| {label} | {mine} | {other} | " + " | ".join(cells) + " |")
+
+
+def _public(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
 def _text_evaluator(max_windows: int):
     tokenizer = AutoTokenizer.from_pretrained(TEXT)
-    return lambda model: perplexities(model, tokenizer, max_windows)
+
+    def evaluate(model) -> dict:
+        results = {
+            name: perplexity(model, tokenizer, str(path), max_windows=max_windows, progress=False)
+            for name, path in DATA.items()
+        }
+        return {**{name: r.ppl for name, r in results.items()}, "_windows": results}
+
+    return evaluate
 
 
 def _vl_evaluator():
