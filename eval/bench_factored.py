@@ -132,9 +132,9 @@ def main() -> None:
 
 
 def print_paired(rows: list[dict]) -> None:
-    """Per budget point, every factored text row against every other row of the point, set by set: ppl ratio, the
-    standard error of its log (paired over the windows) and the difference in standard errors (negative: the
-    factored row is better)."""
+    """Per budget point, every factored text row against every other row of the point, set by set: the perplexity
+    ratio and (z) how many standard errors of its log, paired over the windows, it is from 1 (negative: the factored
+    row is better)."""
     points = {}
     for row in rows:
         if "_windows" in row and ": " in row["config"]:

@@ -1,8 +1,9 @@
 """The unquantized linear layers of a loaded checkpoint (attention, LM head, dense MLPs) through the native dense
 GEMV at decode. Once the experts are packed, these layers dominate a decode step: on this project's 2-core CPU torch
-reads float32 weights at about 20 GB/s at batch 1 and 10 GB/s at 4-16 tokens, the native kernel at 35 GB/s, over
-90 % of the machine's measured bandwidth (`python eval/bench_cpu_kernels.py --dense-only`). Float32 and bfloat16 weights are read as they are (no copy), with float32
-activations and sums: the result equals `F.linear`'s to float32 rounding.
+reads float32 weights at about 20 GB/s at batch 1 and 10 GB/s at 4-16 tokens, the native kernel at 35 GB/s, 80-90 %
+of the machine's measured bandwidth (`python eval/bench_cpu_kernels.py --dense-only`). Float32 and bfloat16 weights
+are read as they are (no copy), with float32 activations and sums: the result equals `F.linear`'s to float32
+rounding.
 
 Each `nn.Linear` (exactly that class) becomes a `NativeLinear`: same parameters, hooks and state-dict names, and
 the torch forward wherever the kernel does not apply (GPU tensors, gradients, more than `NATIVE_TOKENS` tokens,
