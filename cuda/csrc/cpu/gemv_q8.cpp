@@ -17,6 +17,7 @@
 // reference computed from the same int8 activations it is exact to float32 rounding.
 #include <math.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "packed.h"
@@ -103,6 +104,19 @@ Q8_TARGET inline void zero_points(const ProjDesc& d, int n, const uint16_t* srow
     }
 }
 
+// tot[t] += (chunk c's byte products with token t's activations) * d * svec, for the decoded `part`s of chunk c.
+template <int T, int P, int C>
+Q8_TARGET inline void chunk_dot(const __m512i* part, int64_t c, const int8_t* const* xq, const float* const* dvec,
+                                __m512 svec, __m512* tot) {
+    for (int t = 0; t < T; ++t) {
+        const int8_t* x = xq[t] + c * C;
+        __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), part[0], _mm512_loadu_si512(x));
+        for (int p = 1; p < P; ++p) acc = _mm512_dpbusd_epi32(acc, part[p], _mm512_loadu_si512(x + 64 * p));
+        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(dvec[t] + c * 16));
+        tot[t] = _mm512_fmadd_ps(f, svec, tot[t]);
+    }
+}
+
 template <int T, int BITS>
 Q8_TARGET void rows_q8(const ProjDesc& d, int n0, int n1, const QAct* a, const float* xsum, float* y, int64_t ldy) {
     constexpr int C = chunk_codes(BITS), CB = chunk_bytes(BITS), P = chunk_parts(BITS);
@@ -110,16 +124,32 @@ Q8_TARGET void rows_q8(const ProjDesc& d, int n0, int n1, const QAct* a, const f
     const int G = d.groups, per_chunk = G == 1 || d.group % C == 0 ? 0 : C / d.group;
     const __m512i idx = per_chunk ? lane_groups(C / 16, d.group) : _mm512_setzero_si512();
     const __mmask64 full = CB == 64 ? ~0ull : (1ull << CB) - 1;
+    // Groups of whole chunks (per_chunk 0): `span` chunks per scale. The chunks whose 64-byte load stays inside the
+    // row (`plain`) run a loop without masks or group bookkeeping; the row's last ones take the general loop.
+    const int64_t span = G == 1 ? chunks : d.group / C;
+    const int64_t plain = per_chunk || d.row_bytes < 64 ? 0 : std::min(chunks, (d.row_bytes - 64) / CB + 1);
+    const int8_t* xq[T];
+    const float* dvec[T];
+    for (int t = 0; t < T; ++t) xq[t] = a[t].xq, dvec[t] = a[t].dvec;
     for (int n = n0; n < n1; ++n) {
         const uint8_t* row = d.packed + (int64_t)n * d.row_bytes;
         const uint16_t* srow = d.scale + (d.scale_rows == 1 ? 0 : (int64_t)n * G);
         __m512 tot[T];
         for (int t = 0; t < T; ++t) tot[t] = _mm512_setzero_ps();
         __m512 svec = _mm512_setzero_ps();
-        for (int64_t c = 0, g = 0, next = 0; c < chunks; ++c) {
+        int64_t c = 0;
+        for (int64_t g = 0; c < plain; ++g) {
+            svec = _mm512_set1_ps(_cvtsh_ss(srow[g]));
+            for (const int64_t end = std::min(c + span, plain); c < end; ++c) {
+                __m512i part[P];
+                _mm_prefetch((const char*)row + c * CB + kPrefetch, _MM_HINT_T0);
+                decode_chunk<BITS>(row + c * CB, ~0ull, part);
+                chunk_dot<T, P, C>(part, c, xq, dvec, svec, tot);
+            }
+        }
+        for (int64_t g = c / span + (c % span != 0), next = g * span; c < chunks; ++c) {
             const int64_t rem = d.row_bytes - c * CB;  // >= 1: the chunk holds a code below in_features
             __m512i part[P];
-            _mm_prefetch((const char*)row + c * CB + kPrefetch, _MM_HINT_T0);
             decode_chunk<BITS>(row + c * CB, rem >= 64 ? ~0ull : rem >= CB ? full : (1ull << rem) - 1, part);
             if (per_chunk) {
                 const int64_t g0 = c * per_chunk;
@@ -127,15 +157,9 @@ Q8_TARGET void rows_q8(const ProjDesc& d, int n0, int n1, const QAct* a, const f
                 svec = _mm512_permutexvar_ps(idx, _mm512_cvtph_ps(h));
             } else if (c == next) {  // a group of whole chunks starts (no division in the loop)
                 svec = _mm512_set1_ps(_cvtsh_ss(srow[g++]));
-                next += G == 1 ? chunks : d.group / C;
+                next += span;
             }
-            for (int t = 0; t < T; ++t) {
-                const int8_t* xq = a[t].xq + c * C;
-                __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), part[0], _mm512_loadu_si512(xq));
-                for (int p = 1; p < P; ++p) acc = _mm512_dpbusd_epi32(acc, part[p], _mm512_loadu_si512(xq + 64 * p));
-                const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(a[t].dvec + c * 16));
-                tot[t] = _mm512_fmadd_ps(f, svec, tot[t]);
-            }
+            chunk_dot<T, P, C>(part, c, xq, dvec, svec, tot);
         }
         zero_points<T>(d, n, srow, xsum, tot);
         for (int t = 0; t < T; ++t) y[t * ldy + n] = _mm512_reduce_add_ps(tot[t]);
