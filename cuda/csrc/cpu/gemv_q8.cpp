@@ -204,26 +204,56 @@ Q8_AVX2_TARGET inline __m256 half8(const uint16_t* p, int count) {
     return _mm256_cvtph_ps(_mm_load_si128((const __m128i*)h));
 }
 
+// tot[t] += (the chunk's byte products with token t's activations) * d * svec (AVX2; see chunk_dot).
+template <int T, int BITS, bool VNNI>
+Q8_AVX2_TARGET inline void chunk_dot_avx2(__m256i v, int64_t c, const int8_t* const* xq, const float* const* dvec,
+                                          __m256 svec, __m256* tot) {
+    constexpr int C = 32 * 8 / BITS, P = 8 / BITS;
+    const __m256i mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
+    __m256i part[P];
+    for (int p = 0; p < P; ++p) part[p] = BITS == 8 ? v : _mm256_and_si256(_mm256_srli_epi16(v, p * BITS), mask);
+    for (int t = 0; t < T; ++t) {
+        const int8_t* x = xq[t] + c * C;
+        __m256i acc = _mm256_setzero_si256();
+        for (int p = 0; p < P; ++p) acc = dot_bytes<VNNI>(acc, part[p], _mm256_loadu_si256((const __m256i*)(x + 32 * p)));
+        const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(dvec[t] + c * 8));
+        tot[t] = _mm256_fmadd_ps(f, svec, tot[t]);
+    }
+}
+
 template <int T, int BITS, bool VNNI>
 Q8_AVX2_TARGET void rows_q8_avx2(const ProjDesc& d, int n0, int n1, const QAct* a,
                                                                   const float* xsum, float* y, int64_t ldy) {
-    constexpr int C = 32 * 8 / BITS, P = 8 / BITS;  // codes per 32-byte chunk, parts per chunk
+    constexpr int C = 32 * 8 / BITS;  // codes per 32-byte chunk
     const int64_t chunks = chunks_of(d.in_features, C);
     const int G = d.groups, per_chunk = G == 1 || d.group % C == 0 ? 0 : C / d.group;
     alignas(32) int32_t lane_group[8];
     for (int i = 0; i < 8; ++i) lane_group[i] = per_chunk ? i * (C / 8) / d.group : 0;
-    const __m256i idx = _mm256_load_si256((const __m256i*)lane_group), mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
+    const __m256i idx = _mm256_load_si256((const __m256i*)lane_group);
+    // as rows_q8: whole chunks of groups of whole chunks in a plain loop, the rest in the general one
+    const int64_t span = G == 1 ? chunks : d.group / C;
+    const int64_t plain = per_chunk ? 0 : std::min(chunks, d.row_bytes / 32);
+    const int8_t* xq[T];
+    const float* dvec[T];
+    for (int t = 0; t < T; ++t) xq[t] = a[t].xq, dvec[t] = a[t].dvec;
     for (int n = n0; n < n1; ++n) {
         const uint8_t* row = d.packed + (int64_t)n * d.row_bytes;
         const uint16_t* srow = d.scale + (d.scale_rows == 1 ? 0 : (int64_t)n * G);
         __m256 tot[T];
         for (int t = 0; t < T; ++t) tot[t] = _mm256_setzero_ps();
         __m256 svec = _mm256_setzero_ps();
-        for (int64_t c = 0, g = 0, next = 0; c < chunks; ++c) {
+        int64_t c = 0;
+        for (int64_t g = 0; c < plain; ++g) {
+            svec = _mm256_set1_ps(_cvtsh_ss(srow[g]));
+            for (const int64_t end = std::min(c + span, plain); c < end; ++c) {
+                _mm_prefetch((const char*)row + c * 32 + kPrefetch, _MM_HINT_T0);
+                chunk_dot_avx2<T, BITS, VNNI>(_mm256_loadu_si256((const __m256i*)(row + c * 32)), c, xq, dvec, svec, tot);
+            }
+        }
+        for (int64_t g = c / span + (c % span != 0), next = g * span; c < chunks; ++c) {
             __m256i v;
             const int64_t rem = d.row_bytes - c * 32;
             if (rem >= 32) {
-                _mm_prefetch((const char*)row + c * 32 + kPrefetch, _MM_HINT_T0);
                 v = _mm256_loadu_si256((const __m256i*)(row + c * 32));
             } else {  // the row's last bytes: never read past it
                 alignas(32) uint8_t tail[32] = {0};
@@ -235,17 +265,9 @@ Q8_AVX2_TARGET void rows_q8_avx2(const ProjDesc& d, int n0, int n1, const QAct* 
                 svec = _mm256_permutevar8x32_ps(half8(srow + g0, (int)(G - g0 < per_chunk ? G - g0 : per_chunk)), idx);
             } else if (c == next) {
                 svec = _mm256_set1_ps(_cvtsh_ss(srow[g++]));
-                next += G == 1 ? chunks : d.group / C;
+                next += span;
             }
-            __m256i part[P];
-            for (int p = 0; p < P; ++p) part[p] = BITS == 8 ? v : _mm256_and_si256(_mm256_srli_epi16(v, p * BITS), mask);
-            for (int t = 0; t < T; ++t) {
-                const int8_t* xq = a[t].xq + c * C;
-                __m256i acc = _mm256_setzero_si256();
-                for (int p = 0; p < P; ++p) acc = dot_bytes<VNNI>(acc, part[p], _mm256_loadu_si256((const __m256i*)(xq + 32 * p)));
-                const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(a[t].dvec + c * 8));
-                tot[t] = _mm256_fmadd_ps(f, svec, tot[t]);
-            }
+            chunk_dot_avx2<T, BITS, VNNI>(v, c, xq, dvec, svec, tot);
         }
         float out[T];
         for (int t = 0; t < T; ++t) out[t] = hsum8(tot[t]);
