@@ -6,5 +6,5 @@ from .errors import MoECompressError
 from .io import hf_integration  # noqa: F401  registers the "moecompress" quantizer with transformers
 from .recipe import Recipe
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 __all__ = ["MoECompressError", "Recipe", "compress", "load", "__version__"]
