@@ -126,7 +126,7 @@ Q8_TARGET void rows_q8(const ProjDesc& d, int n0, int n1, const QAct* a, const f
     const __mmask64 full = CB == 64 ? ~0ull : (1ull << CB) - 1;
     // Groups of whole chunks (per_chunk 0): `span` chunks per scale. The chunks whose 64-byte load stays inside the
     // row (`plain`) run a loop without masks or group bookkeeping; the row's last ones take the general loop.
-    const int64_t span = G == 1 ? chunks : d.group / C;
+    const int64_t span = per_chunk ? 1 : G == 1 ? chunks : d.group / C;  // 1: unused (never 0: it divides)
     const int64_t plain = per_chunk || d.row_bytes < 64 ? 0 : std::min(chunks, (d.row_bytes - 64) / CB + 1);
     const int8_t* xq[T];
     const float* dvec[T];
@@ -231,7 +231,7 @@ Q8_AVX2_TARGET void rows_q8_avx2(const ProjDesc& d, int n0, int n1, const QAct* 
     for (int i = 0; i < 8; ++i) lane_group[i] = per_chunk ? i * (C / 8) / d.group : 0;
     const __m256i idx = _mm256_load_si256((const __m256i*)lane_group);
     // as rows_q8: whole chunks of groups of whole chunks in a plain loop, the rest in the general one
-    const int64_t span = G == 1 ? chunks : d.group / C;
+    const int64_t span = per_chunk ? 1 : G == 1 ? chunks : d.group / C;  // 1: unused (never 0: it divides)
     const int64_t plain = per_chunk ? 0 : std::min(chunks, d.row_bytes / 32);
     const int8_t* xq[T];
     const float* dvec[T];
