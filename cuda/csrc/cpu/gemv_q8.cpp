@@ -215,7 +215,8 @@ Q8_AVX2_TARGET inline void chunk_dot_avx2(__m256i v, int64_t c, const int8_t* co
     for (int t = 0; t < T; ++t) {
         const int8_t* x = xq[t] + c * C;
         __m256i acc = _mm256_setzero_si256();
-        for (int p = 0; p < P; ++p) acc = dot_bytes<VNNI>(acc, part[p], _mm256_loadu_si256((const __m256i*)(x + 32 * p)));
+        for (int p = 0; p < P; ++p)
+            acc = dot_bytes<VNNI>(acc, part[p], _mm256_loadu_si256((const __m256i*)(x + 32 * p)));
         const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(dvec[t] + c * 8));
         tot[t] = _mm256_fmadd_ps(f, svec, tot[t]);
     }
@@ -247,7 +248,8 @@ Q8_AVX2_TARGET void rows_q8_avx2(const ProjDesc& d, int n0, int n1, const QAct* 
             svec = _mm256_set1_ps(_cvtsh_ss(srow[g]));
             for (const int64_t end = std::min(c + span, plain); c < end; ++c) {
                 _mm_prefetch((const char*)row + c * 32 + kPrefetch, _MM_HINT_T0);
-                chunk_dot_avx2<T, BITS, VNNI>(_mm256_loadu_si256((const __m256i*)(row + c * 32)), c, xq, dvec, svec, tot);
+                const __m256i v = _mm256_loadu_si256((const __m256i*)(row + c * 32));
+                chunk_dot_avx2<T, BITS, VNNI>(v, c, xq, dvec, svec, tot);
             }
         }
         for (int64_t g = c / span + (c % span != 0), next = g * span; c < chunks; ++c) {
