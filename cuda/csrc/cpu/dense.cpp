@@ -48,13 +48,6 @@ DENSE_AVX2 inline __m256 load8(const void* row, int64_t k) {
     }
 }
 
-DENSE_AVX2 inline float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
 // A tile of y: R consecutive rows (stride `ld` elements) for T tokens, one accumulator per (row, token), so each
 // activation load serves R rows and each weight load T tokens (the activations stay in L1/L2; the weights stream).
 template <bool BF16, int R, int T>
@@ -101,7 +94,7 @@ DENSE_AVX2 void tile_avx2(const void* w, int64_t ld, const float* x, int64_t K, 
         for (int t = 0; t < T; ++t) {
             float tail = 0.f;
             for (int64_t j = k; j < K; ++j) tail += weight_at<BF16>(rows + r * ld, j) * x[t * K + j];
-            out[r * T + t] = sum8(acc[r][t]) + tail;
+            out[r * T + t] = hsum8(acc[r][t]) + tail;
         }
 }
 

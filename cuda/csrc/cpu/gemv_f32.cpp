@@ -46,13 +46,6 @@ void row_scalar(const ProjDesc& d, int n, const float* x, int T, const float* xs
     for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] = acc[t];
 }
 
-__attribute__((target("avx2,fma,f16c"))) inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
 __attribute__((target("avx2,fma,f16c"))) inline __m256 decode8(const uint8_t* row, int64_t row_bytes, int64_t k, int bits,
                                                            __m256i shifts, __m256i mask) {
     if (bits == 8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + k))));
@@ -166,7 +159,7 @@ __attribute__((target("avx2,fma,f16c"))) void row_avx2(const ProjDesc& d, int n,
             out[t] += s * (tail - z * xsum[(int64_t)t * d.groups + g]);
         }
     }
-    for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] = out[t] + hsum(tot[t]);
+    for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] = out[t] + hsum8(tot[t]);
 }
 
 using RowFn = void (*)(const ProjDesc&, int, const float*, const float*, const float*, float*, int);
@@ -253,7 +246,7 @@ AVX512_TARGET void row_avx512(const ProjDesc& d, int n, const float* x, const fl
             out[t] += s * (tail - z * xsum[(int64_t)t * d.groups + g]);
         }
     }
-    for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] = out[t] + hsum512(tot[t]) + hsum(ctot[t]);
+    for (int t = 0; t < T; ++t) y[(int64_t)t * ldy + n] = out[t] + hsum512(tot[t]) + hsum8(ctot[t]);
 }
 
 const RowFn kRowAvx512[kMaxTokens + 1] = {nullptr, row_avx512<1>, row_avx512<2>, row_avx512<3>, row_avx512<4>,

@@ -191,12 +191,6 @@ Q8_AVX2_TARGET inline __m256i dot_bytes(__m256i acc, __m256i u, __m256i s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 
-Q8_AVX2_TARGET inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-}
-
 // `count` (<= 8) fp16 values from p as floats, zeros after them (never reading past p + count).
 Q8_AVX2_TARGET inline __m256 half8(const uint16_t* p, int count) {
     alignas(16) uint16_t h[8] = {0};
