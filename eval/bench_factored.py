@@ -18,6 +18,7 @@ each other method at its budget point on the same windows: the perplexity ratio 
 
     python eval/bench_factored.py --max-windows 40          # ~20 min on 2 cores
     python eval/bench_factored.py --vl-only                 # moe-tiny-vl rows, ~20 min
+    python eval/bench_factored.py --max-windows 0 --points "75% of w4" --methods factored prune   # every window
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def run(source: Path, sections: dict, calibration: dict, out: Path, evaluate, vl
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--max-windows", type=int, default=40)
+    parser.add_argument("--max-windows", type=int, default=40, help="first N 512-token windows of each set; 0: all")
     parser.add_argument("--points", nargs="+", help="labels of the budget points to run (default: all)")
     parser.add_argument("--methods", nargs="+", help="substrings of the row names to run (default: all)")
     parser.add_argument("--vl", action="store_true", help="also the moe-tiny-vl rows")
@@ -110,7 +111,7 @@ def main() -> None:
     models = ([] if args.vl_only else [(TEXT, False)]) + ([(VL, True)] if args.vl or args.vl_only else [])
     rows: list[dict] = []
     for source, vl in models:
-        evaluate = _vl_evaluator() if vl else _text_evaluator(args.max_windows)
+        evaluate = _vl_evaluator() if vl else _text_evaluator(args.max_windows or None)
         name = "vl " if vl else ""
         calibration = {"dataset": CALIB, **({"vl_dataset": VL_CALIB} if vl else {})}
         reference = load_model(str(source))
@@ -156,7 +157,7 @@ def _public(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
-def _text_evaluator(max_windows: int):
+def _text_evaluator(max_windows: int | None):
     tokenizer = AutoTokenizer.from_pretrained(TEXT)
 
     def evaluate(model) -> dict:
