@@ -2,10 +2,8 @@
 // float32 accumulation over weights stored as float32 or bfloat16. A bfloat16 weight widens to float32 exactly
 // (a 16-bit shift), so y equals the float32 product of the same weights to float32 rounding, from half the bytes.
 // Each weight row is read once per call for up to kDenseTokens tokens (decode is bound by the bytes read).
-#include <type_traits>
-
+#include "dense_tile.h"
 #include "packed.h"
-#include "simd.h"
 
 namespace moecpu {
 
@@ -13,30 +11,7 @@ constexpr int kDenseTokens = 8;  // tokens per pass over the weights
 
 namespace {
 
-#define DENSE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 #define DENSE_AVX2 __attribute__((target("avx2,fma")))
-
-template <bool BF16>
-inline float weight_at(const void* row, int64_t k) {
-    if constexpr (BF16) {
-        const uint32_t bits = (uint32_t)((const uint16_t*)row)[k] << 16;
-        float f;
-        memcpy(&f, &bits, 4);
-        return f;
-    } else {
-        return ((const float*)row)[k];
-    }
-}
-
-template <bool BF16>
-DENSE_AVX512 inline __m512 load16(const void* row, int64_t k) {
-    if constexpr (BF16) {
-        const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)row + k));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    } else {
-        return _mm512_loadu_ps((const float*)row + k);
-    }
-}
 
 template <bool BF16>
 DENSE_AVX2 inline __m256 load8(const void* row, int64_t k) {
@@ -48,34 +23,8 @@ DENSE_AVX2 inline __m256 load8(const void* row, int64_t k) {
     }
 }
 
-// A tile of y: R consecutive rows (stride `ld` elements) for T tokens, one accumulator per (row, token), so each
-// activation load serves R rows and each weight load T tokens (the activations stay in L1/L2; the weights stream).
 template <bool BF16, int R, int T>
-DENSE_AVX512 void tile_avx512(const void* w, int64_t ld, const float* x, int64_t K, float* out) {
-    using W = std::conditional_t<BF16, uint16_t, float>;
-    const W* rows = (const W*)w;
-    __m512 acc[R][T];
-    for (int r = 0; r < R; ++r)
-        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        __m512 xv[T];
-        for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_ps(x + t * K + k);
-        for (int r = 0; r < R; ++r) {
-            const __m512 wv = load16<BF16>(rows + r * ld, k);
-            for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(xv[t], wv, acc[r][t]);
-        }
-    }
-    for (int r = 0; r < R; ++r)
-        for (int t = 0; t < T; ++t) {
-            float tail = 0.f;
-            for (int64_t j = k; j < K; ++j) tail += weight_at<BF16>(rows + r * ld, j) * x[t * K + j];
-            out[r * T + t] = _mm512_reduce_add_ps(acc[r][t]) + tail;
-        }
-}
-
-template <bool BF16, int R, int T>
-DENSE_AVX2 void tile_avx2(const void* w, int64_t ld, const float* x, int64_t K, float* out) {
+DENSE_AVX2 void tile_avx2(const void* w, int64_t ld, const float* x, int64_t K, float* out, int64_t ldo) {
     using W = std::conditional_t<BF16, uint16_t, float>;
     const W* rows = (const W*)w;
     __m256 acc[R][T];
@@ -94,22 +43,22 @@ DENSE_AVX2 void tile_avx2(const void* w, int64_t ld, const float* x, int64_t K, 
         for (int t = 0; t < T; ++t) {
             float tail = 0.f;
             for (int64_t j = k; j < K; ++j) tail += weight_at<BF16>(rows + r * ld, j) * x[t * K + j];
-            out[r * T + t] = hsum8(acc[r][t]) + tail;
+            out[t * ldo + r] = hsum8(acc[r][t]) + tail;
         }
 }
 
 template <bool BF16, int R, int T>
-void tile_scalar(const void* w, int64_t ld, const float* x, int64_t K, float* out) {
+void tile_scalar(const void* w, int64_t ld, const float* x, int64_t K, float* out, int64_t ldo) {
     using W = std::conditional_t<BF16, uint16_t, float>;
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) {
             float acc = 0.f;
             for (int64_t k = 0; k < K; ++k) acc += weight_at<BF16>((const W*)w + r * ld, k) * x[t * K + k];
-            out[r * T + t] = acc;
+            out[t * ldo + r] = acc;
         }
 }
 
-using TileFn = void (*)(const void*, int64_t, const float*, int64_t, float*);
+using TileFn = void (*)(const void*, int64_t, const float*, int64_t, float*, int64_t);
 
 // Rows per tile for T tokens: R * T accumulators within the 16 (AVX2) or 32 (AVX-512) vector registers.
 constexpr int rows_for(int T) { return T <= 2 ? 4 : T <= 4 ? 3 : 2; }
@@ -147,10 +96,10 @@ void dense_pass(const void* w, bool bf16, const float* bias, int N, int64_t K, c
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < tiles + (N - rows); ++i) {
         const int n0 = i < tiles ? i * R : rows + (i - tiles), r = i < tiles ? R : 1;
-        float out[4 * kDenseTokens];
-        (i < tiles ? tile : one)((const char*)w + (size_t)n0 * row_bytes, K, x, K, out);
-        for (int j = 0; j < r; ++j)
-            for (int t = 0; t < T; ++t) y[(int64_t)t * N + n0 + j] = out[j * T + t] + (bias ? bias[n0 + j] : 0.f);
+        (i < tiles ? tile : one)((const char*)w + (size_t)n0 * row_bytes, K, x, K, y + n0, N);
+        if (bias)
+            for (int j = 0; j < r; ++j)
+                for (int t = 0; t < T; ++t) y[(int64_t)t * N + n0 + j] += bias[n0 + j];
     }
 }
 

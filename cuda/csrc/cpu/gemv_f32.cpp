@@ -4,6 +4,7 @@
 // (MOECOMPRESS_NO_AVX512=1 stops at AVX2); a portable path otherwise.
 #include <vector>
 
+#include "dense_tile.h"
 #include "packed.h"
 #include "simd.h"
 
@@ -304,35 +305,11 @@ AVX512_TARGET void dequant_row(const ProjDesc& d, int n, int block, float* w) {
     }
 }
 
-// y[t, r] for R dequantized rows (stride K) and NT tokens: R*NT accumulators, so each x load serves R rows and
-// each row load NT tokens (x is streamed from L2 once per R rows, not once per row).
-template <int R, int NT>
-AVX512_TARGET void dot_tile(const float* w, const float* x, int64_t K, float* y, int ldy) {
-    __m512 acc[R][NT];
-    for (int r = 0; r < R; ++r)
-        for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        __m512 xv[NT];
-        for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(x + t * K + k);
-        for (int r = 0; r < R; ++r) {
-            const __m512 wv = _mm512_loadu_ps(w + r * K + k);
-            for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_fmadd_ps(xv[t], wv, acc[r][t]);
-        }
-    }
-    for (int r = 0; r < R; ++r)
-        for (int t = 0; t < NT; ++t) {
-            float tail = 0.f;
-            for (int64_t j = k; j < K; ++j) tail += w[r * K + j] * x[t * K + j];
-            y[(int64_t)t * ldy + r] = hsum512(acc[r][t]) + tail;
-        }
-}
-
 template <int R>
 AVX512_TARGET void dot_rows(const float* w, const float* x, int64_t K, int64_t T, float* y, int ldy) {
     int64_t t = 0;
-    for (; t + 4 <= T; t += 4) dot_tile<R, 4>(w, x + t * K, K, y + t * ldy, ldy);
-    for (; t < T; ++t) dot_tile<R, 1>(w, x + t * K, K, y + t * ldy, ldy);
+    for (; t + 4 <= T; t += 4) tile_avx512<false, R, 4>(w, K, x + t * K, K, y + t * ldy, ldy);
+    for (; t < T; ++t) tile_avx512<false, R, 1>(w, K, x + t * K, K, y + t * ldy, ldy);
 }
 
 AVX512_TARGET void gemm_rows(const ProjDesc& d, const float* x, int64_t T, float* y) {
