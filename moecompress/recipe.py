@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,6 +112,10 @@ class Recipe:
             (
                 q.rare_experts.policy in RARE_POLICIES,
                 f"quantization.rare_experts.policy '{q.rare_experts.policy}': use one of {list(RARE_POLICIES)}",
+            ),
+            (
+                q.rare_experts.min_tokens >= 0,
+                f"quantization.rare_experts.min_tokens {q.rare_experts.min_tokens}: use 0 or more",
             ),
             (
                 self.calibration.num_samples > 0
@@ -306,6 +311,8 @@ def _coerce(value, hint, where: str):
     elif hint is type(None) and value is None:
         return None
     elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise RecipeError(f"{where}: expected a finite number, got {value!r}.")
         return float(value)
     elif hint in (int, str, bool) and type(value) is hint:
         return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -9,7 +10,7 @@ import torch
 
 from ..calibration.stats import ExpertStats
 from ..errors import BudgetError, RecipeError
-from ..models.base import MODALITIES, PROJECTIONS
+from ..models.base import MODALITIES, PROJECTIONS, modality_weights_problem
 from ..quant.qtensor import SUPPORTED_BITS, TERNARY, QuantFormat
 from .plan import CompressionPlan
 from .solver import random_allocation, ranked_allocation, solve_allocation
@@ -61,8 +62,12 @@ class AllocationConfig:
             problems.append(f"allocation candidates/fixed {bad or '[]'}: use values from {[*SUPPORTED_BITS, TERNARY]}")
         if self.max_bytes is not None and (not isinstance(self.max_bytes, int) or self.max_bytes <= 0):
             problems.append(f"allocation.max_bytes {self.max_bytes!r}: use a positive number of bytes")
-        if any(w < 0 for w in self.modality_weights.values()) or not 0 < self.profile_tokens:
-            problems.append("allocation.modality_weights must be >= 0 and profile_tokens >= 1")
+        if not (0 <= self.alpha < math.inf and 0 <= self.beta < math.inf):
+            problems.append(f"allocation.alpha {self.alpha} / beta {self.beta}: use finite exponents >= 0")
+        if not 0 < self.profile_tokens:
+            problems.append(f"allocation.profile_tokens {self.profile_tokens}: use 1 or more")
+        problems.append(modality_weights_problem(self.modality_weights, "allocation"))
+        problems = [p for p in problems if p]
         if problems:
             raise RecipeError("; ".join(problems))
         return self

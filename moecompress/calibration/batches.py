@@ -4,6 +4,7 @@ vision-language models, image+text items."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import tempfile
 from pathlib import Path
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from ..models import LoadedModel
     from ..recipe import CalibrationConfig, Recipe
     from ..training.distill import DistillData
+
+log = logging.getLogger(__name__)
 
 
 def load_tokenizer_or_processor(source: str, multimodal: bool, trust_remote_code: bool = False):
@@ -64,6 +67,8 @@ def calibration_batches(loaded: LoadedModel, recipe: Recipe, trust_remote_code: 
                 "so that image tokens are calibrated too."
             )
         batches += vl_calibration_batches(cal.vl_dataset, processor, _image_mask(loaded), cal.vl_num_samples, cal.seed)
+    elif cal.vl_dataset:
+        log.warning("calibration.vl_dataset is not used: '%s' is a text-only model.", loaded.source)
     return batches
 
 

@@ -18,7 +18,7 @@ import torch
 from ..calibration.data import CalibrationBatch
 from ..calibration.engine import Activations, ExpertObserver, run_layerwise
 from ..errors import RecipeError
-from ..models.base import BIASES, MODALITIES, PROJECTIONS, ExpertWeights, MoEBlockView
+from ..models.base import BIASES, MODALITIES, PROJECTIONS, ExpertWeights, MoEBlockView, modality_weights_problem
 from ..models.loading import LoadedModel
 from ..runtime.packed_experts import MappedExperts
 from .cluster import cluster_experts, group_around_dominant
@@ -68,6 +68,13 @@ class MergeConfig:
             problems.append(f"merge.ratio {self.ratio}: the fraction of routed experts to remove, in (0, 1)")
         if self.rank <= 0:
             problems.append(f"merge.rank {self.rank}: a positive rank, or a fraction of the full rank in (0, 1]")
+        if self.sample_tokens < 1 or self.beam < 1 or (self.max_cluster_size is not None and self.max_cluster_size < 1):
+            problems.append(
+                f"merge.sample_tokens {self.sample_tokens}, beam {self.beam}, max_cluster_size "
+                f"{self.max_cluster_size}: use 1 or more (max_cluster_size may be null: 2 x the mean cluster size)"
+            )
+        problems.append(modality_weights_problem(self.modality_weights, "merge"))
+        problems = [p for p in problems if p]
         if problems:
             raise RecipeError("; ".join(problems))
         return self
@@ -77,6 +84,11 @@ class MergeConfig:
         if kept < top_k:
             raise RecipeError(
                 f"merge.ratio {self.ratio} leaves {kept} experts but the router picks top-{top_k}; lower the ratio."
+            )
+        if self.method != "prune" and self.max_cluster_size is not None and self.max_cluster_size * kept < num_experts:
+            raise RecipeError(
+                f"merge.max_cluster_size {self.max_cluster_size}: {kept} clusters of at most that many cannot hold "
+                f"{num_experts} experts; raise it to {-(-num_experts // kept)} or more, or lower merge.ratio."
             )
         return kept
 

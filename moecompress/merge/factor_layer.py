@@ -14,6 +14,7 @@ also covers mixed precision (dense candidates) and pruning (rank 0: an expert no
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ import torch
 
 from ..allocation.solver import solve_allocation
 from ..errors import BudgetError, RecipeError
-from ..models.base import MODALITIES, PROJECTIONS, ExpertWeights, MoEBlockView
+from ..models.base import PROJECTIONS, ExpertWeights, MoEBlockView, modality_weights_problem
 from ..quant.packing import PackedTensor, pack, packed_nbytes
 from ..quant.qtensor import SUPPORTED_BITS, QTensor, QuantFormat
 from ..runtime.factored_experts import DENSE, FactoredExperts
@@ -81,12 +82,10 @@ class FactorConfig:
             problems.append(f"factor.rank_steps {self.rank_steps}: use 1 or more")
         if self.estimate not in ("gptq", "rtn"):
             problems.append(f"factor.estimate '{self.estimate}': use gptq or rtn")
-        unknown = set(self.modality_weights) - set(MODALITIES)
-        if unknown or any(w < 0 for w in self.modality_weights.values()) or not any(self.modality_weights.values()):
-            problems.append(
-                f"factor.modality_weights {self.modality_weights}: "
-                f"give weights >= 0, not all 0, to modalities of {list(MODALITIES)}"
-            )
+        if not (0 <= self.alpha < math.inf and 0 <= self.beta < math.inf):
+            problems.append(f"factor.alpha {self.alpha} / beta {self.beta}: use finite exponents >= 0")
+        problems.append(modality_weights_problem(self.modality_weights, "factor"))
+        problems = [p for p in problems if p]
         if problems:
             raise RecipeError("; ".join(problems))
         return self

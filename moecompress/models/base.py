@@ -18,6 +18,13 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 BIASES = ("gate_bias", "up_bias", "down_bias")
 
 
+def modality_weights_problem(weights: dict[str, float], where: str) -> str | None:
+    """Why a recipe section's `modality_weights` cannot be used (unknown modality, a weight below 0, all 0), or None."""
+    if set(weights) - set(MODALITIES) or any(w < 0 for w in weights.values()) or not any(weights.values()):
+        return f"{where}.modality_weights {weights}: give weights >= 0, not all 0, to modalities of {list(MODALITIES)}"
+    return None
+
+
 @dataclass
 class ExpertWeights:
     """One routed expert as plain matrices: gate/up [I, H], down [H, I], and their biases where the

@@ -43,6 +43,8 @@ class DistillConfig:
     def validate(self, where: str = "distill") -> DistillConfig:
         if self.steps < 1 or self.lr <= 0 or self.temperature <= 0 or self.checkpoint_every < 1:
             raise RecipeError(f"{where}: steps, lr, temperature and checkpoint_every must be positive.")
+        if self.hidden_weight < 0:
+            raise RecipeError(f"{where}.hidden_weight {self.hidden_weight}: use 0 or more")
         return self
 
 
@@ -63,6 +65,8 @@ class DistillData:
     seed: int = 1
 
     def make_distill_config(self, steps: int, lr: float, where: str) -> DistillConfig:
+        if self.num_samples < 1 or self.batch_size < 1 or self.seq_len < 2 or self.vl_num_samples < 0:
+            raise RecipeError(f"{where}: num_samples and batch_size must be >= 1, seq_len >= 2, vl_num_samples >= 0.")
         return DistillConfig(
             steps=steps,
             lr=lr,

@@ -119,6 +119,8 @@ class RecoveryConfig(DistillData):
     teacher: str | None = None
 
     def distill_config(self) -> DistillConfig:
+        if self.scale_lr < 0:
+            raise RecipeError(f"recovery.scale_lr {self.scale_lr}: use 0 (scales frozen) or more")
         return self.make_distill_config(self.steps, self.lr, "recovery")
 
 
