@@ -139,8 +139,17 @@ def read_vl_items(source: str) -> list[dict]:
             raise CalibrationDataError(f"{source}:{line_no}: not a JSON object ({exc}).") from None
         if not isinstance(item, dict) or not isinstance(item.get("image"), str):
             raise CalibrationDataError(f"{source}:{line_no}: an image+text item needs an 'image' field (a file path).")
-        item["image"] = str((path.parent / item["image"]).resolve())
+        image = (path.parent / item["image"]).resolve()
+        if not image.is_file():
+            raise CalibrationDataError(
+                f"{source}:{line_no}: image '{item['image']}' does not exist (paths are relative to the file)."
+            )
+        item["image"] = str(image)
         items.append(item)
+    if not items:
+        raise CalibrationDataError(
+            f"vision-language data file '{source}' holds no items; give one JSON object per line."
+        )
     return items
 
 

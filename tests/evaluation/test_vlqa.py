@@ -15,9 +15,21 @@ def test_generic_items_accept_answer_lists_and_normalise_case():
 
 def test_items_without_question_or_answer_are_a_clear_error(tmp_path):
     data = tmp_path / "qa.jsonl"
+    (tmp_path / "x.png").write_bytes(b"")
     data.write_text(json.dumps({"image": "x.png", "question": "what?"}) + "\n")
     with pytest.raises(CalibrationDataError, match="item 1 needs 'question' and 'answer'"):
         vl_qa_accuracy(None, None, str(data))
+
+
+def test_an_empty_set_or_a_missing_image_is_named_before_any_model_runs(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(CalibrationDataError, match="holds no items"):
+        vl_qa_accuracy(None, None, str(empty))
+    missing = tmp_path / "qa.jsonl"
+    missing.write_text(json.dumps({"image": "gone.png", "question": "what?", "answer": "red"}) + "\n")
+    with pytest.raises(CalibrationDataError, match="qa.jsonl:1: image 'gone.png' does not exist"):
+        vl_qa_accuracy(None, None, str(missing))
 
 
 @pytest.mark.slow
