@@ -14,6 +14,7 @@ from typing import Any, Union
 import yaml
 
 from .allocation.allocate import AllocationConfig
+from .calibration.data import window_counts_problem
 from .dynamic.skip import SkipConfig
 from .errors import RecipeError
 from .merge.apply import MergeConfig
@@ -90,6 +91,7 @@ class Recipe:
 
     def validate(self) -> Recipe:
         q = self.quantization
+        calibration_problem = window_counts_problem(self.calibration, "calibration")
         checks = [
             (q.method in ("gptq", "rtn", "none"), f"quantization.method '{q.method}': use gptq, rtn or none"),
             (q.bits in SUPPORTED_BITS, f"quantization.bits {q.bits}: use one of {list(SUPPORTED_BITS)}"),
@@ -117,13 +119,7 @@ class Recipe:
                 q.rare_experts.min_tokens >= 0,
                 f"quantization.rare_experts.min_tokens {q.rare_experts.min_tokens}: use 0 or more",
             ),
-            (
-                self.calibration.num_samples > 0
-                and self.calibration.seq_len > 1
-                and self.calibration.batch_size > 0
-                and self.calibration.vl_num_samples >= 0,
-                "calibration.num_samples and batch_size must be >= 1, seq_len >= 2, vl_num_samples >= 0",
-            ),
+            (not calibration_problem, calibration_problem),
             (self.recovery.init in QAT_INITS, f"recovery.init '{self.recovery.init}': use one of {list(QAT_INITS)}"),
             (
                 self.save_dtype in ("bfloat16", "float16", "float32"),

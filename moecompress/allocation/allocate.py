@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -62,8 +61,8 @@ class AllocationConfig:
             problems.append(f"allocation candidates/fixed {bad or '[]'}: use values from {[*SUPPORTED_BITS, TERNARY]}")
         if self.max_bytes is not None and (not isinstance(self.max_bytes, int) or self.max_bytes <= 0):
             problems.append(f"allocation.max_bytes {self.max_bytes!r}: use a positive number of bytes")
-        if not (0 <= self.alpha < math.inf and 0 <= self.beta < math.inf):
-            problems.append(f"allocation.alpha {self.alpha} / beta {self.beta}: use finite exponents >= 0")
+        if self.alpha < 0 or self.beta < 0:
+            problems.append(f"allocation.alpha {self.alpha} / beta {self.beta}: use exponents >= 0")
         if not 0 < self.profile_tokens:
             problems.append(f"allocation.profile_tokens {self.profile_tokens}: use 1 or more")
         problems.append(modality_weights_problem(self.modality_weights, "allocation"))

@@ -14,7 +14,6 @@ also covers mixed precision (dense candidates) and pruning (rank 0: an expert no
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -82,8 +81,8 @@ class FactorConfig:
             problems.append(f"factor.rank_steps {self.rank_steps}: use 1 or more")
         if self.estimate not in ("gptq", "rtn"):
             problems.append(f"factor.estimate '{self.estimate}': use gptq or rtn")
-        if not (0 <= self.alpha < math.inf and 0 <= self.beta < math.inf):
-            problems.append(f"factor.alpha {self.alpha} / beta {self.beta}: use finite exponents >= 0")
+        if self.alpha < 0 or self.beta < 0:
+            problems.append(f"factor.alpha {self.alpha} / beta {self.beta}: use exponents >= 0")
         problems.append(modality_weights_problem(self.modality_weights, "factor"))
         problems = [p for p in problems if p]
         if problems:

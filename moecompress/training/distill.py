@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.data import CalibrationBatch
+from ..calibration.data import CalibrationBatch, window_counts_problem
 from ..errors import CheckpointError, RecipeError
 
 STATE_FILE = "progress.json"
@@ -65,8 +65,9 @@ class DistillData:
     seed: int = 1
 
     def make_distill_config(self, steps: int, lr: float, where: str) -> DistillConfig:
-        if self.num_samples < 1 or self.batch_size < 1 or self.seq_len < 2 or self.vl_num_samples < 0:
-            raise RecipeError(f"{where}: num_samples and batch_size must be >= 1, seq_len >= 2, vl_num_samples >= 0.")
+        problem = window_counts_problem(self, where)
+        if problem:
+            raise RecipeError(f"{problem}.")
         return DistillConfig(
             steps=steps,
             lr=lr,
