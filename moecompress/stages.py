@@ -33,7 +33,7 @@ from .quant.experts import (
     RareExpertPolicy,
     install_packed_experts,
     quantize_block_experts,
-    quantize_matrix,
+    quantize_matrix_each,
 )
 from .quant.qtensor import QuantFormat
 from .recipe import Recipe
@@ -220,9 +220,9 @@ class FactorStage:
                 done[str(view.key)] = record["summary"]
 
         def factor_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
-            def quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat):
+            def quantize(w: torch.Tensor, hessian: torch.Tensor, formats: list[QuantFormat]):
                 h = hessian if q.method == "gptq" else None
-                return quantize_matrix(w, h, fmt, _gptq_options(q), f"layer {view.key} (factored experts)")
+                return quantize_matrix_each(w, h, formats, _gptq_options(q), f"layer {view.key} (factored experts)")
 
             blocks[view.key] = factor_block(view, observer, f, q.format_for, quantize)
             return True

@@ -42,8 +42,8 @@ class FactorConfig:
     rank_steps: candidate ranks are the multiples of break-even rank / rank_steps (rounded up to 8), where the
             break-even rank out x in / (out + in) is where factors stop being smaller than a dense matrix.
     dense: also offer each delta dense in every width of `bits`.
-    estimate: how a dense candidate's error is measured: gptq (the quantizer that will run, once per width, base
-            width and expert: exact, and as many GPTQ passes) or rtn (round to nearest: fast, for very large models).
+    estimate: how a dense candidate's error is measured: gptq (the quantizer that will run: exact, one GPTQ pass per
+            base width and expert for all widths) or rtn (round to nearest: faster, for very large models).
     whiten: truncate each delta, and measure every candidate's error, in the norm of its expert's outputs on the
             calibration tokens (SVD-LLM), not in the weights' Frobenius norm (GPTQ uses the expert's inputs either way).
     alpha, beta: the weights of routing frequency and mean routing weight in the costs (as `allocation:`).
@@ -149,7 +149,7 @@ class _Item:
         return float(self.dense[f] if rank == DENSE else self.low_rank[self.ranks.index(rank) - 1, f])
 
 
-Quantizer = Callable[[torch.Tensor, torch.Tensor, QuantFormat], QTensor]
+Quantizer = Callable[[torch.Tensor, torch.Tensor, list[QuantFormat]], list[QTensor]]  # w, hessian, each format
 
 
 def check_budget(views: list[MoEBlockView], config: FactorConfig, fmt: Callable[[int], QuantFormat]) -> None:
@@ -215,7 +215,7 @@ def factor_block(
     view: MoEBlockView, observer, config: FactorConfig, fmt: Callable[[int], QuantFormat], quantize: Quantizer
 ) -> FactoredBlock:
     """Factor `view`'s routed experts from what the calibration `observer` saw (its token counts, routing weights
-    and per-expert Gram sums); `fmt(bits)` makes a format, `quantize(w, hessian, fmt)` rounds a matrix (GPTQ).
+    and per-expert Gram sums); `fmt(bits)` makes a format, `quantize(w, hessian, formats)` rounds a matrix in each format (GPTQ).
     Each base width of `config.base_bits` is tried and the plan of least estimated error kept. The block's expert
     weights are replaced by what the factors represent (later layers calibrate on them)."""
     E = view.num_experts
@@ -270,9 +270,9 @@ def _quantize(delta: torch.Tensor, spec, gram, rank: int, fmt: QuantFormat | Non
         return None, torch.zeros_like(delta, dtype=torch.float32)
     if rank == DENSE:
         hessian = gram if gram is not None else torch.eye(delta.shape[1], device=delta.device)
-        q = quantize(delta.float(), hessian.float(), fmt)
+        q = quantize(delta.float(), hessian.float(), [fmt])[0]
         return (pack(q),), q.dequantize()
-    lora_a, lora_b = quantize_delta(delta, spec, rank, fmt, gram, quantize)
+    lora_a, lora_b = quantize_delta(delta, spec, rank, fmt, gram, lambda m, h, f: quantize(m, h, [f])[0])
     return (pack(lora_a), pack(lora_b)), lora_b.dequantize() @ lora_a.dequantize()
 
 
@@ -286,7 +286,9 @@ def _candidates(originals, inputs: _ExpertInputs, freqs, config, base_format, fo
         else:
             w0 = average_merge([w[p].float() for w in originals], freqs)
             pooled = inputs.pooled(p)
-            q = quantize(w0, pooled if pooled is not None else torch.eye(w0.shape[1], device=w0.device), base_format)
+            q = quantize(w0, pooled if pooled is not None else torch.eye(w0.shape[1], device=w0.device), [base_format])[
+                0
+            ]
             base[p], base_hat[p] = pack(q), q.dequantize()
     items = {}
     for e, weights in enumerate(originals):
@@ -301,7 +303,7 @@ def _candidates(originals, inputs: _ExpertInputs, freqs, config, base_format, fo
             dense = torch.full((len(formats),), float("inf"))
             if config.dense:
                 hessian = (gram if gram is not None else torch.eye(delta.shape[1], device=delta.device)).float()
-                exact = (lambda m, f, h=hessian: quantize(m, h, f)) if config.estimate == "gptq" else None
+                exact = (lambda m, fs, h=hessian: quantize(m, h, fs)) if config.estimate == "gptq" else None
                 dense = dense_errors(delta, formats, lower, exact) / signal
             items[p, e] = _Item(e, p, ranks, low_rank, dense, float(spec.tail[0]) / signal)
     return base, base_hat, [items[p, e] for p in PROJECTIONS for e in range(len(originals))]

@@ -77,13 +77,14 @@ def dense_errors(
     delta: torch.Tensor,
     formats: list[QuantFormat],
     lower: torch.Tensor | None,
-    quantize: Callable[[torch.Tensor, QuantFormat], QTensor] | None = None,
+    quantize: Callable[[torch.Tensor, list[QuantFormat]], list[QTensor]] | None = None,
 ) -> torch.Tensor:
-    """[formats]: the output error ||(Q(D) - D) L||^2 of the whole delta rounded in each format, by `quantize(w, fmt)`
-    (the quantizer that will run, e.g. GPTQ on the expert's Gram) or to nearest."""
+    """[formats]: the output error ||(Q(D) - D) L||^2 of the whole delta rounded in each format, by
+    `quantize(w, formats)` (the quantizer that will run, e.g. GPTQ on the expert's Gram, one pass for all) or to
+    nearest."""
+    w = delta.float()
     errors = []
-    for fmt in formats:
-        rounded = quantize(delta.float(), fmt) if quantize is not None else quantize_rtn(delta.float(), fmt)
+    for rounded in quantize(w, formats) if quantize is not None else [quantize_rtn(w, f) for f in formats]:
         e = rounded.dequantize().double() - delta.double()
         errors.append(float((e @ lower if lower is not None else e).pow(2).sum()))
     return torch.tensor(errors, dtype=torch.float64)

