@@ -52,7 +52,8 @@ def quantize_gptq_each(
     n_groups = formats[0].groups(in_features)
     qparams = search_qparams if clip_search else compute_qparams
     rows = [slice(k * out_features, (k + 1) * out_features) for k in range(len(formats))]
-    maxq = torch.cat([torch.full((out_features,), float(f.maxq)) for f in formats])
+    device = w.device
+    maxq = torch.cat([torch.full((out_features,), float(f.maxq), device=device) for f in formats])
 
     W = w.to(torch.float32).clone()
     H = hessian.to(torch.float32).clone()
@@ -61,8 +62,8 @@ def quantize_gptq_each(
     W[:, dead] = 0.0
     W = W.repeat(len(formats), 1)
 
-    scales = torch.zeros(W.shape[0], n_groups)
-    zeros = torch.zeros(W.shape[0], n_groups)
+    scales = torch.zeros(W.shape[0], n_groups, device=device)
+    zeros = torch.zeros(W.shape[0], n_groups, device=device)
     static = [act_order or f.ternary for f in formats]
     for k, f in enumerate(formats):
         if f.ternary:
@@ -75,7 +76,8 @@ def quantize_gptq_each(
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     else:
-        perm = torch.arange(in_features)
+        perm = torch.arange(in_features, device=device)
+    order = perm.tolist()  # read column by column: a host list, not a device sync per column
 
     h_inv = _inverse_cholesky(H, damp)
     codes = torch.zeros_like(W)
@@ -85,7 +87,7 @@ def quantize_gptq_each(
         errors = torch.zeros_like(W1)
         h_inv_block = h_inv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            column = int(perm[i1 + i])
+            column = order[i1 + i]
             g = column // group
             if column % group == 0 and not all(static):
                 upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]
@@ -113,7 +115,7 @@ def quantize_gptq_each(
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 after dampening; dampening grows until H is positive definite."""
     mean_diag = torch.mean(torch.diag(H)).item()
-    eye = torch.eye(H.shape[0])
+    eye = torch.eye(H.shape[0], device=H.device)
     for attempt in range(6):
         damped = H + (damp * 10**attempt) * mean_diag * eye
         L, info = torch.linalg.cholesky_ex(damped.to(torch.float64))

@@ -22,8 +22,8 @@ def packed_words(k: int, bits: int) -> int:
     return -(-k * bits // 32)
 
 
-def _bit_positions(k: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    offsets = torch.arange(k, dtype=torch.int64) * bits
+def _bit_positions(k: int, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = torch.arange(k, dtype=torch.int64, device=device) * bits
     return offsets // 32, offsets % 32
 
 
@@ -35,10 +35,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.numel() and int(codes.max()) >= 2**bits:
         raise ValueError(f"code {int(codes.max())} does not fit in {bits} bits")
     n_words = packed_words(k, bits)
-    word, shift = _bit_positions(k, bits)
+    word, shift = _bit_positions(k, bits, codes.device)
     values = codes.to(torch.int64)
     # Bits never overlap, so a sum is an OR; a code straddling a word boundary spills into word+1.
-    words = torch.zeros(n, n_words + 1, dtype=torch.int64)
+    words = torch.zeros(n, n_words + 1, dtype=torch.int64, device=codes.device)
     words.scatter_add_(1, word.expand(n, k), (values << shift) & 0xFFFFFFFF)
     words.scatter_add_(1, (word + 1).expand(n, k), values >> (32 - shift))
     words = words[:, :n_words]
@@ -52,12 +52,12 @@ def unpack_codes(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
         raise ValueError(f"{n_words} words cannot hold {k} codes of {bits} bits (expected {packed_words(k, bits)})")
     if 32 % bits == 0:
         per_word = 32 // bits
-        shifts = torch.arange(per_word, dtype=torch.int32) * bits
+        shifts = torch.arange(per_word, dtype=torch.int32, device=words.device) * bits
         codes = (words.unsqueeze(-1) >> shifts) & (2**bits - 1)
         return codes.reshape(n, n_words * per_word)[:, :k].to(torch.uint8)
-    word, shift = _bit_positions(k, bits)
+    word, shift = _bit_positions(k, bits, words.device)
     unsigned = words.to(torch.int64) & 0xFFFFFFFF
-    unsigned = torch.cat([unsigned, torch.zeros(n, 1, dtype=torch.int64)], dim=1)
+    unsigned = torch.cat([unsigned, torch.zeros(n, 1, dtype=torch.int64, device=words.device)], dim=1)
     low = unsigned[:, word] >> shift
     high = unsigned[:, word + 1] << (32 - shift)
     return ((low | high) & (2**bits - 1)).to(torch.uint8)
@@ -74,7 +74,7 @@ def pack_trits(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"code {int(codes.max())} is not a trit (0, 1 or 2)")
     pad = -k % TRITS_PER_BYTE
     padded = torch.nn.functional.pad(codes.to(torch.int32), (0, pad))
-    return (padded.reshape(n, -1, TRITS_PER_BYTE) * _TRIT_POWERS).sum(-1).to(torch.uint8)
+    return (padded.reshape(n, -1, TRITS_PER_BYTE) * _TRIT_POWERS.to(codes.device)).sum(-1).to(torch.uint8)
 
 
 def unpack_trits(packed: torch.Tensor, k: int) -> torch.Tensor:
@@ -82,7 +82,7 @@ def unpack_trits(packed: torch.Tensor, k: int) -> torch.Tensor:
     n, n_bytes = packed.shape
     if n_bytes != -(-k // TRITS_PER_BYTE):
         raise ValueError(f"{n_bytes} bytes cannot hold {k} trits (expected {-(-k // TRITS_PER_BYTE)})")
-    trits = (packed.to(torch.int32)[..., None] // _TRIT_POWERS) % 3
+    trits = (packed.to(torch.int32)[..., None] // _TRIT_POWERS.to(packed.device)) % 3
     return trits.reshape(n, -1)[:, :k].to(torch.uint8)
 
 

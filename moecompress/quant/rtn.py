@@ -64,10 +64,10 @@ def quantize_rtn(w: torch.Tensor, fmt: QuantFormat, clip_search: bool = False, t
     out_features, in_features = w.shape
     group = fmt.effective_group(in_features)
     w = w.to(torch.float32)
-    codes = torch.empty(out_features, in_features, dtype=torch.uint8)
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
     n_groups = fmt.groups(in_features)
-    scales = torch.empty(out_features, n_groups, dtype=torch.float32)
-    zeros = torch.empty(out_features, n_groups, dtype=torch.float32)
+    scales = torch.empty(out_features, n_groups, dtype=torch.float32, device=w.device)
+    zeros = torch.empty(out_features, n_groups, dtype=torch.float32, device=w.device)
     qparams = search_qparams if clip_search else compute_qparams
     for g in range(n_groups):
         block = w[:, g * group : (g + 1) * group]

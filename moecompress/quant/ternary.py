@@ -17,10 +17,10 @@ def _grouped(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Ten
     """w [out, in] as [scale_rows, groups, members] plus the mask of real (non-padding) members."""
     out_features, in_features = w.shape
     if fmt.group_size == 0:
-        return w.reshape(1, 1, -1), torch.ones(1, 1, w.numel(), dtype=torch.bool)
+        return w.reshape(1, 1, -1), torch.ones(1, 1, w.numel(), dtype=torch.bool, device=w.device)
     group, n_groups = fmt.effective_group(in_features), fmt.groups(in_features)
     pad = n_groups * group - in_features
-    mask = torch.ones(out_features, in_features, dtype=torch.bool)
+    mask = torch.ones(out_features, in_features, dtype=torch.bool, device=w.device)
     if pad:
         w = torch.nn.functional.pad(w, (0, pad))
         mask = torch.nn.functional.pad(mask, (0, pad))
