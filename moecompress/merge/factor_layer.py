@@ -215,7 +215,8 @@ def factor_block(
     view: MoEBlockView, observer, config: FactorConfig, fmt: Callable[[int], QuantFormat], quantize: Quantizer
 ) -> FactoredBlock:
     """Factor `view`'s routed experts from what the calibration `observer` saw (its token counts, routing weights
-    and per-expert Gram sums); `fmt(bits)` makes a format, `quantize(w, hessian, formats)` rounds a matrix in each format (GPTQ).
+    and per-expert Gram sums); `fmt(bits)` makes a format, `quantize(w, hessian, formats)` rounds a matrix in each
+    format (GPTQ, one pass).
     Each base width of `config.base_bits` is tried and the plan of least estimated error kept. The block's expert
     weights are replaced by what the factors represent (later layers calibrate on them)."""
     E = view.num_experts
@@ -286,9 +287,8 @@ def _candidates(originals, inputs: _ExpertInputs, freqs, config, base_format, fo
         else:
             w0 = average_merge([w[p].float() for w in originals], freqs)
             pooled = inputs.pooled(p)
-            q = quantize(w0, pooled if pooled is not None else torch.eye(w0.shape[1], device=w0.device), [base_format])[
-                0
-            ]
+            hessian = pooled if pooled is not None else torch.eye(w0.shape[1], device=w0.device)
+            (q,) = quantize(w0, hessian, [base_format])
             base[p], base_hat[p] = pack(q), q.dequantize()
     items = {}
     for e, weights in enumerate(originals):
