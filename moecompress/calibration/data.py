@@ -100,9 +100,8 @@ def token_stream(texts: list[str], tokenizer) -> torch.Tensor:
     return torch.frombuffer(ids, dtype=torch.long).clone() if ids else torch.empty(0, dtype=torch.long)
 
 
-def window_counts_problem(section, where: str) -> str | None:
+def window_counts_problem(s, where: str) -> str | None:
     """Why a data section's (calibration, recovery, slim) window counts cannot be used, or None."""
-    s = section
     if s.num_samples < 1 or s.batch_size < 1 or s.seq_len < 2 or s.vl_num_samples < 0:
         return f"{where}: num_samples and batch_size must be >= 1, seq_len >= 2, vl_num_samples >= 0"
     return None
