@@ -33,7 +33,7 @@ from .quant.experts import (
     RareExpertPolicy,
     install_packed_experts,
     quantize_block_experts,
-    quantize_matrix_each,
+    quantize_matrices,
 )
 from .quant.qtensor import QuantFormat
 from .recipe import Recipe
@@ -222,7 +222,8 @@ class FactorStage:
         def factor_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
             def quantize(w: torch.Tensor, hessian: torch.Tensor, formats: list[QuantFormat]):
                 h = hessian if q.method == "gptq" else None
-                return quantize_matrix_each(w, h, formats, _gptq_options(q), f"layer {view.key} (factored experts)")
+                where = [f"layer {view.key} (factored experts)"] * len(formats)
+                return quantize_matrices([w] * len(formats), h, formats, _gptq_options(q), where)
 
             blocks[view.key] = factor_block(view, observer, f, q.format_for, quantize)
             return True

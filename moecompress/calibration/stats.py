@@ -20,7 +20,7 @@ _PROFILE_FIELDS = ("quant_error", "profile_tokens")
 class GramSums:
     """Per-expert sums of x^T x over the tokens routed to each expert (GPTQ's input Hessians), held as their lower
     triangles: half the memory of full matrices (Qwen3-30B-A3B: 1.2 GB less per layer). `pop` rebuilds the full
-    symmetric matrix; GPTQ's Cholesky reads only the lower triangle, so it sees the same numbers as before."""
+    symmetric matrix (the upper triangle mirrored from the lower)."""
 
     def __init__(self):
         self._lower: dict[int, torch.Tensor] = {}

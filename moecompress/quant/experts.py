@@ -12,7 +12,7 @@ import torch
 from ..errors import NonFiniteError
 from ..models.base import PROJECTIONS, ExpertWeights, MoEBlockView
 from ..runtime.packed_experts import PackedExperts
-from .gptq import quantize_gptq_each
+from .gptq import quantize_gptq_shared
 from .packing import PackedTensor, pack
 from .qtensor import QTensor, QuantFormat
 from .rtn import quantize_rtn
@@ -81,26 +81,39 @@ def expert_hessians(
 def quantize_matrix(w: torch.Tensor, hessian: torch.Tensor | None, fmt: QuantFormat, gptq: GPTQOptions, where: str):
     """`w` [out, in] rounded to `fmt`: GPTQ on `hessian`, or round-to-nearest without one. Source weights with NaN/Inf
     and scales that overflow float16 are refused, naming `where` (layer, expert, projection)."""
-    return quantize_matrix_each(w, hessian, [fmt], gptq, where)[0]
+    return quantize_matrices([w], hessian, [fmt], gptq, [where])[0]
 
 
-def quantize_matrix_each(
-    w: torch.Tensor, hessian: torch.Tensor | None, formats: list[QuantFormat], gptq: GPTQOptions, where: str
+def quantize_matrices(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor | None,
+    formats: list[QuantFormat],
+    gptq: GPTQOptions,
+    where: list[str],
 ) -> list[QTensor]:
-    """`quantize_matrix` in each of `formats` (one group size); with a Hessian, one GPTQ pass for all of them."""
-    if not bool(torch.isfinite(w).all()):
-        raise NonFiniteError(f"{where}: the source weight holds NaN/Inf values; fix or re-download the model.")
+    """`quantize_matrix` of each `weights[k]` in `formats[k]`, all on the same inputs (an expert's gate and up, or one
+    matrix in several formats): with a Hessian, one GPTQ pass per group size shares its factorization and loop."""
+    for w, name in zip(weights, where):
+        if not bool(torch.isfinite(w).all()):
+            raise NonFiniteError(f"{name}: the source weight holds NaN/Inf values; fix or re-download the model.")
     if hessian is None:
-        out = [quantize_rtn(w, fmt, gptq.clip_search, gptq.ternary_scale) for fmt in formats]
+        out = [quantize_rtn(w, f, gptq.clip_search, gptq.ternary_scale) for w, f in zip(weights, formats)]
     else:
-        out = quantize_gptq_each(
-            w, hessian, formats, gptq.damp, gptq.act_order, gptq.block_size, gptq.clip_search, gptq.ternary_scale
-        )
-    if not all(bool(torch.isfinite(q.scales.float()).all()) for q in out):
-        raise NonFiniteError(
-            f"{where}: a quantization scale overflows float16 (|w| > 65504 x levels); "
-            "this weight cannot be stored in this format."
-        )
+        out = [None] * len(weights)
+        passes: dict[int, list[int]] = {}
+        for k, (w, f) in enumerate(zip(weights, formats)):
+            passes.setdefault(f.effective_group(w.shape[1]), []).append(k)
+        for ks in passes.values():
+            options = (gptq.damp, gptq.act_order, gptq.block_size, gptq.clip_search, gptq.ternary_scale)
+            shared = quantize_gptq_shared([weights[k] for k in ks], hessian, [formats[k] for k in ks], *options)
+            for k, q in zip(ks, shared):
+                out[k] = q
+    for q, name in zip(out, where):
+        if not bool(torch.isfinite(q.scales.float()).all()):
+            raise NonFiniteError(
+                f"{name}: a quantization scale overflows float16 (|w| > 65504 x levels); "
+                "this weight cannot be stored in this format."
+            )
     return out
 
 
@@ -123,11 +136,11 @@ def quantize_block_experts(
         weights = view.expert_weights(e)
         hessians = expert_hessians(view, observer, e, rare) if method == "gptq" else None
         quantized = {}
-        for proj in PROJECTIONS:
-            h = None if hessians is None else hessians[0] if proj != "down_proj" else hessians[1]
-            quantized[proj] = quantize_matrix(
-                weights[proj].float(), h, formats[e][proj], gptq, f"layer {view.key} expert {e} {proj}"
-            )
+        for i, projs in enumerate((("gate_proj", "up_proj"), ("down_proj",))):  # gate and up share their inputs
+            h = None if hessians is None else hessians[i]
+            ws, fmts = [weights[p].float() for p in projs], [formats[e][p] for p in projs]
+            names = [f"layer {view.key} expert {e} {p}" for p in projs]
+            quantized.update(zip(projs, quantize_matrices(ws, h, fmts, gptq, names)))
         view.set_expert_weights(e, ExpertWeights(*(quantized[p].dequantize() for p in PROJECTIONS)))
         packed.append({p: pack(q) for p, q in quantized.items()})
         tokens = int(observer.tokens[e].sum())

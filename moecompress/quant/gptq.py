@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import MoECompressError
@@ -27,11 +29,11 @@ def quantize_gptq(
     Ternary formats take their scales from the unmodified weights up front (`ternary_scale` method) and
     GPTQ then only chooses the codes.
     """
-    return quantize_gptq_each(w, hessian, [fmt], damp, act_order, block_size, clip_search, ternary_scale)[0]
+    return quantize_gptq_shared([w], hessian, [fmt], damp, act_order, block_size, clip_search, ternary_scale)[0]
 
 
-def quantize_gptq_each(
-    w: torch.Tensor,
+def quantize_gptq_shared(
+    weights: list[torch.Tensor],
     hessian: torch.Tensor,
     formats: list[QuantFormat],
     damp: float = 0.01,
@@ -40,88 +42,110 @@ def quantize_gptq_each(
     clip_search: bool = False,
     ternary_scale: str = "lsq",
 ) -> list[QTensor]:
-    """`quantize_gptq` of `w` in each of `formats` (one group size) in one pass, the same codes as one call each:
-    GPTQ treats rows independently, so one copy of `w` per format shares the Hessian's inverse Cholesky factor and
-    the column loop (1.6-2x faster for four widths on CPU; on a GPU the loop's launches are shared too)."""
-    out_features, in_features = w.shape
-    if hessian.shape != (in_features, in_features):
+    """`quantize_gptq` of each `weights[k]` in `formats[k]` (one group size), all on the same inputs `hessian`: an
+    expert's gate and up projections, or one matrix in several formats (pass it once per format). GPTQ treats rows
+    independently, so the matrices share one inverse Cholesky factor and one column loop: the codes are those of
+    one call each, and the shared Python loop is most of GPTQ's time on small matrices."""
+    in_features = weights[0].shape[1]
+    if hessian.shape != (in_features, in_features) or any(w.shape[1] != in_features for w in weights):
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight in_features {in_features}")
     group = formats[0].effective_group(in_features)
     if any(f.effective_group(in_features) != group for f in formats):
         raise ValueError(f"formats {[f.name for f in formats]} differ in group size")
-    n_groups = formats[0].groups(in_features)
-    qparams = search_qparams if clip_search else compute_qparams
-    rows = [slice(k * out_features, (k + 1) * out_features) for k in range(len(formats))]
-    device = w.device
-    maxq = torch.cat([torch.full((out_features,), float(f.maxq), device=device) for f in formats])
+    sizes = [w.shape[0] for w in weights]
+    bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+    rows = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+    device = weights[0].device
+    maxq = torch.cat([torch.full((n,), float(f.maxq), device=device) for n, f in zip(sizes, formats)])
 
-    W = w.to(torch.float32).clone()
+    W = torch.cat([w.to(torch.float32) for w in weights])
     H = hessian.to(torch.float32).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    W = W.repeat(len(formats), 1)
 
-    scales = torch.zeros(W.shape[0], n_groups, device=device)
-    zeros = torch.zeros(W.shape[0], n_groups, device=device)
+    n_groups = formats[0].groups(in_features)
+    scales = torch.zeros(n_groups, W.shape[0], device=device)  # [group, row]: a column's scales are one row
+    zeros = torch.zeros_like(scales)
     static = [act_order or f.ternary for f in formats]
+    qparams = search_qparams if clip_search else compute_qparams
     for k, f in enumerate(formats):
         if f.ternary:
-            scales[rows[k]] = expand_scales(ternary_scales(W[rows[k]], f, ternary_scale), out_features)
-            zeros[rows[k]] = 1.0
+            scales[:, rows[k]] = expand_scales(ternary_scales(W[rows[k]], f, ternary_scale), sizes[k]).T
+            zeros[:, rows[k]] = 1.0
         elif act_order:
             for g in range(n_groups):
-                scales[rows[k], g], zeros[rows[k], g] = qparams(W[rows[k], g * group : (g + 1) * group], f)
+                scales[g, rows[k]], zeros[g, rows[k]] = qparams(W[rows[k], g * group : (g + 1) * group], f)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        H = H[perm][:, perm]
     else:
         perm = torch.arange(in_features, device=device)
     order = perm.tolist()  # read column by column: a host list, not a device sync per column
+    WT = (W.T[perm] if act_order else W.T).contiguous()  # [in, rows]: a column is one contiguous row
+    del W
+
+    def find_params(columns: torch.Tensor, g: int) -> None:  # at a group's first column, from its columns
+        for k, f in enumerate(formats):
+            if not static[k]:
+                scales[g, rows[k]], zeros[g, rows[k]] = qparams(columns[rows[k]], f)
 
     h_inv = _inverse_cholesky(H, damp)
-    codes = torch.zeros_like(W)
-    for i1 in range(0, in_features, block_size):
-        i2 = min(i1 + block_size, in_features)
-        W1 = W[:, i1:i2].clone()
-        errors = torch.zeros_like(W1)
-        h_inv_block = h_inv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            column = order[i1 + i]
-            g = column // group
-            if column % group == 0 and not all(static):
-                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]
-                for k, f in enumerate(formats):
-                    if not static[k]:
-                        scales[rows[k], g], zeros[rows[k], g] = qparams(upcoming[rows[k]], f)
-            w_col = W1[:, i]
-            q = torch.minimum(torch.clamp(torch.round(w_col / scales[:, g]) + zeros[:, g], min=0), maxq)
-            codes[:, i1 + i] = q
-            err = (w_col - (q - zeros[:, g]) * scales[:, g]) / h_inv_block[i, i]
-            W1[:, i:] -= err[:, None] * h_inv_block[i, i:][None, :]
-            errors[:, i] = err
-        W[:, i2:] -= errors @ h_inv[i1:i2, i2:]
-
+    # a group's parameters must see every earlier column's error: sub-blocks then start at every group start
+    inner = math.gcd(_INNER, block_size, group if group < in_features and not all(static) else block_size)
+    codes = _column_loop(WT, h_inv, order, group, scales, zeros, maxq, find_params, block_size, inner)
     if act_order:
         codes = codes[:, torch.argsort(perm)]
     out = []
     for k, f in enumerate(formats):
-        n = f.scale_rows(out_features)
-        s, z = scales[rows[k]][:n], zeros[rows[k]][:n]
+        n = f.scale_rows(sizes[k])
+        s, z = scales[:, rows[k]].T[:n], zeros[:, rows[k]].T[:n]
         out.append(QTensor(codes[rows[k]].to(torch.uint8), s.to(SCALE_DTYPE), z.to(torch.uint8), f))
     return out
 
 
+_INNER = 16  # columns whose errors are applied one by one; the rest of a block gets them as one product
+
+
+def _column_loop(WT, h_inv, order, group, scales, zeros, maxq, find_params, block_size, inner) -> torch.Tensor:
+    """GPTQ's loop over the columns (rows of `WT`, updated in place) with lazy batch updates at two levels: the
+    errors of a sub-block of `inner` columns reach the rest of its block as one product, a block's reach the
+    columns after it as one product. Returns the codes [rows, in]."""
+    in_features, n_rows = WT.shape
+    codes = torch.empty_like(WT)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        errors = torch.empty(i2 - i1, n_rows, device=WT.device)
+        for j1 in range(i1, i2, inner):
+            j2 = min(j1 + inner, i2)
+            for i in range(j1, j2):
+                column = order[i]
+                g = column // group
+                if column % group == 0:
+                    find_params(WT[i : i + group].T, g)
+                s, z, d = scales[g], zeros[g], h_inv[i, i]
+                w_col = WT[i]
+                q = torch.minimum(torch.clamp(torch.round(w_col / s) + z, min=0), maxq)
+                codes[i] = q
+                err = (w_col - (q - z) * s) / d
+                WT[i + 1 : j2].addr_(h_inv[i, i + 1 : j2], err, alpha=-1)
+                errors[i - i1] = err
+            WT[j2:i2].addmm_(h_inv[j1:j2, j2:i2].T, errors[j1 - i1 : j2 - i1], alpha=-1)
+        WT[i2:].addmm_(h_inv[i1:i2, i2:].T, errors, alpha=-1)
+    return codes.T
+
+
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 after dampening; dampening grows until H is positive definite."""
+    """Upper Cholesky factor U of H^-1 (U^T U = H^-1) after dampening; dampening grows until H is positive definite.
+    With J the order reversal and J H J = M M^T, U = J M^-1 J: one factorization and one triangular inverse."""
     mean_diag = torch.mean(torch.diag(H)).item()
     eye = torch.eye(H.shape[0], device=H.device)
     for attempt in range(6):
         damped = H + (damp * 10**attempt) * mean_diag * eye
-        L, info = torch.linalg.cholesky_ex(damped.to(torch.float64))
+        M, info = torch.linalg.cholesky_ex(damped.to(torch.float64).flip(0, 1))
         if info == 0:
-            inv = torch.cholesky_inverse(L)
-            return torch.linalg.cholesky(inv, upper=True).to(torch.float32)
+            inverse = torch.linalg.solve_triangular(M, eye.to(torch.float64), upper=False)
+            return inverse.flip(0, 1).to(torch.float32)
     raise MoECompressError(
         f"GPTQ: the Hessian stays singular even with dampening {damp * 1e5:g}; "
         "the calibration activations are degenerate (NaN/inf or all zero). Check the calibration data."

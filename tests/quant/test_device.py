@@ -5,7 +5,7 @@ tensor, and mixing it with the CPU inputs raises or puts the result on the wrong
 import pytest
 import torch
 
-from moecompress.quant.gptq import quantize_gptq_each
+from moecompress.quant.gptq import quantize_gptq_shared
 from moecompress.quant.packing import pack, unpack
 from moecompress.quant.qtensor import QuantFormat
 from moecompress.quant.rtn import quantize_rtn
@@ -23,9 +23,9 @@ def test_gptq_makes_its_tensors_on_the_inputs_device(act_order):
     w = torch.randn(24, 96)
     x = torch.randn(256, 96)
     h = x.T @ x
-    expected = quantize_gptq_each(w, h, FORMATS, act_order=act_order)
+    expected = quantize_gptq_shared([w] * len(FORMATS), h, FORMATS, act_order=act_order)
     with torch.device("meta"):
-        got = quantize_gptq_each(w, h, FORMATS, act_order=act_order)
+        got = quantize_gptq_shared([w] * len(FORMATS), h, FORMATS, act_order=act_order)
     for a, b in zip(got, expected):
         _same(a, b)
 

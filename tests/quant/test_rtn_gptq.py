@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from moecompress.errors import MoECompressError
-from moecompress.quant.gptq import hessian_weighted_error, quantize_gptq, quantize_gptq_each
-from moecompress.quant.qtensor import QuantFormat
-from moecompress.quant.rtn import quantize_rtn
+from moecompress.quant.gptq import hessian_weighted_error, quantize_gptq, quantize_gptq_shared
+from moecompress.quant.qtensor import QTensor, QuantFormat
+from moecompress.quant.rtn import compute_qparams, quantize_rtn
 
 
 def correlated_inputs(n: int, k: int) -> torch.Tensor:
@@ -61,7 +61,7 @@ def test_gptq_in_several_formats_at_once_gives_each_format_its_own_codes(act_ord
     h = x.T @ x
     formats = [QuantFormat(b, 64, sym) for b in (2, 3, 4, 8) for sym in (False, True)]
     formats.append(QuantFormat.make_ternary(64, "base3"))
-    together = quantize_gptq_each(w, h, formats, act_order=act_order, clip_search=clip_search)
+    together = quantize_gptq_shared([w] * len(formats), h, formats, act_order=act_order, clip_search=clip_search)
     for fmt, q in zip(formats, together):
         alone = quantize_gptq(w, h, fmt, act_order=act_order, clip_search=clip_search)
         assert q.fmt == fmt
@@ -71,7 +71,53 @@ def test_gptq_in_several_formats_at_once_gives_each_format_its_own_codes(act_ord
     assert errors == sorted(errors, reverse=True)  # 2 > 3 > 4 > 8 bits: the formats did not swap rows
 
 
+def _textbook_gptq(w: torch.Tensor, h: torch.Tensor, fmt: QuantFormat, damp: float = 0.01) -> torch.Tensor:
+    """GPTQ as the paper states it, in float64, one column at a time with no lazy batching: the codes."""
+    W = w.double().clone()
+    H = h.double() + damp * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    codes = torch.empty_like(W)
+    for i in range(W.shape[1]):
+        if i % fmt.group_size == 0:
+            scale, zero = (t.double() for t in compute_qparams(W[:, i : i + fmt.group_size], fmt))
+        codes[:, i] = torch.clamp(torch.round(W[:, i] / scale) + zero, 0, fmt.maxq)
+        err = (W[:, i] - (codes[:, i] - zero) * scale) / U[i, i]
+        W[:, i:] -= err[:, None] * U[i, i:][None, :]
+    return codes
+
+
+@pytest.mark.parametrize("block_size", [128, 64])
+def test_gptq_matches_the_textbook_algorithm_in_float64(block_size):
+    """The blocked float32 loop (two levels of lazy updates, a reversed-order Cholesky) is the algorithm: at most a
+    few codes differ by float rounding, and the output error matches to 1e-3."""
+    w = torch.randn(64, 320)
+    x = correlated_inputs(1536, 320)
+    h = x.T @ x
+    fmt = QuantFormat(3, 32)
+    ours = quantize_gptq(w, h, fmt, block_size=block_size)
+    reference = _textbook_gptq(w, h, fmt)
+    assert (ours.codes.double() != reference).double().mean() < 1e-3
+    err_ours = hessian_weighted_error(w, ours.dequantize(), h)
+    rounded = QTensor(reference.to(torch.uint8), ours.scales, ours.zeros, fmt)  # same scales unless codes diverged
+    err_reference = hessian_weighted_error(w, rounded.dequantize(), h)
+    assert abs(err_ours - err_reference) < 1e-3 * err_reference
+    assert err_ours < 0.9 * hessian_weighted_error(w, quantize_rtn(w, fmt).dequantize(), h)
+
+
+def test_gptq_of_matrices_sharing_a_hessian_equals_one_call_each():
+    """An expert's gate and up share their inputs, so one pass rounds both: the codes of one call each."""
+    x = correlated_inputs(1024, 128)
+    h = x.T @ x
+    gate, up = torch.randn(40, 128), torch.randn(24, 128) * 3
+    formats = [QuantFormat(4, 32), QuantFormat(2, 32, sym=True)]
+    for w, fmt, q in zip([gate, up], formats, quantize_gptq_shared([gate, up], h, formats)):
+        alone = quantize_gptq(w, h, fmt)
+        assert q.codes.shape == w.shape and torch.equal(q.codes, alone.codes)
+        assert torch.equal(q.scales, alone.scales) and torch.equal(q.zeros, alone.zeros)
+
+
 def test_gptq_in_several_formats_needs_one_group_size():
     h = torch.eye(64)
     with pytest.raises(ValueError, match="group size"):
-        quantize_gptq_each(torch.randn(4, 64), h, [QuantFormat(4, 32), QuantFormat(4, 64)])
+        w = torch.randn(4, 64)
+        quantize_gptq_shared([w, w], h, [QuantFormat(4, 32), QuantFormat(4, 64)])
