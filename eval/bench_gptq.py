@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import time
+import timeit
 
 import torch
 
@@ -34,13 +34,8 @@ def hessian(n: int, tokens: int = 4096) -> torch.Tensor:
 
 
 def best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    """Least seconds of `repeats` calls, after one to warm up."""
+    return min(timeit.repeat(fn, number=1, repeat=repeats + 1)[1:])
 
 
 def load_baseline(path: str):
