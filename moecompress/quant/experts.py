@@ -100,11 +100,11 @@ def quantize_matrices(
         out = [quantize_rtn(w, f, gptq.clip_search, gptq.ternary_scale) for w, f in zip(weights, formats)]
     else:
         out = [None] * len(weights)
-        passes: dict[int, list[int]] = {}
+        passes: dict[int, list[int]] = {}  # one pass per group size
         for k, (w, f) in enumerate(zip(weights, formats)):
             passes.setdefault(f.effective_group(w.shape[1]), []).append(k)
+        options = (gptq.damp, gptq.act_order, gptq.block_size, gptq.clip_search, gptq.ternary_scale)
         for ks in passes.values():
-            options = (gptq.damp, gptq.act_order, gptq.block_size, gptq.clip_search, gptq.ternary_scale)
             shared = quantize_gptq_shared([weights[k] for k in ks], hessian, [formats[k] for k in ks], *options)
             for k, q in zip(ks, shared):
                 out[k] = q
