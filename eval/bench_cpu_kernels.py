@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moecompress.quant.qtensor import QuantFormat
+from moecompress.formats import IntFormat, QuantFormat, ternary_format
 from moecompress.runtime import native
 from moecompress.runtime.packed_experts import PackedExperts
 
@@ -61,7 +61,7 @@ def fill(linear, g: torch.Generator):
     else:
         packed.copy_(torch.randint(0, 243, packed.shape, generator=g).to(torch.uint8))
     linear.weight_scale.copy_((torch.rand(linear.weight_scale.shape, generator=g) * 0.01 + 1e-3).half())
-    if linear.weight_zero_point is not None:
+    if hasattr(linear, "weight_zero_point"):
         linear.weight_zero_point.copy_(
             torch.randint(0, 2**linear.fmt.bits, linear.weight_zero_point.shape, generator=g).to(torch.uint8)
         )
@@ -142,13 +142,13 @@ def main() -> None:
             torch.randn(E, H, INTER).mul_(0.02).to(dtype),
         ]
     layers = {
-        "w8 g128": [QuantFormat(8, 128)],
-        "w4 g128": [QuantFormat(4, 128)],
-        "w3 g128": [QuantFormat(3, 128)],
-        "w2 g128": [QuantFormat(2, 128)],
-        "ternary 2-bit g128": [QuantFormat.make_ternary(128, "bits")],
-        "ternary base-3 g128": [QuantFormat.make_ternary(128, "base3")],
-        "mixed 2/3/4 (LP-like)": [QuantFormat(2, 128), QuantFormat(3, 128), QuantFormat(4, 128), QuantFormat(3, 128)],
+        "w8 g128": [IntFormat(8, 128)],
+        "w4 g128": [IntFormat(4, 128)],
+        "w3 g128": [IntFormat(3, 128)],
+        "w2 g128": [IntFormat(2, 128)],
+        "ternary 2-bit g128": [ternary_format(128, "bits")],
+        "ternary base-3 g128": [ternary_format(128, "base3")],
+        "mixed 2/3/4 (LP-like)": [IntFormat(2, 128), IntFormat(3, 128), IntFormat(4, 128), IntFormat(3, 128)],
     }
     print("| path | tokens | ms | GB/s | % of bandwidth | x faster dense |")
     print("|---|---|---|---|---|---|")

@@ -17,8 +17,8 @@ import timeit
 
 import torch
 
+from moecompress.formats import IntFormat
 from moecompress.quant import gptq
-from moecompress.quant.qtensor import QuantFormat
 
 # name: (intermediate, hidden, MoE layers, routed experts)
 SHAPES = {
@@ -50,7 +50,7 @@ def bench_shape(name: str, baseline, repeats: int) -> None:
     inter, hidden, layers, experts = SHAPES[name]
     gate, up, down = torch.randn(inter, hidden), torch.randn(inter, hidden), torch.randn(hidden, inter)
     h_in, h_mid = hessian(hidden), hessian(inter)
-    w4 = QuantFormat(4, 128)
+    w4 = IntFormat(4, 128)
 
     def per_matrix(module):
         return [module.quantize_gptq(w, h, w4) for w, h in ((gate, h_in), (up, h_in), (down, h_mid))]
@@ -66,7 +66,7 @@ def bench_shape(name: str, baseline, repeats: int) -> None:
     for label, seconds in times.items():
         hours = seconds * layers * experts / 3600
         print(f"| {name} ({inter} x {hidden}) | {label} | {seconds:.3f} ({first / seconds:.2f}x) | {hours:.2f} h |")
-    widths = [QuantFormat(b, 128) for b in (2, 3, 4, 8)]
+    widths = [IntFormat(b, 128) for b in (2, 3, 4, 8)]
     seconds = best(lambda: gptq.quantize_gptq_shared([gate] * 4, h_in, widths), repeats)
     print(f"| {name} ({inter} x {hidden}) | gate alone, in 2, 3, 4 and 8 bits in one pass | {seconds:.3f} | |")
 

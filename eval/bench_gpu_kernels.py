@@ -30,17 +30,17 @@ if SMOKE:
 
 from bench_cpu_kernels import fill, packed_layer  # noqa: E402
 
-from moecompress.quant.qtensor import QuantFormat  # noqa: E402
+from moecompress.formats import IntFormat, ternary_format  # noqa: E402
 from moecompress.runtime import cuda_kernels  # noqa: E402
 from moecompress.runtime.packed_experts import ExpertList, PackedLinear  # noqa: E402
 
 FORMATS = {
-    "w8 g128": [QuantFormat(8, 128)],
-    "w4 g128": [QuantFormat(4, 128)],
-    "w3 g128": [QuantFormat(3, 128)],
-    "w2 g128": [QuantFormat(2, 128)],
-    "ternary g128": [QuantFormat.make_ternary(128, "bits")],
-    "mixed 2/3/4": [QuantFormat(2, 128), QuantFormat(3, 128), QuantFormat(4, 128), QuantFormat(3, 128)],
+    "w8 g128": [IntFormat(8, 128)],
+    "w4 g128": [IntFormat(4, 128)],
+    "w3 g128": [IntFormat(3, 128)],
+    "w2 g128": [IntFormat(2, 128)],
+    "ternary g128": [ternary_format(128, "bits")],
+    "mixed 2/3/4": [IntFormat(2, 128), IntFormat(3, 128), IntFormat(4, 128), IntFormat(3, 128)],
 }
 
 

@@ -17,11 +17,18 @@ from .allocation.allocate import AllocationConfig
 from .calibration.data import window_counts_problem
 from .dynamic.skip import SkipConfig
 from .errors import RecipeError
+from .formats import (
+    FORMATS,
+    SUPPORTED_BITS,
+    TERNARY,
+    TERNARY_SCALE_METHODS,
+    QuantFormat,
+    ternary_format,
+    ternary_packings,
+)
 from .merge.apply import MergeConfig
 from .merge.factor_layer import FactorConfig
 from .quant.experts import RARE_POLICIES
-from .quant.qtensor import PACKINGS, SUPPORTED_BITS, TERNARY, QuantFormat
-from .quant.ternary import TERNARY_SCALE_METHODS
 from .slim.staged import SlimConfig
 from .training.qat import QAT_INITS, RecoveryConfig
 
@@ -52,6 +59,7 @@ class QuantizationConfig:
     candidate, with the same ternary_* settings."""
 
     method: str = "gptq"
+    packed_format: str = "int"  # the format family of the integer widths (`moecompress.formats.FORMATS`)
     bits: int = 4
     group_size: int = 128
     sym: bool = False
@@ -70,8 +78,8 @@ class QuantizationConfig:
     def format_for(self, key: int | str) -> QuantFormat:
         """The format an allocation candidate key (a bit width or "ternary") stands for."""
         if key == TERNARY:
-            return QuantFormat.make_ternary(self.group_size, self.ternary_packing)
-        return QuantFormat(int(key), self.group_size, self.sym)
+            return ternary_format(self.group_size, self.ternary_packing)
+        return FORMATS[self.packed_format](int(key), self.group_size, self.sym)
 
 
 @dataclass
@@ -100,8 +108,13 @@ class Recipe:
                 f"quantization.group_size {q.group_size}: use a positive size or -1 (0, per tensor, only with ternary)",
             ),
             (
-                q.ternary_packing in PACKINGS,
-                f"quantization.ternary_packing '{q.ternary_packing}': use one of {list(PACKINGS)}",
+                q.ternary_packing in ternary_packings(),
+                f"quantization.ternary_packing '{q.ternary_packing}': use one of {ternary_packings()}",
+            ),
+            (
+                q.packed_format in FORMATS and FORMATS[q.packed_format].key_name is None,
+                f"quantization.packed_format '{q.packed_format}': use one of "
+                f"{[n for n, c in FORMATS.items() if not c.key_name]}",
             ),
             (
                 q.ternary_scale in TERNARY_SCALE_METHODS,
@@ -133,11 +146,13 @@ class Recipe:
         for ok, message in checks:
             if not ok:
                 raise RecipeError(f"recipe '{self.name}': {message}")
+        try:
+            integer_format = q.format_for(q.bits)
+        except ValueError as exc:
+            raise RecipeError(f"recipe '{self.name}': quantization.packed_format '{q.packed_format}': {exc}") from exc
         check_device(self.device)
         self.allocation.validate()
-        self.allocation.check_budget(
-            [q.format_for(k) for k in self.allocation.candidates], QuantFormat(q.bits, q.group_size, q.sym)
-        )
+        self.allocation.check_budget([q.format_for(k) for k in self.allocation.candidates], integer_format)
         self.merge.validate()
         if self.merge.method != "none" and self.merge.router == "keep" and q.method != "none":
             raise RecipeError(

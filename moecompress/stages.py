@@ -22,6 +22,7 @@ from .calibration.batches import activation_holding, training_batches
 from .calibration.data import CalibrationBatch
 from .calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
 from .errors import ModelLoadError, UnsupportedModelError
+from .formats import QuantFormat
 from .io.checkpoint import persistent_state
 from .io.layer_store import LayerStore
 from .models import LoadedModel, MoEBlockView, get_adapter, load_model
@@ -35,7 +36,6 @@ from .quant.experts import (
     quantize_block_experts,
     quantize_matrices,
 )
-from .quant.qtensor import QuantFormat
 from .recipe import Recipe
 from .runtime.packed_experts import set_dequant_cache
 from .training.memory import teacher_placement
@@ -410,7 +410,7 @@ def plan_allocation(
     if a.method == "uniform":
         return CompressionPlan.uniform([v.key for v in views], views[0].num_experts, q.format), None
     formats = [q.format_for(k) for k in a.profile_keys]
-    integer_format = QuantFormat(q.bits, q.group_size, q.sym)
+    integer_format = q.format_for(q.bits)
     if a.max_bytes is not None:
         a.avg_bits = avg_bits_for_bytes(
             a.max_bytes,

@@ -486,9 +486,9 @@ def test_compress_arguments_are_checked_before_loading(capsys, tmp_path, model_d
 
 def test_plan_that_does_not_fit_the_model_is_refused(capsys, tmp_path, model_dir):
     from moecompress.allocation import CompressionPlan
-    from moecompress.quant.qtensor import QuantFormat
+    from moecompress.formats import IntFormat
 
-    small = CompressionPlan.uniform([0, 1], 16, QuantFormat(4, 128))
+    small = CompressionPlan.uniform([0, 1], 16, IntFormat(4, 128))
     small.save(tmp_path / "small.json")
     recipe = write_recipe(tmp_path, QUICK)
     assert "covers MoE layers [0, 1]" in refused(
@@ -497,7 +497,7 @@ def test_plan_that_does_not_fit_the_model_is_refused(capsys, tmp_path, model_dir
         tmp_path,
         tmp_path / "o",
     )
-    bad = CompressionPlan.uniform([0, 1, 2, 3], 16, QuantFormat(4, 128))
+    bad = CompressionPlan.uniform([0, 1, 2, 3], 16, IntFormat(4, 128))
     bad.choice[1, 2, 0] = -1
     bad.save(tmp_path / "negative.json")
     assert "malformed" in refused(

@@ -9,8 +9,8 @@ import torch
 
 from ..calibration.stats import ExpertStats
 from ..errors import BudgetError, RecipeError
+from ..formats import SUPPORTED_BITS, TERNARY, IntFormat, QuantFormat
 from ..models.base import MODALITIES, PROJECTIONS, modality_weights_problem
-from ..quant.qtensor import SUPPORTED_BITS, TERNARY, QuantFormat
 from .plan import CompressionPlan
 from .solver import random_allocation, ranked_allocation, solve_allocation
 
@@ -166,7 +166,7 @@ def allocate(
     columns = [profiled.index(k) for k in keys]
     formats = [profiled_formats[c] for c in columns]
     if integer_format is None:
-        integer_format = next((f for f in profiled_formats if not f.ternary), QuantFormat(4))
+        integer_format = next((f for f in profiled_formats if f.key == f.bits), IntFormat(4))
     bit_list = [storage_bits(f) for f in formats]
     err = stats.quant_error[:, :, columns, :] / stats.profile_tokens[:, :, None, None].clamp(min=1)
     err = err[..., 3] if per_expert else err[..., :3].permute(0, 1, 3, 2)  # [L,E,C] or [L,E,P,C]

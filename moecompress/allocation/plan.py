@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..formats import QuantFormat
 from ..models.base import PROJECTIONS
-from ..quant.qtensor import QuantFormat
 
 
 @dataclass

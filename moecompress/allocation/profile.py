@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..formats import QuantFormat
 from ..models.base import PROJECTIONS, ExpertWeights, MoEBlockView
-from ..quant.qtensor import QuantFormat
 from ..quant.rtn import quantize_rtn
 
 

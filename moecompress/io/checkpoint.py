@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..formats import QuantFormat
 from ..models.base import PROJECTIONS
-from ..quant.qtensor import QuantFormat
 from ..runtime.factored_experts import FactoredExperts
 from ..runtime.packed_experts import PackedExperts, PackedLinear
 from .integrity import (

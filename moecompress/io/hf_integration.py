@@ -14,8 +14,8 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import CheckpointError
+from ..formats import QuantFormat
 from ..models.base import PROJECTIONS
-from ..quant.qtensor import QuantFormat
 from ..runtime.factored_experts import FactoredExperts
 from ..runtime.packed_experts import PackedExperts
 from .integrity import (

@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..formats import QuantFormat
 from ..models.base import PROJECTIONS
-from ..quant.packing import packed_layout
-from ..quant.qtensor import QuantFormat
 from ..runtime.factored_experts import DENSE
 from .outputs import MANIFEST
 from .tensorfiles import TensorFileError, read_header
@@ -236,14 +235,7 @@ def expected_packed_formats(qc: dict, folder: Path) -> dict[str, QuantFormat]:
 
 
 def packed_buffer_shapes(module: str, fmt: QuantFormat, shape: list[int]) -> dict[str, list[int]]:
-    out_features, in_features = shape
-    shapes = {
-        f"{module}.weight_packed": [out_features, packed_layout(fmt, in_features)[0]],
-        f"{module}.weight_scale": [fmt.scale_rows(out_features), fmt.groups(in_features)],
-    }
-    if not fmt.ternary:
-        shapes[f"{module}.weight_zero_point"] = [out_features, fmt.groups(in_features)]
-    return shapes
+    return {f"{module}.{name}": stored for name, (stored, _) in fmt.stored_shapes(*shape).items()}
 
 
 def verify_checkpoint(path: str | Path, check_hashes: bool = True) -> dict:

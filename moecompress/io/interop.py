@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
-from ..quant.packing import pack_codes
-from ..quant.qtensor import QuantFormat
+from ..formats import QuantFormat
+from ..formats.bitpack import pack_codes
 from .checkpoint import copy_aux_files, verify_checkpoint
 from .outputs import atomic_folder
 from .tensorfiles import write_sharded
@@ -167,9 +167,9 @@ def uniform_format(config: dict) -> QuantFormat:
             "GPTQ and compressed-tensors need one bit width for every expert. Export with "
             "--format moecompress, or compress with a uniform recipe (e.g. pipelines/gptq-w4g128.yaml)."
         )
-    if formats[0].ternary:
+    if not formats[0].exports:
         raise CheckpointError(
-            "ternary experts have no GPTQ or compressed-tensors layout; export with --format moecompress."
+            f"{formats[0].name} experts have no GPTQ or compressed-tensors layout; export with --format moecompress."
         )
     return formats[0]
 
@@ -207,6 +207,10 @@ def write_interop_files(checkpoint: str | Path, dest: Path, fmt_name: str) -> No
     manifest = verify_checkpoint(folder)
     config = json.loads((folder / "config.json").read_text())
     fmt = uniform_format(config)
+    if fmt_name not in fmt.exports:
+        raise CheckpointError(
+            f"{fmt.name} experts have no {fmt_name} layout; export as {' or '.join(sorted(fmt.exports))}."
+        )
     projection_names = checkpoint_projection_names(config["model_type"])
     shapes = {name: tuple(meta["shape"]) for name, meta in manifest["tensors"].items()}
 
@@ -224,8 +228,8 @@ def write_interop_files(checkpoint: str | Path, dest: Path, fmt_name: str) -> No
     convert = to_compressed_tensors if fmt_name == "compressed-tensors" else to_gptq_v1
     state = dict(plain)
     for module, tensors in grouped.items():
-        zero = tensors.get("weight_zero_point")
-        if fmt.sym and zero is not None and bool((zero != 2 ** (fmt.bits - 1)).any()):
+        zero = fmt.zero_points(tensors)
+        if fmt.sym and bool((zero != fmt.fixed_zero).any()):
             raise CheckpointError(
                 f"{module}: symmetric format with a zero point other than 2^(bits-1); the checkpoint is corrupt."
             )

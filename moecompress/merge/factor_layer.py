@@ -21,9 +21,8 @@ import torch
 
 from ..allocation.solver import solve_allocation
 from ..errors import BudgetError, RecipeError
+from ..formats import SUPPORTED_BITS, PackedTensor, QTensor, QuantFormat, pack
 from ..models.base import PROJECTIONS, ExpertWeights, MoEBlockView, modality_weights_problem
-from ..quant.packing import PackedTensor, pack, packed_nbytes
-from ..quant.qtensor import SUPPORTED_BITS, QTensor, QuantFormat
 from ..runtime.factored_experts import DENSE, FactoredExperts
 from .factored import candidate_errors, delta_spectrum, dense_errors, quantize_delta, whitening
 from .subspace import average_merge
@@ -158,7 +157,7 @@ def check_budget(views: list[MoEBlockView], config: FactorConfig, fmt: Callable[
         return
     for view in views:
         first = view.expert_weights(0)
-        base = sum(packed_nbytes(fmt(min(config.base_bits)), *first[p].shape) for p in PROJECTIONS)
+        base = sum(fmt(min(config.base_bits)).nbytes(*first[p].shape) for p in PROJECTIONS)
         smallest = 8 * base / view.expert_params
         if config.avg_bits < smallest:
             raise BudgetError(
@@ -348,8 +347,8 @@ def _nbytes(fmt: QuantFormat, shape: tuple[int, int], rank: int) -> int:
     if rank == 0:
         return 0
     if rank == DENSE:
-        return packed_nbytes(fmt, *shape)
-    return packed_nbytes(fmt, rank, shape[1]) + packed_nbytes(fmt, shape[0], rank)
+        return fmt.nbytes(*shape)
+    return fmt.nbytes(rank, shape[1]) + fmt.nbytes(shape[0], rank)
 
 
 def install_factored_experts(view: MoEBlockView, block: FactoredBlock) -> FactoredExperts:

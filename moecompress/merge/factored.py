@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant.qtensor import QTensor, QuantFormat
+from ..formats import QTensor, QuantFormat
 from ..quant.rtn import quantize_rtn
 
 

@@ -19,7 +19,7 @@ class ClampedSwiGLU(nn.Module):
         return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
 
     def kernel_spec(self) -> tuple[int, float, float]:
-        """Kind 1 of the CPU fused forward (`cuda/csrc/cpu/moe_forward.cpp`)."""
+        """Kind 1 of the CPU fused forward (`csrc/cpu/moe_forward.cpp`)."""
         return (1, float(self.alpha), float(self.limit))
 
 

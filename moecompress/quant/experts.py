@@ -10,11 +10,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import NonFiniteError
+from ..formats import PackedTensor, QTensor, QuantFormat, pack
 from ..models.base import PROJECTIONS, ExpertWeights, MoEBlockView
 from ..runtime.packed_experts import PackedExperts
 from .gptq import quantize_gptq_shared
-from .packing import PackedTensor, pack
-from .qtensor import QTensor, QuantFormat
 from .rtn import quantize_rtn
 
 if TYPE_CHECKING:  # the observer is handed in; quant does not depend on calibration

@@ -7,9 +7,8 @@ import math
 import torch
 
 from ..errors import MoECompressError
-from .qtensor import SCALE_DTYPE, QTensor, QuantFormat
-from .rtn import compute_qparams, search_qparams
-from .ternary import expand_scales, ternary_scales
+from ..formats import SCALE_DTYPE, QTensor, QuantFormat, expand_scales
+from .rtn import search_qparams
 
 
 def quantize_gptq(
@@ -26,8 +25,8 @@ def quantize_gptq(
 
     With `act_order`, columns are processed by decreasing Hessian diagonal while the group
     parameters stay those of the natural column order ("static groups"), so no g_idx is needed.
-    Ternary formats take their scales from the unmodified weights up front (`ternary_scale` method) and
-    GPTQ then only chooses the codes.
+    Formats whose scales are chosen from the whole matrix (ternary, by the `ternary_scale` method) take them from the
+    unmodified weights up front, and GPTQ then only chooses the codes.
     """
     return quantize_gptq_shared([w], hessian, [fmt], damp, act_order, block_size, clip_search, ternary_scale)[0]
 
@@ -67,12 +66,13 @@ def quantize_gptq_shared(
     n_groups = formats[0].groups(in_features)
     scales = torch.zeros(n_groups, W.shape[0], device=device)  # [group, row]: a column's scales are one row
     zeros = torch.zeros_like(scales)
-    static = [act_order or f.ternary for f in formats]
-    qparams = search_qparams if clip_search else compute_qparams
+    fixed = [f.matrix_scales(W[rows[k]], ternary_scale) for k, f in enumerate(formats)]
+    static = [act_order or s is not None for s in fixed]
+    qparams = search_qparams if clip_search else (lambda block, f: f.group_params(block))
     for k, f in enumerate(formats):
-        if f.ternary:
-            scales[:, rows[k]] = expand_scales(ternary_scales(W[rows[k]], f, ternary_scale), sizes[k]).T
-            zeros[:, rows[k]] = 1.0
+        if fixed[k] is not None:
+            scales[:, rows[k]] = expand_scales(fixed[k], sizes[k]).T
+            zeros[:, rows[k]] = float(f.fixed_zero)
         elif act_order:
             for g in range(n_groups):
                 scales[g, rows[k]], zeros[g, rows[k]] = qparams(W[rows[k], g * group : (g + 1) * group], f)

@@ -1,4 +1,4 @@
-"""GPU paths for packed experts: the CUDA decode kernels (`cuda/csrc/cuda/moe_gemv.cu`, up to 8 tokens per call)
+"""GPU paths for packed experts: the CUDA decode kernels (`csrc/cuda/moe_gemv.cu`, up to 8 tokens per call)
 and the Triton grouped GEMM (`triton_moe.py`, more tokens), both reading the modules' own packed tensors through
 per-expert tables of addresses and formats made once per module (`GpuExperts`; no weight is copied, except
 base-3 ternary rows, repacked to 2-bit codes).
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .native import ProjDesc, TableCache, cached_build
+from .native import ProjDesc, TableCache, cached_build, kernel_sources
 
 log = logging.getLogger(__name__)
 
-SOURCES = Path(__file__).resolve().parents[2] / "cuda" / "csrc" / "cuda"
-HEADERS = Path(__file__).resolve().parents[2] / "cuda" / "csrc" / "common"
+SOURCES = kernel_sources() / "cuda"
+HEADERS = kernel_sources() / "common"
 FLAGS = ["-O3", "-std=c++17", "--shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-Wall", "-Werror", "all-warnings"]
 CHECK_ARCHS = ("80", "90a")
 DECODE_TOKENS = 8  # tokens per call up to which the CUDA decode kernels run; the Triton GEMM above

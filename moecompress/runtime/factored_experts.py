@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..formats import QuantFormat
 from ..models.base import PROJECTIONS, ExpertWeights
-from ..quant.qtensor import QuantFormat
 from .packed_experts import ExpertList, PackedExpert, PackedLinear
 
 DENSE = -1  # the rank that stands for a dense delta

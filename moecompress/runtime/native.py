@@ -1,4 +1,4 @@
-"""Native CPU kernels for packed experts (`cuda/csrc/cpu/`): group-wise dequant GEMV straight from the stored
+"""Native CPU kernels for packed experts (`csrc/cpu/`): group-wise dequant GEMV straight from the stored
 bit streams and a fused MoE layer forward, one native call per layer; and a dense GEMV for the model's unquantized
 linear layers at decode (`runtime/native_linear.py`).
 
@@ -12,9 +12,10 @@ with their activations quantized to int8 per block of 16 (llama.cpp's q8 scheme;
 0.5 % relative error per projection on Gaussian inputs); other formats and CPUs, and
 `MOECOMPRESS_CPU_ACTIVATIONS=fp32`, use float32 activations (exact to float32 rounding).
 
-Layout: the on-disk format is read as it is (rows of `bits`-wide codes, fp16 scales, uint8 zeros), except
-base-3 ternary rows, which are repacked once per module to 2-bit codes (1.6 -> 2 bits per weight read, for
-8-codes-per-instruction SIMD decoding instead of a division chain per trit).
+Layout: each packed format hands the kernels its operand (`QuantFormat.kernel_operand`): the stored rows of
+`bits`-wide codes with fp16 scales and uint8 zeros as they are, or a repacking made once per module (base-3 ternary:
+2-bit codes, 1.6 -> 2 bits per weight read, for 8-codes-per-instruction SIMD decoding instead of a division chain
+per trit).
 """
 
 from __future__ import annotations
@@ -32,11 +33,16 @@ from pathlib import Path
 
 import torch
 
-from ..quant.packing import pack_codes, unpack_trits
-
 log = logging.getLogger(__name__)
 
-SOURCES = Path(__file__).resolve().parents[2] / "cuda" / "csrc" / "cpu"
+
+def kernel_sources() -> Path:
+    """The kernel tree: `moecompress/csrc` in an installed wheel, `csrc/` beside the package in a checkout."""
+    package = Path(__file__).resolve().parents[1]
+    return next((p for p in (package / "csrc", package.parent / "csrc") if p.is_dir()), package / "csrc")
+
+
+SOURCES = kernel_sources() / "cpu"
 FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra"]
 # Tokens per call up to which the kernels run (measured on one Qwen3-30B-A3B-shaped layer, 2 cores: 512 tokens
 # 0.47 s native vs 1.1 s dequantize + matmul); above it each expert is dequantized once and multiplied.
@@ -124,6 +130,7 @@ def library() -> ctypes.CDLL | None:
             "moecompress: native CPU kernels unavailable (%s); packed experts run on the slower torch path.", exc
         )
         return None
+    check_layout(lib)
     lib.moe_cpu_isa.restype = ctypes.c_int
     lib.moe_q8_fits.argtypes = [ctypes.POINTER(ProjDesc)]
     lib.moe_packed_linear.argtypes = [
@@ -163,6 +170,16 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def check_layout(lib: ctypes.CDLL) -> None:
+    """The library's `ProjDesc` (common/proj_desc.h) has the size and every field offset of the ctypes mirror."""
+    fields = [name for name, _ in ProjDesc._fields_]
+    answer = (ctypes.c_int64 * (len(fields) + 1))()
+    lib.moe_proj_desc_layout(answer)
+    ours = [ctypes.sizeof(ProjDesc), *(getattr(ProjDesc, name).offset for name in fields)]
+    if list(answer) != ours:
+        raise RuntimeError(f"the kernels' ProjDesc layout {list(answer)} differs from runtime/native.py's {ours}")
+
+
 @contextlib.contextmanager
 def float32_activations():
     """Float32 activations in the native kernels for the duration (evaluations: exact to float32 rounding)."""
@@ -190,29 +207,25 @@ def kernel_name() -> str:
 
 def describe(linear) -> tuple[ProjDesc, list[torch.Tensor]]:
     """The kernel's view of a `PackedLinear` (and the tensors it points into, to keep alive)."""
-    fmt, (out_features, in_features) = linear.fmt, (linear.out_features, linear.in_features)
-    packed = linear.weight_packed
-    if fmt.packing == "base3":
-        packed = pack_codes(unpack_trits(packed, in_features), 2)
-    packed, scale = packed.contiguous(), linear.weight_scale.contiguous()
-    zero = None if fmt.ternary else linear.weight_zero_point.contiguous()
+    out_features, in_features, fmt = linear.out_features, linear.in_features, linear.fmt
+    op = fmt.kernel_operand(linear.stored_tensors(), in_features)
     bias = None if getattr(linear, "bias", None) is None else linear.bias.to(torch.float32).contiguous()
     desc = ProjDesc(
-        packed.data_ptr(),
-        scale.data_ptr(),
-        zero.data_ptr() if zero is not None else None,
-        packed.shape[1] * packed.element_size(),
+        op.codes.data_ptr(),
+        op.scale.data_ptr(),
+        op.zero.data_ptr() if op.zero is not None else None,
+        op.codes.shape[1] * op.codes.element_size(),
         out_features,
         in_features,
-        2 if fmt.ternary else fmt.bits,
+        op.bits,
         fmt.effective_group(in_features),
         fmt.groups(in_features),
         fmt.scale_rows(out_features),
-        1,
+        op.fixed_zero,
         0,
         bias.data_ptr() if bias is not None else None,
     )
-    return desc, [t for t in (packed, scale, zero, bias) if t is not None]
+    return desc, [t for t in (op.codes, op.scale, op.zero, bias) if t is not None]
 
 
 def int8_fits(linear) -> bool:

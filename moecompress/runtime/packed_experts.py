@@ -10,45 +10,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..formats import PackedTensor, QuantFormat, unpack
 from ..models.base import PROJECTIONS, ExpertWeights, GatedActivation
-from ..quant.packing import PackedTensor, packed_layout, unpack
-from ..quant.qtensor import SCALE_DTYPE, QuantFormat
 
 _pack_epoch = 0  # bumped whenever packed weights are replaced in place
 
 
 class PackedLinear(nn.Module):
-    """A linear layer whose weight is a `PackedTensor` held as buffers (no zero point for ternary), with a
+    """A linear layer whose weight is a `PackedTensor` held as buffers (those its format stores), with a
     float `bias` where the architecture's experts have one (GPT-OSS)."""
 
     def __init__(self, out_features: int, in_features: int, fmt: QuantFormat, bias: bool = False):
         super().__init__()
         self.out_features, self.in_features, self.fmt = out_features, in_features, fmt
-        groups, scale_rows = fmt.groups(in_features), fmt.scale_rows(out_features)
-        columns, packed_dtype = packed_layout(fmt, in_features)
-        self.register_buffer("weight_packed", torch.zeros(out_features, columns, dtype=packed_dtype))
-        self.register_buffer("weight_scale", torch.zeros(scale_rows, groups, dtype=SCALE_DTYPE))
-        zero_point = None if fmt.ternary else torch.zeros(out_features, groups, dtype=torch.uint8)
-        self.register_buffer("weight_zero_point", zero_point)
+        self.stored = tuple(fmt.stored_shapes(out_features, in_features))  # the buffers the format stores
+        for name, (shape, dtype) in fmt.stored_shapes(out_features, in_features).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._cache: torch.Tensor | None = None
         self.cache_dequantized = False
         self.method = "gptq"
 
     def packed(self) -> PackedTensor:
-        return PackedTensor(
-            self.weight_packed,
-            self.weight_scale,
-            self.weight_zero_point,
-            (self.out_features, self.in_features),
-            self.fmt,
-        )
+        return PackedTensor(self.stored_tensors(), (self.out_features, self.in_features), self.fmt)
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.stored}
 
     def load_packed(self, packed: PackedTensor) -> None:
         global _pack_epoch
         if tuple(packed.shape) != (self.out_features, self.in_features) or packed.fmt != self.fmt:
             raise ValueError(f"packed tensor {packed.shape} {packed.fmt.name} does not fit {self}")
-        for name, tensor in packed.tensors().items():
+        for name, tensor in packed.tensors.items():
             getattr(self, name).copy_(tensor)
         self._cache = None
         _pack_epoch += 1  # native kernel tables built before this point may hold repacked copies: rebuild them

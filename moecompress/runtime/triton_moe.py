@@ -17,8 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant.packing import pack_codes, unpack_trits
-
 # meta columns per expert: addresses of its packed rows, fp16 scales and uint8 zeros (0: none), and its format
 W_PTR, ROW_BYTES, BITS, GROUP, GROUPS, S_PTR, S_ROWSTRIDE, Z_PTR, FIXED_ZERO = range(9)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -41,8 +39,8 @@ def block_m(num_pairs: int) -> int:
 @dataclass
 class ProjectionTable:
     """One projection type (gate, up or down) of every expert: per expert the addresses of its tensors and its
-    format (`meta`, int64 [E, 9], on the experts' device). `keep` holds the tensors made here (base-3 rows
-    repacked to 2-bit codes); the others are the modules' own buffers, which must outlive the table."""
+    format (`meta`, int64 [E, 9], on the experts' device), from each format's `kernel_operand`. `keep` holds the
+    tensors read (a format's repacked codes among them; the modules' own buffers must outlive the table too)."""
 
     meta: torch.Tensor
     out_features: int
@@ -54,25 +52,20 @@ class ProjectionTable:
         rows, keep = [], []
         for linear in linears:
             fmt, (out_features, in_features) = linear.fmt, (linear.out_features, linear.in_features)
-            packed = linear.weight_packed
-            if fmt.packing == "base3":
-                packed = pack_codes(unpack_trits(packed.cpu(), in_features), 2).to(packed.device)
-                keep.append(packed)
-            packed = packed.contiguous()
-            scale, zero = linear.weight_scale.contiguous(), linear.weight_zero_point
-            keep += [packed, scale] + ([zero] if zero is not None else [])
+            op = fmt.kernel_operand(linear.stored_tensors(), in_features)
+            keep += [t for t in (op.codes, op.scale, op.zero) if t is not None]
             groups = fmt.groups(in_features)
             rows.append(
                 [
-                    packed.data_ptr(),
-                    packed.shape[1] * packed.element_size(),
-                    2 if fmt.ternary else fmt.bits,
+                    op.codes.data_ptr(),
+                    op.codes.shape[1] * op.codes.element_size(),
+                    op.bits,
                     fmt.effective_group(in_features),
                     groups,
-                    scale.data_ptr(),
+                    op.scale.data_ptr(),
                     0 if fmt.scale_rows(out_features) == 1 else groups,
-                    zero.contiguous().data_ptr() if zero is not None else 0,
-                    0 if zero is not None else 1,
+                    op.zero.data_ptr() if op.zero is not None else 0,
+                    0 if op.zero is not None else op.fixed_zero,
                 ]
             )
         device = linears[0].weight_packed.device

@@ -17,10 +17,8 @@ from accelerate.utils import align_module_device
 from torch import nn
 
 from ..errors import RecipeError
+from ..formats import SCALE_DTYPE, QTensor, QuantFormat, expand_scales, pack, unpack
 from ..models.base import PROJECTIONS, ExpertWeights, ModelAdapter
-from ..quant.packing import pack, unpack
-from ..quant.qtensor import SCALE_DTYPE, QTensor, QuantFormat
-from ..quant.ternary import expand_scales
 from ..runtime.packed_experts import ExpertList, PackedExperts, PackedLinear
 from .distill import DistillConfig, DistillData, DistillReport, distill
 

@@ -5,7 +5,7 @@ from moecompress.allocation import CompressionPlan, allocate
 from moecompress.allocation.allocate import storage_bits
 from moecompress.calibration.stats import ExpertStats
 from moecompress.errors import BudgetError, RecipeError
-from moecompress.quant.qtensor import QuantFormat
+from moecompress.formats import IntFormat, ternary_format
 from moecompress.recipe import Recipe
 
 
@@ -74,16 +74,16 @@ def test_byte_budget_converts_to_average_bits_and_names_the_smallest():
     from moecompress.allocation.allocate import avg_bits_for_bytes
 
     params = 1_000_000
-    candidates = [QuantFormat(b) for b in (2, 3, 4)]
-    avg = avg_bits_for_bytes(100_000 + params * (3 + 24 / 128) // 8, 100_000, params, candidates, QuantFormat(4))
+    candidates = [IntFormat(b) for b in (2, 3, 4)]
+    avg = avg_bits_for_bytes(100_000 + params * (3 + 24 / 128) // 8, 100_000, params, candidates, IntFormat(4))
     assert avg == pytest.approx(3.0, abs=1e-4)
     with pytest.raises(BudgetError, match="smallest feasible budget is 373438 bytes"):
-        avg_bits_for_bytes(300_000, 100_000, params, candidates, QuantFormat(4))
+        avg_bits_for_bytes(300_000, 100_000, params, candidates, IntFormat(4))
 
 
 def with_ternary(stats: ExpertStats) -> ExpertStats:
     """Adds a ternary base-3 candidate with an error between 2 and 3 bits to `profiled_stats`."""
-    stats.candidate_formats = [QuantFormat.make_ternary(128).to_dict()] + stats.candidate_formats
+    stats.candidate_formats = [ternary_format(128).to_dict()] + stats.candidate_formats
     ternary_error = stats.quant_error[:, :, :1] * 1.5
     stats.quant_error = torch.cat([ternary_error, stats.quant_error], dim=2)
     return stats

@@ -5,9 +5,9 @@ from moecompress.calibration.data import CalibrationBatch
 from moecompress.calibration.engine import ExpertObserver, LayerInputs, collect_expert_stats
 from moecompress.calibration.stats import GramSums
 from moecompress.errors import RecipeError
+from moecompress.formats import IntFormat
 from moecompress.models import get_adapter
 from moecompress.quant.gptq import quantize_gptq
-from moecompress.quant.qtensor import QuantFormat
 
 from ..models.tiny_models import CONFIGS, tiny_model, walked_states
 
@@ -199,11 +199,10 @@ def test_expert_stats_round_trip_and_drop_loss(tmp_path):
 @torch.no_grad()
 def test_error_profile_is_the_block_output_error_of_rtn():
     from moecompress.models.base import ExpertWeights
-    from moecompress.quant.qtensor import QuantFormat
     from moecompress.quant.rtn import quantize_rtn
 
     view = get_adapter("qwen3_moe").moe_blocks(tiny_model("qwen3_moe"))[0]
-    fmt = QuantFormat(2, 16)
+    fmt = IntFormat(2, 16)
     from moecompress.allocation.profile import ErrorProfile
 
     profile = ErrorProfile(view, [fmt])
@@ -251,7 +250,7 @@ def test_gram_sums_hold_half_and_give_back_the_full_sums_gptq_needs():
     gram = gram.T @ gram  # not exactly symmetric in float32: GPTQ reads its lower triangle only
     single = GramSums()
     single._lower[0] = gram.view(-1)[single._flat(32, gram.device)[0]].clone()
-    fmt = QuantFormat(bits=4, group_size=16, sym=False)
+    fmt = IntFormat(bits=4, group_size=16, sym=False)
     assert torch.equal(quantize_gptq(w, single.pop(0), fmt).codes, quantize_gptq(w, gram, fmt).codes)
     assert sums.pop(0) is not None and sums.full(0) is None and sums.pop(0) is None
 

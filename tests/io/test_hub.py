@@ -118,13 +118,13 @@ def test_cli_dry_run_writes_the_folder_and_contacts_nobody(evaluated_checkpoint,
 
 
 def test_engines_say_mixed_precision_needs_moecompress():
+    from moecompress.formats import IntFormat
     from moecompress.io.hub import engines
-    from moecompress.quant.qtensor import QuantFormat
 
-    uniform = {"quantization_config": {"formats": [QuantFormat(4, 128).to_dict()], "experts": {"m": [[0, 0, 0]]}}}
+    uniform = {"quantization_config": {"formats": [IntFormat(4, 128).to_dict()], "experts": {"m": [[0, 0, 0]]}}}
     mixed = {
         "quantization_config": {
-            "formats": [QuantFormat(4, 128).to_dict(), QuantFormat(2, 128).to_dict()],
+            "formats": [IntFormat(4, 128).to_dict(), IntFormat(2, 128).to_dict()],
             "experts": {"m": [[0, 0, 0], [1, 1, 1]]},
         }
     }

@@ -5,6 +5,7 @@ import torch
 
 import moecompress
 from moecompress.errors import CheckpointError
+from moecompress.formats import IntFormat, pack, ternary_format
 from moecompress.io.interop import (
     checkpoint_projection_names,
     export_interop,
@@ -12,8 +13,6 @@ from moecompress.io.interop import (
     to_gptq_v1,
     uniform_format,
 )
-from moecompress.quant.packing import pack
-from moecompress.quant.qtensor import QuantFormat
 from moecompress.quant.rtn import quantize_rtn
 
 from ..conftest import CALIB, require_shared
@@ -21,7 +20,7 @@ from ..conftest import CALIB, require_shared
 
 def _packed(bits: int, sym: bool, group: int, shape=(64, 256)):
     weight = torch.randn(*shape)
-    qt = quantize_rtn(weight, QuantFormat(bits, group, sym))
+    qt = quantize_rtn(weight, IntFormat(bits, group, sym))
     return pack(qt), qt.dequantize(torch.float32)
 
 
@@ -34,7 +33,11 @@ def test_compressed_tensors_decompressor_reads_the_export_exactly(bits, sym, gro
 
     packed, dense = _packed(bits, sym, group)
     tensors = to_compressed_tensors(
-        packed.weight_packed, packed.weight_scale, packed.weight_zero_point, packed.shape, packed.fmt
+        packed.tensors["weight_packed"],
+        packed.tensors["weight_scale"],
+        packed.tensors["weight_zero_point"],
+        packed.shape,
+        packed.fmt,
     )
     assert ("weight_zero_point" in tensors) == (not sym)
     args = QuantizationArgs(
@@ -68,9 +71,15 @@ def _gptq_v1_reference_dequant(t: dict, bits: int) -> torch.Tensor:
 @pytest.mark.parametrize("sym", [True, False])
 def test_gptq_v1_export_decodes_like_autogptq(bits, sym):
     packed, dense = _packed(bits, sym, 128)
-    if int(packed.weight_zero_point.min()) == 0:
+    if int(packed.tensors["weight_zero_point"].min()) == 0:
         pytest.skip("zero point 0 is not representable in GPTQ v1 (tested separately)")
-    tensors = to_gptq_v1(packed.weight_packed, packed.weight_scale, packed.weight_zero_point, packed.shape, packed.fmt)
+    tensors = to_gptq_v1(
+        packed.tensors["weight_packed"],
+        packed.tensors["weight_scale"],
+        packed.tensors["weight_zero_point"],
+        packed.shape,
+        packed.fmt,
+    )
     assert tensors["qweight"].shape == (256 * bits // 32, 64) and tensors["qweight"].dtype == torch.int32
     assert tensors["qzeros"].shape == (2, 64 * bits // 32) and tensors["scales"].shape == (2, 64)
     assert torch.equal(_gptq_v1_reference_dequant(tensors, bits), dense)
@@ -81,22 +90,20 @@ def test_gptq_v1_export_decodes_like_autogptq(bits, sym):
 
 def test_gptq_v1_refuses_a_zero_point_of_zero():
     packed, _ = _packed(4, False, 128)
-    zeros = packed.weight_zero_point.clone()
+    zeros = packed.tensors["weight_zero_point"].clone()
     zeros[0, 0] = 0
     with pytest.raises(CheckpointError, match="zero point of 0"):
-        to_gptq_v1(packed.weight_packed, packed.weight_scale, zeros, packed.shape, packed.fmt)
+        to_gptq_v1(packed.tensors["weight_packed"], packed.tensors["weight_scale"], zeros, packed.shape, packed.fmt)
 
 
 def test_only_uniform_integer_checkpoints_export():
-    w4, w2 = QuantFormat(4, 128).to_dict(), QuantFormat(2, 128).to_dict()
+    w4, w2 = IntFormat(4, 128).to_dict(), IntFormat(2, 128).to_dict()
     config = {"quantization_config": {"formats": [w4, w2], "experts": {"m": [[0, 0, 0], [1, 1, 1]]}}}
     with pytest.raises(CheckpointError, match="2 formats"):
         uniform_format(config)
     config["quantization_config"]["experts"] = {"m": [[0, 0, 0], [0, 0, 0]]}
-    assert uniform_format(config) == QuantFormat(4, 128)
-    ternary = {
-        "quantization_config": {"formats": [QuantFormat.make_ternary().to_dict()], "experts": {"m": [[0, 0, 0]]}}
-    }
+    assert uniform_format(config) == IntFormat(4, 128)
+    ternary = {"quantization_config": {"formats": [ternary_format().to_dict()], "experts": {"m": [[0, 0, 0]]}}}
     with pytest.raises(CheckpointError, match="ternary"):
         uniform_format(ternary)
     with pytest.raises(CheckpointError, match="dynamic expert skipping"):
@@ -180,7 +187,7 @@ def test_mixed_precision_export_is_refused_before_writing(compressed_tiny_text, 
     _, out = compressed_tiny_text
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
-    qc["formats"].append(QuantFormat(2, 128).to_dict())
+    qc["formats"].append(IntFormat(2, 128).to_dict())
     first = next(iter(qc["experts"]))
     qc["experts"][first][0] = [1, 1, 1]
     with pytest.raises(CheckpointError, match="--format moecompress"):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from moecompress.formats import IntFormat
 from moecompress.merge.factored import (
     candidate_errors,
     delta_spectrum,
@@ -11,7 +12,6 @@ from moecompress.merge.factored import (
     whitening,
 )
 from moecompress.quant.gptq import quantize_gptq
-from moecompress.quant.qtensor import QuantFormat
 from moecompress.quant.rtn import quantize_rtn
 
 
@@ -59,7 +59,7 @@ def test_candidate_error_estimates_track_the_measured_output_error_of_rounded_fa
     """The allocator's cost of (rank, format) against the output error actually measured with both factors
     rounded to nearest at that rank, whitened and plain; within 25 % (first-order estimate, diagonal Gram)."""
     x, w, delta = _case()
-    fmts = [QuantFormat(2, 32), QuantFormat(4, 32), QuantFormat(8, 32)]
+    fmts = [IntFormat(2, 32), IntFormat(4, 32), IntFormat(8, 32)]
     ranks = [4, 8, 16, 32]
     for gram in (x.T @ x, None):
         lower = whitening(gram) if gram is not None else None
@@ -83,7 +83,7 @@ def test_quantized_delta_refits_its_output_factor_and_beats_rounding_both_factor
     gram = x.T @ x
     spec = delta_spectrum(delta, w, whitening(gram), 48)
     gains = []
-    for r, fmt in ((8, QuantFormat(2, 32)), (16, QuantFormat(3, 32)), (32, QuantFormat(2, 32))):
+    for r, fmt in ((8, IntFormat(2, 32)), (16, IntFormat(3, 32)), (32, IntFormat(2, 32))):
         lora_a, lora_b = quantize_delta(delta, spec, r, fmt, gram, lambda m, h, f: quantize_gptq(m, h, f))
         assert lora_a.shape == (r, 64) and lora_b.shape == (48, r)
         ours = lora_b.dequantize().double() @ lora_a.dequantize().double() - delta
@@ -91,7 +91,7 @@ def test_quantized_delta_refits_its_output_factor_and_beats_rounding_both_factor
         b = quantize_rtn(spec.right[:r].float(), fmt).dequantize().double()
         gains.append(float((x @ ours.T).norm() / (x @ (a @ b - delta).T).norm()))
     assert max(gains) < 1.02 and min(gains) < 0.9, gains
-    lora_a, lora_b = quantize_delta(delta, spec, 48, QuantFormat(8, 32), gram, lambda m, h, f: quantize_gptq(m, h, f))
+    lora_a, lora_b = quantize_delta(delta, spec, 48, IntFormat(8, 32), gram, lambda m, h, f: quantize_gptq(m, h, f))
     error = lora_b.dequantize().double() @ lora_a.dequantize().double() - delta
     assert float((x @ error.T).pow(2).sum() / (x @ delta.T).pow(2).sum()) < 1e-3
 
@@ -100,7 +100,7 @@ def test_dense_errors_are_the_output_errors_of_the_rounded_delta():
     x, w, delta = _case()
     gram = x.T @ x
     lower = whitening(gram, damp=0.0)
-    fmts = [QuantFormat(2, 32), QuantFormat(8, 32)]
+    fmts = [IntFormat(2, 32), IntFormat(8, 32)]
     errors = dense_errors(delta, fmts, lower)
     for fmt, error in zip(fmts, errors.tolist()):
         rounded = quantize_rtn(delta.float(), fmt).dequantize().double()

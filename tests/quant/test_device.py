@@ -5,12 +5,11 @@ tensor, and mixing it with the CPU inputs raises or puts the result on the wrong
 import pytest
 import torch
 
+from moecompress.formats import IntFormat, pack, ternary_format, unpack
 from moecompress.quant.gptq import quantize_gptq_shared
-from moecompress.quant.packing import pack, unpack
-from moecompress.quant.qtensor import QuantFormat
 from moecompress.quant.rtn import quantize_rtn
 
-FORMATS = [QuantFormat(2, 32), QuantFormat(3, 32, sym=True), QuantFormat(4, 32), QuantFormat.make_ternary(32, "base3")]
+FORMATS = [IntFormat(2, 32), IntFormat(3, 32, sym=True), IntFormat(4, 32), ternary_format(32, "base3")]
 
 
 def _same(a, b):
@@ -30,7 +29,7 @@ def test_gptq_makes_its_tensors_on_the_inputs_device(act_order):
         _same(a, b)
 
 
-@pytest.mark.parametrize("fmt", [*FORMATS, QuantFormat.make_ternary(32, "bits")], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", [*FORMATS, ternary_format(32, "bits")], ids=lambda f: f.name)
 def test_rtn_and_packing_make_their_tensors_on_the_inputs_device(fmt):
     w = torch.randn(24, 100)
     expected = quantize_rtn(w, fmt)
@@ -39,5 +38,5 @@ def test_rtn_and_packing_make_their_tensors_on_the_inputs_device(fmt):
         packed = pack(got)
         back = unpack(packed)
     _same(got, expected)
-    assert packed.weight_packed.device == torch.device("cpu")
+    assert packed.tensors["weight_packed"].device == torch.device("cpu")
     assert torch.equal(back.codes, expected.codes)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from moecompress.quant.packing import pack, pack_codes, packed_words, unpack, unpack_codes
-from moecompress.quant.qtensor import QuantFormat
+from moecompress.formats import IntFormat, pack, unpack
+from moecompress.formats.bitpack import pack_codes, packed_words, unpack_codes
 from moecompress.quant.rtn import quantize_rtn
 
 
@@ -24,7 +24,7 @@ def test_packed_size_is_bits_per_weight(bits):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_packed_tensor_round_trip_dequantizes_identically(bits):
     w = torch.randn(64, 300)
-    qt = quantize_rtn(w, QuantFormat(bits, 128))
+    qt = quantize_rtn(w, IntFormat(bits, 128))
     back = unpack(pack(qt))
     assert (
         torch.equal(back.codes, qt.codes) and torch.equal(back.scales, qt.scales) and torch.equal(back.zeros, qt.zeros)

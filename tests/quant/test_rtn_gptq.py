@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from moecompress.errors import MoECompressError
+from moecompress.formats import IntFormat, QTensor, QuantFormat, ternary_format
 from moecompress.quant.gptq import hessian_weighted_error, quantize_gptq, quantize_gptq_shared
-from moecompress.quant.qtensor import QTensor, QuantFormat
-from moecompress.quant.rtn import compute_qparams, quantize_rtn
+from moecompress.quant.rtn import quantize_rtn
 
 
 def correlated_inputs(n: int, k: int) -> torch.Tensor:
@@ -16,7 +16,7 @@ def correlated_inputs(n: int, k: int) -> torch.Tensor:
 @pytest.mark.parametrize("sym", [False, True])
 def test_rtn_error_is_half_a_step_except_at_the_clipped_range_ends(bits, sym):
     w = torch.randn(32, 256)
-    qt = quantize_rtn(w, QuantFormat(bits, 128, sym))
+    qt = quantize_rtn(w, IntFormat(bits, 128, sym))
     step = qt.scales.float().repeat_interleave(128, dim=1)
     err = (w - qt.dequantize()).abs()
     assert (err <= step + 1e-6).all()
@@ -31,7 +31,7 @@ def test_gptq_beats_rtn_on_the_output_error(bits, act_order):
     w = torch.randn(64, 256)
     x = correlated_inputs(2048, 256)
     h = x.T @ x
-    fmt = QuantFormat(bits, 128)
+    fmt = IntFormat(bits, 128)
     err_rtn = hessian_weighted_error(w, quantize_rtn(w, fmt).dequantize(), h)
     err_gptq = hessian_weighted_error(w, quantize_gptq(w, h, fmt, act_order=act_order).dequantize(), h)
     assert err_gptq < (0.6 if act_order else 0.9) * err_rtn
@@ -40,14 +40,14 @@ def test_gptq_beats_rtn_on_the_output_error(bits, act_order):
 def test_gptq_handles_a_rank_deficient_hessian():
     w = torch.randn(16, 128)
     x = torch.randn(20, 128)  # 20 tokens < 128 features
-    qt = quantize_gptq(w, x.T @ x, QuantFormat(4, 128))
+    qt = quantize_gptq(w, x.T @ x, IntFormat(4, 128))
     assert torch.isfinite(qt.dequantize()).all()
 
 
 def test_gptq_rejects_a_nan_hessian():
     h = torch.full((8, 8), float("nan"))
     with pytest.raises(MoECompressError, match="calibration"):
-        quantize_gptq(torch.randn(4, 8), h, QuantFormat(4, -1))
+        quantize_gptq(torch.randn(4, 8), h, IntFormat(4, -1))
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -59,8 +59,8 @@ def test_gptq_in_several_formats_at_once_gives_each_format_its_own_codes(act_ord
     x = correlated_inputs(1024, 192)
     x[:, 5] = 0
     h = x.T @ x
-    formats = [QuantFormat(b, 64, sym) for b in (2, 3, 4, 8) for sym in (False, True)]
-    formats.append(QuantFormat.make_ternary(64, "base3"))
+    formats = [IntFormat(b, 64, sym) for b in (2, 3, 4, 8) for sym in (False, True)]
+    formats.append(ternary_format(64, "base3"))
     together = quantize_gptq_shared([w] * len(formats), h, formats, act_order=act_order, clip_search=clip_search)
     for fmt, q in zip(formats, together):
         alone = quantize_gptq(w, h, fmt, act_order=act_order, clip_search=clip_search)
@@ -79,7 +79,7 @@ def _textbook_gptq(w: torch.Tensor, h: torch.Tensor, fmt: QuantFormat, damp: flo
     codes = torch.empty_like(W)
     for i in range(W.shape[1]):
         if i % fmt.group_size == 0:
-            scale, zero = (t.double() for t in compute_qparams(W[:, i : i + fmt.group_size], fmt))
+            scale, zero = (t.double() for t in fmt.group_params(W[:, i : i + fmt.group_size]))
         codes[:, i] = torch.clamp(torch.round(W[:, i] / scale) + zero, 0, fmt.maxq)
         err = (W[:, i] - (codes[:, i] - zero) * scale) / U[i, i]
         W[:, i:] -= err[:, None] * U[i, i:][None, :]
@@ -93,7 +93,7 @@ def test_gptq_matches_the_textbook_algorithm_in_float64(block_size):
     w = torch.randn(64, 320)
     x = correlated_inputs(1536, 320)
     h = x.T @ x
-    fmt = QuantFormat(3, 32)
+    fmt = IntFormat(3, 32)
     ours = quantize_gptq(w, h, fmt, block_size=block_size)
     reference = _textbook_gptq(w, h, fmt)
     assert (ours.codes.double() != reference).double().mean() < 1e-3
@@ -109,7 +109,7 @@ def test_gptq_of_matrices_sharing_a_hessian_equals_one_call_each():
     x = correlated_inputs(1024, 128)
     h = x.T @ x
     gate, up = torch.randn(40, 128), torch.randn(24, 128) * 3
-    formats = [QuantFormat(4, 32), QuantFormat(2, 32, sym=True)]
+    formats = [IntFormat(4, 32), IntFormat(2, 32, sym=True)]
     for w, fmt, q in zip([gate, up], formats, quantize_gptq_shared([gate, up], h, formats)):
         alone = quantize_gptq(w, h, fmt)
         assert q.codes.shape == w.shape and torch.equal(q.codes, alone.codes)
@@ -120,4 +120,4 @@ def test_gptq_in_several_formats_needs_one_group_size():
     h = torch.eye(64)
     with pytest.raises(ValueError, match="group size"):
         w = torch.randn(4, 64)
-        quantize_gptq_shared([w, w], h, [QuantFormat(4, 32), QuantFormat(4, 64)])
+        quantize_gptq_shared([w, w], h, [IntFormat(4, 32), IntFormat(4, 64)])

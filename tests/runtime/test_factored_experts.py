@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from moecompress.formats import IntFormat, pack
 from moecompress.models.base import PROJECTIONS, GatedActivation
-from moecompress.quant.packing import pack
-from moecompress.quant.qtensor import QuantFormat
 from moecompress.quant.rtn import quantize_rtn
 from moecompress.runtime import native
 from moecompress.runtime.factored_experts import DENSE, FactoredExperts
@@ -19,7 +18,7 @@ SHAPES = {"gate_proj": (INTER, H), "up_proj": (INTER, H), "down_proj": (H, INTER
 
 def _factored(ranks: list[dict[str, int]], base: bool = True) -> FactoredExperts:
     """Random packed base (or none) and deltas; rank -1: a dense delta."""
-    fmts = [QuantFormat(4, 16), QuantFormat(2, 32), QuantFormat(3, -1), QuantFormat(8, 16)]
+    fmts = [IntFormat(4, 16), IntFormat(2, 32), IntFormat(3, -1), IntFormat(8, 16)]
     deltas = [
         {
             p: (r[p], fmts[(e + k) % 4], fmts[(e + k + 1) % 4] if r[p] > 0 else None) if r[p] else (0, None, None)
@@ -27,11 +26,11 @@ def _factored(ranks: list[dict[str, int]], base: bool = True) -> FactoredExperts
         }
         for e, r in enumerate(ranks)
     ]
-    base_formats = {p: QuantFormat(4, 16) for p in PROJECTIONS} if base else None
+    base_formats = {p: IntFormat(4, 16) for p in PROJECTIONS} if base else None
     module = FactoredExperts(H, INTER, base_formats, deltas, GatedActivation(nn.SiLU()))
     for p in PROJECTIONS:
         if base:
-            getattr(module.base, p).load_packed(pack(quantize_rtn(torch.randn(SHAPES[p]), QuantFormat(4, 16))))
+            getattr(module.base, p).load_packed(pack(quantize_rtn(torch.randn(SHAPES[p]), IntFormat(4, 16))))
         for e, d in enumerate(deltas):
             r, fa, fb = d[p]
             if r == DENSE:

@@ -71,7 +71,7 @@ def test_triton_grouped_moe_matches_float64_for_mixed_formats(tokens):
 
 def test_triton_grouped_gemm_of_one_projection_per_format():
     """21 input columns (a partial byte and a partial group) and 5 rows, every format on its own."""
-    from moecompress.quant.packing import pack
+    from moecompress.formats import pack
     from moecompress.quant.rtn import quantize_rtn
     from moecompress.runtime.packed_experts import PackedLinear
 

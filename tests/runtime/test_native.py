@@ -5,26 +5,25 @@ import logging
 import pytest
 import torch
 
+from moecompress.formats import IntFormat, QuantFormat, pack, ternary_format
 from moecompress.models.base import PROJECTIONS
-from moecompress.quant.packing import pack
-from moecompress.quant.qtensor import QuantFormat
 from moecompress.quant.rtn import quantize_rtn
 from moecompress.runtime import native
 from moecompress.runtime.packed_experts import ExpertList, PackedExperts, PackedLinear
 
 FORMATS = [
-    QuantFormat(2, 32),
-    QuantFormat(2, 128, True),
-    QuantFormat(3, 64),
-    QuantFormat(3, -1, True),
-    QuantFormat(4, 128),
-    QuantFormat(4, 32, True),
-    QuantFormat(4, 100),
-    QuantFormat(8, 64),
-    QuantFormat(8, -1, True),
-    QuantFormat.make_ternary(128, "bits"),
-    QuantFormat.make_ternary(-1, "base3"),
-    QuantFormat.make_ternary(0, "base3"),
+    IntFormat(2, 32),
+    IntFormat(2, 128, True),
+    IntFormat(3, 64),
+    IntFormat(3, -1, True),
+    IntFormat(4, 128),
+    IntFormat(4, 32, True),
+    IntFormat(4, 100),
+    IntFormat(8, 64),
+    IntFormat(8, -1, True),
+    ternary_format(128, "bits"),
+    ternary_format(-1, "base3"),
+    ternary_format(0, "base3"),
 ]
 
 
@@ -44,7 +43,7 @@ def int8_kernels() -> bool:
 @pytest.fixture(autouse=True, params=["widest", "avx2", "avx2-no-vnni", "portable"])
 def _kernels(request, monkeypatch):
     """Every test on the widest ISA this CPU has, again with AVX-512 turned off (the AVX2 code, with and without
-    AVX-VNNI), and on the portable path, whose decoding is the CUDA kernels' (cuda/csrc/common/decode.h)."""
+    AVX-VNNI), and on the portable path, whose decoding is the CUDA kernels' (csrc/common/decode.h)."""
     if native.library() is None:
         pytest.skip(f"native kernels unavailable here: {native.kernel_name()}")
     if request.param.startswith("avx2"):
@@ -79,9 +78,7 @@ def test_gemv_matches_the_float64_reference_of_the_packed_weight(fmt, shape, tok
     assert rel_err(native.packed_linear(linear, x), reference) < 1e-5
 
 
-@pytest.mark.parametrize(
-    "fmt", FORMATS + [QuantFormat(4, 16), QuantFormat(2, 16), QuantFormat(3, 256)], ids=lambda f: f.name
-)
+@pytest.mark.parametrize("fmt", FORMATS + [IntFormat(4, 16), IntFormat(2, 16), IntFormat(3, 256)], ids=lambda f: f.name)
 @pytest.mark.parametrize("shape", [(37, 200), (64, 768), (5, 21)])
 @pytest.mark.parametrize("tokens", [1, 5, 11])
 def test_int8_gemv_is_exact_for_its_rounded_activations(fmt, shape, tokens):

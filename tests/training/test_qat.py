@@ -5,11 +5,10 @@ import torch
 
 from moecompress.calibration.data import CalibrationBatch
 from moecompress.errors import CheckpointError, RecipeError
+from moecompress.formats import pack, ternary_format
 from moecompress.models import get_adapter
 from moecompress.models.base import PROJECTIONS
 from moecompress.quant.experts import ExpertQuantReport, install_packed_experts
-from moecompress.quant.packing import pack
-from moecompress.quant.qtensor import QuantFormat
 from moecompress.quant.rtn import quantize_rtn
 from moecompress.runtime import PackedExperts, native
 from moecompress.runtime.packed_experts import ExpertList
@@ -17,7 +16,7 @@ from moecompress.training.qat import QATExperts, RecoveryConfig, recover_quantiz
 
 from ..models.tiny_models import tiny_model
 
-TERNARY = QuantFormat.make_ternary(16)
+TERNARY = ternary_format(16)
 
 
 def ternary_student(teacher):

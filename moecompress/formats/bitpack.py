@@ -1,4 +1,6 @@
-"""Bit packing of integer codes: a dense LSB-first bit stream along K per output row.
+"""Bit packing of integer codes, as pure functions (the formats of this package choose which one they store).
+
+A dense LSB-first bit stream along K per output row:
 
 Row r of `codes` [N, K] becomes int32 words [N, ceil(K*bits/32)]; code k occupies bits
 [k*bits, (k+1)*bits) of the row's stream, low bits first, and 3-bit codes straddle words.
@@ -11,11 +13,7 @@ byte j of a row holds codes 5j..5j+4 as sum(code[5j+i] * 3**i) (3**5 = 243 <= 25
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-
-from .qtensor import QTensor, QuantFormat
 
 
 def packed_words(k: int, bits: int) -> int:
@@ -84,54 +82,3 @@ def unpack_trits(packed: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"{n_bytes} bytes cannot hold {k} trits (expected {-(-k // TRITS_PER_BYTE)})")
     trits = (packed.to(torch.int32)[..., None] // _TRIT_POWERS.to(packed.device)) % 3
     return trits.reshape(n, -1)[:, :k].to(torch.uint8)
-
-
-def packed_layout(fmt: QuantFormat, k: int) -> tuple[int, torch.dtype]:
-    """(columns, dtype) of `weight_packed` for rows of `k` codes."""
-    if fmt.packing == "base3":
-        return -(-k // TRITS_PER_BYTE), torch.uint8
-    return packed_words(k, fmt.bits), torch.int32
-
-
-def packed_nbytes(fmt: QuantFormat, out_features: int, in_features: int) -> int:
-    """Bytes of a packed [out, in] matrix: codes, fp16 scales and (integer formats) uint8 zero points."""
-    columns, dtype = packed_layout(fmt, in_features)
-    groups = fmt.groups(in_features)
-    zeros = 0 if fmt.ternary else out_features * groups
-    return out_features * columns * dtype.itemsize + 2 * fmt.scale_rows(out_features) * groups + zeros
-
-
-@dataclass
-class PackedTensor:
-    """On-disk form of a QTensor: `weight_packed` (int32 words, or uint8 for base-3 ternary),
-    `weight_scale` fp16 and `weight_zero_point` uint8 (None for ternary: the zero is always 1)."""
-
-    weight_packed: torch.Tensor
-    weight_scale: torch.Tensor
-    weight_zero_point: torch.Tensor | None
-    shape: tuple[int, int]
-    fmt: QuantFormat
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"weight_packed": self.weight_packed, "weight_scale": self.weight_scale}
-        if self.weight_zero_point is not None:
-            tensors["weight_zero_point"] = self.weight_zero_point
-        return tensors
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-
-def pack(qt: QTensor) -> PackedTensor:
-    fmt = qt.fmt
-    codes = pack_trits(qt.codes) if fmt.packing == "base3" else pack_codes(qt.codes, fmt.bits)
-    zeros = None if fmt.ternary else qt.zeros.contiguous()
-    return PackedTensor(codes, qt.scales.contiguous(), zeros, qt.shape, fmt)
-
-
-def unpack(pt: PackedTensor) -> QTensor:
-    fmt, k = pt.fmt, pt.shape[1]
-    codes = unpack_trits(pt.weight_packed, k) if fmt.packing == "base3" else unpack_codes(pt.weight_packed, fmt.bits, k)
-    zeros = torch.ones_like(pt.weight_scale, dtype=torch.uint8) if fmt.ternary else pt.weight_zero_point
-    return QTensor(codes, pt.weight_scale, zeros, fmt)

@@ -222,6 +222,16 @@ int moe_cpu_isa() { return has_q8() ? 4 : has_avx512() ? 3 : has_avx2() ? 2 : 1;
 // 1 where this CPU runs projection `d` with int8 activations.
 int moe_q8_fits(const ProjDesc* d) { return q8_fits(*d) ? 1 : 0; }
 
+// sizeof(ProjDesc), then the offset of each field in declaration order (kProjDescFields of them): runtime/native.py
+// refuses a library whose layout differs from its ctypes mirror.
+void moe_proj_desc_layout(int64_t* out) {
+    int i = 0;
+    out[i++] = (int64_t)sizeof(ProjDesc);
+#define MOE_OFFSET(field) out[i++] = (int64_t)offsetof(ProjDesc, field);
+    MOE_PROJ_DESC_FIELDS(MOE_OFFSET)
+#undef MOE_OFFSET
+}
+
 // y[T, out] = x[T, in] W^T (+ bias) for one packed projection, any T; int8 activations where `q8` and the format
 // allows.
 void moe_packed_linear(const ProjDesc* d, const float* x, int64_t T, int32_t q8, float* y) {

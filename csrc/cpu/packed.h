@@ -1,6 +1,5 @@
-// Shared declarations of the CPU expert kernels: the projection descriptor (one packed weight as stored by
-// moecompress, docs/FORMAT.md), scalar code access, run-time ISA checks, and the entry points each source
-// file gives the others.
+// Shared declarations of the CPU expert kernels: scalar code access, run-time ISA checks, and the entry points
+// each source file gives the others; the projection descriptor is common/proj_desc.h.
 //
 // A packed row is a little-endian bit stream of `bits`-wide codes (2, 3, 4 or 8 bits; ternary formats use
 // 2-bit codes, base-3 rows are repacked to 2-bit codes once at load by the caller), with fp16 scales and
@@ -14,24 +13,7 @@
 #include <string.h>
 
 #include "../common/decode.h"
-
-extern "C" {
-
-struct ProjDesc {
-    const uint8_t* packed;    // row-major rows of `row_bytes` bytes
-    const uint16_t* scale;    // fp16 [scale_rows, groups]
-    const uint8_t* zero;      // uint8 [out, groups], or null: fixed zero `fixed_zero`
-    int64_t row_bytes;
-    int32_t out_features, in_features;
-    int32_t bits, group;      // group: columns per scale (in_features for one group per row / tensor)
-    int32_t groups, scale_rows;  // scale_rows: out_features, or 1 (one scale per tensor)
-    int32_t fixed_zero;
-    int32_t pad_;
-    const float* bias;        // float32 [out_features] added to the outputs, or null
-};
-static_assert(sizeof(ProjDesc) == 72, "ProjDesc: keep the layout of runtime/native.py and cuda/moe_gemv.cu");
-
-}  // extern "C"
+#include "../common/proj_desc.h"
 
 namespace moecpu {
 

@@ -16,20 +16,7 @@
 #include <stdint.h>
 
 #include "../common/decode.h"
-
-struct ProjDesc {             // the layout of cuda/csrc/cpu/packed.h, device pointers
-    const uint8_t* packed;    // rows of row_bytes bytes (32-bit words)
-    const uint16_t* scale;    // fp16 [scale_rows, groups]
-    const uint8_t* zero;      // uint8 [out, groups], or null: fixed zero `fixed_zero`
-    int64_t row_bytes;
-    int32_t out_features, in_features;
-    int32_t bits, group;
-    int32_t groups, scale_rows;
-    int32_t fixed_zero;
-    int32_t pad_;
-    const float* bias;        // null here: the CUDA paths take bias-free experts
-};
-static_assert(sizeof(ProjDesc) == 72, "ProjDesc: keep the layout of runtime/native.py and cpu/packed.h");
+#include "../common/proj_desc.h"
 
 namespace {
 

@@ -1,0 +1,10 @@
+"""The kernel sources (`csrc/`) ship inside the package as `moecompress/csrc`, in the wheel and the sdist; they are
+compiled on first use into a cache (`moecompress/runtime/native.py`), so building needs no compiler and no torch."""
+
+from setuptools import find_packages, setup
+
+setup(
+    packages=[*find_packages(include=["moecompress", "moecompress.*"]), "moecompress.csrc"],
+    package_dir={"moecompress.csrc": "csrc"},
+    package_data={"moecompress.csrc": ["*/*.h", "*/*.cpp", "*/*.cu"]},
+)
