@@ -44,7 +44,7 @@ def run_recipe(tree: Path, recipe: Path, out: Path) -> float:
     cmd += ["--recipe", str(recipe), "-o", str(out), "--overwrite"] + (["--trust-remote-code"] if vl else [])
     env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
@@ -52,7 +52,10 @@ def compare(a_path: str, b_path: str) -> int:
     a, b = json.loads(Path(a_path).read_text()), json.loads(Path(b_path).read_text())
     bad = 0
     for recipe in sorted(set(a) | set(b)):
-        ta, tb = a.get(recipe, {}), b.get(recipe, {})
+        if recipe not in a or recipe not in b:
+            print(f"{recipe:24s} only in {a_path if recipe in a else b_path}")
+            continue
+        ta, tb = a[recipe], b[recipe]
         diff = sorted(k for k in set(ta) | set(tb) if ta.get(k) != tb.get(k))
         bad += bool(diff)
         print(f"{recipe:24s} {len(tb):5d} tensors  " + ("identical" if not diff else f"DIFFER: {diff[:5]}"))

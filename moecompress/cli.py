@@ -212,7 +212,7 @@ def cmd_plan(args) -> dict:
 def cmd_analyze(args) -> dict:
     from .analysis.importance import write_analysis
     from .calibration.batches import activation_holding, calibration_batches
-    from .calibration.engine import collect_expert_stats
+    from .calibration.engine import Walk, collect_expert_stats
     from .io.outputs import atomic_folder, claim_output
 
     recipe = _recipe_with_overrides(args)
@@ -226,10 +226,8 @@ def cmd_analyze(args) -> dict:
                 loaded.adapter,
                 batches,
                 args.model,
-                layers_from=loaded,
                 measure_drop_loss=not args.no_drop_loss,
-                device=recipe.device,
-                activations=holding,
+                walk=Walk(recipe.device, desc="analyze", layers_from=loaded, activations=holding),
             )
         with atomic_folder(args.output, [args.model], args.overwrite, kind="analysis") as tmp:
             files = sorted(p.name for p in write_analysis(stats, tmp).iterdir())

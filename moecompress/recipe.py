@@ -20,15 +20,13 @@ from .errors import RecipeError
 from .formats import (
     FORMATS,
     SUPPORTED_BITS,
-    TERNARY,
     TERNARY_SCALE_METHODS,
-    QuantFormat,
-    ternary_format,
     ternary_packings,
 )
 from .merge.apply import MergeConfig
 from .merge.factor_layer import FactorConfig
-from .quant.experts import RARE_POLICIES
+from .quant.config import RARE_POLICIES, QuantizationConfig
+from .quant.methods import QUANTIZERS
 from .slim.staged import SlimConfig
 from .training.qat import QAT_INITS, RecoveryConfig
 
@@ -44,42 +42,6 @@ class CalibrationConfig:
     seed: int = 0
     activation_dtype: str = "float32"  # calibration activations held between layers; bfloat16 halves them
     offload_activations: bool = False  # hold them on disk (state folder, else $TMPDIR), one batch in memory at a time
-
-
-@dataclass
-class RareExpertConfig:
-    policy: str = "pool"
-    min_tokens: int = 256
-
-
-@dataclass
-class QuantizationConfig:
-    """Routed-expert quantization. `ternary: true` quantizes every expert to {-1, 0, 1} x scale instead of
-    `bits` (group_size 0 = one scale per tensor, -1 = per output channel); ternary is also an allocation
-    candidate, with the same ternary_* settings."""
-
-    method: str = "gptq"
-    packed_format: str = "int"  # the format family of the integer widths (`moecompress.formats.FORMATS`)
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
-    damp: float = 0.01
-    act_order: bool = False
-    clip_search: bool = False
-    ternary: bool = False
-    ternary_packing: str = "base3"
-    ternary_scale: str = "lsq"
-    rare_experts: RareExpertConfig = field(default_factory=RareExpertConfig)
-
-    @property
-    def format(self) -> QuantFormat:
-        return self.format_for(TERNARY if self.ternary else self.bits)
-
-    def format_for(self, key: int | str) -> QuantFormat:
-        """The format an allocation candidate key (a bit width or "ternary") stands for."""
-        if key == TERNARY:
-            return ternary_format(self.group_size, self.ternary_packing)
-        return FORMATS[self.packed_format](int(key), self.group_size, self.sym)
 
 
 @dataclass
@@ -101,7 +63,10 @@ class Recipe:
         q = self.quantization
         calibration_problem = window_counts_problem(self.calibration, "calibration")
         checks = [
-            (q.method in ("gptq", "rtn", "none"), f"quantization.method '{q.method}': use gptq, rtn or none"),
+            (
+                q.method in (*QUANTIZERS, "none"),
+                f"quantization.method '{q.method}': use one of {[*QUANTIZERS, 'none']}",
+            ),
             (q.bits in SUPPORTED_BITS, f"quantization.bits {q.bits}: use one of {list(SUPPORTED_BITS)}"),
             (
                 q.group_size >= -1 and (q.group_size != 0 or q.ternary),

@@ -20,7 +20,7 @@ from .allocation.allocate import avg_bits_for_bytes
 from .allocation.profile import ErrorProfile
 from .calibration.batches import activation_holding, training_batches
 from .calibration.data import CalibrationBatch
-from .calibration.engine import ExpertObserver, collect_expert_stats, run_layerwise
+from .calibration.engine import ExpertObserver, Walk, collect_expert_stats, run_layerwise
 from .errors import ModelLoadError, UnsupportedModelError
 from .formats import QuantFormat
 from .io.checkpoint import persistent_state
@@ -28,16 +28,10 @@ from .io.layer_store import LayerStore
 from .models import LoadedModel, MoEBlockView, get_adapter, load_model
 from .models.base import ModelAdapter
 from .models.streaming import parameter_count
-from .quant.experts import (
-    ExpertQuantReport,
-    GPTQOptions,
-    RareExpertPolicy,
-    install_packed_experts,
-    quantize_block_experts,
-    quantize_matrices,
-)
+from .quant.experts import ExpertQuantReport, quantize_block_experts, quantize_matrices
+from .quant.methods import make_quantizer
 from .recipe import Recipe
-from .runtime.packed_experts import set_dequant_cache
+from .runtime.packed_experts import install_packed_experts, set_dequant_cache
 from .training.memory import teacher_placement
 
 log = logging.getLogger(__name__)
@@ -109,13 +103,9 @@ class RunContext:
 
     def walk(self, stage: str, on_moe_layer, on_layer_done, resume, **options) -> None:
         """`run_layerwise` over the loaded model and the calibration batches for `stage`, each finished layer handed
-        to `on_layer_done`, from `resume` on."""
+        to `on_layer_done`, from `resume` on; `options`: the rest of the `Walk`."""
         with self.activations(stage) as holding:
-            run_layerwise(
-                self.loaded.model,
-                self.loaded.adapter,
-                self.batches,
-                on_moe_layer,
+            walk = Walk(
                 self.recipe.device,
                 progress=self.progress,
                 layers_from=self.loaded,
@@ -124,6 +114,7 @@ class RunContext:
                 activations=holding,
                 **options,
             )
+            run_layerwise(self.loaded.model, self.loaded.adapter, self.batches, on_moe_layer, walk)
 
 
 class Stage(Protocol):
@@ -219,11 +210,12 @@ class FactorStage:
                 restore_factored_experts(view, record["layout"])
                 done[str(view.key)] = record["summary"]
 
+        quantizer = make_quantizer(q)
+
         def factor_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
             def quantize(w: torch.Tensor, hessian: torch.Tensor, formats: list[QuantFormat]):
-                h = hessian if q.method == "gptq" else None
                 where = [f"layer {view.key} (factored experts)"] * len(formats)
-                return quantize_matrices([w] * len(formats), h, formats, _gptq_options(q), where)
+                return quantize_matrices([w] * len(formats), hessian, formats, quantizer, where)
 
             blocks[view.key] = factor_block(view, observer, f, q.format_for, quantize)
             return True
@@ -242,7 +234,6 @@ class FactorStage:
             factor_layer,
             layer_done,
             resume,
-            collect_hessians=True,
             desc="factor",
             balance=f.modality_weights if f.balance else None,
         )
@@ -282,9 +273,8 @@ class QuantizeStage:
         return recipe.quantization.method != "none" and not recipe.factor.enabled
 
     def run(self, ctx: RunContext) -> None:
-        q, loaded, store = ctx.recipe.quantization, ctx.loaded, ctx.store
-        gptq = _gptq_options(q)
-        rare = RareExpertPolicy(q.rare_experts.policy, q.rare_experts.min_tokens)
+        loaded, store = ctx.loaded, ctx.store
+        quantizer = make_quantizer(ctx.recipe.quantization)
         views, resume = ctx.layer_views(), ctx.resume_point()
         reports: dict[int | str, list[ExpertQuantReport]] = {}  # by block key
         packed: dict[int | str, list] = {}
@@ -294,7 +284,7 @@ class QuantizeStage:
         def quantize_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
             formats = ctx.plan.layer_formats(view.key)
             packed[view.key], reports[view.key] = quantize_block_experts(
-                view, observer, formats, q.method, gptq, rare, loaded.trim
+                view, observer, formats, quantizer, loaded.trim
             )
             return True
 
@@ -302,7 +292,7 @@ class QuantizeStage:
             blocks = views.get(index, [])
             for view in blocks:
                 if view.key in packed:
-                    install_packed_experts(view, packed.pop(view.key), reports[view.key])
+                    install_packed_experts(view, packed.pop(view.key), [r.method for r in reports[view.key]])
             formats = {v.group: _format_dicts(ctx.plan.layer_formats(v.key)) for v in blocks}
             record = {
                 "reports": [asdict(r) for v in blocks for r in reports.get(v.key, [])],
@@ -310,12 +300,8 @@ class QuantizeStage:
             }
             ctx.store_layer(index, layer, record, hidden)
 
-        ctx.walk(self.name, quantize_layer, layer_done, resume, collect_hessians=q.method == "gptq", desc="compress")
+        ctx.walk(self.name, quantize_layer, layer_done, resume, statistics=quantizer.statistics, desc="compress")
         ctx.quant_reports = [r for key in reports for r in reports[key]]  # restored layers, then the others, in order
-
-
-def _gptq_options(q) -> GPTQOptions:
-    return GPTQOptions(damp=q.damp, act_order=q.act_order, clip_search=q.clip_search, ternary_scale=q.ternary_scale)
 
 
 def _format_dicts(formats: list[dict[str, QuantFormat]]) -> list[dict[str, dict]]:
@@ -331,7 +317,7 @@ def _restore_layer(blocks: list[MoEBlockView], record: dict) -> dict[int | str, 
     for view in blocks if record["formats"] is not None else []:
         stored = record["formats"] if view.group is None else record["formats"][view.group]
         formats = [{p: QuantFormat.from_dict(f) for p, f in e.items()} for e in stored]
-        install_packed_experts(view, None, reports.get(view.key, []), formats)
+        install_packed_experts(view, None, [r.method for r in reports.get(view.key, [])], formats)
     return reports
 
 
@@ -425,11 +411,14 @@ def plan_allocation(
             batches,
             loaded.source,
             measure_drop_loss=False,
-            device=recipe.device,
-            progress=progress,
-            collectors=lambda view: [ErrorProfile(view, formats, a.profile_tokens)],
-            layers_from=loaded,
-            activations=holding,
+            walk=Walk(
+                recipe.device,
+                progress=progress,
+                desc="analyze",
+                collectors=lambda view: [ErrorProfile(view, formats, a.profile_tokens)],
+                layers_from=loaded,
+                activations=holding,
+            ),
         )
     return allocate(stats, a, integer_format), stats
 

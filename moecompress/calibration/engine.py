@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -220,25 +220,38 @@ def forward_layer(layer: nn.Module, adapter: ModelAdapter, index: int, inputs: L
     return outputs
 
 
+# What an observer can collect beyond routing counts and output norms, on request of the methods that read it:
+# "hessian": per expert the Gram of its inputs (gate/up) and of its intermediate (down), GPTQ's H;
+# "drop_loss": per expert the block-output change when it is removed from the routing (importance analysis).
+STATISTICS = ("hessian", "drop_loss")
+
+
+def check_statistics(statistics) -> frozenset[str]:
+    unknown = set(statistics) - set(STATISTICS)
+    if unknown:
+        raise ValueError(f"unknown calibration statistics {sorted(unknown)}; the observer collects {STATISTICS}")
+    return frozenset(statistics)
+
+
 class ExpertObserver:
-    """Accumulates, for one MoE block, per-expert statistics and input Hessians from the tokens the
-    router actually sends to each expert; keeps a seeded random reservoir of block inputs for experts
-    that see too few tokens."""
+    """Accumulates, for one MoE block, per-expert routing statistics from the tokens the router actually sends to
+    each expert, and the `statistics` the methods of the run asked for (`STATISTICS`); keeps a seeded random
+    reservoir of block inputs for experts that see too few tokens."""
 
     def __init__(
         self,
         view: MoEBlockView,
         total_tokens: int,
-        collect_hessians: bool = True,
-        measure_drop_loss: bool = False,
+        statistics=frozenset({"hessian"}),
         reservoir_size: int = 2048,
         seed: int = 0,
         collectors: Callable[[MoEBlockView], list] | None = None,
     ):
         self.view = view
         E, M = view.num_experts, len(MODALITIES)
-        self.collect_hessians = collect_hessians
-        self.measure_drop_loss = measure_drop_loss
+        self.statistics = check_statistics(statistics)
+        self.collect_hessians = "hessian" in self.statistics
+        self.measure_drop_loss = "drop_loss" in self.statistics
         self.tokens = torch.zeros(E, M, dtype=torch.float64)
         self.weight_sum = torch.zeros(E, M, dtype=torch.float64)
         self.output_norm_sum = torch.zeros(E, M, dtype=torch.float64)
@@ -329,14 +342,10 @@ def collect_expert_stats(
     batches: list[CalibrationBatch],
     source: str,
     measure_drop_loss: bool = True,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    collectors: Callable[[MoEBlockView], list] | None = None,
-    layers_from: LoadedModel | None = None,
-    activations: Activations | None = None,
+    walk: Walk | None = None,
 ) -> ExpertStats:
     """Calibration pass without changing the model: routing, output and drop-loss statistics per expert,
-    and whatever `collectors(view)` gather per layer (e.g. the allocator's `ErrorProfile`)."""
+    and whatever `walk.collectors(view)` gather per layer (e.g. the allocator's `ErrorProfile`)."""
     views = adapter.moe_blocks(model)
     sizes = [v.expert_params // v.num_experts for v in views]
     stats = ExpertStats.empty(source, [v.key for v in views], views[0].num_experts, views[0].top_k, sizes)
@@ -345,25 +354,44 @@ def collect_expert_stats(
         stats.record(view.key, observer)
         return False
 
-    run_layerwise(
-        model,
-        adapter,
-        batches,
-        record,
-        device,
-        collect_hessians=False,
-        measure_drop_loss=measure_drop_loss,
-        progress=progress,
-        desc="analyze",
-        observer_options={"collectors": collectors},
-        layers_from=layers_from,
-        activations=activations,
-    )
+    statistics = frozenset({"drop_loss"} if measure_drop_loss else ())
+    run_layerwise(model, adapter, batches, record, replace(walk or Walk(desc="analyze"), statistics=statistics))
     return stats
 
 
 LayerCallback = Callable[[MoEBlockView, ExpertObserver], bool]
 LayerDone = Callable[[int, nn.Module, list[torch.Tensor]], None]
+
+
+@dataclass
+class Walk:
+    """How `run_layerwise` walks the decoder.
+
+    statistics: what each MoE block's observer collects for the methods of the run (`STATISTICS`).
+    collectors: per block, extra collectors the observer feeds (e.g. the allocator's `ErrorProfile`).
+    reservoir_size: block inputs kept per layer for experts that see too few tokens.
+    layers_from: hands out the layers (a `StreamedModel` reads each from disk; default: the model's own).
+    on_layer_done(index, layer, outputs): sees every finished layer before it is released (outputs may be
+        `DiskTensors`: files that stay until two layers later).
+    resume: (first layer, its inputs): the layers before it are skipped.
+    activations: how activations are held between layers (dtype, memory or disk); each layer still computes in the
+        model's dtype.
+    keep_changes: later passes see the layers this one changed (a streamed model keeps them on disk).
+    balance: modality weights with which each observer weighs its tokens (`LayerInputs.token_weights`; default:
+        every token 1)."""
+
+    device: str | torch.device = "cpu"
+    statistics: frozenset[str] = frozenset({"hessian"})
+    progress: bool = True
+    desc: str = "layers"
+    collectors: Callable[[MoEBlockView], list] | None = None
+    reservoir_size: int = 2048
+    layers_from: LoadedModel | None = None
+    on_layer_done: LayerDone | None = None
+    resume: tuple[int, list[torch.Tensor] | DiskTensors] | None = None
+    activations: Activations | None = None
+    keep_changes: bool = False
+    balance: dict[str, float] | None = None
 
 
 @torch.no_grad()
@@ -372,48 +400,29 @@ def run_layerwise(
     adapter: ModelAdapter,
     batches: list[CalibrationBatch],
     on_moe_layer: LayerCallback,
-    device: str | torch.device = "cpu",
-    collect_hessians: bool = True,
-    measure_drop_loss: bool = False,
-    progress: bool = True,
-    desc: str = "layers",
-    observer_options: dict | None = None,
-    layers_from: LoadedModel | None = None,
-    on_layer_done: LayerDone | None = None,
-    resume: tuple[int, list[torch.Tensor] | DiskTensors] | None = None,
-    activations: Activations | None = None,
-    keep_changes: bool = False,
-    balance: dict[str, float] | None = None,
+    walk: Walk | None = None,
 ) -> None:
-    """Walk the decoder; `on_moe_layer(view, observer)` sees each MoE block after its calibration pass (each of a
-    layer's blocks, where it has one per modality) and returns True when it changed the layer (then the layer's
-    outputs are recomputed).
-    `layers_from` hands out the layers (a `StreamedModel` reads each from disk; default: `model`'s own);
-    `on_layer_done(index, layer, outputs)` sees every finished layer before it is released (outputs may be
-    `DiskTensors`: files that stay until two layers later); `resume` (first layer, its inputs) skips the layers
-    before it; `activations` says how activations are held between layers (dtype, memory or disk), each layer
-    still computing in the model's dtype; `keep_changes`: later passes see the layers this one changed (a streamed
-    model keeps them on disk); `balance`: modality weights with which each observer weighs its tokens
-    (`LayerInputs.token_weights`; default: every token 1)."""
+    """Walk the decoder as `walk` says; `on_moe_layer(view, observer)` sees each MoE block after its calibration pass
+    (each of a layer's blocks, where it has one per modality) and returns True when it changed the layer (then the
+    layer's outputs are recomputed)."""
+    walk = walk or Walk()
     with _lean_experts(model):
-        device = torch.device(device)
-        source = layers_from if layers_from is not None else LoadedModel(model, adapter, "")
+        device = torch.device(walk.device)
+        source = walk.layers_from if walk.layers_from is not None else LoadedModel(model, adapter, "")
         source.prepare_layers(device)
-        inputs = capture_layer_inputs(model, adapter, batches, device, activations)
+        inputs = capture_layer_inputs(model, adapter, batches, device, walk.activations)
         source.after_capture()
-        weights = inputs.token_weights(balance) if balance is not None else None
+        weights = inputs.token_weights(walk.balance) if walk.balance is not None else None
         first = 0
-        if resume is not None:
-            first = resume[0]
-            inputs.keep(resume[1])
+        if walk.resume is not None:
+            first = walk.resume[0]
+            inputs.keep(walk.resume[1])
         views: dict[int, list[MoEBlockView]] = {}
         for view in adapter.moe_blocks(model):
             views.setdefault(view.layer_index, []).append(view)
         count = len(adapter.decoder_layers(model))
-        options = dict(
-            collect_hessians=collect_hessians, measure_drop_loss=measure_drop_loss, **(observer_options or {})
-        )
-        for index in tqdm(range(first, count), desc=desc, disable=not progress, initial=first, total=count):
+        options = dict(statistics=walk.statistics, reservoir_size=walk.reservoir_size, collectors=walk.collectors)
+        for index in tqdm(range(first, count), desc=walk.desc, disable=not walk.progress, initial=first, total=count):
             layer = source.load_layer(index, device)
             blocks, changed = views.get(index, []), False
             if not blocks:
@@ -431,9 +440,9 @@ def run_layerwise(
                     del outputs
                     outputs = forward_layer(layer, adapter, index, inputs)
                 inputs.keep(outputs)
-            if on_layer_done is not None:
-                on_layer_done(index, layer, inputs.hidden)
-            source.release_layer(index, changed=keep_changes and changed)
+            if walk.on_layer_done is not None:
+                walk.on_layer_done(index, layer, inputs.hidden)
+            source.release_layer(index, changed=walk.keep_changes and changed)
 
 
 def _observed_forward(layer, adapter: ModelAdapter, index: int, inputs: LayerInputs, observers: list, weights=None):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..calibration.data import CalibrationBatch
-from ..calibration.engine import Activations, ExpertObserver, run_layerwise
+from ..calibration.engine import Activations, ExpertObserver, Walk, run_layerwise
 from ..errors import RecipeError
 from ..models.base import BIASES, MODALITIES, PROJECTIONS, ExpertWeights, MoEBlockView, modality_weights_problem
 from ..models.loading import LoadedModel
@@ -217,20 +217,17 @@ def reduce_experts(
         kept.append(reduction.kept)
         return True
 
-    run_layerwise(
-        loaded.model,
-        loaded.adapter,
-        batches,
-        reduce_layer,
+    walk = Walk(
         device,
-        collect_hessians=False,
+        statistics=frozenset(),
         progress=progress,
         desc=f"{config.method} experts",
-        observer_options={"reservoir_size": config.sample_tokens},
+        reservoir_size=config.sample_tokens,
         layers_from=loaded,
         keep_changes=True,
         activations=activations,
     )
+    run_layerwise(loaded.model, loaded.adapter, batches, reduce_layer, walk)
     if config.router == "shrink" or config.method == "prune":
         loaded.adapter.set_num_experts(loaded.model, kept[0])
     return reductions

@@ -6,12 +6,14 @@ compressed-tensors: `experts.{e}.{gate_proj,up_proj,down_proj}.{weight_packed,we
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..formats import PackedTensor, QuantFormat, unpack
-from ..models.base import PROJECTIONS, ExpertWeights, GatedActivation
+from ..models.base import PROJECTIONS, ExpertWeights, GatedActivation, MoEBlockView
 
 _pack_epoch = 0  # bumped whenever packed weights are replaced in place
 
@@ -217,3 +219,32 @@ def set_dequant_cache(model: nn.Module, enabled: bool) -> None:
     for module in model.modules():
         if isinstance(module, ExpertList):
             module.set_cache_dequantized(enabled)
+
+
+def install_packed_experts(
+    view: MoEBlockView,
+    packed: list[dict[str, PackedTensor]] | None,
+    methods: list[str],
+    formats: list[dict[str, QuantFormat]] | None = None,
+) -> PackedExperts:
+    """Replace the block's fused experts module with a `PackedExperts` holding `packed` (and the experts' biases,
+    where the architecture has them), each expert's projections marked with the method that rounded them; with
+    `packed` None, an empty one of `formats` on the meta device (a streamed layer whose tensors are already on
+    disk)."""
+    first = view.expert_weights(0)
+    hidden, intermediate = first.down_proj.shape
+    bias = first.gate_bias is not None
+    formats = formats or [{p: t.fmt for p, t in e.items()} for e in packed]
+    with torch.device("meta") if packed is None else contextlib.nullcontext():
+        module = PackedExperts(hidden, intermediate, formats, view.activation, bias)
+    for e, (expert, method) in enumerate(zip(module, methods)):
+        weights = view.expert_weights(e) if bias and packed is not None else None
+        for proj in PROJECTIONS:
+            linear = getattr(expert, proj)
+            if packed is not None:
+                linear.load_packed(packed[e][proj])
+                if weights is not None:
+                    linear.bias.copy_(weights.bias(proj))
+            linear.method = method
+    view.block.experts = module
+    return module

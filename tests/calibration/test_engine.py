@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from moecompress.calibration.data import CalibrationBatch
-from moecompress.calibration.engine import ExpertObserver, LayerInputs, collect_expert_stats
+from moecompress.calibration.engine import ExpertObserver, LayerInputs, Walk, collect_expert_stats
 from moecompress.calibration.stats import GramSums
 from moecompress.errors import RecipeError
 from moecompress.formats import IntFormat
@@ -101,7 +101,7 @@ def test_vision_language_walk_sees_the_images(model_type):
         assert float((walked[index][0].double() - reference).norm() / reference.norm()) < 1e-5
     assert float((last.double() - real[-1].double()).norm() / real[-1].double().norm()) < 1e-5  # after the final norm
     assert float((blind[1] - real[1]).norm() / real[1].norm()) > 1e-2  # the images do change the states
-    stats = collect_expert_stats(model, adapter, [batch], "tiny", measure_drop_loss=False, progress=False)
+    stats = collect_expert_stats(model, adapter, [batch], "tiny", measure_drop_loss=False, walk=Walk(progress=False))
     images, views = int(batch.image_mask.sum()), adapter.moe_blocks(model)
     assert images == 8 + 4 * (model_type == "ernie4_5_vl_moe")  # ERNIE's vision experts take the markers too
     for row, view in enumerate(views):
@@ -184,7 +184,7 @@ def test_token_weights_count_every_source_the_same_and_split_its_modalities():
 def test_expert_stats_round_trip_and_drop_loss(tmp_path):
     model = tiny_model("qwen2_moe")
     adapter = get_adapter("qwen2_moe")
-    stats = collect_expert_stats(model, adapter, batches(), "tiny-qwen2-moe", progress=False)
+    stats = collect_expert_stats(model, adapter, batches(), "tiny-qwen2-moe", walk=Walk(progress=False))
     assert stats.tokens.shape == (2, 8, 3)  # text, image, audio
     assert torch.allclose(stats.frequency.sum(1)[:, 0], torch.full((2,), 2.0, dtype=torch.float64))
     routed = stats.tokens.sum(-1) > 0
@@ -206,7 +206,7 @@ def test_error_profile_is_the_block_output_error_of_rtn():
     from moecompress.allocation.profile import ErrorProfile
 
     profile = ErrorProfile(view, [fmt])
-    observer = ExpertObserver(view, total_tokens=200, collect_hessians=False, collectors=lambda v: [profile])
+    observer = ExpertObserver(view, total_tokens=200, statistics=(), collectors=lambda v: [profile])
     x = torch.randn(200, 64)
     observer.observe(x, torch.zeros(200, dtype=torch.bool))
     weights, indices = view.route(x)
@@ -277,7 +277,7 @@ def test_audio_tokens_are_a_third_modality():
         reference = real[index + 1].double()
         assert float((walked[index][0].double() - reference).norm() / reference.norm()) < 1e-5
     assert float((deaf[1] - real[1]).norm() / real[1].norm()) > 1e-2
-    stats = collect_expert_stats(model, adapter, [batch], "tiny", measure_drop_loss=False, progress=False)
+    stats = collect_expert_stats(model, adapter, [batch], "tiny", measure_drop_loss=False, walk=Walk(progress=False))
     assert stats.modalities == ("text", "image", "audio")
     top_k = adapter.moe_blocks(model)[0].top_k
     assert stats.tokens[:, :, 2].sum(1).tolist() == [26 * top_k] * stats.tokens.shape[0]

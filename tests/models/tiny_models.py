@@ -296,15 +296,9 @@ def routed_by_hand(view, x: torch.Tensor, indices: torch.Tensor, weights: torch.
 
 def walked_states(model, adapter, batches) -> dict[int, list[torch.Tensor]]:
     """Per decoder layer, the hidden states leaving it in the layer-wise calibration engine (nothing compressed)."""
-    from moecompress.calibration.engine import run_layerwise
+    from moecompress.calibration.engine import Walk, run_layerwise
 
     walked = {}
-    run_layerwise(
-        model,
-        adapter,
-        batches,
-        lambda view, observer: False,
-        progress=False,
-        on_layer_done=lambda index, layer, hidden: walked.update({index: list(hidden)}),
-    )
+    done = lambda index, layer, hidden: walked.update({index: list(hidden)})  # noqa: E731
+    run_layerwise(model, adapter, batches, lambda view, observer: False, Walk(progress=False, on_layer_done=done))
     return walked

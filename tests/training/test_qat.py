@@ -8,10 +8,9 @@ from moecompress.errors import CheckpointError, RecipeError
 from moecompress.formats import pack, ternary_format
 from moecompress.models import get_adapter
 from moecompress.models.base import PROJECTIONS
-from moecompress.quant.experts import ExpertQuantReport, install_packed_experts
 from moecompress.quant.rtn import quantize_rtn
 from moecompress.runtime import PackedExperts, native
-from moecompress.runtime.packed_experts import ExpertList
+from moecompress.runtime.packed_experts import ExpertList, install_packed_experts
 from moecompress.training.qat import QATExperts, RecoveryConfig, recover_quantized_experts
 
 from ..models.tiny_models import tiny_model
@@ -28,9 +27,7 @@ def ternary_student(teacher):
             {p: pack(quantize_rtn(view.expert_weights(e)[p].detach(), TERNARY)) for p in PROJECTIONS}
             for e in range(view.num_experts)
         ]
-        install_packed_experts(
-            view, packed, [ExpertQuantReport(view.layer_index, e, 0, "rtn") for e in range(view.num_experts)]
-        )
+        install_packed_experts(view, packed, ["rtn"] * view.num_experts)
     return student, adapter
 
 
