@@ -64,7 +64,7 @@ def text_rows(args, tmp: Path) -> list[dict]:
         {"name": "alloc", "calibration": {"dataset": CALIB}, "allocation": {"method": "lp", "candidates": [2, 3, 4]}}
     )
     loaded = load_model(str(TEXT))
-    batches = calibration_batches(loaded, recipe)
+    batches = calibration_batches(loaded, recipe.calibration)
     start = time.perf_counter()
     _, stats = plan_allocation(loaded, recipe, batches, progress=False)
     profile_s = time.perf_counter() - start

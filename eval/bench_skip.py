@@ -47,7 +47,9 @@ def main() -> None:
     loaded = load_model(str(TEXT))
     batches = calibration_batches(
         loaded,
-        Recipe.from_dict({"calibration": {"dataset": CALIB, "num_samples": 64, "seq_len": 512, "batch_size": 4}}),
+        Recipe.from_dict(
+            {"calibration": {"dataset": CALIB, "num_samples": 64, "seq_len": 512, "batch_size": 4}}
+        ).calibration,
     )
 
     def evaluate(controller=None) -> dict:
@@ -110,7 +112,7 @@ def bench_vl(targets: list[float]) -> list[dict]:
             }
         }
     )
-    batches = calibration_batches(loaded, recipe, trust_remote_code=True)
+    batches = calibration_batches(loaded, recipe.calibration, trust_remote_code=True)
     rows = [
         {
             "config": "vl bf16 (reference)",

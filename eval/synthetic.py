@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from moecompress.io.tensorfiles import write_safetensors
+from moecompress.storage.tensorfiles import write_safetensors
 
 TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "moe-tiny-text"
 

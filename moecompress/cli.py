@@ -107,7 +107,7 @@ def _record(args, kind: str, results: dict) -> dict:
 def _check_record_target(args) -> None:
     """Before any model is loaded: a --record file must be a run record (or new) in a writable folder."""
     from .evaluation.records import read_record, record_path
-    from .io.outputs import check_file_output
+    from .storage.outputs import check_file_output
 
     if args.record and not args.no_record:
         check_file_output(record_path(args.record), "--record")
@@ -155,8 +155,8 @@ def cmd_upcycle(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .errors import ModelLoadError, RecipeError
-    from .io.outputs import atomic_folder, claim_output
     from .models import read_config
+    from .storage.outputs import atomic_folder, claim_output
     from .training.upcycle import upcycle_dense_to_mote
 
     if not 1 <= args.top_k <= args.experts:
@@ -186,8 +186,8 @@ def cmd_upcycle(args) -> dict:
 
 def cmd_plan(args) -> dict:
     from .calibration.batches import calibration_batches
-    from .io.outputs import atomic_folder, claim_output
     from .stages import plan_allocation
+    from .storage.outputs import atomic_folder, claim_output
 
     recipe = _recipe_with_overrides(args)
     if recipe.allocation.method == "uniform":
@@ -195,7 +195,9 @@ def cmd_plan(args) -> dict:
         recipe.validate()
     with claim_output(args.output, [args.model], args.overwrite):
         loaded = _open_model(args)
-        plan, stats = plan_allocation(loaded, recipe, calibration_batches(loaded, recipe, args.trust_remote_code))
+        plan, stats = plan_allocation(
+            loaded, recipe, calibration_batches(loaded, recipe.calibration, args.trust_remote_code)
+        )
         with atomic_folder(args.output, [args.model], args.overwrite, kind="plan") as tmp:
             stats.save(tmp)
             plan.save(tmp / "plan.json")
@@ -213,13 +215,13 @@ def cmd_analyze(args) -> dict:
     from .analysis.importance import write_analysis
     from .calibration.batches import activation_holding, calibration_batches
     from .calibration.engine import Walk, collect_expert_stats
-    from .io.outputs import atomic_folder, claim_output
+    from .storage.outputs import atomic_folder, claim_output
 
     recipe = _recipe_with_overrides(args)
     recipe.calibration.seq_len = args.seq_len
     with claim_output(args.output, [args.model], args.overwrite):
         loaded = _open_model(args)
-        batches = calibration_batches(loaded, recipe, args.trust_remote_code)
+        batches = calibration_batches(loaded, recipe.calibration, args.trust_remote_code)
         with activation_holding(recipe.calibration) as holding:
             stats = collect_expert_stats(
                 loaded.model,
@@ -327,8 +329,8 @@ def cmd_eval_efficiency(args) -> dict:
 
 def cmd_report(args) -> dict:
     from .evaluation.records import read_record
-    from .io.outputs import atomic_folder
     from .report import write_report
+    from .storage.outputs import atomic_folder
 
     records = [read_record(r) for r in args.runs]
     base = read_record(args.base) if args.base else None
@@ -339,7 +341,7 @@ def cmd_report(args) -> dict:
 
 def cmd_export(args) -> dict:
     from .errors import RecipeError
-    from .io.hub import prepare_hub_folder, upload
+    from .hub import prepare_hub_folder, upload
     from .io.interop import export_interop
 
     output = args.output or f"{str(args.checkpoint).rstrip('/')}-{args.format}"
@@ -633,8 +635,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .io.outputs import check_file_output, write_text_atomic
     from .models.registry import load_plugin
+    from .storage.outputs import check_file_output, write_text_atomic
 
     try:
         args = build_parser().parse_args(argv)

@@ -15,11 +15,9 @@ import torch
 from torch import nn
 
 from .allocation import CompressionPlan
-from .calibration.batches import calibration_batches, load_tokenizer_or_processor, training_batches
+from .calibration.batches import calibration_batches, load_tokenizer_or_processor
 from .errors import RecipeError
 from .evaluation.records import RUN_RECORD, RunRecord
-from .io.layer_store import LayerStore, state_folder
-from .io.outputs import claim_output, disk_errors
 from .models import LoadedModel, load_model
 from .models.streaming import StreamedModel, local_folder, open_streamed, parameter_count
 from .quant.experts import ExpertQuantReport
@@ -27,6 +25,9 @@ from .recipe import Recipe
 from .runtime.factored_experts import FactoredExperts
 from .runtime.packed_experts import PackedLinear, set_dequant_cache
 from .stages import STAGES, RunContext, plan_allocation
+from .storage.layer_store import LayerStore, state_folder
+from .storage.outputs import claim_output, disk_errors
+from .training.distill import training_batches
 from .training.memory import TrainingMemory, require_room
 
 __all__ = [
@@ -85,7 +86,7 @@ class CompressionResult:
             if not isinstance(self.loaded, StreamedModel):
                 self._model = self.loaded.model
             else:
-                from .api import load
+                from .io.loader import load
 
                 self._model = load(self.report.output, verify=False)
         return self._model
@@ -202,7 +203,7 @@ def _compress(
         ctx.store = LayerStore(state_folder(output), job_fingerprint(loaded, recipe, ctx.plan))
     if ctx.plan is not None and recipe.merge.method == "none":
         ctx.plan.check_fits(*ctx.moe_layers())  # before calibration: a plan for another model is refused at once
-    ctx.batches = calibration_batches(loaded, recipe, trust_remote_code)
+    ctx.batches = calibration_batches(loaded, recipe.calibration, trust_remote_code)
     try:
         seconds = _run_stages(ctx)
     except BaseException:

@@ -14,6 +14,7 @@ from typing import Any, Union
 import yaml
 
 from .allocation.allocate import AllocationConfig
+from .calibration.config import CalibrationConfig
 from .calibration.data import window_counts_problem
 from .dynamic.skip import SkipConfig
 from .errors import RecipeError
@@ -29,19 +30,6 @@ from .quant.config import RARE_POLICIES, QuantizationConfig
 from .quant.methods import QUANTIZERS
 from .slim.staged import SlimConfig
 from .training.qat import QAT_INITS, RecoveryConfig
-
-
-@dataclass
-class CalibrationConfig:
-    dataset: str = "../shared/data/calib/calib_mix.jsonl"
-    num_samples: int = 128
-    seq_len: int = 512
-    batch_size: int = 8
-    vl_dataset: str | None = None
-    vl_num_samples: int = 128
-    seed: int = 0
-    activation_dtype: str = "float32"  # calibration activations held between layers; bfloat16 halves them
-    offload_activations: bool = False  # hold them on disk (state folder, else $TMPDIR), one batch in memory at a time
 
 
 @dataclass

@@ -18,20 +18,20 @@ import torch
 from .allocation import CompressionPlan, allocate
 from .allocation.allocate import avg_bits_for_bytes
 from .allocation.profile import ErrorProfile
-from .calibration.batches import activation_holding, training_batches
+from .calibration.batches import activation_holding
 from .calibration.data import CalibrationBatch
 from .calibration.engine import ExpertObserver, Walk, collect_expert_stats, run_layerwise
 from .errors import ModelLoadError, UnsupportedModelError
 from .formats import QuantFormat
-from .io.checkpoint import persistent_state
-from .io.layer_store import LayerStore
 from .models import LoadedModel, MoEBlockView, get_adapter, load_model
 from .models.base import ModelAdapter
 from .models.streaming import parameter_count
 from .quant.experts import ExpertQuantReport, quantize_block_experts, quantize_matrices
 from .quant.methods import make_quantizer
 from .recipe import Recipe
-from .runtime.packed_experts import install_packed_experts, set_dequant_cache
+from .runtime.packed_experts import install_packed_experts, persistent_state, set_dequant_cache
+from .storage.layer_store import LayerStore
+from .training.distill import training_batches
 from .training.memory import teacher_placement
 
 log = logging.getLogger(__name__)

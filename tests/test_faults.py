@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import moecompress
 from moecompress.cli import main
 from moecompress.errors import CheckpointError, NonFiniteError
-from moecompress.io.outputs import claim_output
+from moecompress.storage.outputs import claim_output
 
 from .conftest import CALIB, TINY_VL, WIKI, require_shared
 

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 import moecompress
 from moecompress.cli import main
 from moecompress.errors import OutputError
-from moecompress.io.tensorfiles import TensorFileError, read_header, write_safetensors, write_sharded
 from moecompress.recipe import Recipe
+from moecompress.storage.tensorfiles import TensorFileError, read_header, write_safetensors, write_sharded
 
 from .conftest import CALIB, SHAPES, TINY_VL, require_shared
 
@@ -308,7 +308,7 @@ def test_streamed_compress_never_holds_the_whole_model(tiny_text_path, tmp_path,
 
 
 def test_bfloat16_activations_are_held_in_bfloat16_and_change_little(in_memory, tiny_text_path, tmp_path, monkeypatch):
-    from moecompress.io.layer_store import LayerStore
+    from moecompress.storage.layer_store import LayerStore
 
     held = []
     save_layer = LayerStore.save_layer
@@ -339,7 +339,7 @@ def test_offloaded_activations_live_on_disk_and_change_nothing(
     import tempfile
 
     from moecompress.calibration.engine import LayerInputs
-    from moecompress.io.tensorfiles import DiskTensors
+    from moecompress.storage.tensorfiles import DiskTensors
 
     kept = []
     keep = LayerInputs.keep

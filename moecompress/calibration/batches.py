@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,13 +12,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import CalibrationDataError, ModelLoadError
+from .config import CalibrationConfig
 from .data import CalibrationBatch, text_calibration_batches, vl_calibration_batches
 from .engine import Activations
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
-    from ..recipe import CalibrationConfig, Recipe
-    from ..training.distill import DistillData
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +53,10 @@ def activation_holding(cal: CalibrationConfig, folder: Path | None = None):
             yield Activations(dtype, Path(tmp))
 
 
-def calibration_batches(loaded: LoadedModel, recipe: Recipe, trust_remote_code: bool = False) -> list[CalibrationBatch]:
-    cal = recipe.calibration
+def calibration_batches(
+    loaded: LoadedModel, cal: CalibrationConfig, trust_remote_code: bool = False
+) -> list[CalibrationBatch]:
+    """The calibration batches `cal` names: text windows, plus image+text items for vision-language models."""
     processor = load_tokenizer_or_processor(loaded.source, loaded.adapter.is_multimodal, trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     batches = text_calibration_batches(cal.dataset, tokenizer, cal.num_samples, cal.seq_len, cal.batch_size, cal.seed)
@@ -66,26 +66,11 @@ def calibration_batches(loaded: LoadedModel, recipe: Recipe, trust_remote_code: 
                 f"'{loaded.source}' is a vision-language model: set calibration.vl_dataset to an image+text jsonl "
                 "so that image tokens are calibrated too."
             )
-        batches += vl_calibration_batches(cal.vl_dataset, processor, _image_mask(loaded), cal.vl_num_samples, cal.seed)
+        batches += vl_calibration_batches(cal.vl_dataset, processor, image_mask(loaded), cal.vl_num_samples, cal.seed)
     elif cal.vl_dataset:
         log.warning("calibration.vl_dataset is not used: '%s' is a text-only model.", loaded.source)
     return batches
 
 
-def training_batches(
-    loaded: LoadedModel, r: DistillData, cal: CalibrationConfig, trust_remote_code: bool = False
-) -> list[CalibrationBatch]:
-    """Training data of a distillation stage: text windows (+ image+text items for VL models), shuffled together."""
-    processor = load_tokenizer_or_processor(loaded.source, loaded.adapter.is_multimodal, trust_remote_code)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    batches = text_calibration_batches(
-        r.dataset or cal.dataset, tokenizer, r.num_samples, r.seq_len, r.batch_size, r.seed
-    )
-    if loaded.adapter.is_multimodal and cal.vl_dataset and r.vl_num_samples:
-        batches += vl_calibration_batches(cal.vl_dataset, processor, _image_mask(loaded), r.vl_num_samples, r.seed)
-    random.Random(r.seed).shuffle(batches)
-    return batches
-
-
-def _image_mask(loaded: LoadedModel):
+def image_mask(loaded: LoadedModel):
     return lambda input_ids: loaded.adapter.image_token_mask(loaded.model, input_ids)

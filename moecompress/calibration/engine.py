@@ -16,9 +16,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import RecipeError
-from ..io.tensorfiles import DiskTensors
 from ..models.base import MODALITIES, ModelAdapter, MoEBlockView
 from ..models.loading import LoadedModel
+from ..storage.tensorfiles import DiskTensors
 from .data import CalibrationBatch
 from .stats import ExpertStats, GramSums
 

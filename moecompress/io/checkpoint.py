@@ -23,7 +23,9 @@ from torch import nn
 from ..formats import QuantFormat
 from ..models.base import PROJECTIONS
 from ..runtime.factored_experts import FactoredExperts
-from ..runtime.packed_experts import PackedExperts, PackedLinear
+from ..runtime.packed_experts import PackedExperts, PackedLinear, persistent_state
+from ..storage.outputs import MANIFEST, atomic_folder
+from ..storage.tensorfiles import StoredTensor, write_sharded
 from .integrity import (
     QUANT_METHOD,
     canonical_sha256,
@@ -33,8 +35,6 @@ from .integrity import (
     verify_checkpoint,
     written_version,
 )
-from .outputs import MANIFEST, atomic_folder
-from .tensorfiles import StoredTensor, write_sharded
 
 __all__ = ["MANIFEST", "read_manifest", "save_checkpoint", "verify_checkpoint"]
 _AUX_PATTERNS = (
@@ -86,29 +86,6 @@ def quantization_config(model: nn.Module) -> dict:
         **({"expert_maps": expert_maps} if expert_maps else {}),
         **({"dynamic_skip": model.skip_controller.rule.to_dict()} if hasattr(model, "skip_controller") else {}),
     }
-
-
-def persistent_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """State dict without tied duplicates, on the CPU; unquantized float tensors cast to `dtype` if given."""
-    seen: set[tuple[int, tuple]] = set()
-    state = {}
-    packed_names = {
-        f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, PackedLinear) for b, _ in m.named_buffers()
-    }
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        if (
-            dtype is not None
-            and tensor.is_floating_point()
-            and name not in packed_names
-            and ".skip_predictor." not in name
-        ):
-            tensor = tensor.to(dtype)
-        state[name] = tensor.detach().cpu().contiguous()
-    return state
 
 
 def save_checkpoint(

@@ -18,13 +18,13 @@ from ..formats import QuantFormat
 from ..models.base import PROJECTIONS
 from ..runtime.factored_experts import FactoredExperts
 from ..runtime.packed_experts import PackedExperts
+from ..storage.outputs import MANIFEST
 from .integrity import (
     FORMAT_VERSION,
     QUANT_METHOD,
     check_model_against_files,
     verify_checkpoint_files,
 )
-from .outputs import MANIFEST
 
 # moecompress.load(verify=False) turns the sha256 check off for its own from_pretrained call.
 _verify_hashes: ContextVar[bool] = ContextVar("moecompress_verify_hashes", default=True)

@@ -25,8 +25,8 @@ from ..errors import CheckpointError
 from ..formats import QuantFormat
 from ..models.base import PROJECTIONS
 from ..runtime.factored_experts import DENSE
-from .outputs import MANIFEST
-from .tensorfiles import TensorFileError, read_header
+from ..storage.outputs import MANIFEST
+from ..storage.tensorfiles import TensorFileError, read_header
 
 FORMAT_VERSION = 3  # the newest this reader knows; a checkpoint is written as the oldest that holds it
 

@@ -22,9 +22,9 @@ from safetensors import safe_open
 from ..errors import CheckpointError
 from ..formats import QuantFormat
 from ..formats.bitpack import pack_codes
+from ..storage.outputs import atomic_folder
+from ..storage.tensorfiles import write_sharded
 from .checkpoint import copy_aux_files, verify_checkpoint
-from .outputs import atomic_folder
-from .tensorfiles import write_sharded
 
 log = logging.getLogger(__name__)
 

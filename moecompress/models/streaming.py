@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import ModelLoadError
-from ..io.outputs import disk_errors
-from ..io.tensorfiles import StoredTensor, TensorFileError, read_header, write_safetensors
+from ..storage.outputs import disk_errors
+from ..storage.tensorfiles import StoredTensor, TensorFileError, read_header, write_safetensors
 from .base import ModelAdapter
 from .loading import LoadedModel, dequantizing_config, read_config, require_finite_layer, require_moe
 from .registry import get_adapter

@@ -248,3 +248,26 @@ def install_packed_experts(
             linear.method = method
     view.block.experts = module
     return module
+
+
+def persistent_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates, on the CPU; unquantized float tensors cast to `dtype` if given."""
+    seen: set[tuple[int, tuple]] = set()
+    state = {}
+    packed_names = {
+        f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, PackedLinear) for b, _ in m.named_buffers()
+    }
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        if (
+            dtype is not None
+            and tensor.is_floating_point()
+            and name not in packed_names
+            and ".skip_predictor." not in name
+        ):
+            tensor = tensor.to(dtype)
+        state[name] = tensor.detach().cpu().contiguous()
+    return state

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from ..calibration.data import CalibrationBatch
 from ..errors import CheckpointError, RecipeError
-from ..io.checkpoint import persistent_state
 from ..models.base import ModelAdapter
+from ..runtime.packed_experts import persistent_state
 from ..training.distill import DistillConfig, DistillData, distill
 from .neurons import slice_expert, stage_widths, taylor_neuron_scores, top_neurons
 

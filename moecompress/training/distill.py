@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -22,8 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.data import CalibrationBatch, window_counts_problem
+from ..calibration.batches import image_mask, load_tokenizer_or_processor
+from ..calibration.config import CalibrationConfig
+from ..calibration.data import CalibrationBatch, text_calibration_batches, vl_calibration_batches, window_counts_problem
 from ..errors import CheckpointError, RecipeError
+from ..models.loading import LoadedModel
 
 STATE_FILE = "progress.json"
 
@@ -240,3 +244,18 @@ def _save_state(accelerator, latest: Path, progress: dict) -> None:
         if old.exists():
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def training_batches(
+    loaded: LoadedModel, r: DistillData, cal: CalibrationConfig, trust_remote_code: bool = False
+) -> list[CalibrationBatch]:
+    """Training data of a distillation stage: text windows (+ image+text items for VL models), shuffled together."""
+    processor = load_tokenizer_or_processor(loaded.source, loaded.adapter.is_multimodal, trust_remote_code)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    batches = text_calibration_batches(
+        r.dataset or cal.dataset, tokenizer, r.num_samples, r.seq_len, r.batch_size, r.seed
+    )
+    if loaded.adapter.is_multimodal and cal.vl_dataset and r.vl_num_samples:
+        batches += vl_calibration_batches(cal.vl_dataset, processor, image_mask(loaded), r.vl_num_samples, r.seed)
+    random.Random(r.seed).shuffle(batches)
+    return batches

@@ -297,6 +297,6 @@ def test_a_vl_dataset_given_for_a_text_model_is_named_as_unused(tiny_text_path, 
     loaded = load_model(str(tiny_text_path))
     calibration = {"dataset": str(CALIB), "num_samples": 2, "seq_len": 16, "vl_dataset": "images.jsonl"}
     with caplog.at_level("WARNING", logger="moecompress.calibration.batches"):
-        batches = calibration_batches(loaded, Recipe.from_dict({"calibration": calibration}))
+        batches = calibration_batches(loaded, Recipe.from_dict({"calibration": calibration}).calibration)
     assert len(batches) == 1 and batches[0].inputs["input_ids"].shape == (2, 16)
     assert "calibration.vl_dataset is not used" in caplog.text and "text-only" in caplog.text

@@ -18,7 +18,7 @@ SMALL_CALIBRATION = {"dataset": str(CALIB), "num_samples": 8, "seq_len": 128, "b
 def text_model_and_batches(tiny_text_path):
     require_shared(CALIB)
     loaded = load_model(str(tiny_text_path))
-    return loaded, calibration_batches(loaded, Recipe.from_dict({"calibration": SMALL_CALIBRATION}))
+    return loaded, calibration_batches(loaded, Recipe.from_dict({"calibration": SMALL_CALIBRATION}).calibration)
 
 
 def test_odp_hits_the_target_ratio_and_beats_random_skipping_at_the_same_ratio(text_model_and_batches):
@@ -56,7 +56,8 @@ def test_fitted_skipping_is_stored_in_the_checkpoint_and_applied_by_the_loader(m
     result = moecompress.compress(str(tiny_text_path), recipe, output=tmp_path / "m", progress=False)
     assert result.report.skip["method"] == method
     held_out = calibration_batches(
-        result.loaded, Recipe.from_dict({"calibration": {**SMALL_CALIBRATION, "dataset": str(WIKI), "num_samples": 2}})
+        result.loaded,
+        Recipe.from_dict({"calibration": {**SMALL_CALIBRATION, "dataset": str(WIKI), "num_samples": 2}}).calibration,
     )
     ids = held_out[0].inputs["input_ids"]
     with torch.no_grad():
@@ -111,7 +112,7 @@ def test_modes_fits_separate_text_and_image_thresholds_on_the_vl_model():
             }
         }
     )
-    batches = calibration_batches(loaded, recipe, trust_remote_code=True)
+    batches = calibration_batches(loaded, recipe.calibration, trust_remote_code=True)
     controller = fit_skipping(
         loaded.model, loaded.adapter, batches, SkipConfig(method="modes", target=0.3, frontier_points=3), progress=False
     )

@@ -103,7 +103,7 @@ def test_a_failed_save_leaves_no_output(compressed_tiny_text, tmp_path, monkeypa
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("moecompress.io.tensorfiles._tensor_bytes", crash)
+    monkeypatch.setattr("moecompress.storage.tensorfiles._tensor_bytes", crash)
     target = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk full"):
         checkpoint.save_checkpoint(result.model, target, "name: x\n", "src")
@@ -113,7 +113,7 @@ def test_a_failed_save_leaves_no_output(compressed_tiny_text, tmp_path, monkeypa
 def test_weight_files_get_the_usual_permissions(tmp_path):
     import os
 
-    from moecompress.io.tensorfiles import write_sharded
+    from moecompress.storage.tensorfiles import write_sharded
 
     names = write_sharded(tmp_path, {"a": torch.randn(3), "b": torch.randn(4)}.items(), max_shard_bytes=12)
     umask = os.umask(0)

@@ -6,7 +6,7 @@ import yaml
 from moecompress.cli import main
 from moecompress.errors import CheckpointError, HubError
 from moecompress.evaluation.records import RunRecord, add_evaluation, write_record
-from moecompress.io.hub import prepare_hub_folder, upload
+from moecompress.hub import prepare_hub_folder, upload
 
 from .hub_server import HubStub
 
@@ -119,7 +119,7 @@ def test_cli_dry_run_writes_the_folder_and_contacts_nobody(evaluated_checkpoint,
 
 def test_engines_say_mixed_precision_needs_moecompress():
     from moecompress.formats import IntFormat
-    from moecompress.io.hub import engines
+    from moecompress.hub import engines
 
     uniform = {"quantization_config": {"formats": [IntFormat(4, 128).to_dict()], "experts": {"m": [[0, 0, 0]]}}}
     mixed = {

@@ -3,7 +3,7 @@ import errno
 import pytest
 
 from moecompress.errors import OutputError
-from moecompress.io.outputs import disk_errors
+from moecompress.storage.outputs import disk_errors
 
 
 @pytest.mark.parametrize(

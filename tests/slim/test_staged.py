@@ -25,11 +25,15 @@ def test_taylor_slimming_to_half_width_beats_cutting_random_neurons(tiny_text_pa
     loaded = load_model(str(tiny_text_path))
     calib = calibration_batches(
         loaded,
-        Recipe.from_dict({"calibration": {"dataset": str(CALIB), "num_samples": 16, "seq_len": 256, "batch_size": 4}}),
+        Recipe.from_dict(
+            {"calibration": {"dataset": str(CALIB), "num_samples": 16, "seq_len": 256, "batch_size": 4}}
+        ).calibration,
     )
     held_out = calibration_batches(
         loaded,
-        Recipe.from_dict({"calibration": {"dataset": str(WIKI), "num_samples": 8, "seq_len": 256, "batch_size": 4}}),
+        Recipe.from_dict(
+            {"calibration": {"dataset": str(WIKI), "num_samples": 8, "seq_len": 256, "batch_size": 4}}
+        ).calibration,
     )
     baseline = _lm_loss(loaded.model, held_out)
     scores = neuron_scores(loaded.model, loaded.adapter, calib)

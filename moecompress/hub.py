@@ -9,13 +9,13 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import CheckpointError, HubError
-from ..evaluation.efficiency import checkpoint_bytes
-from ..evaluation.records import RUN_RECORD, RunRecord, read_record
-from ..report import markdown_table, metrics, recovery
-from .checkpoint import MANIFEST, copy_aux_files, verify_checkpoint
-from .interop import EXPORT_FORMATS, uniform_format, write_interop_files
-from .outputs import atomic_folder
+from .errors import CheckpointError, HubError
+from .evaluation.efficiency import checkpoint_bytes
+from .evaluation.records import RUN_RECORD, RunRecord, read_record
+from .io.checkpoint import MANIFEST, copy_aux_files, verify_checkpoint
+from .io.interop import EXPORT_FORMATS, uniform_format, write_interop_files
+from .report import markdown_table, metrics, recovery
+from .storage.outputs import atomic_folder
 
 FORMATS = ("moecompress", *EXPORT_FORMATS)
 
