@@ -37,7 +37,7 @@ def test_ternary_with_recovery_saves_exactly_what_it_trained(tiny_text_path, tmp
     recipe.recovery.steps, recipe.recovery.num_samples, recipe.recovery.seq_len = 3, 6, 64
     result = moecompress.compress(str(tiny_text_path), recipe, output=tmp_path / "t", progress=False)
     linears = [m for m in result.model.modules() if isinstance(m, PackedLinear)]
-    assert all(m.fmt.ternary and m.fmt.packing == "base3" and m.method == "qat" for m in linears)
+    assert all(m.fmt.family == "ternary-base3" and m.method == "qat" for m in linears)
     # the training state only outlives an interrupted job
     assert result.report.recovery["steps"] == 3 and not (tmp_path / "t.recovery-state").exists()
     assert 1.6 < result.report.bits_per_expert_param < 1.7  # 5 trits/byte + one fp16 scale per row of 256

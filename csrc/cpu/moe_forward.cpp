@@ -222,8 +222,14 @@ int moe_cpu_isa() { return has_q8() ? 4 : has_avx512() ? 3 : has_avx2() ? 2 : 1;
 // 1 where this CPU runs projection `d` with int8 activations.
 int moe_q8_fits(const ProjDesc* d) { return q8_fits(*d) ? 1 : 0; }
 
-// sizeof(ProjDesc), then the offset of each field in declaration order (kProjDescFields of them): runtime/native.py
-// refuses a library whose layout differs from its ctypes mirror.
+// The field names of ProjDesc in declaration order, comma-separated, and (moe_proj_desc_layout) sizeof(ProjDesc)
+// followed by each field's offset in that order: runtime/native.py compares them by name with its ctypes mirror.
+const char* moe_proj_desc_names() {
+#define MOE_NAME(field) #field ","
+    return MOE_PROJ_DESC_FIELDS(MOE_NAME);
+#undef MOE_NAME
+}
+
 void moe_proj_desc_layout(int64_t* out) {
     int i = 0;
     out[i++] = (int64_t)sizeof(ProjDesc);

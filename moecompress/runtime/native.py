@@ -171,13 +171,16 @@ def library() -> ctypes.CDLL | None:
 
 
 def check_layout(lib: ctypes.CDLL) -> None:
-    """The library's `ProjDesc` (common/proj_desc.h) has the size and every field offset of the ctypes mirror."""
-    fields = [name for name, _ in ProjDesc._fields_]
-    answer = (ctypes.c_int64 * (len(fields) + 1))()
+    """The library's `ProjDesc` (common/proj_desc.h) has the size, the field names and each field's offset of the
+    ctypes mirror here."""
+    lib.moe_proj_desc_names.restype = ctypes.c_char_p
+    names = lib.moe_proj_desc_names().decode().strip(",").split(",")
+    answer = (ctypes.c_int64 * (len(names) + 1))()
     lib.moe_proj_desc_layout(answer)
-    ours = [ctypes.sizeof(ProjDesc), *(getattr(ProjDesc, name).offset for name in fields)]
-    if list(answer) != ours:
-        raise RuntimeError(f"the kernels' ProjDesc layout {list(answer)} differs from runtime/native.py's {ours}")
+    theirs = {"size": answer[0], **dict(zip(names, answer[1:]))}
+    ours = {"size": ctypes.sizeof(ProjDesc), **{name: getattr(ProjDesc, name).offset for name, _ in ProjDesc._fields_}}
+    if theirs != ours:
+        raise RuntimeError(f"the kernels' ProjDesc layout {theirs} differs from runtime/native.py's {ours}")
 
 
 @contextlib.contextmanager

@@ -240,11 +240,18 @@ def test_fused_forward_takes_biases_and_the_clamped_swiglu(tokens, monkeypatch):
         assert rel_err(module(x, ids, weights), expected) < 2e-2
 
 
-def test_the_descriptor_has_the_layout_of_the_c_sources():
-    """cpu/packed.h and cuda/moe_gemv.cu static_assert 72 bytes; the ctypes mirror must agree."""
+def test_the_descriptor_has_the_layout_of_the_c_sources(monkeypatch):
+    """common/proj_desc.h is the one declaration: the library reports its size and every field offset, and the
+    ctypes mirror must agree field by field (a mirror with two fields swapped is refused)."""
     import ctypes
 
-    assert ctypes.sizeof(native.ProjDesc) == 72 and native.ProjDesc.bias.offset == 64
+    native.check_layout(native.library())
+    swapped = [f for f in native.ProjDesc._fields_]
+    swapped[4], swapped[5] = swapped[5], swapped[4]  # out_features <-> in_features: same size, same offsets
+    swapped[1], swapped[3] = swapped[3], swapped[1]  # scale <-> row_bytes: same offsets as a set, not in order
+    monkeypatch.setattr(native, "ProjDesc", type("Swapped", (ctypes.Structure,), {"_fields_": swapped}))
+    with pytest.raises(RuntimeError, match="ProjDesc layout"):
+        native.check_layout(native.library())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
