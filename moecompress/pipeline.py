@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,8 +56,7 @@ class CompressionReport:
     bits_per_expert_param: float
     code_bits_per_expert_param: float
     allocation: str
-    experts_gptq: int
-    experts_rtn: int
+    experts_by_method: dict[str, int]  # experts rounded by each quantizer (rare experts may fall back to rtn)
     rare_experts: list[dict] = field(default_factory=list)
     recovery: dict | None = None
     merge: dict | None = None
@@ -236,8 +236,7 @@ def _compress(
         bits_per_expert_param=8 * nbytes / max(params, 1),
         code_bits_per_expert_param=plan.average_bits if plan else 8 * nbytes / max(params, 1),
         allocation=plan.method if plan else "none",
-        experts_gptq=sum(r.method == "gptq" for r in reports),
-        experts_rtn=sum(r.method == "rtn" for r in reports),
+        experts_by_method=dict(Counter(r.method for r in reports)),
         rare_experts=[asdict(r) for r in reports if r.tokens < min_tokens],
         stage_seconds=seconds,
         engine="streamed" if streamed else "in-memory",
