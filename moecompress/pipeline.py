@@ -58,17 +58,20 @@ class CompressionReport:
     allocation: str
     experts_by_method: dict[str, int]  # experts rounded by each quantizer (rare experts may fall back to rtn)
     rare_experts: list[dict] = field(default_factory=list)
-    recovery: dict | None = None
-    merge: dict | None = None
-    factor: dict | None = None
-    slim: dict | None = None
-    skip: dict | None = None
+    stages: dict[str, dict] = field(default_factory=dict)  # each stage's report, by stage name
     stage_seconds: dict = field(default_factory=dict)
     engine: str = "in-memory"  # or "streamed": layers read from disk one at a time, written as finished
     output: str | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, each stage's report as a key of its own (run.json's `compression`)."""
+        d = asdict(self)
+        return {**d.pop("stages"), **d}
+
+    def __getattr__(self, name: str):  # a stage's report: `report.recovery`, `report.skip`, ...
+        if name != "stages" and any(s.name == name for s in STAGES):
+            return self.stages.get(name)
+        raise AttributeError(f"CompressionReport has no field {name!r}")
 
 
 @dataclass
@@ -152,15 +155,13 @@ def compress(
 def _state_memory_need(source: str, recipe: Recipe, trust_remote_code: bool, could_stream: bool) -> None:
     """Before the whole model is loaded: say why and how much memory it takes; refuse when training cannot fit."""
     stages = whole_model_stages(recipe)
-    training = [s for s in stages if s in ("slim", "recovery")]
+    training = [s for s in STAGES if s.enabled(recipe) and s.trains]
     params = parameter_count(source)
     if training and params:
         skeleton = open_streamed(source, trust_remote_code=trust_remote_code)
         experts = sum(v.expert_params for v in skeleton.adapter.moe_blocks(skeleton.model))
-        teacher = (
-            parameter_count(recipe.recovery.teacher) if "recovery" in training and recipe.recovery.teacher else params
-        )
-        require_room(TrainingMemory(params, experts, teacher), training, recipe.device)
+        teacher = max(parameter_count(s.teacher(recipe)) if s.teacher(recipe) else params for s in training)
+        require_room(TrainingMemory(params, experts, teacher), [s.name for s in training], recipe.device)
     elif could_stream and params:
         log.warning(
             "stages %s work on the whole model: loading it in memory (float32: about %.1f GB)",
@@ -174,7 +175,7 @@ def whole_model_stages(recipe: Recipe) -> list[str]:
     is nothing layer-wise to stream either."""
     if recipe.quantization.method == "none":
         return ["save"]
-    return [s.name for s in STAGES if s.enabled(recipe) and s.name not in ("merge", "allocation", "quantize", "factor")]
+    return [s.name for s in STAGES if s.enabled(recipe) and not s.streams]
 
 
 def _compress(
@@ -240,7 +241,7 @@ def _compress(
         rare_experts=[asdict(r) for r in reports if r.tokens < min_tokens],
         stage_seconds=seconds,
         engine="streamed" if streamed else "in-memory",
-        **{name: ctx.reports.get(name) for name in ("recovery", "merge", "factor", "slim", "skip")},
+        stages=dict(ctx.reports),
     )
     if output is not None:
         from .io.checkpoint import save_checkpoint
@@ -272,8 +273,9 @@ def _compress(
                     tensors=tensors,
                 )
             )
-        for stage in ("slim", "recovery"):  # only an interrupted job needs its training state
-            shutil.rmtree(ctx.state_dir(stage), ignore_errors=True)
+        for stage in STAGES:  # only an interrupted job needs its training state
+            if stage.trains:
+                shutil.rmtree(ctx.state_dir(stage.name), ignore_errors=True)
         if ctx.store is not None:
             ctx.store.remove()
     report.seconds = time.perf_counter() - start
@@ -310,7 +312,7 @@ def run_record(
     output: Path,
 ) -> RunRecord:
     """The record `moecompress report` and the model card read: what was done, bits per expert, routing shares."""
-    if report.factor:
+    if report.stages.get("factor"):
         method = f"{recipe.quantization.method} factored experts ({report.bits_per_expert_param:.2f} bits)"
     elif plan is None:
         method = "bf16 experts" if recipe.quantization.method == "none" else recipe.quantization.method
@@ -318,16 +320,7 @@ def run_record(
         method = f"{recipe.quantization.method} {plan.formats[0].name}"
     else:
         method = f"{recipe.quantization.method} mixed {plan.method} ({plan.average_bits:.2f} bits)"
-    stages = [
-        name
-        for name, done in (
-            ("merge", report.merge),
-            ("slim", report.slim),
-            ("recovery", report.recovery),
-            ("skip", report.skip),
-        )
-        if done
-    ]
+    stages = [s.name for s in STAGES if s.names_the_method and report.stages.get(s.name)]
     record = RunRecord(
         name=output.name,
         model=str(output.expanduser().resolve()),

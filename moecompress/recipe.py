@@ -1,4 +1,4 @@
-"""Recipes: typed dataclasses read from YAML, with unknown keys rejected by name."""
+"""Recipes: typed dataclasses read from YAML, with unknown keys rejected by name; one section per registered stage."""
 
 from __future__ import annotations
 
@@ -7,86 +7,28 @@ import difflib
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
-from .allocation.allocate import AllocationConfig
 from .calibration.config import CalibrationConfig
 from .calibration.data import window_counts_problem
-from .dynamic.skip import SkipConfig
 from .errors import RecipeError
-from .formats import (
-    FORMATS,
-    SUPPORTED_BITS,
-    TERNARY_SCALE_METHODS,
-    ternary_packings,
-)
-from .merge.apply import MergeConfig
-from .merge.factor_layer import FactorConfig
-from .quant.config import RARE_POLICIES, QuantizationConfig
-from .quant.methods import QUANTIZERS
-from .slim.staged import SlimConfig
-from .training.qat import QAT_INITS, RecoveryConfig
+from .stages import STAGES
 
 
-@dataclass
-class Recipe:
-    name: str = "gptq-w4g128"
-    description: str = ""
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
-    merge: MergeConfig = field(default_factory=MergeConfig)
-    factor: FactorConfig = field(default_factory=FactorConfig)
-    allocation: AllocationConfig = field(default_factory=AllocationConfig)
-    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
-    slim: SlimConfig = field(default_factory=SlimConfig)
-    skip: SkipConfig = field(default_factory=SkipConfig)
-    device: str = "cpu"
-    save_dtype: str = "bfloat16"
+class RecipeBase:
+    """The methods of `Recipe`, whose fields are assembled from the registered stages (`Recipe` below)."""
+
+    def fail(self, message: str) -> None:
+        raise RecipeError(f"recipe '{self.name}': {message}")
 
     def validate(self) -> Recipe:
-        q = self.quantization
         calibration_problem = window_counts_problem(self.calibration, "calibration")
         checks = [
-            (
-                q.method in (*QUANTIZERS, "none"),
-                f"quantization.method '{q.method}': use one of {[*QUANTIZERS, 'none']}",
-            ),
-            (q.bits in SUPPORTED_BITS, f"quantization.bits {q.bits}: use one of {list(SUPPORTED_BITS)}"),
-            (
-                q.group_size >= -1 and (q.group_size != 0 or q.ternary),
-                f"quantization.group_size {q.group_size}: use a positive size or -1 (0, per tensor, only with ternary)",
-            ),
-            (
-                q.ternary_packing in ternary_packings(),
-                f"quantization.ternary_packing '{q.ternary_packing}': use one of {ternary_packings()}",
-            ),
-            (
-                q.packed_format in FORMATS and FORMATS[q.packed_format].key_name is None,
-                f"quantization.packed_format '{q.packed_format}': use one of "
-                f"{[n for n, c in FORMATS.items() if not c.key_name]}",
-            ),
-            (
-                q.ternary_scale in TERNARY_SCALE_METHODS,
-                f"quantization.ternary_scale '{q.ternary_scale}': use one of {list(TERNARY_SCALE_METHODS)}",
-            ),
-            (
-                0 < q.damp < 1,
-                f"quantization.damp {q.damp}: use a fraction of the mean Hessian diagonal in (0, 1), e.g. 0.01",
-            ),
-            (
-                q.rare_experts.policy in RARE_POLICIES,
-                f"quantization.rare_experts.policy '{q.rare_experts.policy}': use one of {list(RARE_POLICIES)}",
-            ),
-            (
-                q.rare_experts.min_tokens >= 0,
-                f"quantization.rare_experts.min_tokens {q.rare_experts.min_tokens}: use 0 or more",
-            ),
             (not calibration_problem, calibration_problem),
-            (self.recovery.init in QAT_INITS, f"recovery.init '{self.recovery.init}': use one of {list(QAT_INITS)}"),
             (
                 self.save_dtype in ("bfloat16", "float16", "float32"),
                 f"save_dtype '{self.save_dtype}': use bfloat16, float16 or float32",
@@ -98,60 +40,11 @@ class Recipe:
         ]
         for ok, message in checks:
             if not ok:
-                raise RecipeError(f"recipe '{self.name}': {message}")
-        try:
-            integer_format = q.format_for(q.bits)
-        except ValueError as exc:
-            raise RecipeError(f"recipe '{self.name}': quantization.packed_format '{q.packed_format}': {exc}") from exc
+                self.fail(message)
         check_device(self.device)
-        self.allocation.validate()
-        self.allocation.check_budget([q.format_for(k) for k in self.allocation.candidates], integer_format)
-        self.merge.validate()
-        if self.merge.method != "none" and self.merge.router == "keep" and q.method != "none":
-            raise RecipeError(
-                f"recipe '{self.name}': merge.router keep cannot be quantized yet; use merge.router: shrink."
-            )
-        if self.factor.enabled:
-            self._check_factor()
-        if self.recovery.enabled and q.method == "none":
-            raise RecipeError(f"recipe '{self.name}': recovery trains quantized experts; set a quantization.method.")
-        if self.recovery.enabled:
-            self.recovery.distill_config()
-        self.skip.validate()
-        if self.slim.enabled:
-            self.slim.validate()
-            if self.merge.method != "none" and self.merge.router == "keep":
-                raise RecipeError(
-                    f"recipe '{self.name}': slimming needs merge.router shrink (keep-router experts are mapped)."
-                )
-        if (
-            (self.slim.enabled or self.merge.method != "none")
-            and self.recovery.enabled
-            and self.recovery.init == "original"
-        ):
-            raise RecipeError(
-                f"recipe '{self.name}': recovery.init original starts from the source experts, which "
-                "merging/slimming changed; set recovery.init: quantized."
-            )
+        for stage in sorted(STAGES, key=lambda s: not s.validated_first):
+            stage.validate(self)
         return self
-
-    def _check_factor(self) -> None:
-        self.factor.validate()
-        clashes = [
-            (
-                self.quantization.method == "none",
-                "quantization.method none (the factors are quantized: use gptq or rtn)",
-            ),
-            (
-                self.allocation.method != "uniform",
-                f"allocation.method {self.allocation.method} (factor allocates ranks and bits itself)",
-            ),
-            (self.quantization.ternary, "quantization.ternary (factors take integer widths)"),
-            (self.recovery.enabled, "recovery (it trains per-expert packed weights, not factors)"),
-        ]
-        for clash, what in clashes:
-            if clash:
-                raise RecipeError(f"recipe '{self.name}': factor cannot be combined with {what}; remove one of them.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -184,7 +77,9 @@ class Recipe:
 
     def resolve_paths(self, folder: Path) -> Recipe:
         """Relative data and teacher paths of a recipe file are relative to the file's folder (hub ids stay)."""
-        for section, key in _PATH_KEYS:
+        keys = [("calibration", "dataset"), ("calibration", "vl_dataset")]
+        keys += [(stage.section, key) for stage in STAGES for key in stage.path_keys]
+        for section, key in keys:
             owner = getattr(self, section)
             value = getattr(owner, key)
             if value and not Path(value).expanduser().is_absolute():
@@ -194,13 +89,18 @@ class Recipe:
         return self
 
 
-_PATH_KEYS = (
-    ("calibration", "dataset"),
-    ("calibration", "vl_dataset"),
-    ("recovery", "dataset"),
-    ("recovery", "teacher"),
-    ("slim", "dataset"),
-)
+def _recipe_fields() -> list[tuple]:
+    """name, description, calibration, each registered stage's section (in pipeline order), device, save_dtype."""
+    fields = [("name", str, field(default="gptq-w4g128")), ("description", str, field(default=""))]
+    fields.append(("calibration", CalibrationConfig, field(default_factory=CalibrationConfig)))
+    fields += [(s.section, s.config, field(default_factory=s.config)) for s in STAGES if s.section]
+    return [*fields, ("device", str, field(default="cpu")), ("save_dtype", str, field(default="bfloat16"))]
+
+
+Recipe = dataclasses.make_dataclass("Recipe", _recipe_fields(), bases=(RecipeBase,))
+Recipe.__module__ = __name__
+Recipe.__doc__ = """A compression recipe: the calibration data, each stage's section, the device and the dtype of the
+unquantized tensors. Read from YAML (`from_yaml`), every key checked against its section's dataclass."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

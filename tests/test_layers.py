@@ -28,8 +28,8 @@ LAYERS = [
     "evaluation",
     "report",
     "hub",  # Hub export and model card: above evaluation and report
-    "recipe",
     "stages",
+    "recipe",  # assembled from the registered stages
     "pipeline",
     "api",
     "cli",

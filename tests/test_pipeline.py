@@ -54,7 +54,7 @@ def test_compress_runs_the_enabled_stages_in_order_with_one_context(tiny_text_pa
 
     seen = []
 
-    class Probe:
+    class Probe(stages.Stage):
         name = "probe"
 
         def enabled(self, recipe):
@@ -92,17 +92,17 @@ def _recovery_recipe() -> Recipe:
 def test_a_teacher_that_does_not_fit_is_offloaded_to_disk_and_teaches_the_same(tiny_text_path, tmp_path, monkeypatch):
     """The recovery teacher is bfloat16; where memory is short accelerate keeps part of it on disk, and the student
     learns exactly what it learns from a teacher held whole."""
-    from moecompress import stages
+    from moecompress.models import LoadedModel
+    from moecompress.stages import recovery, teacher
     from moecompress.training import memory
 
     teachers = []
-    distill_teacher = stages._distill_teacher
 
     def recording(ctx, stage, source=None):
-        teachers.append(distill_teacher(ctx, stage, source).model)
-        return stages.LoadedModel(teachers[-1], ctx.loaded.adapter, ctx.loaded.source)
+        teachers.append(teacher.distill_teacher(ctx, stage, source).model)
+        return LoadedModel(teachers[-1], ctx.loaded.adapter, ctx.loaded.source)
 
-    monkeypatch.setattr(stages, "_distill_teacher", recording)
+    monkeypatch.setattr(recovery, "distill_teacher", recording)
     moecompress.compress(str(tiny_text_path), _recovery_recipe(), output=tmp_path / "whole", progress=False)
     placement = memory.teacher_placement
 
@@ -111,7 +111,7 @@ def test_a_teacher_that_does_not_fit_is_offloaded_to_disk_and_teaches_the_same(t
             teacher_bytes, (memory.available_bytes() - 2 * teacher_bytes // 3) / memory.HEADROOM, folder, device
         )
 
-    monkeypatch.setattr(stages, "teacher_placement", short_of_memory)
+    monkeypatch.setattr(teacher, "teacher_placement", short_of_memory)
     moecompress.compress(str(tiny_text_path), _recovery_recipe(), output=tmp_path / "offloaded", progress=False)
     whole, offloaded = teachers
     assert {p.dtype for p in whole.parameters()} == {torch.bfloat16} and not getattr(whole, "hf_device_map", None)

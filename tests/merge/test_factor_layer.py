@@ -98,7 +98,7 @@ def test_a_factor_rank_edited_in_the_config_is_refused(with_base, tmp_path):
 
 
 def test_budgets_below_the_shared_base_are_refused_before_calibration(tiny_text_path, monkeypatch):
-    import moecompress.stages as stages
+    import moecompress.stages.base as stages
 
     monkeypatch.setattr(stages, "run_layerwise", lambda *a, **k: pytest.fail("calibrated before refusing"))
     with pytest.raises(BudgetError, match="shared base alone"):

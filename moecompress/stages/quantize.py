@@ -1,0 +1,223 @@
+"""Bits per expert (`allocation:`) and the quantization of every routed expert (`quantization:`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..allocation import CompressionPlan, allocate
+from ..allocation.allocate import AllocationConfig, avg_bits_for_bytes
+from ..allocation.profile import ErrorProfile
+from ..calibration.batches import activation_holding
+from ..calibration.data import CalibrationBatch
+from ..calibration.engine import ExpertObserver, Walk, collect_expert_stats
+from ..formats import FORMATS, SUPPORTED_BITS, TERNARY_SCALE_METHODS, QuantFormat, ternary_packings
+from ..models import LoadedModel, MoEBlockView
+from ..quant.config import RARE_POLICIES, QuantizationConfig
+from ..quant.experts import ExpertQuantReport, quantize_block_experts
+from ..quant.methods import QUANTIZERS, make_quantizer
+from ..runtime.packed_experts import install_packed_experts
+from .base import RunContext, Stage, register_stage
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+
+@register_stage
+class AllocationStage(Stage):
+    """The format of every expert projection: the given plan (checked against the model) or the allocator's."""
+
+    name = "allocation"
+    order = 40
+    section, config = "allocation", AllocationConfig
+    streams = True
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.quantization.method != "none" and not recipe.factor.enabled
+
+    def validate(self, recipe: Recipe) -> None:
+        q = recipe.quantization
+        recipe.allocation.validate()
+        recipe.allocation.check_budget([q.format_for(k) for k in recipe.allocation.candidates], q.format_for(q.bits))
+
+    def run(self, ctx: RunContext) -> None:
+        saved = ctx.store.folder / "plan.json" if ctx.store is not None else None
+        if ctx.plan is None and saved is not None and saved.is_file():
+            ctx.plan = CompressionPlan.load(saved)  # a resumed run: the profiling pass was done before the kill
+        if ctx.plan is None:
+            ctx.plan, _ = plan_allocation(
+                ctx.loaded, ctx.recipe, ctx.batches, ctx.progress, ctx.spill_folder(self.name)
+            )
+            if ctx.store is not None:
+                ctx.store.save_json("plan.json", ctx.plan.to_dict())
+        else:
+            ctx.plan.check_fits(*ctx.moe_layers())
+
+
+@register_stage
+class QuantizeStage(Stage):
+    """GPTQ / RTN / ternary of every routed expert, layer by layer, each block then replaced by packed experts.
+    Streamed (`ctx.store`): each finished layer is written to the store as the checkpoint will hold it, and a
+    resumed run starts after the last stored layer."""
+
+    name = "quantize"
+    order = 50
+    section, config = "quantization", QuantizationConfig
+    streams = validated_first = True
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.quantization.method != "none" and not recipe.factor.enabled
+
+    def validate(self, recipe: Recipe) -> None:
+        q = recipe.quantization
+        checks = [
+            (
+                q.method in (*QUANTIZERS, "none"),
+                f"quantization.method '{q.method}': use one of {[*QUANTIZERS, 'none']}",
+            ),
+            (q.bits in SUPPORTED_BITS, f"quantization.bits {q.bits}: use one of {list(SUPPORTED_BITS)}"),
+            (
+                q.group_size >= -1 and (q.group_size != 0 or q.ternary),
+                f"quantization.group_size {q.group_size}: use a positive size or -1 (0, per tensor, only with ternary)",
+            ),
+            (
+                q.ternary_packing in ternary_packings(),
+                f"quantization.ternary_packing '{q.ternary_packing}': use one of {ternary_packings()}",
+            ),
+            (
+                q.packed_format in FORMATS and FORMATS[q.packed_format].key_name is None,
+                f"quantization.packed_format '{q.packed_format}': use one of "
+                f"{[n for n, c in FORMATS.items() if not c.key_name]}",
+            ),
+            (
+                q.ternary_scale in TERNARY_SCALE_METHODS,
+                f"quantization.ternary_scale '{q.ternary_scale}': use one of {list(TERNARY_SCALE_METHODS)}",
+            ),
+            (
+                0 < q.damp < 1,
+                f"quantization.damp {q.damp}: use a fraction of the mean Hessian diagonal in (0, 1), e.g. 0.01",
+            ),
+            (
+                q.rare_experts.policy in RARE_POLICIES,
+                f"quantization.rare_experts.policy '{q.rare_experts.policy}': use one of {list(RARE_POLICIES)}",
+            ),
+            (
+                q.rare_experts.min_tokens >= 0,
+                f"quantization.rare_experts.min_tokens {q.rare_experts.min_tokens}: use 0 or more",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                recipe.fail(message)
+        try:
+            q.format_for(q.bits)
+        except ValueError as exc:
+            recipe.fail(f"quantization.packed_format '{q.packed_format}': {exc}")
+
+    def run(self, ctx: RunContext) -> None:
+        loaded, store = ctx.loaded, ctx.store
+        quantizer = make_quantizer(ctx.recipe.quantization)
+        views, resume = ctx.layer_views(), ctx.resume_point()
+        reports: dict[int | str, list[ExpertQuantReport]] = {}  # by block key
+        packed: dict[int | str, list] = {}
+        for index in store.done() if resume is not None else []:
+            reports.update(_restore_layer(views.get(index, []), store.record(index)))
+
+        def quantize_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
+            formats = ctx.plan.layer_formats(view.key)
+            packed[view.key], reports[view.key] = quantize_block_experts(
+                view, observer, formats, quantizer, loaded.trim
+            )
+            return True
+
+        def layer_done(index: int, layer: torch.nn.Module, hidden: list[torch.Tensor]) -> None:
+            blocks = views.get(index, [])
+            for view in blocks:
+                if view.key in packed:
+                    install_packed_experts(view, packed.pop(view.key), [r.method for r in reports[view.key]])
+            formats = {v.group: _format_dicts(ctx.plan.layer_formats(v.key)) for v in blocks}
+            record = {
+                "reports": [asdict(r) for v in blocks for r in reports.get(v.key, [])],
+                "formats": formats.get(None, formats) if blocks else None,  # {group: ...} for grouped blocks
+            }
+            ctx.store_layer(index, layer, record, hidden)
+
+        ctx.walk(self.name, quantize_layer, layer_done, resume, statistics=quantizer.statistics, desc="compress")
+        ctx.quant_reports = [r for key in reports for r in reports[key]]  # restored layers, then the others, in order
+
+
+def _format_dicts(formats: list[dict[str, QuantFormat]]) -> list[dict[str, dict]]:
+    return [{p: f.to_dict() for p, f in e.items()} for e in formats]
+
+
+def _restore_layer(blocks: list[MoEBlockView], record: dict) -> dict[int | str, list[ExpertQuantReport]]:
+    """A layer finished by an earlier run: its quantization reports by block key, and meta packed experts in the
+    skeleton (for the checkpoint's config and manifest; the tensors themselves are in the store)."""
+    reports: dict[int | str, list[ExpertQuantReport]] = {}
+    for r in record["reports"]:
+        reports.setdefault(r["layer"], []).append(ExpertQuantReport(**r))
+    for view in blocks if record["formats"] is not None else []:
+        stored = record["formats"] if view.group is None else record["formats"][view.group]
+        formats = [{p: QuantFormat.from_dict(f) for p, f in e.items()} for e in stored]
+        install_packed_experts(view, None, [r.method for r in reports.get(view.key, [])], formats)
+    return reports
+
+
+def plan_allocation(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    batches: list[CalibrationBatch],
+    progress: bool = True,
+    spill_to: Path | None = None,
+) -> tuple[CompressionPlan, object]:
+    """Profile every expert's quantization error at the candidate bit widths, then allocate bits (activations
+    offloaded, if the recipe says so, to `spill_to`). Returns (plan, ExpertStats)."""
+    q, a = recipe.quantization, recipe.allocation
+    views = loaded.adapter.moe_blocks(loaded.model)
+    if a.method == "uniform":
+        return CompressionPlan.uniform([v.key for v in views], views[0].num_experts, q.format), None
+    formats = [q.format_for(k) for k in a.profile_keys]
+    integer_format = q.format_for(q.bits)
+    if a.max_bytes is not None:
+        a.avg_bits = avg_bits_for_bytes(
+            a.max_bytes,
+            *_unquantized_bytes_and_expert_params(loaded, recipe),
+            [q.format_for(k) for k in a.candidates],
+            integer_format,
+        )
+    with activation_holding(recipe.calibration, spill_to) as holding:
+        stats = collect_expert_stats(
+            loaded.model,
+            loaded.adapter,
+            batches,
+            loaded.source,
+            measure_drop_loss=False,
+            walk=Walk(
+                recipe.device,
+                progress=progress,
+                desc="analyze",
+                collectors=lambda view: [ErrorProfile(view, formats, a.profile_tokens)],
+                layers_from=loaded,
+                activations=holding,
+            ),
+        )
+    return allocate(stats, a, integer_format), stats
+
+
+def _unquantized_bytes_and_expert_params(loaded: LoadedModel, recipe: Recipe) -> tuple[int, int]:
+    """Checkpoint bytes of everything but the routed experts (tied tensors once), and the expert parameter count."""
+    expert_tensors = {id(p) for v in loaded.adapter.moe_blocks(loaded.model) for p in v.experts.parameters()}
+    element = torch.empty(0, dtype=getattr(torch, recipe.save_dtype)).element_size()
+    seen, fixed, experts = set(), 0, 0
+    for tensor in list(loaded.model.parameters()) + list(loaded.model.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if id(tensor) in expert_tensors:
+            experts += tensor.numel()
+        else:
+            fixed += tensor.numel() * (element if tensor.is_floating_point() else tensor.element_size())
+    return fixed, experts
