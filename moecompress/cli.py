@@ -433,45 +433,54 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moecompress", description="Compress Mixture-of-Experts models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_compress, _add_plan, _add_analyze, _add_upcycle, _add_eval, _add_export, _add_report):
+        add(sub)
+    return parser
 
-    def common(p):
-        p.add_argument(
-            "--trust-remote-code", action="store_true", help="allow custom code shipped with the model/processor"
-        )
-        p.add_argument("--json", help="also write the result as JSON to this file")
-        p.add_argument(
-            "--adapter",
-            action="append",
-            default=[],
-            metavar="MODULE:CLASS",
-            help="register a third-party model adapter (repeatable); installed plugins are found through "
-            "the 'moecompress.adapters' entry point group",
-        )
 
-    def overwrite(p):
-        p.add_argument(
-            "--overwrite",
-            action="store_true",
-            help="replace an earlier moecompress output at -o (anything else there is never replaced)",
-        )
+def _common(p):
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow custom code shipped with the model/processor"
+    )
+    p.add_argument("--json", help="also write the result as JSON to this file")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="MODULE:CLASS",
+        help="register a third-party model adapter (repeatable); installed plugins are found through "
+        "the 'moecompress.adapters' entry point group",
+    )
 
-    def no_stream(p):
-        p.add_argument(
-            "--no-stream",
-            action="store_true",
-            help="load the whole model in memory (float32) instead of one decoder layer at a time",
-        )
 
-    def record(p):
-        common(p)
-        p.add_argument(
-            "--record",
-            help="run record to add the results to (default: the checkpoint's run.json; "
-            "required to keep results of an uncompressed model)",
-        )
-        p.add_argument("--name", help="name of a new run record (default: the model folder's name)")
-        p.add_argument("--no-record", action="store_true", help="do not write the results to any run record")
+def _overwrite(p):
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier moecompress output at -o (anything else there is never replaced)",
+    )
 
+
+def _no_stream(p):
+    p.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="load the whole model in memory (float32) instead of one decoder layer at a time",
+    )
+
+
+def _record_options(p):
+    _common(p)
+    p.add_argument(
+        "--record",
+        help="run record to add the results to (default: the checkpoint's run.json; "
+        "required to keep results of an uncompressed model)",
+    )
+    p.add_argument("--name", help="name of a new run record (default: the model folder's name)")
+    p.add_argument("--no-record", action="store_true", help="do not write the results to any run record")
+
+
+def _add_compress(sub) -> None:
     p = sub.add_parser("compress", help="quantize the routed experts and write a packed checkpoint")
     p.add_argument("model", help="model folder or hub id")
     p.add_argument("--recipe", help="YAML recipe (pipelines/*.yaml); default: GPTQ w4 g128")
@@ -488,11 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--recovery-steps", type=_at_least(0), help="override recovery.steps (0 turns recovery training off)"
     )
     p.add_argument("--max-shard-size", type=_size, default=5 * 10**9, help="largest weight file (default 5GB)")
-    overwrite(p)
-    no_stream(p)
-    common(p)
+    _overwrite(p)
+    _no_stream(p)
+    _common(p)
     p.set_defaults(run=cmd_compress)
 
+
+def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="profile quantization error per expert and allocate bits (integer program)")
     p.add_argument("model")
     p.add_argument("--recipe", help="recipe with an `allocation` section (method lp when left uniform)")
@@ -502,11 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vl-calib")
     p.add_argument("--num-samples", type=_at_least(1))
     p.add_argument("--device")
-    overwrite(p)
-    no_stream(p)
-    common(p)
+    _overwrite(p)
+    _no_stream(p)
+    _common(p)
     p.set_defaults(run=cmd_plan)
 
+
+def _add_analyze(sub) -> None:
     p = sub.add_parser("analyze", help="expert importance (frequency, weight, contribution, drop loss) per modality")
     p.add_argument("model")
     p.add_argument("--calib", help="calibration text (default: the recipe default calib_mix.jsonl)")
@@ -516,11 +529,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-drop-loss", action="store_true", help="skip the drop-one-expert reconstruction loss")
     p.add_argument("--device", default="cpu")
     p.add_argument("-o", "--output", required=True)
-    overwrite(p)
-    no_stream(p)
-    common(p)
+    _overwrite(p)
+    _no_stream(p)
+    _common(p)
     p.set_defaults(run=cmd_analyze)
 
+
+def _add_upcycle(sub) -> None:
     p = sub.add_parser("upcycle", help="dense Qwen2 -> Qwen2-MoE with the FFN as full-precision shared expert (MoTE)")
     p.add_argument("model", help="dense model folder or hub id")
     p.add_argument("-o", "--output", required=True)
@@ -532,10 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--noise", type=float, default=0.01, help="relative noise added to each routed copy (breaks symmetry)"
     )
-    overwrite(p)
-    common(p)
+    _overwrite(p)
+    _common(p)
     p.set_defaults(run=cmd_upcycle)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model or packed checkpoint")
     eval_sub = p.add_subparsers(dest="task", required=True)
     e = eval_sub.add_parser("ppl", help="perplexity over 512-token windows")
@@ -544,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=_at_least(2), default=512)
     e.add_argument("--batch-size", type=_at_least(1), default=8)
     e.add_argument("--max-windows", type=_at_least(1), help="evaluate only the first N windows (default: all)")
-    record(e)
+    _record_options(e)
     e.set_defaults(run=cmd_eval_ppl)
     e = eval_sub.add_parser("vlqa", help="visual QA exact-match accuracy (image+text jsonl)")
     e.add_argument("model")
@@ -556,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt template over the jsonl fields, e.g. '{question} Answer:' "
         "(default: the shapes-vl question prompt)",
     )
-    record(e)
+    _record_options(e)
     e.set_defaults(run=cmd_eval_vlqa)
     e = eval_sub.add_parser(
         "lm", help="lm-evaluation-harness tasks (offline ones in eval/tasks, or any lm-eval task name)"
@@ -567,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=_positive_float, help="items per task (an int), or a fraction below 1")
     e.add_argument("--num-fewshot", type=_at_least(0))
     e.add_argument("--batch-size", type=_at_least(1), default=8)
-    record(e)
+    _record_options(e)
     e.set_defaults(run=cmd_eval_lm)
     e = eval_sub.add_parser(
         "efficiency", help="bytes, bits/param, active params/token, expert activation ratio, load time, tokens/s"
@@ -591,8 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="what runs the unquantized linear layers on the CPU at decode: the native dense GEMV or torch; "
         "auto (default): native for a moecompress checkpoint, torch for an original model (transformers as it is)",
     )
-    record(e)
+    _record_options(e)
     e.set_defaults(run=cmd_eval_efficiency)
+
+
+def _add_export(sub) -> None:
     p = sub.add_parser(
         "export", help="convert to compressed-tensors / GPTQ, or prepare and upload a Hub repo with a model card"
     )
@@ -611,19 +631,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="run record of the base model: the card shows its scores and recovery %%")
     p.add_argument("--token", help="Hub token (default: the logged-in one)")
     p.add_argument("--endpoint", help="Hub endpoint (default: huggingface.co or $HF_ENDPOINT)")
-    overwrite(p)
-    common(p)
+    _overwrite(p)
+    _common(p)
     p.set_defaults(run=cmd_export)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="compare run records: Markdown + HTML with Pareto, recovery and heatmap plots")
     p.add_argument("runs", nargs="+", help="checkpoint folders (their run.json) or run-record .json files")
     p.add_argument("--base", help="the reference run (e.g. the uncompressed model's record) for recovery %%")
     p.add_argument("-o", "--output", required=True, help="folder for report.md, report.html and the PNGs")
     p.add_argument("--title", default="moecompress report")
-    overwrite(p)
-    common(p)
+    _overwrite(p)
+    _common(p)
     p.set_defaults(run=cmd_report)
-    return parser
 
 
 def _interrupt(signum, frame):
