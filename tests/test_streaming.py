@@ -104,7 +104,7 @@ def test_streamed_vl_run_matches_in_memory(tmp_path):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import moecompress
-    from moecompress.io import layer_store, tensorfiles
+    from moecompress.storage import layer_store, tensorfiles
     from moecompress.recipe import Recipe
 
     source, output, recipe, where, layer = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
