@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from ..formats import SCALE_DTYPE, QTensor, QuantFormat
-from .methods import RTN, Quantizer, register_quantizer
-from .rtn import quantize_column_block
+from .methods import Quantizer, register_quantizer
+from .rtn import quantize_column_block, round_to_scales
 
 CLIPS = [1.0 - i / 40 for i in range(13)]  # shrink the range by up to 30 %, in steps of 2.5 %
 
@@ -24,8 +24,9 @@ class ImatrixRTN(Quantizer):
         return [self._round_one(w.to(torch.float32), f, importance) for w, f in zip(weights, formats)]
 
     def _round_one(self, w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor) -> QTensor:
-        if fmt.matrix_scales(w, self.config.ternary_scale) is not None:  # scales fixed by the whole matrix
-            return RTN(self.config).round([w], [fmt], None)[0]
+        fixed = fmt.matrix_scales(w, self.config.ternary_scale)
+        if fixed is not None:  # scales fixed by the whole matrix: only the rounding is left
+            return round_to_scales(w, fmt, fixed)
         out_features, in_features = w.shape
         group, n_groups = fmt.effective_group(in_features), fmt.groups(in_features)
         codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)

@@ -39,7 +39,7 @@ def quantize_rtn(w: torch.Tensor, fmt: QuantFormat, clip_search: bool = False, t
     `ternary_scale`)."""
     fixed = fmt.matrix_scales(w, ternary_scale)
     if fixed is not None:
-        return _round_to_scales(w, fmt, fixed)
+        return round_to_scales(w, fmt, fixed)
     out_features, in_features = w.shape
     group = fmt.effective_group(in_features)
     w = w.to(torch.float32)
@@ -55,7 +55,7 @@ def quantize_rtn(w: torch.Tensor, fmt: QuantFormat, clip_search: bool = False, t
     return QTensor(codes, scales.to(SCALE_DTYPE), zeros.to(torch.uint8), fmt)
 
 
-def _round_to_scales(w: torch.Tensor, fmt: QuantFormat, scales: torch.Tensor) -> QTensor:
+def round_to_scales(w: torch.Tensor, fmt: QuantFormat, scales: torch.Tensor) -> QTensor:
     """Codes of `w` on given scales [scale_rows, groups], every zero point `fmt.fixed_zero`."""
     out_features, in_features = w.shape
     full = expand_scales(scales, out_features).repeat_interleave(fmt.effective_group(in_features), dim=1)

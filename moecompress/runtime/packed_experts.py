@@ -25,8 +25,9 @@ class PackedLinear(nn.Module):
     def __init__(self, out_features: int, in_features: int, fmt: QuantFormat, bias: bool = False):
         super().__init__()
         self.out_features, self.in_features, self.fmt = out_features, in_features, fmt
-        self.stored = tuple(fmt.stored_shapes(out_features, in_features))  # the buffers the format stores
-        for name, (shape, dtype) in fmt.stored_shapes(out_features, in_features).items():
+        stored = fmt.stored_shapes(out_features, in_features)
+        self.stored = tuple(stored)  # the buffers the format stores
+        for name, (shape, dtype) in stored.items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._cache: torch.Tensor | None = None
