@@ -53,7 +53,11 @@ def test_missing_recipe_file_lists_the_shipped_ones(tmp_path):
         ({"recovery": {"enabled": True}}, {"batch_size": -1}, "recovery: num_samples"),
         ({"recovery": {"enabled": True}}, {"scale_lr": -1.0}, "recovery.scale_lr -1.0"),
         ({"slim": {"enabled": True}}, {"vl_num_samples": -1}, "slim: num_samples"),
-        ({"slim": {"enabled": True}}, {"hidden_weight": -1.0}, "slim.hidden_weight -1.0"),
+        ({"slim": {"enabled": True}}, {"hidden_weight": -1.0}, "slim: hidden_weight"),
+        ({"slim": {"enabled": True}}, {"warmup_steps": -1}, "slim: hidden_weight, warmup_steps"),
+        ({"slim": {"enabled": True}}, {"lr": 0.0}, "slim.lr 0.0"),
+        ({"recovery": {"enabled": True}}, {"min_lr_ratio": 2.0}, "recovery.min_lr_ratio 2.0"),
+        ({"recovery": {"enabled": True}}, {"steps": 0}, "recovery: steps 0"),
     ],
 )
 def test_out_of_range_numbers_are_rejected_by_name(section, bad, named):

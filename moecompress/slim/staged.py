@@ -24,17 +24,17 @@ from ..calibration.data import CalibrationBatch
 from ..errors import CheckpointError, RecipeError
 from ..models.base import ModelAdapter
 from ..runtime.packed_experts import persistent_state
-from ..training.distill import DistillConfig, DistillData, distill
+from ..training.distill import DistillConfig, distill
 from .neurons import slice_expert, stage_widths, taylor_neuron_scores, top_neurons
 
 TRAINABLE = ("all", "experts")
 
 
 @dataclass
-class SlimConfig(DistillData):
+class SlimConfig(DistillConfig):
     """Keep `target` of the routed-expert parameters by cutting every expert's intermediate width, over
     `stages` stages; after each, `steps_per_stage` distillation steps (0: one-shot, no training).
-    Neuron scores use `importance_batches` calibration batches; training data and loss: `DistillData`.
+    Neuron scores use `importance_batches` calibration batches; data, loss and schedule: `DistillConfig`.
     train: all (every weight of the student) | experts (routed experts only)."""
 
     enabled: bool = False
@@ -55,11 +55,10 @@ class SlimConfig(DistillData):
             )
         if self.train not in TRAINABLE:
             raise RecipeError(f"slim.train '{self.train}': use one of {list(TRAINABLE)}")
-        self.distill_config()
+        if self.lr <= 0:
+            raise RecipeError(f"slim.lr {self.lr}: use a positive peak rate")
+        self.check_distill("slim")
         return self
-
-    def distill_config(self) -> DistillConfig:
-        return self.make_distill_config(max(self.steps_per_stage, 1), self.lr, "slim")
 
 
 @dataclass
@@ -222,7 +221,8 @@ def slim_experts(
                     teacher,
                     train_batches,
                     [{"params": params, "lr": config.lr}],
-                    config.distill_config(),
+                    config,
+                    config.steps_per_stage,
                     state_dir / f"stage-{stage}" if state_dir is not None else None,
                     f"{fingerprint}-stage{stage}",
                     progress,

@@ -33,7 +33,7 @@ class RecoveryStage(Stage):
         if r.enabled and recipe.quantization.method == "none":
             recipe.fail("recovery trains quantized experts; set a quantization.method.")
         if r.enabled:
-            r.distill_config()
+            r.validate()
         reshaped = recipe.slim.enabled or recipe.merge.method != "none"
         if reshaped and r.enabled and r.init == "original":
             recipe.fail(

@@ -30,33 +30,17 @@ from ..errors import CheckpointError, RecipeError
 from ..models.loading import LoadedModel
 
 STATE_FILE = "progress.json"
+LOG_EVERY = 10  # steps per averaged loss in the report
 
 
 @dataclass
 class DistillConfig:
-    steps: int = 200
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    temperature: float = 1.0
-    hidden_weight: float = 0.0
-    grad_clip: float = 1.0
-    checkpoint_every: int = 50
-    log_every: int = 10
-
-    def validate(self, where: str = "distill") -> DistillConfig:
-        if self.steps < 1 or self.lr <= 0 or self.temperature <= 0 or self.checkpoint_every < 1:
-            raise RecipeError(f"{where}: steps, lr, temperature and checkpoint_every must be positive.")
-        if self.hidden_weight < 0:
-            raise RecipeError(f"{where}.hidden_weight {self.hidden_weight}: use 0 or more")
-        return self
-
-
-@dataclass
-class DistillData:
-    """Training data and loss settings shared by the distillation stages (recovery, slimming): `dataset`
-    (default: the calibration dataset) cut into num_samples x seq_len windows in batches of batch_size, plus
-    vl_num_samples image+text items for VL models; state saved every checkpoint_every steps."""
+    """How a stage distills (recovery, slimming; their sections inherit these keys). Data: `dataset` (default:
+    the calibration dataset) cut into num_samples x seq_len windows in batches of batch_size, plus
+    vl_num_samples image+text items for VL models. Loss: `temperature`, `hidden_weight`. Schedule: linear
+    warm-up over warmup_steps, then cosine down to min_lr_ratio x the peak rate; gradients clipped to norm
+    grad_clip (0: off); state saved every checkpoint_every steps. How long and how fast (steps, lr) each stage
+    names itself."""
 
     dataset: str | None = None
     num_samples: int = 512
@@ -65,20 +49,24 @@ class DistillData:
     batch_size: int = 4
     temperature: float = 1.0
     hidden_weight: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
     checkpoint_every: int = 50
     seed: int = 1
 
-    def make_distill_config(self, steps: int, lr: float, where: str) -> DistillConfig:
+    def check_distill(self, where: str) -> None:
         problem = window_counts_problem(self, where)
         if problem:
             raise RecipeError(f"{problem}.")
-        return DistillConfig(
-            steps=steps,
-            lr=lr,
-            temperature=self.temperature,
-            hidden_weight=self.hidden_weight,
-            checkpoint_every=self.checkpoint_every,
-        ).validate(where)
+        if self.temperature <= 0 or self.checkpoint_every < 1:
+            raise RecipeError(f"{where}: temperature and checkpoint_every must be positive.")
+        if self.hidden_weight < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise RecipeError(f"{where}: hidden_weight, warmup_steps and grad_clip must be 0 or more.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise RecipeError(
+                f"{where}.min_lr_ratio {self.min_lr_ratio}: the final fraction of the peak rate, in [0, 1]"
+            )
 
 
 @dataclass
@@ -113,11 +101,11 @@ def distillation_loss(
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
-def _lr_lambda(config: DistillConfig):
+def _lr_lambda(config: DistillConfig, steps: int):
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        progress = (step - config.warmup_steps) / max(1, steps - config.warmup_steps)
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
@@ -129,6 +117,7 @@ def distill(
     batches: list[CalibrationBatch],
     param_groups: list[dict],
     config: DistillConfig,
+    steps: int,
     state_dir: str | Path | None = None,
     fingerprint: str = "",
     progress: bool = True,
@@ -136,8 +125,8 @@ def distill(
     teacher_context: Callable[[], AbstractContextManager] | None = None,
     extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> DistillReport:
-    """Train the parameters in `param_groups` (torch optimizer groups; a group's "lr" is relative to
-    nothing: it is the peak rate) so that `student` matches `teacher` on `batches`, cycled in order.
+    """Train the parameters in `param_groups` (torch optimizer groups, each with its peak "lr") for `steps`
+    steps so that `student` matches `teacher` on `batches`, cycled in order.
 
     state_dir: where the accelerate state (model, optimizer, scheduler, RNG) is saved every
     `checkpoint_every` steps; a run finding a state there resumes from it. `fingerprint` identifies
@@ -147,14 +136,16 @@ def distill(
     """
     from accelerate import Accelerator
 
-    config.validate()
+    config.check_distill("distill")
+    if steps < 1 or any(group.get("lr", -1) < 0 for group in param_groups):
+        raise RecipeError("distill: steps must be positive and every parameter group needs an lr of 0 or more.")
     if not batches:
         raise RecipeError("distillation needs at least one batch of training data.")
     if teacher is None and teacher_context is None:
         raise RecipeError("distillation without a teacher model needs a teacher_context for the student to act as one.")
     accelerator = Accelerator(cpu=cpu)
-    optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps))
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     if teacher is not None:  # a teacher placed by accelerate's big-model loading (offloaded layers) stays as placed
         teacher.eval().requires_grad_(False)
@@ -174,16 +165,16 @@ def distill(
             )
         accelerator.load_state(str(latest))
         start, losses = int(saved["step"]), [tuple(x) for x in saved["losses"]]
-        accelerator.print(f"resuming distillation from step {start} of {config.steps} ({latest})")
+        accelerator.print(f"resuming distillation from step {start} of {steps} ({latest})")
 
     student.eval()  # no dropout / router jitter; gradients still flow
     began, first_loss, running = time.perf_counter(), (losses[0][1] if losses else None), []
     bar = tqdm(
-        range(start, config.steps),
+        range(start, steps),
         desc="distill",
         disable=not progress or not accelerator.is_main_process,
         initial=start,
-        total=config.steps,
+        total=steps,
     )
     for step in bar:
         batch = batches[step % len(batches)]
@@ -218,15 +209,15 @@ def distill(
         value = float(loss.detach())
         first_loss = value if first_loss is None else first_loss
         running.append(value)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+        if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
             losses.append((step + 1, sum(running) / len(running)))
             running = []
             bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
-        if latest is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+        if latest is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
             _save_state(accelerator, latest, {"step": step + 1, "losses": losses, "fingerprint": fingerprint})
     accelerator.wait_for_everyone()
     final = losses[-1][1] if losses else float("nan")
-    return DistillReport(config.steps, start, time.perf_counter() - began, first_loss, final, losses)
+    return DistillReport(steps, start, time.perf_counter() - began, first_loss, final, losses)
 
 
 def _save_state(accelerator, latest: Path, progress: dict) -> None:
@@ -247,7 +238,7 @@ def _save_state(accelerator, latest: Path, progress: dict) -> None:
 
 
 def training_batches(
-    loaded: LoadedModel, r: DistillData, cal: CalibrationConfig, trust_remote_code: bool = False
+    loaded: LoadedModel, r: DistillConfig, cal: CalibrationConfig, trust_remote_code: bool = False
 ) -> list[CalibrationBatch]:
     """Training data of a distillation stage: text windows (+ image+text items for VL models), shuffled together."""
     processor = load_tokenizer_or_processor(loaded.source, loaded.adapter.is_multimodal, trust_remote_code)

@@ -20,7 +20,7 @@ from ..errors import RecipeError
 from ..formats import SCALE_DTYPE, QTensor, QuantFormat, expand_scales, pack, unpack
 from ..models.base import PROJECTIONS, ExpertWeights, ModelAdapter
 from ..runtime.packed_experts import ExpertList, PackedExperts, PackedLinear
-from .distill import DistillConfig, DistillData, DistillReport, distill
+from .distill import DistillConfig, DistillReport, distill
 
 QAT_INITS = ("original", "quantized")
 
@@ -101,10 +101,9 @@ class QATExperts(ExpertList):
 
 
 @dataclass
-class RecoveryConfig(DistillData):
-    """Quantization-aware distillation after PTQ. `lr` for latent weights, `scale_lr` for the scales;
-    training data: `dataset` (default: the calibration dataset) cut into num_samples x seq_len windows, plus
-    vl_num_samples image+text items of calibration.vl_dataset for VL models. The state is saved every
+class RecoveryConfig(DistillConfig):
+    """Quantization-aware distillation after PTQ, `steps` steps at peak rate `lr` for the latent weights and
+    `scale_lr` for the scales; data, loss and schedule: `DistillConfig`. The state is saved every
     checkpoint_every steps in `<output>.recovery-state/` and a rerun resumes from it. `teacher`: distill from
     this model (folder or hub id, same tokenizer; e.g. the dense model of an upcycled MoE) instead of the
     source model; with a teacher of another layout use init: quantized."""
@@ -116,10 +115,13 @@ class RecoveryConfig(DistillData):
     init: str = "original"
     teacher: str | None = None
 
-    def distill_config(self) -> DistillConfig:
+    def validate(self) -> RecoveryConfig:
+        if self.steps < 1 or self.lr <= 0:
+            raise RecipeError(f"recovery: steps {self.steps} and lr {self.lr} must be positive.")
         if self.scale_lr < 0:
             raise RecipeError(f"recovery.scale_lr {self.scale_lr}: use 0 (scales frozen) or more")
-        return self.make_distill_config(self.steps, self.lr, "recovery")
+        self.check_distill("recovery")
+        return self
 
 
 def recover_quantized_experts(
@@ -166,9 +168,7 @@ def recover_quantized_experts(
         p.requires_grad_(True)
     groups = [{"params": weights, "lr": config.lr}, {"params": scales, "lr": config.scale_lr}]
     try:
-        report = distill(
-            model, teacher, batches, groups, config.distill_config(), state_dir, fingerprint, progress, cpu
-        )
+        report = distill(model, teacher, batches, groups, config, config.steps, state_dir, fingerprint, progress, cpu)
     finally:
         for view in views:
             if isinstance(view.experts, QATExperts):
