@@ -40,11 +40,17 @@ def tensor_hashes(folder: Path) -> dict[str, str]:
 def run_recipe(tree: Path, recipe: Path, out: Path) -> float:
     vl = recipe.stem.endswith("-vl")
     model = tree.resolve().parent / "shared" / "models" / ("moe-tiny-vl" if vl else "moe-tiny-text")
-    cmd = [sys.executable, "-c", "from moecompress.cli import main; main()", "compress", str(model)]
-    cmd += ["--recipe", str(recipe), "-o", str(out), "--overwrite"] + (["--trust-remote-code"] if vl else [])
+    cmd = [sys.executable, "-c", "import sys; from moecompress.cli import main; sys.exit(main())", "compress"]
+    cmd += [str(model), "--recipe", str(recipe.resolve()), "-o", str(out.resolve()), "--overwrite"]
+    cmd += ["--trust-remote-code"] if vl else []
     env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # cwd: `python -c` puts the working directory first on sys.path, which would shadow --tree's package
+    child = subprocess.run(
+        cmd, env=env, cwd=tree.resolve(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    if child.returncode != 0:
+        raise SystemExit(f"{recipe.name} failed with the tree {tree}: {child.stderr.strip().splitlines()[-1]}")
     return time.perf_counter() - start
 
 
@@ -72,6 +78,16 @@ def main() -> None:
     args = p.parse_args()
     if args.compare:
         sys.exit(compare(*args.compare))
+    package = subprocess.run(
+        [sys.executable, "-c", "import moecompress; print(moecompress.__file__)"],
+        env={**os.environ, "PYTHONPATH": str(args.tree.resolve())},
+        cwd=args.tree.resolve(),
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if not package.startswith(str(args.tree.resolve()) + os.sep):
+        raise SystemExit(f"the runs would import {package}, not the package of --tree {args.tree}")
+    print(f"package: {package}", flush=True)
     recipes = sorted((args.tree / "pipelines").glob("*.yaml"))
     recipes = [r for r in recipes if not args.recipes or r.stem in args.recipes]
     result = {}
