@@ -5,6 +5,7 @@ from setuptools import find_packages, setup
 
 setup(
     packages=[*find_packages(include=["moecompress", "moecompress.*"]), "moecompress.csrc"],
+    py_modules=["_moecompress_cli"],  # the command's entry point: handles Ctrl-C while the package imports
     package_dir={"moecompress.csrc": "csrc"},
     package_data={"moecompress.csrc": ["*/*.h", "*/*.cpp", "*/*.cu"]},
 )

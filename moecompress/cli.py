@@ -54,7 +54,7 @@ def _load_for_eval(
     if dense_kernels == "native" or (dense_kernels == "auto" and checkpoint):
         use_native_linears(model)
     seconds = time.perf_counter() - start
-    return model, load_tokenizer_or_processor(path, multimodal, trust_remote_code), seconds
+    return model, load_tokenizer_or_processor(path, multimodal, trust_remote_code, model.config), seconds
 
 
 def data_label(path: str) -> str:

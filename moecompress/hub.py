@@ -12,7 +12,7 @@ import yaml
 from .errors import CheckpointError, HubError
 from .evaluation.efficiency import checkpoint_bytes
 from .evaluation.records import RUN_RECORD, RunRecord, read_record
-from .io.checkpoint import MANIFEST, copy_aux_files, verify_checkpoint
+from .io.checkpoint import MANIFEST, copy_aux_files, inside, verify_checkpoint
 from .io.interop import EXPORT_FORMATS, uniform_format, write_interop_files
 from .report import markdown_table, metrics, recovery
 from .storage.outputs import atomic_folder
@@ -207,6 +207,12 @@ def prepare_hub_folder(
         record.model: repo_id,
         **{s: base_model for s in (record.base_model, manifest.get("source_model")) if s},
     }
+    outside = next((n for n in checkpoint_files(source, manifest) if not inside(source, source / n)), None)
+    if outside is not None:
+        raise CheckpointError(
+            f"{source / outside} is a link to {(source / outside).resolve()}, outside the checkpoint folder; an "
+            "export publishes only the checkpoint's own files: replace the link with the file itself."
+        )
     with atomic_folder(output, [checkpoint], overwrite, kind="export") as tmp:
         if fmt_name == "moecompress":
             verify_checkpoint(source)

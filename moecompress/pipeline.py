@@ -17,7 +17,8 @@ from torch import nn
 
 from .allocation import CompressionPlan
 from .calibration.batches import calibration_batches, load_tokenizer_or_processor
-from .errors import RecipeError
+from .calibration.data import CalibrationBatch
+from .errors import MoECompressError, RecipeError
 from .evaluation.records import RUN_RECORD, RunRecord
 from .models import LoadedModel, load_model
 from .models.streaming import StreamedModel, local_folder, open_streamed, parameter_count
@@ -158,7 +159,7 @@ def _state_memory_need(source: str, recipe: Recipe, trust_remote_code: bool, cou
     training = [s for s in STAGES if s.enabled(recipe) and s.trains]
     params = parameter_count(source)
     if training and params:
-        skeleton = open_streamed(source, trust_remote_code=trust_remote_code)
+        skeleton = open_streamed(source, trust_remote_code=trust_remote_code, check_outside=False)
         experts = sum(v.expert_params for v in skeleton.adapter.moe_blocks(skeleton.model))
         teacher = max(parameter_count(s.teacher(recipe)) if s.teacher(recipe) else params for s in training)
         require_room(TrainingMemory(params, experts, teacher), [s.name for s in training], recipe.device)
@@ -200,25 +201,16 @@ def _compress(
         progress,
         plan if quantized else None,
     )
-    if streamed and output is not None:
-        ctx.store = LayerStore(state_folder(output), job_fingerprint(loaded, recipe, ctx.plan))
     if ctx.plan is not None and recipe.merge.method == "none":
         ctx.plan.check_fits(*ctx.moe_layers())  # before calibration: a plan for another model is refused at once
     ctx.batches = calibration_batches(loaded, recipe.calibration, trust_remote_code)
+    if streamed and output is not None:
+        ctx.store = LayerStore(state_folder(output), job_fingerprint(loaded, recipe, ctx.plan, ctx.batches))
     try:
         seconds = _run_stages(ctx)
-    except BaseException:
+    except BaseException as exc:
         if ctx.store is not None:
-            with contextlib.suppress(Exception):
-                ctx.store.flush()  # the layer in flight is finished too
-            ctx.store.drop_unresumable()
-        if ctx.store is not None and ctx.store.done():
-            log.warning(
-                "finished layers %d-%d are kept in %s: rerun the same command to resume after them",
-                ctx.store.done()[0],
-                ctx.store.done()[-1],
-                ctx.store.folder,
-            )
+            _keep_resumable(ctx.store, exc)
         raise
 
     reports, plan = ctx.quant_reports, ctx.plan
@@ -244,42 +236,71 @@ def _compress(
         stages=dict(ctx.reports),
     )
     if output is not None:
-        from .io.checkpoint import save_checkpoint
-
-        dtype = getattr(torch, recipe.save_dtype)
-        tensors = (
-            [*loaded.outside_state(dtype).items(), *((t.name, t) for t in ctx.store.layer_tensors())]
-            if ctx.store is not None
-            else None
-        )
-        report.seconds = time.perf_counter() - start
-        with disk_errors(f"the checkpoint {output}", ctx.store.folder if ctx.store is not None else None):
-            report.output = str(
-                save_checkpoint(
-                    loaded.model,
-                    output,
-                    recipe.to_yaml(),
-                    loaded.source,
-                    report.to_dict(),
-                    dtype,
-                    max_shard_bytes,
-                    extra_files={
-                        RUN_RECORD: json.dumps(
-                            run_record(report, recipe, plan, reports, Path(output)).to_dict(), indent=1
-                        ),
-                        **({"plan.json": json.dumps(plan.to_dict(), indent=1)} if plan else {}),
-                    },
-                    overwrite=overwrite,
-                    tensors=tensors,
-                )
-            )
-        for stage in STAGES:  # only an interrupted job needs its training state
-            if stage.trains:
-                shutil.rmtree(ctx.state_dir(stage.name), ignore_errors=True)
-        if ctx.store is not None:
-            ctx.store.remove()
+        try:
+            _write_checkpoint(ctx, report, Path(output), overwrite, max_shard_bytes, start)
+        except BaseException as exc:
+            if ctx.store is not None:
+                _keep_resumable(ctx.store, exc)
+            raise
     report.seconds = time.perf_counter() - start
     return CompressionResult(loaded, report)
+
+
+def _write_checkpoint(
+    ctx: RunContext, report: CompressionReport, output: Path, overwrite: bool, max_shard_bytes: int, start: float
+) -> None:
+    """The checkpoint of a finished run (a streamed one's from its stored layers), then the run's states removed."""
+    from .io.checkpoint import save_checkpoint
+
+    loaded, recipe, plan, reports = ctx.loaded, ctx.recipe, ctx.plan, ctx.quant_reports
+    dtype = getattr(torch, recipe.save_dtype)
+    tensors = (
+        [
+            *loaded.outside_state(dtype).items(),
+            *((t.name, t) for t in ctx.store.layer_tensors(len(loaded.layers))),
+        ]
+        if ctx.store is not None
+        else None
+    )
+    report.seconds = time.perf_counter() - start
+    with disk_errors(f"the checkpoint {output}", ctx.store.folder if ctx.store is not None else None, True):
+        report.output = str(
+            save_checkpoint(
+                loaded.model,
+                output,
+                recipe.to_yaml(),
+                loaded.source,
+                report.to_dict(),
+                dtype,
+                max_shard_bytes,
+                extra_files={
+                    RUN_RECORD: json.dumps(run_record(report, recipe, plan, reports, Path(output)).to_dict(), indent=1),
+                    **({"plan.json": json.dumps(plan.to_dict(), indent=1)} if plan else {}),
+                },
+                overwrite=overwrite,
+                tensors=tensors,
+            )
+        )
+    for stage in STAGES:  # only an interrupted job needs its training state
+        if stage.trains:
+            shutil.rmtree(ctx.state_dir(stage.name), ignore_errors=True)
+    if ctx.store is not None:
+        ctx.store.remove()
+
+
+def _keep_resumable(store: LayerStore, exc: BaseException) -> None:
+    """After a failure: keep what a rerun resumes from, and say so (in the error itself when it is ours)."""
+    with contextlib.suppress(Exception):
+        store.flush()  # the layer in flight is finished too
+    store.drop_unresumable()
+    kept = store.kept()
+    if kept is None or str(store.folder) in str(exc):
+        return
+    note = f"{kept} kept in {store.folder}: rerun the same command to resume, or delete that folder to start over"
+    if isinstance(exc, MoECompressError) and len(exc.args) == 1:
+        exc.args = (f"{exc.args[0]} ({note}).",)
+    else:
+        log.warning(note)
 
 
 def _run_stages(ctx: RunContext) -> dict[str, float]:
@@ -296,12 +317,21 @@ def _run_stages(ctx: RunContext) -> dict[str, float]:
     return seconds
 
 
-def job_fingerprint(loaded: StreamedModel, recipe: Recipe, plan: CompressionPlan | None) -> str:
-    """What a resumed run must share with the run it continues: recipe, plan, and the source's files."""
+def job_fingerprint(
+    loaded: StreamedModel, recipe: Recipe, plan: CompressionPlan | None, batches: list[CalibrationBatch]
+) -> str:
+    """What a resumed run must share with the run it continues: recipe, plan, the source's files and the content of
+    the calibration batches (a data file edited in place is another job)."""
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in {t.file for t in loaded.tensors.values()})
     config = (local_folder(loaded.source) / "config.json").read_text()
     job = {"recipe": recipe.to_yaml(), "plan": plan.to_dict() if plan else None, "files": files, "config": config}
-    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode())
+    for batch in batches:
+        for name, value in sorted(batch.inputs.items()):
+            if isinstance(value, torch.Tensor):
+                digest.update(name.encode())
+                digest.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def run_record(

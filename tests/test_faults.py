@@ -5,6 +5,7 @@ the output path and nothing else touched (the directory tree is snapshotted befo
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -579,3 +580,230 @@ def test_recipe_data_paths_are_relative_to_the_recipe_file(tmp_path, monkeypatch
     repo = Path(__file__).resolve().parent.parent
     shipped = Recipe.from_yaml(repo / "pipelines" / "gptq-w4g128.yaml")
     assert Path(shipped.calibration.dataset).is_file()
+
+
+# --- second pass: plain loaders, malformed configs, damaged sources, concurrency --------------------------------
+
+
+def test_a_checkpoint_stripped_of_its_quantization_config_is_refused_by_plain_transformers(ckpt):
+    from transformers import AutoModelForCausalLM
+
+    manifest = json.loads((ckpt / "moecompress.json").read_text())
+    assert manifest["format_version"] == 4 and manifest["weights"][manifest["guard"]]["shape"] == [1]
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["quantization_config"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # instead of a model with random experts
+        AutoModelForCausalLM.from_pretrained(ckpt)
+
+
+@pytest.mark.parametrize(
+    "edit,why",
+    [
+        (lambda qc: qc["experts"][next(iter(qc["experts"]))][0].__setitem__(0, 99), "malformed"),
+        (lambda qc: qc.update(formats=[]), "malformed"),
+        (
+            lambda qc: qc["experts"].update(
+                {"model.layers.9.mlp.experts": qc["experts"].pop(next(iter(qc["experts"])))}
+            ),
+            "model.layers.9.mlp.experts",
+        ),
+    ],
+    ids=["format-index", "no-formats", "module-path"],
+)
+def test_a_malformed_quantization_config_is_one_error_on_every_load_path(ckpt, capsys, edit, why):
+    from transformers import AutoModelForCausalLM
+
+    _edit_config(ckpt, edit, rehash_config=True)
+    assert why in refused(capsys, ["eval", "ppl", ckpt, "--data", WIKI, "--max-windows", "1"], ckpt.parent)
+    for load in (moecompress.load, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(CheckpointError, match=re.escape(why)):
+            load(ckpt)
+
+
+def _untie(state: dict, config: dict) -> None:
+    config["tie_word_embeddings"] = False  # and no lm_head.weight stored
+
+
+def _int_weight(state: dict, config: dict) -> None:
+    key = "model.layers.1.self_attn.q_proj.weight"
+    state[key] = (state[key] * 100).to(torch.int32)
+
+
+def _inf(key: str):
+    def harm(state: dict, config: dict) -> None:
+        if key == "lm_head.weight":
+            config["tie_word_embeddings"] = False
+            state[key] = state["model.embed_tokens.weight"].clone()
+        state[key][5, 3] = float("inf")
+
+    return harm
+
+
+SOURCE_FAULTS = {
+    "integer weight": (_int_weight, "as I32, an integer type"),
+    "untied without lm_head": (_untie, "no weight for lm_head.weight"),
+    "top_k above experts": (lambda s, c: c.update(num_experts_per_tok=c["num_experts"] + 1), "17 experts of 16"),
+    "inf embedding": (_inf("model.embed_tokens.weight"), "model.embed_tokens.weight holds NaN/Inf"),
+    "inf lm_head": (_inf("lm_head.weight"), "lm_head.weight holds NaN/Inf"),
+}
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "in-memory"])
+@pytest.mark.parametrize("fault", list(SOURCE_FAULTS))
+def test_damaged_sources_are_one_error_line(capsys, tmp_path, model_dir, fault, stream):
+    harm, why = SOURCE_FAULTS[fault]
+    source = tmp_path / "src"
+    shutil.copytree(model_dir, source)
+    state, config = load_file(source / "model.safetensors"), json.loads((source / "config.json").read_text())
+    harm(state, config)
+    save_file(state, source / "model.safetensors", metadata={"format": "pt"})
+    (source / "config.json").write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path, QUICK)
+    argv = ["compress", source, "--recipe", recipe, "-o", tmp_path / "o", *([] if stream else ["--no-stream"])]
+    assert why in refused(capsys, argv, tmp_path, tmp_path / "o")
+
+
+def test_export_refuses_a_recipe_linked_from_outside_the_checkpoint(ckpt, tmp_path, capsys):
+    secret = tmp_path / "private.yaml"
+    secret.write_text("token: hf_secret\n")
+    (ckpt / "recipe.yaml").unlink()
+    (ckpt / "recipe.yaml").symlink_to(secret)
+    argv = ["export", ckpt, "--hub", "me/x", "--base-model", "org/tiny", "--dry-run", "-o", tmp_path / "hub"]
+    assert "outside the checkpoint folder" in refused(capsys, argv, tmp_path, tmp_path / "hub")
+
+
+def test_adapter_discovery_is_thread_safe(monkeypatch):
+    """Threads asking for an adapter while another discovers wait for every adapter, instead of finding none."""
+    import threading
+    import time
+
+    from moecompress.models import registry
+
+    registered = dict(registry._ADAPTERS)
+    monkeypatch.setattr(registry, "_ADAPTERS", {})
+    monkeypatch.setattr(registry, "_discovered", False)
+    monkeypatch.setattr(registry, "_import_adapters", lambda: time.sleep(0.3) or registry._ADAPTERS.update(registered))
+    found, errors = [], []
+
+    def ask():
+        try:
+            found.append(registry.get_adapter("qwen3_moe"))
+        except Exception as exc:  # noqa: BLE001 - the failure this test is about
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(found) == 8
+
+
+def test_concurrent_evaluations_of_one_record_keep_every_result(tmp_path):
+    import multiprocessing
+
+    from moecompress.evaluation.records import RunRecord, add_evaluation, read_record
+
+    record = tmp_path / "run.json"
+    add_evaluation(record, "ppl", {}, RunRecord(name="m", model="m"))
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_add_many, args=(record, w)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert all(w.exitcode == 0 for w in workers)
+    assert len(read_record(record).evaluations["ppl"]) == 80
+
+
+def _add_many(record: Path, worker: int) -> None:
+    from moecompress.evaluation.records import add_evaluation
+
+    for i in range(20):
+        add_evaluation(record, "ppl", {f"data-{worker}-{i}": {"ppl": 1.0}})
+
+
+def test_a_folder_without_tokenizer_or_with_a_foreign_one(capsys, tmp_path, model_dir):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    assert "has no tokenizer files" in refused(
+        capsys, ["compress", bare, "-o", tmp_path / "o"], tmp_path, tmp_path / "o"
+    )
+    vocab = {w: i for i, w in enumerate(["a", "b", "c", "d", "[UNK]"])}
+    PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, "[UNK]")), unk_token="[UNK]"
+    ).save_pretrained(bare)
+    assert "has 5 tokens for a model of 8192" in refused(
+        capsys, ["compress", bare, "-o", tmp_path / "o"], tmp_path, tmp_path / "o"
+    )
+
+
+def test_an_output_name_too_long_for_the_file_system(capsys, tmp_path, model_dir, no_model_load):
+    out = tmp_path / ("x" * 250)
+    assert "has 250 bytes" in refused(capsys, ["compress", model_dir, "-o", out], tmp_path, out)
+
+
+@pytest.mark.parametrize("name", ["eval.json", "eval.JSONL"])
+def test_json_evaluation_files_are_read_as_json(tmp_path, model_dir, name):
+    from transformers import AutoTokenizer
+
+    from moecompress.calibration.data import read_texts, token_stream
+    from moecompress.evaluation.perplexity import evaluation_stream
+
+    texts = read_texts(str(require_shared(CALIB)))[:3]
+    data = tmp_path / name
+    lines = [json.dumps({"text": t}) for t in texts]
+    data.write_text(f"[{', '.join(lines)}]" if name.endswith(".json") else "\n".join(lines))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert evaluation_stream(str(data), tokenizer).tolist() == token_stream(texts, tokenizer).tolist()
+
+
+def test_seq_len_above_the_model_positions_is_refused(capsys, ckpt):
+    msg = refused(capsys, ["eval", "ppl", ckpt, "--data", WIKI, "--seq-len", "4096"], ckpt.parent)
+    assert "above the model's 2048 positions" in msg
+
+
+def test_a_manifest_without_format_is_called_damaged(capsys, ckpt):
+    _rewrite_manifest(ckpt, lambda m: m.pop("format"))
+    msg = refused(capsys, ["eval", "ppl", ckpt, "--data", WIKI], ckpt.parent)
+    assert "manifest is damaged" in msg and "upgrade" not in msg
+
+
+def test_a_failed_streamed_run_says_what_it_kept(capsys, tmp_path, nan_model):
+    recipe = write_recipe(tmp_path, QUICK)
+    argv = ["compress", nan_model, "--recipe", recipe, "-o", tmp_path / "o"]
+    msg = refused(capsys, argv, tmp_path, tmp_path / "o", kept="o.compress-state")
+    assert "finished layer 0 is kept in" in msg and "o.compress-state" in msg
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.5])
+def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path, model_dir, delay):
+    """While the package imports (torch, transformers) and just after: status 130, one line, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from _moecompress_cli import main; main()",
+            "compress",
+            model_dir,
+            "-o",
+            tmp_path / "o",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(delay)
+    child.send_signal(signal.SIGINT)
+    err = child.communicate(timeout=120)[1]
+    lines = err.strip().splitlines()
+    assert child.returncode == 130 and lines[-1].startswith("error: interrupted") and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()

@@ -3,6 +3,7 @@ and bit-identical to the in-memory pipeline."""
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import moecompress
 from moecompress.cli import main
@@ -176,6 +177,106 @@ def test_state_of_another_job_is_not_resumed(tiny_text_path, tmp_path, capsys):
         moecompress.compress(str(tiny_text_path), recipe("rtn-ternary"), tmp_path / "w4", progress=False)
 
 
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "flipped byte": (lambda s: _flip_last_byte(s / "layer-00000.safetensors"), "layer-00000.safetensors"),
+    "truncated": (lambda s: os.truncate(s / "layer-00001.safetensors", 1000), "layer-00001.safetensors"),
+    "swapped": (
+        lambda s: shutil.copyfile(s / "layer-00001.safetensors", s / "layer-00000.safetensors"),
+        "layer-00000.safetensors",
+    ),
+    "record lost": (lambda s: (s / "layer-00000.json").unlink(), "layer 0 is missing"),
+    "record of another job": (
+        lambda s: (s / "layer-00000.json").write_text(
+            json.dumps({**json.loads((s / "layer-00000.json").read_text()), "job": "another"})
+        ),
+        "stored by another job",
+    ),
+    "record without hashes": (
+        lambda s: (s / "layer-00000.json").write_text(json.dumps({"reports": []})),
+        "record of layer 0",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def killed_state(tmp_path_factory, tiny_text_path) -> tuple[Path, Path]:
+    """(recipe file, the state a run killed after layer 1 left), made once: each test damages a copy."""
+    root = tmp_path_factory.mktemp("killed")
+    recipe_file = root / "r.yaml"
+    recipe_file.write_text(recipe("gptq-w4").to_yaml())
+    killed_run(tiny_text_path, root / "w4", recipe_file, "after", layer=1)
+    return recipe_file, root / "w4.compress-state"
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_resume_state_is_dropped_and_the_job_starts_over(
+    damage, killed_state, in_memory, tiny_text_path, tmp_path, monkeypatch, caplog
+):
+    """A stored layer that is not what the run wrote is never resumed: the rerun says why and recomputes every layer."""
+    from moecompress.models.streaming import StreamedModel
+
+    recipe_file, killed = killed_state
+    out, state = tmp_path / "w4", tmp_path / "w4.compress-state"
+    shutil.copytree(killed, state)
+    harm, named = DAMAGE[damage]
+    harm(state)
+    loads = []
+    load_layer = StreamedModel.load_layer
+    monkeypatch.setattr(StreamedModel, "load_layer", lambda self, i, d: loads.append(i) or load_layer(self, i, d))
+    moecompress.compress(str(tiny_text_path), Recipe.from_yaml(recipe_file), out, progress=False)
+    assert loads == [0, 1, 2, 3]
+    assert any(named in r.getMessage() and "starts over" in r.getMessage() for r in caplog.records), caplog.text
+    assert tensor_hashes(out) == tensor_hashes(in_memory("gptq-w4"))
+    assert not state.exists()
+
+
+def test_a_changed_plan_in_the_resume_state_is_made_again(
+    killed_state, in_memory, tiny_text_path, tmp_path, monkeypatch, caplog
+):
+    recipe_file, killed = killed_state
+    out, state = tmp_path / "w4", tmp_path / "w4.compress-state"
+    shutil.copytree(killed, state)
+    plan = json.loads((state / "plan.json").read_text())
+    plan["method"] = "edited"
+    (state / "plan.json").write_text(json.dumps(plan))
+    moecompress.compress(str(tiny_text_path), Recipe.from_yaml(recipe_file), out, progress=False)
+    assert any("plan.json does not match its sha256" in r.getMessage() for r in caplog.records), caplog.text
+    assert tensor_hashes(out) == tensor_hashes(in_memory("gptq-w4"))
+
+
+def test_assembly_needs_every_layer(tmp_path):
+    from moecompress.storage.layer_store import LayerStore
+
+    store = LayerStore(tmp_path / "s", "job")
+    for index in (0, 1):
+        store.save_layer(index, {f"l{index}": torch.randn(4)}, {}, [torch.randn(2)])
+    assert [t.name for t in store.layer_tensors(2)] == ["l0", "l1"]
+    store.save_layer(3, {"l3": torch.randn(4)}, {}, [torch.randn(2)])
+    with pytest.raises(OutputError, match="lacks layer 2 of the 4"):
+        store.layer_tensors(4)
+
+
+def test_calibration_data_edited_in_place_is_another_job(tiny_text_path, tmp_path, capsys):
+    data = tmp_path / "calib.txt"
+    shutil.copyfile(require_shared(CALIB), data)
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(
+        Recipe.from_dict(
+            {**RECIPES["gptq-w4"], "calibration": {**SMALL["calibration"], "dataset": str(data)}}
+        ).to_yaml()
+    )
+    killed_run(tiny_text_path, tmp_path / "w4", recipe_file, "after", layer=0)
+    data.write_text("\n".join(reversed(data.read_text().splitlines())) + "\n")  # same path and recipe, other data
+    rc = main(["compress", str(tiny_text_path), "--recipe", str(recipe_file), "-o", str(tmp_path / "w4")])
+    assert rc == 2 and "holds the state of another compress job" in capsys.readouterr().err
+
+
 @pytest.fixture
 def sharded_source(tiny_text_path, tmp_path) -> Path:
     """moe-tiny-text re-saved as several shards with an index (as large models are published)."""
@@ -247,6 +348,37 @@ def test_damaged_sources_are_refused_before_any_work(damage, message, sharded_so
         assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "sharded"]
 
 
+def test_a_tensor_stored_in_two_shards_is_named(sharded_source, tmp_path, capsys):
+    index = json.loads((sharded_source / "model.safetensors.index.json").read_text())
+    first, second = sorted(set(index["weight_map"].values()))[:2]
+    stray = next(k for k, f in index["weight_map"].items() if f == first)
+    moved = load_file(sharded_source / second)
+    moved[stray] = load_file(sharded_source / first)[stray]
+    save_file(moved, sharded_source / second, metadata={"format": "pt"})
+    rc = main(["compress", str(sharded_source), "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and f"'{stray}' is stored twice, in {first} and {second}" in err
+
+
+def test_one_tensor_above_the_file_size_limit_is_named(tiny_text_path, tmp_path):
+    """--max-shard-size cannot help a tensor that alone exceeds `ulimit -f`: the error names it."""
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(recipe("gptq-w4").to_yaml())
+    script = textwrap.dedent("""
+        import resource, signal, sys
+        from moecompress.cli import main
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_500_000, resource.RLIM_INFINITY))  # layers fit, embeddings not
+        sys.exit(main(sys.argv[1:]))
+    """)
+    out = tmp_path / "w4"
+    argv = ["compress", str(tiny_text_path), "--recipe", str(recipe_file), "-o", str(out), "--max-shard-size", "1MB"]
+    child = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True)
+    last = child.stderr.strip().splitlines()[-1]
+    assert child.returncode == 2 and "tensor model.embed_tokens.weight alone is" in last and "2500000" in last, last
+    assert not out.exists()
+
+
 def test_a_full_disk_keeps_the_finished_layers_for_a_resume(tiny_text_path, tmp_path, in_memory):
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(recipe("gptq-w4").to_yaml())
@@ -254,7 +386,7 @@ def test_a_full_disk_keeps_the_finished_layers_for_a_resume(tiny_text_path, tmp_
         import resource, signal, sys
         from moecompress.cli import main
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) like one on a full disk
-        resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, resource.RLIM_INFINITY))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6 << 20, resource.RLIM_INFINITY))  # every tensor fits
         sys.exit(main(sys.argv[1:]))
     """)
     out = tmp_path / "w4"

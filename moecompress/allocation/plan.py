@@ -60,6 +60,15 @@ class CompressionPlan:
     def load(cls, path: str | Path) -> CompressionPlan:
         try:
             data = json.loads(Path(path).expanduser().read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(
+                f"cannot read the plan '{path}' ({type(exc).__name__}: {exc}); create one with `moecompress plan`."
+            ) from None
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str | Path = "plan") -> CompressionPlan:
+        try:
             formats = [QuantFormat.from_dict(f) for f in data["formats"]]
             plan = cls(
                 [x if isinstance(x, str) else int(x) for x in data["layers"]],  # block keys: 3, or "3.image"
@@ -68,15 +77,7 @@ class CompressionPlan:
                 data.get("method", "unknown"),
                 data.get("details", {}),
             )
-        except (
-            OSError,
-            UnicodeDecodeError,
-            json.JSONDecodeError,
-            KeyError,
-            TypeError,
-            ValueError,
-            RuntimeError,
-        ) as exc:
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(
                 f"cannot read the plan '{path}' ({type(exc).__name__}: {exc}); create one with `moecompress plan`."
             ) from None

@@ -22,13 +22,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def load_tokenizer_or_processor(source: str, multimodal: bool, trust_remote_code: bool = False):
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "*.tiktoken",
+)
+
+
+def load_tokenizer_or_processor(source: str, multimodal: bool, trust_remote_code: bool = False, config=None):
+    """The tokenizer (or, for a VL model, the processor) of `source`; with the model's `config`, one whose vocabulary
+    is far smaller than the model's (not this model's tokenizer) is refused."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"'{source}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); copy them from the original "
+            "model into the folder."
+        )
     try:
         if multimodal:
-            return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-        return AutoTokenizer.from_pretrained(source)
+            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        else:
+            processor = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, ImportError) as exc:
         hint = (
             " This processor ships custom code: pass --trust-remote-code."
@@ -36,6 +55,14 @@ def load_tokenizer_or_processor(source: str, multimodal: bool, trust_remote_code
             else ""
         )
         raise ModelLoadError(f"could not load the tokenizer/processor of '{source}': {exc}.{hint}") from exc
+    vocab = getattr(config.get_text_config(), "vocab_size", None) if config is not None else None
+    size = len(getattr(processor, "tokenizer", processor))
+    if vocab and size * 4 < vocab:
+        raise ModelLoadError(
+            f"the tokenizer of '{source}' has {size} tokens for a model of {vocab}: it is not this model's tokenizer; "
+            "copy the original tokenizer files into the folder."
+        )
+    return processor
 
 
 @contextlib.contextmanager
@@ -57,7 +84,9 @@ def calibration_batches(
     loaded: LoadedModel, cal: CalibrationConfig, trust_remote_code: bool = False
 ) -> list[CalibrationBatch]:
     """The calibration batches `cal` names: text windows, plus image+text items for vision-language models."""
-    processor = load_tokenizer_or_processor(loaded.source, loaded.adapter.is_multimodal, trust_remote_code)
+    processor = load_tokenizer_or_processor(
+        loaded.source, loaded.adapter.is_multimodal, trust_remote_code, loaded.model.config
+    )
     tokenizer = getattr(processor, "tokenizer", processor)
     batches = text_calibration_batches(cal.dataset, tokenizer, cal.num_samples, cal.seq_len, cal.batch_size, cal.seed)
     if loaded.adapter.is_multimodal:

@@ -36,7 +36,9 @@ def read_texts(source: str, text_field: str = "text", split: str = "train") -> l
     """Documents from a .jsonl file (one {"text": ...} per line), a plain-text file, or a hub dataset name."""
     path = Path(source).expanduser()
     if path.is_file():
-        if path.suffix != ".jsonl":
+        if path.suffix.lower() == ".json":
+            return _json_texts(path, text_field)
+        if not is_json_lines(path):
             return [read_text_file(path)]
         texts = []
         for line_no, line in enumerate(read_text_file(path).splitlines(), 1):
@@ -54,9 +56,29 @@ def read_texts(source: str, text_field: str = "text", split: str = "train") -> l
         return texts
     if path.exists():
         raise CalibrationDataError(f"data path '{source}' is a folder; pass a .jsonl or .txt file.")
-    if path.suffix in (".jsonl", ".txt", ".json") or source.startswith((".", "/", "~")):
+    if path.suffix.lower() in (".jsonl", ".txt", ".json") or source.startswith((".", "/", "~")):
         raise CalibrationDataError(f"data file '{source}' does not exist.")
     return _hub_texts(source, text_field, split)
+
+
+def is_json_lines(path: Path) -> bool:
+    return path.suffix.lower() == ".jsonl"
+
+
+def _json_texts(path: Path, text_field: str) -> list[str]:
+    """A .json file: a list of strings or of objects with a `text_field` string."""
+    try:
+        data = json.loads(read_text_file(path))
+    except json.JSONDecodeError:
+        data = None
+    items = data if isinstance(data, list) else []
+    texts = [item.get(text_field) if isinstance(item, dict) else item for item in items]
+    if not isinstance(data, list) or not all(isinstance(t, str) for t in texts):
+        raise CalibrationDataError(
+            f"{path}: expected a JSON list of strings or of objects with a '{text_field}' string; "
+            "or pass a .jsonl / .txt file."
+        )
+    return [t for t in texts if t]
 
 
 def read_text_file(path: Path) -> str:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..calibration.data import read_text_file, read_texts, token_stream
-from ..errors import CalibrationDataError, NonFiniteError
+from ..errors import CalibrationDataError, NonFiniteError, RecipeError
 
 
 @dataclass
@@ -53,7 +53,7 @@ def paired_difference(a: PerplexityResult, b: PerplexityResult) -> tuple[float, 
 
 def evaluation_stream(source: str, tokenizer) -> torch.Tensor:
     path = Path(source).expanduser()
-    if path.is_file() and path.suffix != ".jsonl":
+    if path.is_file() and path.suffix.lower() not in (".jsonl", ".json"):
         return torch.tensor(tokenizer(read_text_file(path), add_special_tokens=False)["input_ids"], dtype=torch.long)
     return token_stream(read_texts(source), tokenizer)
 
@@ -68,6 +68,12 @@ def perplexity(
     max_windows: int | None = None,
     progress: bool = True,
 ) -> PerplexityResult:
+    config = getattr(model, "config", None)
+    longest = getattr(config.get_text_config(), "max_position_embeddings", None) if config is not None else None
+    if longest is not None and seq_len > longest:
+        raise RecipeError(
+            f"seq_len {seq_len} is above the model's {longest} positions; use --seq-len {longest} or less."
+        )
     stream = evaluation_stream(source, tokenizer)
     if stream.numel() < 2:
         raise CalibrationDataError(f"'{source}' has fewer than two tokens; nothing to evaluate.")

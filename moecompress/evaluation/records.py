@@ -4,6 +4,7 @@ and the model card. `compress` writes the compression half; every `moecompress e
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import time
@@ -99,9 +100,33 @@ def write_record(record: RunRecord, location: str | Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Exclusive flock on the folder itself (nothing is created): one read-modify-write of a record at a time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def add_evaluation(location: str | Path, kind: str, results: dict, new_record: RunRecord | None = None) -> Path:
-    """Merge `results` into `evaluations[kind]` of the record at `location` (created from `new_record` if absent)."""
+    """Merge `results` into `evaluations[kind]` of the record at `location` (created from `new_record` if absent);
+    processes adding to one record at once each keep their results."""
     path = record_path(location)
+    try:
+        with _folder_lock(path.parent):
+            return _add_evaluation(path, kind, results, new_record)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot write the run record {path} ({exc}); pass --record FILE.json to keep the results elsewhere, "
+            "or --no-record."
+        ) from exc
+
+
+def _add_evaluation(path: Path, kind: str, results: dict, new_record: RunRecord | None) -> Path:
     if path.is_file():
         record = read_record(path)
     elif new_record is not None:

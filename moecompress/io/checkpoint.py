@@ -12,6 +12,7 @@ half-written checkpoint at the output path.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Iterable
@@ -52,8 +53,9 @@ _AUX_PATTERNS = (
 )
 
 
-def quantization_config(model: nn.Module) -> dict:
-    """The `quantization_config` that lets the loader rebuild every `PackedExperts` before loading weights."""
+def quantization_config(model: nn.Module, guarded: bool = False) -> dict:
+    """The `quantization_config` that lets the loader rebuild every `PackedExperts` before loading weights;
+    `guarded`: the checkpoint stores a `plain_guard` tensor."""
     from ..runtime.packed_experts import MappedExperts
 
     formats: list[QuantFormat] = []
@@ -79,13 +81,32 @@ def quantization_config(model: nn.Module) -> dict:
             }
     return {
         "quant_method": QUANT_METHOD,
-        "format_version": written_version({"factored": factored}),
+        "format_version": written_version({"factored": factored}, guarded),
         "formats": [f.to_dict() for f in formats],
         "experts": experts,
         **({"factored": factored} if factored else {}),
         **({"expert_maps": expert_maps} if expert_maps else {}),
         **({"dynamic_skip": model.skip_controller.rule.to_dict()} if hasattr(model, "skip_controller") else {}),
     }
+
+
+def plain_guard(model: nn.Module) -> str | None:
+    """The name of a weight that the plain architecture of `model` has and a packed checkpoint replaces (an expert
+    weight of the first packed block), or None without packed experts. Stored under that name with a shape it cannot
+    have, it makes transformers refuse the checkpoint (size mismatch) when config.json lost its quantization_config,
+    instead of building the model with random experts; moecompress's loaders skip it (the manifest names it)."""
+    from accelerate import init_empty_weights
+
+    packed = next((n for n, m in model.named_modules() if isinstance(m, (PackedExperts, FactoredExperts))), None)
+    if packed is None:
+        return None
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights():
+        plain = type(model)._from_config(config)
+    names = sorted(n for n, p in plain.named_parameters() if n.startswith(packed + ".") and p.shape != (1,))
+    return names[0] if names else None
 
 
 def save_checkpoint(
@@ -104,10 +125,13 @@ def save_checkpoint(
     be new or (with `overwrite`) an earlier moecompress output; never the source or a folder around it.
     `tensors`: the weights to store when `model` does not hold them (a streamed run: its layers are on disk)."""
     with atomic_folder(output, [source], overwrite, kind="checkpoint") as tmp:
-        state = tensors if tensors is not None else persistent_state(model, dtype).items()
+        state = list(tensors if tensors is not None else persistent_state(model, dtype).items())
+        guard = plain_guard(model)
+        if guard is not None:
+            state.append((guard, torch.zeros(1, dtype=dtype)))
         names = write_sharded(tmp, state, max_shard_bytes)
         config = model.config
-        config.quantization_config = quantization_config(model)
+        config.quantization_config = quantization_config(model, guard is not None)
         config.dtype = dtype
         config.save_pretrained(tmp)
         copy_aux_files(source, tmp)
@@ -127,13 +151,14 @@ def save_checkpoint(
         stored = stored_tensors(tmp, {"files": files})
         manifest = {
             "format": QUANT_METHOD,
-            "format_version": written_version(config.quantization_config),
+            "format_version": written_version(config.quantization_config, guard is not None),
             "source_model": source,
             "summary": summary or {},
             "config": {"quantization_config_sha256": canonical_sha256(config.quantization_config)},
             "tensors": tensors,
             "weights": {k: {"file": f, "dtype": d, "shape": shape} for k, (shape, d, f) in stored.items()},
             "files": files,
+            **({"guard": guard} if guard is not None else {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return Path(output).expanduser().resolve()
@@ -145,10 +170,19 @@ def copy_aux_files(source: str, dest: Path) -> None:
     folder = Path(source).expanduser()
     if not folder.is_dir():
         return
-    root = folder.resolve()
-    roots = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
     for pattern in _AUX_PATTERNS:
         for path in folder.glob(pattern):
-            inside = any(r in path.resolve().parents for r in roots)
-            if path.is_file() and inside and not path.name.startswith(".") and not (dest / path.name).exists():
+            if (
+                path.is_file()
+                and inside(folder, path)
+                and not path.name.startswith(".")
+                and not (dest / path.name).exists()
+            ):
                 shutil.copyfile(path, dest / path.name)
+
+
+def inside(folder: Path, path: Path) -> bool:
+    """Whether `path` resolves inside `folder` (or, for a Hugging Face cache snapshot, inside its blob store)."""
+    root = folder.resolve()
+    roots = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+    return any(r in path.resolve().parents for r in roots)

@@ -5,6 +5,7 @@ on the meta device before the weights are read."""
 from __future__ import annotations
 
 import itertools
+import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,9 @@ class MoECompressHfQuantizer(HfQuantizer):
         from ..models import get_adapter
         from ..runtime.packed_experts import MappedExperts
 
+        folder = _checkpoint_folder(checkpoint_files, getattr(model.config, "_name_or_path", ""))
+        manifest, stored = verify_checkpoint_files(folder, check_hashes=_verify_hashes.get())  # before building
+        _require_modules(model, self.quantization_config, folder)
         adapter = get_adapter(model.config.model_type)
         adapter.moe_blocks(model)  # blocks take the common experts call before their experts are replaced (Llama 4)
         for name, slot_map in self.quantization_config.expert_maps.items():
@@ -114,9 +118,13 @@ class MoECompressHfQuantizer(HfQuantizer):
             from ..dynamic.skip import add_predictor_modules
 
             add_predictor_modules(model, adapter)
-        folder = _checkpoint_folder(checkpoint_files, getattr(model.config, "_name_or_path", ""))
-        _, stored = verify_checkpoint_files(folder, check_hashes=_verify_hashes.get())
-        check_model_against_files(model, stored, folder)
+        guard = manifest.get("guard")
+        check_model_against_files(model, stored, folder, guard)
+        if guard is not None:  # the tensor that stops a plain load is not one of this model's
+            model._keys_to_ignore_on_load_unexpected = {
+                *(model._keys_to_ignore_on_load_unexpected or ()),
+                re.escape(guard),
+            }
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -144,6 +152,18 @@ class MoECompressHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _require_modules(model, qc: MoECompressConfig, folder: Path) -> None:
+    """Every module that quantization_config rebuilds exists in the model config.json describes."""
+    for name in [*qc.experts, *qc.factored, *qc.expert_maps]:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"{folder / 'config.json'}: quantization_config names the module {name}, which this "
+                f"{model.config.model_type} model does not have; restore the original config.json."
+            ) from None
 
 
 def _swap_experts(model, name: str, make) -> None:

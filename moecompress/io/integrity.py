@@ -26,9 +26,9 @@ from ..formats import QuantFormat
 from ..models.base import PROJECTIONS
 from ..runtime.factored_experts import DENSE
 from ..storage.outputs import MANIFEST
-from ..storage.tensorfiles import TensorFileError, read_header
+from ..storage.tensorfiles import TensorFileError, file_sha256, read_header
 
-FORMAT_VERSION = 3  # the newest this reader knows; a checkpoint is written as the oldest that holds it
+FORMAT_VERSION = 4  # the newest this reader knows; a checkpoint is written as the oldest that holds it
 
 
 QUANT_METHOD = "moecompress"
@@ -36,21 +36,14 @@ VERIFY_ENV = "MOECOMPRESS_VERIFY_HASHES"  # "0": skip the sha256 of weight files
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def written_version(qc: dict) -> int:
-    """3 for checkpoints with factored experts (readers before 0.6 cannot build them), else 2."""
-    return 3 if qc.get("factored") else 2
+def written_version(qc: dict, guarded: bool = False) -> int:
+    """4 for checkpoints with a guard tensor (readers before 0.7 would see an extra tensor), 3 with factored experts
+    (readers before 0.6 cannot build them), else 2."""
+    return 4 if guarded else 3 if qc.get("factored") else 2
 
 
 def canonical_sha256(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hashes_enabled(default: bool = True) -> bool:
@@ -76,7 +69,12 @@ def validate_manifest(manifest, where: Path) -> dict:
     """Schema check of a parsed manifest (types, required keys, plain file names, non-empty file table)."""
     _require(isinstance(manifest, dict), where, f"expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("format_version")
-    if manifest.get("format") != QUANT_METHOD or not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
+    if "format" not in manifest or not _is_int(version) or version < 1:
+        raise CheckpointError(
+            f"{where}: format {manifest.get('format')!r} version {version!r}: the manifest is damaged (no format, or "
+            "a format_version that is not a positive integer); re-download the checkpoint or re-create it."
+        )
+    if manifest["format"] != QUANT_METHOD or version > FORMAT_VERSION:
         raise CheckpointError(
             f"{where}: format {manifest.get('format')!r} version {version!r} is not readable by this "
             f"moecompress (format {QUANT_METHOD!r} versions 1-{FORMAT_VERSION}); upgrade moecompress "
@@ -128,6 +126,8 @@ def validate_manifest(manifest, where: Path) -> dict:
             where,
             "'config' must hold quantization_config_sha256",
         )
+    if version >= 4 or "guard" in manifest:
+        _require(manifest.get("guard") in manifest.get("weights", {}), where, "'guard' must name a stored tensor")
     return manifest
 
 
@@ -291,12 +291,13 @@ def verify_checkpoint_files(
 
 
 def check_model_against_files(
-    model: torch.nn.Module, stored: dict[str, tuple[list[int], str, str]], folder: Path
+    model: torch.nn.Module, stored: dict[str, tuple[list[int], str, str]], folder: Path, guard: str | None = None
 ) -> None:
-    """The (meta-device) model about to be filled needs exactly the stored tensors (tied copies aside), same shapes."""
+    """The (meta-device) model about to be filled needs exactly the stored tensors (tied copies and the `guard`
+    aside), same shapes."""
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     expected = {k: list(t.shape) for k, t in model.state_dict().items()}
-    found = {k: v[0] for k, v in stored.items()}
+    found = {k: v[0] for k, v in stored.items() if k != guard}
     for key in tied - set(found):
         expected.pop(key, None)
     _compare(expected, found, "the model built from config.json and the weight files", folder)

@@ -218,7 +218,7 @@ def write_interop_files(checkpoint: str | Path, dest: Path, fmt_name: str) -> No
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for file in (folder / name for name in manifest["files"]):
         with safe_open(str(file), "pt") as f:
-            for key in f.keys():
+            for key in (k for k in f.keys() if k != manifest.get("guard")):
                 match = _PACKED_SUFFIX.match(key)
                 if match:
                     grouped.setdefault(match["module"], {})[match["tensor"]] = f.get_tensor(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import ModelLoadError, NonFiniteError, UnsupportedModelError
+from ..storage.tensorfiles import StoredTensor, TensorFileError, read_header
 from .base import PROJECTIONS, ModelAdapter
 from .registry import get_adapter, supported_model_types
 
@@ -110,9 +112,20 @@ def load_model(
     quantized = dequantizing_config(config, source)
     if quantized is not None:
         placement["quantization_config"] = quantized
+    elif Path(source).expanduser().is_dir():  # transformers would cast integer weights to float silently
+        try:
+            tensors = source_tensors(Path(source).expanduser())
+        except ModelLoadError:  # no safetensors, or damaged ones: transformers reports what it finds
+            tensors = {}
+        require_float_weights(tensors, source)
     try:
-        model = adapter.auto_model_class().from_pretrained(
-            source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, **placement
+        model, info = adapter.auto_model_class().from_pretrained(
+            source,
+            dtype=dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+            **placement,
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ModelLoadError(
@@ -120,9 +133,74 @@ def load_model(
             "the model (a weight file is truncated or damaged?)."
         ) from exc
     model.eval()
+    params = dict(model.named_parameters())
+    require_every_parameter(model, [k for k in info["missing_keys"] if k in params], source)
     require_moe(model, adapter, source)
     require_finite(model, adapter, source)
     return LoadedModel(model, adapter, source)
+
+
+def source_tensors(folder: Path) -> dict[str, StoredTensor]:
+    """Every tensor of the checkpoint in `folder`, after checking that each shard the index names exists, is
+    complete, and holds what the index says it holds."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{index} is not a valid safetensors index ({exc}); re-download the model.") from exc
+        files = sorted(set(weight_map.values()))
+    elif (folder / "model.safetensors").is_file():
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        raise ModelLoadError(
+            f"'{folder}' has no safetensors weights (model.safetensors or model.safetensors."
+            "index.json); convert the checkpoint to safetensors, or pass --no-stream."
+        )
+    tensors: dict[str, StoredTensor] = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise ModelLoadError(
+                f"weight file {folder / name}, named by {index.name}, is missing; re-download the model."
+            )
+        try:
+            header = read_header(folder / name)
+        except TensorFileError as exc:
+            raise ModelLoadError(f"could not load the weights of '{folder}': {exc}; re-download the model.") from exc
+        twice = next((key for key in header if key in tensors), None)
+        if twice is not None:
+            raise ModelLoadError(
+                f"'{twice}' is stored twice, in {tensors[twice].file.name} and {name}: the shards of '{folder}' "
+                "overlap; re-download the model or remove the stray file."
+            )
+        tensors.update(header)
+    for key, name in (weight_map or {}).items():
+        if key not in tensors or tensors[key].file.name != name:
+            raise ModelLoadError(f"{index} puts '{key}' in {name}, which does not hold it; re-download the model.")
+    return tensors
+
+
+def require_float_weights(tensors: dict[str, StoredTensor], source: str) -> None:
+    """A source that declares no quantization stores its weights as floating point (F*, BF16)."""
+    bad = next(
+        (t for t in tensors.values() if t.name.endswith(".weight") and not t.dtype.startswith(("F", "BF"))), None
+    )
+    if bad is not None:
+        raise ModelLoadError(
+            f"'{source}' stores {bad.name} as {bad.dtype}, an integer type, and config.json declares no quantization: "
+            "re-download the model, or convert that weight to floating point."
+        )
+
+
+def require_every_parameter(model: nn.Module, missing: list[str], source: str) -> None:
+    """No parameter of `model` lacks a stored weight (`missing`): transformers would leave it random."""
+    if missing:
+        head = " (config.json unties the LM head, tie_word_embeddings: false)" if "lm_head" in missing[0] else ""
+        raise ModelLoadError(
+            f"'{source}' stores no weight for {missing[0]}{head}"
+            + (f" and {len(missing) - 1} more parameters" if len(missing) > 1 else "")
+            + ": the weights do not match config.json; re-download the model or fix its config.json."
+        )
 
 
 def require_finite(model: nn.Module, adapter: ModelAdapter, source: str) -> None:
@@ -139,6 +217,13 @@ def require_finite_layer(loaded: LoadedModel, index: int) -> None:
     if bad:
         views = [v for v in loaded.adapter.moe_blocks(loaded.model) if v.layer_index == index]
         _raise_non_finite(views, loaded.source, bad[0])
+
+
+def require_finite_outside(module: nn.Module, source: str, prefix: str = "") -> None:
+    """`require_finite` for the loaded weights of `module` outside the experts (embeddings, norms, LM head)."""
+    bad = _non_finite(module, prefix)
+    if bad:
+        raise NonFiniteError(f"'{source}': {bad[0]} holds NaN/Inf values; fix or re-download the source model.")
 
 
 def _non_finite(module: nn.Module, prefix: str = "") -> list[str]:
@@ -170,8 +255,15 @@ def _raise_non_finite(views, source: str, first_bad: str) -> None:
 
 
 def require_moe(model: nn.Module, adapter: ModelAdapter, source: str) -> None:
-    if not adapter.moe_blocks(model):
+    views = adapter.moe_blocks(model)
+    if not views:
         raise UnsupportedModelError(
             f"'{source}' has no sparse MoE layers to compress. Supported MoE architectures: "
             f"{', '.join(supported_model_types())}."
+        )
+    view = views[0]
+    if view.top_k > view.num_experts:
+        raise ModelLoadError(
+            f"'{source}': config.json routes each token to {view.top_k} experts of {view.num_experts} "
+            "(num_experts_per_tok above the expert count); fix config.json."
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
+import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +21,8 @@ ENTRY_POINT_GROUP = "moecompress.adapters"
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}
 _NOT_ADAPTERS = {"base", "loading", "registry", "streaming"}
 _discovered = False
+_discovering = threading.RLock()  # re-entrant: a plugin being imported may ask the registry
+_in_discovery = False  # only the thread holding the lock can see it True
 
 
 def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
@@ -29,11 +32,23 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 def _discover() -> None:
-    """Import the adapter files of this package, then the installed plugins' entry points (once)."""
-    global _discovered
+    """Import the adapter files of this package, then the installed plugins' entry points (once). Thread-safe:
+    a thread arriving while another discovers waits until every adapter is registered."""
+    global _discovered, _in_discovery
     if _discovered:
         return
-    _discovered = True
+    with _discovering:
+        if _discovered or _in_discovery:  # done by the thread this one waited for, or asked from a plugin import
+            return
+        _in_discovery = True
+        try:
+            _import_adapters()
+            _discovered = True
+        finally:
+            _in_discovery = False
+
+
+def _import_adapters() -> None:
     for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if module.name not in _NOT_ADAPTERS and not module.name.startswith("_"):
             importlib.import_module(f"{__package__}.{module.name}")

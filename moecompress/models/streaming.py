@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import math
 import os
 import re
@@ -25,9 +24,19 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..storage.outputs import disk_errors
-from ..storage.tensorfiles import StoredTensor, TensorFileError, read_header, write_safetensors
+from ..storage.tensorfiles import StoredTensor, write_safetensors
 from .base import ModelAdapter
-from .loading import LoadedModel, dequantizing_config, read_config, require_finite_layer, require_moe
+from .loading import (
+    LoadedModel,
+    dequantizing_config,
+    read_config,
+    require_every_parameter,
+    require_finite_layer,
+    require_finite_outside,
+    require_float_weights,
+    require_moe,
+    source_tensors,
+)
 from .registry import get_adapter
 
 TRIM_STEP = 64 << 20
@@ -48,39 +57,6 @@ def local_folder(source: str) -> Path:
             f"could not download '{source}' from the Hub: {exc}. Check the id, network access "
             "and HF_TOKEN for gated models."
         ) from exc
-
-
-def source_tensors(folder: Path) -> dict[str, StoredTensor]:
-    """Every tensor of the checkpoint in `folder`, after checking that each shard the index names exists, is
-    complete, and holds what the index says it holds."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ModelLoadError(f"{index} is not a valid safetensors index ({exc}); re-download the model.") from exc
-        files = sorted(set(weight_map.values()))
-    elif (folder / "model.safetensors").is_file():
-        weight_map, files = None, ["model.safetensors"]
-    else:
-        raise ModelLoadError(
-            f"'{folder}' has no safetensors weights (model.safetensors or model.safetensors."
-            "index.json); convert the checkpoint to safetensors, or pass --no-stream."
-        )
-    tensors: dict[str, StoredTensor] = {}
-    for name in files:
-        if not (folder / name).is_file():
-            raise ModelLoadError(
-                f"weight file {folder / name}, named by {index.name}, is missing; re-download the model."
-            )
-        try:
-            tensors.update(read_header(folder / name))
-        except TensorFileError as exc:
-            raise ModelLoadError(f"could not load the weights of '{folder}': {exc}; re-download the model.") from exc
-    for key, name in (weight_map or {}).items():
-        if key not in tensors or tensors[key].file.name != name:
-            raise ModelLoadError(f"{index} puts '{key}' in {name}, which does not hold it; re-download the model.")
-    return tensors
 
 
 class StreamedModel(LoadedModel):
@@ -113,16 +89,19 @@ class StreamedModel(LoadedModel):
         self.layer_keys: dict[int, list[str]] = {}
         self.outside_keys: list[str] = []  # what the embedding pass needs
         self.head_keys: list[str] = []
+        reached = set()
         for key in tensors:
             target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, targets)
             target = target if target in targets or key not in targets else key
             if target not in targets:
                 continue  # e.g. DeepSeek-V3's multi-token-prediction layer: transformers does not load it either
+            reached.add(target)
             match = layer_re.match(target)
             if match:
                 self.layer_keys.setdefault(int(match.group(1)), []).append(key)
             else:
                 (self.head_keys if head_prefix and target.startswith(head_prefix) else self.outside_keys).append(key)
+        require_every_parameter(model, [n for n, _ in model.named_parameters() if n not in reached], source)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -171,6 +150,13 @@ class StreamedModel(LoadedModel):
             if tensor.device.type == "meta" and id(tensor) not in head:
                 raise ModelLoadError(f"'{self.source}' has no weight for {name}; the checkpoint is incomplete.")
         _cast(self.model, self.dtype, skip=self.layers)
+
+    def check_outside(self) -> None:
+        """Read what lies outside the decoder layers (embeddings, norms, vision tower, LM head) once, to refuse NaN/Inf
+        there before any work; freed again."""
+        self._load(self.outside_keys + self.head_keys, "cpu")
+        require_finite_outside(self.model, self.source)
+        _to_meta(self.model, skip=self.layers)
 
     def after_capture(self) -> None:
         """The layer inputs are captured: embeddings and vision tower are not needed until the checkpoint is
@@ -315,17 +301,25 @@ def parameter_count(source: str) -> int:
     return count
 
 
-def open_streamed(source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> StreamedModel:
-    """The meta skeleton of `source` (folder or hub id) with its checkpoint indexed and checked; no weight read."""
+def open_streamed(
+    source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, check_outside: bool = True
+) -> StreamedModel:
+    """The meta skeleton of `source` (folder or hub id) with its checkpoint indexed and checked; of the weights, only
+    those outside the decoder layers are read, for `check_outside` (NaN/Inf), and freed again."""
     from accelerate import init_empty_weights
 
     config = read_config(source, trust_remote_code)
     adapter = get_adapter(config.model_type)
     folder = local_folder(source)
     tensors = source_tensors(folder)
+    if dequantizing_config(config, source) is None:
+        require_float_weights(tensors, source)
     with init_empty_weights():
         model = adapter.auto_model_class().from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()
     model.eval()
     require_moe(model, adapter, source)
-    return StreamedModel(model, adapter, source, tensors, dtype)
+    streamed = StreamedModel(model, adapter, source, tensors, dtype)
+    if check_outside:
+        streamed.check_outside()
+    return streamed

@@ -44,9 +44,9 @@ class AllocationStage(Stage):
         recipe.allocation.check_budget([q.format_for(k) for k in recipe.allocation.candidates], q.format_for(q.bits))
 
     def run(self, ctx: RunContext) -> None:
-        saved = ctx.store.folder / "plan.json" if ctx.store is not None else None
-        if ctx.plan is None and saved is not None and saved.is_file():
-            ctx.plan = CompressionPlan.load(saved)  # a resumed run: the profiling pass was done before the kill
+        saved = ctx.store.load_json("plan.json") if ctx.store is not None and ctx.plan is None else None
+        if saved is not None:  # a resumed run: the profiling pass was done before the kill
+            ctx.plan = CompressionPlan.from_dict(saved, ctx.store.folder / "plan.json")
         if ctx.plan is None:
             ctx.plan, _ = plan_allocation(
                 ctx.loaded, ctx.recipe, ctx.batches, ctx.progress, ctx.spill_folder(self.name)

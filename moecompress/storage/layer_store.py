@@ -2,15 +2,19 @@
 
 Per finished decoder layer: its output tensors (`layer-00012.safetensors`, exactly as the checkpoint stores
 them), the calibration activations leaving it (`hidden-00012.safetensors`, only the newest kept) and its record
-(`layer-00012.json`, written last: a layer counts as done once its record exists). Every file is written to a
-temporary name, synced and renamed, so a kill at any moment leaves either the old state or the new one. A run
-started again with the same job fingerprint (recipe, source files, plan) resumes after the last done layer; any
-other job is refused. The final checkpoint's shards are assembled from the layer files by byte copy.
+(`layer-00012.json`, written last: a layer counts as done once its record exists; it holds the sha256 of both
+files and the job's fingerprint). Every file is written to a temporary name, synced and renamed, so a kill at any
+moment leaves either the old state or the new one. A run started again with the same job fingerprint (recipe, source files, calibration
+data, plan) verifies every stored layer and resumes after the last one; a state that fails (a changed, truncated
+or missing file) is dropped and the job starts over, saying why; any other job is refused. The final checkpoint's
+shards are assembled from the layer files by byte copy, once every layer is there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +24,9 @@ import torch
 
 from ..errors import OutputError
 from .outputs import disk_errors
-from .tensorfiles import DiskTensors, StoredTensor, read_header, write_safetensors
+from .tensorfiles import DiskTensors, StoredTensor, file_sha256, read_header, write_safetensors
+
+log = logging.getLogger(__name__)
 
 JOB = "job.json"
 
@@ -76,11 +82,43 @@ class LayerStore:
         return json.loads(self._path("layer", index, "json").read_text())
 
     def resume_point(self) -> tuple[int, DiskTensors] | None:
-        """(first layer to do, its calibration inputs, read from disk one at a time), or None to start at layer 0."""
+        """(first layer to do, its calibration inputs, read from disk one at a time), or None to start at layer 0:
+        nothing stored, or stored layers that fail verification (dropped, with a warning naming the reason)."""
         done = self.done()
         if not done:
             return None
+        problem = self.problem(done)
+        if problem is not None:
+            log.warning("%s: %s; the stored layers are dropped and the job starts over", self.folder, problem)
+            self._drop_layers()
+            return None
         return done[-1] + 1, DiskTensors.of_file(self._path("hidden", done[-1], "safetensors"))
+
+    def problem(self, done: list[int]) -> str | None:
+        """Why stored layers `done` cannot be trusted, or None: layers 0..n-1, each file as its record hashed it."""
+        if done != list(range(len(done))):
+            return f"layer {min(set(range(done[-1] + 1)) - set(done))} is missing before layer {done[-1]}"
+        for index in done:
+            try:
+                record = self.record(index)
+                hashes, job = record["files"], record["job"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return f"the record of layer {index} is unreadable or holds no file hashes"
+            if job != self.fingerprint:
+                return f"layer {index} was stored by another job"
+            names = [self._path("layer", index, "safetensors").name]
+            if index == done[-1]:
+                names.append(self._path("hidden", index, "safetensors").name)
+            for name in names:
+                path = self.folder / name
+                if not path.is_file() or file_sha256(path) != hashes.get(name):
+                    return f"{name} is missing or changed since it was written (sha256)"
+        return None
+
+    def _drop_layers(self) -> None:
+        for pattern in ("layer-*.json", "layer-*.safetensors", "hidden-*.safetensors"):
+            for path in self.folder.glob(pattern):
+                path.unlink(missing_ok=True)
 
     def save_layer(
         self, index: int, tensors: dict[str, torch.Tensor], record: dict, hidden: list[torch.Tensor] | DiskTensors
@@ -100,6 +138,7 @@ class LayerStore:
     def _write_layer(self, index: int, tensors: dict, record: dict, hidden: list[torch.Tensor]) -> None:
         with disk_errors(f"layer {index} to {self.folder}", self.folder):
             self._create()
+            hashes = {}
             for kind, names, values in (
                 ("layer", list(tensors), list(tensors.values())),
                 ("hidden", [str(i) for i in range(len(hidden))], hidden),
@@ -108,31 +147,59 @@ class LayerStore:
                 tmp = path.with_name("." + path.name + ".tmp")
                 try:
                     write_safetensors(tmp, values, names)
+                    hashes[path.name] = file_sha256(tmp)
                     os.replace(tmp, path)
                 finally:
                     tmp.unlink(missing_ok=True)
+            record = {**record, "files": hashes, "job": self.fingerprint}
             self._write_text(self._path("layer", index, "json").name, json.dumps(record))
         for old in self.folder.glob("hidden-*.safetensors"):
             if old.name != self._path("hidden", index, "safetensors").name:
                 old.unlink(missing_ok=True)
 
     def save_json(self, name: str, obj: dict) -> None:
+        """`obj` as `name`, then its sha256 as `name.sha256` (a file without its hash counts as absent)."""
+        text = json.dumps(obj)
         with disk_errors(f"{name} to {self.folder}", self.folder):
             self._create()
-            self._write_text(name, json.dumps(obj))
+            self._write_text(name, text)
+            self._write_text(f"{name}.sha256", hashlib.sha256(text.encode()).hexdigest())
 
     def load_json(self, name: str) -> dict | None:
-        path = self.folder / name
-        return json.loads(path.read_text()) if path.is_file() else None
+        """What `save_json` stored as `name`, or None: absent, or changed since (dropped, with a warning)."""
+        path, digest = self.folder / name, self.folder / f"{name}.sha256"
+        if not path.is_file():
+            return None
+        if digest.is_file() and file_sha256(path) == digest.read_text().strip():
+            return json.loads(path.read_text())
+        log.warning("%s does not match its sha256 (changed or half-written); it is made again", path)
+        path.unlink(missing_ok=True)
+        digest.unlink(missing_ok=True)
+        return None
 
-    def layer_tensors(self) -> list[StoredTensor]:
-        """Every tensor of every finished layer, in layer order, as byte ranges of the layer files."""
+    def layer_tensors(self, num_layers: int) -> list[StoredTensor]:
+        """Every tensor of the `num_layers` finished layers, in layer order, as byte ranges of the layer files;
+        an error unless layers 0..num_layers-1 are all stored."""
         self.flush()
-        return [t for i in self.done() for t in read_header(self._path("layer", i, "safetensors")).values()]
+        done = self.done()
+        if done != list(range(num_layers)):
+            missing = sorted(set(range(num_layers)) - set(done))
+            raise OutputError(
+                f"{self.folder} lacks layer {missing[0] if missing else done[-1]} of the {num_layers} the checkpoint "
+                "needs; nothing was written: delete that folder and run the command again."
+            )
+        return [t for i in done for t in read_header(self._path("layer", i, "safetensors")).values()]
 
     def scratch(self, name: str) -> Path:
         """A folder for work a rerun redoes anyway (e.g. merged layers between passes): dropped on failure."""
         return self.folder / "scratch" / name
+
+    def kept(self) -> str | None:
+        """What a rerun would resume from, in words, or None."""
+        done = self.done()
+        if done:
+            return f"finished layer {done[0]} is" if len(done) == 1 else f"finished layers {done[0]}-{done[-1]} are"
+        return "the allocation plan is" if (self.folder / "plan.json").is_file() else None
 
     def drop_unresumable(self) -> None:
         """After a failure: keep what a rerun resumes from (stored layers, a plan), nothing else."""

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import OutputError
+from .tensorfiles import file_size_limit
 
 MARKER = ".moecompress-output"
 MANIFEST = "moecompress.json"
@@ -40,6 +41,9 @@ def _local(path: str | Path | None) -> Path | None:
     return p.resolve() if p.exists() else None
 
 
+NAME_MAX = 255  # bytes in one path component on Linux file systems
+
+
 def check_output(path: str | Path, sources: Iterable[str | Path | None] = (), overwrite: bool = False) -> Path:
     """The resolved output path, or an `OutputError` naming why writing there could destroy data."""
     out = Path(path).expanduser().resolve()
@@ -50,6 +54,12 @@ def check_output(path: str | Path, sources: Iterable[str | Path | None] = (), ov
             raise OutputError(f"output '{path}' is inside the input '{source}'; choose a path outside it.")
         if out in source.parents:
             raise OutputError(f"output '{path}' contains the input '{source}'; choose a new path for the output.")
+    size = len(out.name.encode())
+    if size + len(".recovery-state") > NAME_MAX:  # the longest name moecompress derives from the output's
+        raise OutputError(
+            f"output name '{out.name[:40]}...' has {size} bytes; moecompress needs names up to "
+            f"{NAME_MAX - len('.recovery-state')} (resume folders such as '<name>.recovery-state' go beside it): choose a shorter one."
+        )
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents:
         raise OutputError(f"output '{path}' is the working directory or above it; choose a new folder, e.g. out/NAME.")
@@ -100,16 +110,19 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def disk_errors(what: str, kept: Path | None = None) -> Iterator[None]:
-    """Turn a failed write (disk full, quota, file-size limit, permissions) into an `OutputError` naming it."""
+def disk_errors(what: str, kept: Path | None = None, sharded: bool = False) -> Iterator[None]:
+    """Turn a failed write (disk full, quota, file-size limit, permissions) into an `OutputError` naming it;
+    `sharded`: the files written are checkpoint shards (--max-shard-size sets their size)."""
     try:
         yield
     except OSError as exc:
+        limit = file_size_limit()
         fixes = {
             errno.ENOSPC: "the disk is full; free space",
             errno.EDQUOT: "the disk quota is used up; free space",
-            errno.EFBIG: "a file would exceed the file-size limit (ulimit -f, or the file system's); lower "
-            "--max-shard-size or raise the limit",
+            errno.EFBIG: "a file would exceed the file-size limit"
+            + (f" of {limit} bytes (ulimit -f)" if limit is not None else " (ulimit -f, or the file system's)")
+            + ("; lower --max-shard-size below it or raise the limit" if sharded else "; raise the limit"),
         }
         why = fixes.get(exc.errno, f"{exc}; fix the cause")
         keep = f" Finished layers are kept in {kept}: rerun the same command to resume." if kept is not None else ""

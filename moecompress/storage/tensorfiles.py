@@ -5,8 +5,10 @@ files), so that assembling a multi-GB shard never holds more than one tensor in 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import resource
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from ..errors import OutputError
 
 _MAX_HEADER = 100 << 20
 _DTYPES = {
@@ -44,6 +48,20 @@ class StoredTensor:
     file: Path
     start: int  # absolute byte offset in `file`
     nbytes: int
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_size_limit() -> int | None:
+    """This process's file-size limit in bytes (ulimit -f), or None when there is none."""
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def read_header(path: Path) -> dict[str, StoredTensor]:
@@ -133,6 +151,13 @@ def write_sharded(
 ) -> list[str]:
     """Write named tensors as `model.safetensors`, or as `model-0000i-of-0000n.safetensors` shards of at most
     `max_shard_bytes` (a larger tensor gets its own) plus `model.safetensors.index.json`; return the file names."""
+    tensors, limit = list(tensors), file_size_limit()
+    big = next((name for name, t in tensors if limit is not None and _nbytes(t) > limit), None)
+    if big is not None:
+        raise OutputError(
+            f"tensor {big} alone is {_nbytes(dict(tensors)[big])} bytes, above the file-size limit of {limit} bytes "
+            "(ulimit -f): no shard size can hold it; raise the limit and rerun."
+        )
     shards, size = [[]], 0
     for name, t in tensors:
         nbytes = _nbytes(t)

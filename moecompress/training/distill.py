@@ -241,7 +241,9 @@ def training_batches(
     loaded: LoadedModel, r: DistillConfig, cal: CalibrationConfig, trust_remote_code: bool = False
 ) -> list[CalibrationBatch]:
     """Training data of a distillation stage: text windows (+ image+text items for VL models), shuffled together."""
-    processor = load_tokenizer_or_processor(loaded.source, loaded.adapter.is_multimodal, trust_remote_code)
+    processor = load_tokenizer_or_processor(
+        loaded.source, loaded.adapter.is_multimodal, trust_remote_code, loaded.model.config
+    )
     tokenizer = getattr(processor, "tokenizer", processor)
     batches = text_calibration_batches(
         r.dataset or cal.dataset, tokenizer, r.num_samples, r.seq_len, r.batch_size, r.seed
