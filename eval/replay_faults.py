@@ -145,7 +145,10 @@ def resumed(r: Replay, damage) -> tuple[bool, str]:
     run = r.compress(TINY, out)
     if run.rc != 0:
         return False, f"rc {run.rc}: {run.last[:150]}"
-    same = tensor_hashes(out) == tensor_hashes(r.ckpt)
+    try:
+        same = tensor_hashes(out) == tensor_hashes(r.ckpt)
+    except Exception as exc:  # noqa: BLE001 - the written checkpoint itself is unreadable
+        return False, f"rc 0, and the checkpoint it wrote is unreadable ({type(exc).__name__}: {str(exc)[:80]})"
     said = next((line for line in run.err.splitlines() if "starts over" in line), "no warning")
     return same, ("identical to the uninterrupted run; " if same else "DIFFERS from the uninterrupted run; ") + said
 
@@ -264,9 +267,10 @@ def concurrent_records(r: Replay) -> tuple[bool, str]:
     record = r.fresh("records") / "run.json"
     record.parent.mkdir()
     code = textwrap.dedent("""
-        import sys
+        import sys, time
         from moecompress.evaluation.records import add_evaluation
-        for i in range(20):
+        time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # all four start together, imports done
+        for i in range(50):
             add_evaluation(sys.argv[1], "ppl", {f"data-{sys.argv[2]}-{i}": {"ppl": 1.0}})
     """)
     r.python(
@@ -275,13 +279,15 @@ def concurrent_records(r: Replay) -> tuple[bool, str]:
         record,
     )
     env = r.env
+    start = str(time.time() + 20)
     children = [
-        subprocess.Popen([sys.executable, "-c", code, str(record), str(w)], env=env, cwd=r.tree) for w in range(4)
+        subprocess.Popen([sys.executable, "-c", code, str(record), str(w), start], env=env, cwd=r.tree)
+        for w in range(4)
     ]
     for child in children:
         child.wait()
     kept = len(json.loads(record.read_text())["evaluations"]["ppl"])
-    return kept == 80, f"{kept} of 80 results kept"
+    return kept == 200, f"{kept} of 200 results kept (4 processes x 50, started together)"
 
 
 def tokenizer_case(r: Replay, foreign: bool) -> tuple[bool, str]:
@@ -319,7 +325,7 @@ def failed_run_keeps_state(r: Replay) -> tuple[bool, str]:
     from safetensors.torch import load_file, save_file
 
     state = load_file(source / "model.safetensors")
-    state["model.layers.1.mlp.experts.3.up_proj.weight"][7, 11] = float("nan")
+    state["model.layers.0.mlp.experts.3.up_proj.weight"][7, 11] = float("nan")  # no layer done, the plan kept
     save_file(state, source / "model.safetensors", metadata={"format": "pt"})
     out = r.fresh("o")
     shutil.rmtree(Path(str(out) + ".compress-state"), ignore_errors=True)
@@ -500,7 +506,7 @@ CASES = [
     ("medium", "source: +Inf in the LM head", lambda r: damaged_source(r, inf_in("lm_head.weight"), True)),
     ("medium", "export: recipe.yaml linked from outside", symlinked_recipe),
     ("medium", "8 threads calling moecompress.load", threaded_loads),
-    ("low", "4 processes adding to one run.json", concurrent_records),
+    ("low", "4 processes adding to one run.json at once", concurrent_records),
     ("low", "folder without tokenizer files", lambda r: tokenizer_case(r, False)),
     ("low", "tokenizer of 5 words for 8192 ids", lambda r: tokenizer_case(r, True)),
     ("low", "Ctrl-C during start-up", ctrl_c_at_start),
