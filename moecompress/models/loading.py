@@ -219,9 +219,9 @@ def require_finite_layer(loaded: LoadedModel, index: int) -> None:
         _raise_non_finite(views, loaded.source, bad[0])
 
 
-def require_finite_outside(module: nn.Module, source: str, prefix: str = "") -> None:
+def require_finite_outside(module: nn.Module, source: str) -> None:
     """`require_finite` for the loaded weights of `module` outside the experts (embeddings, norms, LM head)."""
-    bad = _non_finite(module, prefix)
+    bad = _non_finite(module)
     if bad:
         raise NonFiniteError(f"'{source}': {bad[0]} holds NaN/Inf values; fix or re-download the source model.")
 
