@@ -133,8 +133,9 @@ def load_model(
             "the model (a weight file is truncated or damaged?)."
         ) from exc
     model.eval()
-    params = dict(model.named_parameters())
-    require_every_parameter(model, [k for k in info["missing_keys"] if k in params], source)
+    head = model.get_output_embeddings()
+    head_names = {n for n, p in model.named_parameters() if head is not None and any(p is q for q in head.parameters())}
+    require_untied_head(model, sorted(head_names & set(info["missing_keys"])), source)
     require_moe(model, adapter, source)
     require_finite(model, adapter, source)
     return LoadedModel(model, adapter, source)
@@ -192,14 +193,12 @@ def require_float_weights(tensors: dict[str, StoredTensor], source: str) -> None
         )
 
 
-def require_every_parameter(model: nn.Module, missing: list[str], source: str) -> None:
-    """No parameter of `model` lacks a stored weight (`missing`): transformers would leave it random."""
+def require_untied_head(model: nn.Module, missing: list[str], source: str) -> None:
+    """An untied output head with no stored weight (`missing`: its parameters) would be left random."""
     if missing:
-        head = " (config.json unties the LM head, tie_word_embeddings: false)" if "lm_head" in missing[0] else ""
         raise ModelLoadError(
-            f"'{source}' stores no weight for {missing[0]}{head}"
-            + (f" and {len(missing) - 1} more parameters" if len(missing) > 1 else "")
-            + ": the weights do not match config.json; re-download the model or fix its config.json."
+            f"'{source}' stores no weight for {missing[0]}, and config.json unties the LM head "
+            "(tie_word_embeddings: false): re-download the model, or fix its config.json."
         )
 
 

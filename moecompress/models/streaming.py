@@ -30,11 +30,11 @@ from .loading import (
     LoadedModel,
     dequantizing_config,
     read_config,
-    require_every_parameter,
     require_finite_layer,
     require_finite_outside,
     require_float_weights,
     require_moe,
+    require_untied_head,
     source_tensors,
 )
 from .registry import get_adapter
@@ -89,19 +89,18 @@ class StreamedModel(LoadedModel):
         self.layer_keys: dict[int, list[str]] = {}
         self.outside_keys: list[str] = []  # what the embedding pass needs
         self.head_keys: list[str] = []
-        reached = set()
         for key in tensors:
             target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, targets)
             target = target if target in targets or key not in targets else key
             if target not in targets:
                 continue  # e.g. DeepSeek-V3's multi-token-prediction layer: transformers does not load it either
-            reached.add(target)
             match = layer_re.match(target)
             if match:
                 self.layer_keys.setdefault(int(match.group(1)), []).append(key)
             else:
                 (self.head_keys if head_prefix and target.startswith(head_prefix) else self.outside_keys).append(key)
-        require_every_parameter(model, [n for n, _ in model.named_parameters() if n not in reached], source)
+        if self.head is not None and not self.head_keys:
+            require_untied_head(model, [f"{head_prefix}{n}" for n, _ in self.head.named_parameters()], source)
 
     @property
     def layers(self) -> nn.ModuleList:

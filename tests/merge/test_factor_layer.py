@@ -51,7 +51,7 @@ def test_factored_experts_keep_the_byte_budget_and_load_back_as_saved(which, req
     kinds = {k: sum(b["deltas"][k] for b in blocks.values()) for k in ("dense", "low_rank", "none")}
     assert all(kinds.values()) and sum(kinds.values()) == 4 * 16 * 3  # none: the dead experts
     manifest = json.loads((out / "moecompress.json").read_text())
-    assert manifest["format_version"] == 3  # readers before 0.6 refuse it by version instead of misreading it
+    assert manifest["format_version"] == 4  # guarded (0.7); readers before 0.6 refuse it by version anyway
     kinds = ("lora_A", "lora_B", "weight") + (("base.down_proj",) if which == "with_base" else ())
     for kind in kinds:
         assert any(k.endswith(kind) for k in manifest["tensors"]), kind
