@@ -6,6 +6,7 @@ next layer sees the compressed model's activations (error propagation)."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import RecipeError
+from ..errors import RecipeError, UnsupportedModelError
 from ..models.base import MODALITIES, ModelAdapter, MoEBlockView
 from ..models.loading import LoadedModel
 from ..storage.tensorfiles import DiskTensors
@@ -59,6 +60,9 @@ class LayerInputs:
     type: full, sliding, chunked, linear), adapter extras (e.g. DeepStack features), each token's modality id."""
 
     kwargs: list[list[dict]] = field(default_factory=list)  # [batch][layer]
+    carried: dict[int, str] = field(default_factory=dict)  # layer -> its argument taking the layer before's state
+    state: list = field(default_factory=list)  # per batch: the state the last kept layer handed on
+    pending: list = field(default_factory=list)  # per batch: the state of the layer computed last
     extras: list[dict] = field(default_factory=list)
     modalities: list[torch.Tensor] = field(default_factory=list)  # per token its modality id (`MODALITIES`)
     sources: list[str] = field(default_factory=list)  # per batch the data it came from (`CalibrationBatch.source`)
@@ -86,6 +90,8 @@ class LayerInputs:
         """Make `hidden` the current activations: a container from `sink` as it is, anything else copied into one."""
         if hidden is self.hidden:
             return
+        if self.carried:
+            self.state = self.pending
         if hidden is not self._sink:
             sink = self.sink()
             for h in hidden:
@@ -99,8 +105,25 @@ class LayerInputs:
     def batches(self, layer: int):
         """(hidden in the compute dtype, decoder layer `layer`'s own keyword arguments, extras, modality ids) per
         calibration batch."""
-        for hidden, kwargs, extras, mask in zip(self.hidden, self.kwargs, self.extras, self.modalities):
-            yield hidden.to(self.compute) if self.compute is not None else hidden, kwargs[layer], extras, mask
+        self.pending = []
+        for b, (hidden, kwargs, extras, mask) in enumerate(zip(self.hidden, self.kwargs, self.extras, self.modalities)):
+            kwargs = kwargs[layer]
+            if layer in self.carried:  # the state the previous layer handed on, as the model's loop passes it
+                if len(self.state) != len(self.kwargs):
+                    raise UnsupportedModelError(
+                        f"decoder layer {layer} takes a state from the layer before, which a resumed walk does not "
+                        "have (it is not stored); delete the run's .compress-state folder to start over."
+                    )
+                kwargs = {**kwargs, self.carried[layer]: self.state[b]}
+            yield hidden.to(self.compute) if self.compute is not None else hidden, kwargs, extras, mask
+
+    def output(self, out) -> torch.Tensor:
+        """A decoder layer's hidden states; a state it hands the next layer (DSA's top-k indices) kept aside."""
+        if isinstance(out, tuple):
+            if self.carried:
+                self.pending.append(out[1])
+            return out[0]
+        return out
 
     @property
     def num_tokens(self) -> int:
@@ -151,26 +174,50 @@ def capture_layer_inputs(
     """Run the model's embedding pass on every batch and record, per batch, the first decoder layer's input and
     each decoder layer's keyword arguments as the model passes them (layers with their own attention type get their
     own mask). The layers themselves are not run (stand-ins pass the hidden states through), so a streamed model
-    needs no layer weights."""
+    needs no layer weights. Where the model's loop takes (hidden states, state) from each layer and hands the state
+    to the next (DSA indexers sharing their top-k), the stand-ins return a marker state, and the argument that
+    receives it is recorded (`LayerInputs.carried`)."""
+    try:
+        return _capture(model, adapter, batches, device, holding, hands_state=False)
+    except (TypeError, ValueError) as first:
+        try:
+            return _capture(model, adapter, batches, device, holding, hands_state=True)
+        except (TypeError, ValueError):
+            raise first from None
+
+
+class _Handed:
+    """The marker state a stand-in hands on: the argument of the next layer that receives it is the carried one."""
+
+
+def _capture(model, adapter, batches, device, holding, hands_state: bool) -> LayerInputs:
     layers = adapter.decoder_layers(model)
     captured = LayerInputs(holding=holding or Activations(), device=device)
     captured.hidden = captured.sink()
     moved: dict[int, object] = {}  # one copy per distinct argument object: layers of one type share their mask
+    handed, shapes = _Handed(), []
 
     def text_model_hook(module, args, kwargs):
         captured.extras.append(_to(adapter.capture_extras(kwargs), device))
 
     def stand_in(index: int):
+        named = list(inspect.signature(type(layers[index]).forward).parameters)[2:]  # after self, hidden_states
+
         def forward(*args, **kwargs):
             hidden = args[0] if args else kwargs.pop("hidden_states")
+            kwargs.update(zip(named, args[1:]))  # further positional inputs (Gemma 4's per-layer input) by name
             if index == 0:
                 captured.compute = hidden.dtype
                 captured.hidden.append(captured.held(hidden.to(device)))
                 captured.kwargs.append([])
+                shapes.append(hidden.shape)
+            for name in [k for k, v in kwargs.items() if v is handed]:
+                captured.carried[index] = name
+                kwargs[name] = None
             captured.kwargs[-1].append({k: _moved(v, device, moved) for k, v in kwargs.items()})
             if index == len(layers) - 1:
                 raise _StopForward
-            return hidden
+            return (hidden, handed) if hands_state else hidden
 
         return forward
 
@@ -185,11 +232,22 @@ def capture_layer_inputs(
                 pass
             captured.modalities.append(_modalities(model, adapter, batch).to(device))
             captured.sources.append(batch.source)
+            _check_positions(model, shapes[-1], captured.modalities[-1])
     finally:
         handle.remove()
         for layer in layers:
             del layer.forward
     return captured
+
+
+def _check_positions(model: nn.Module, shape: torch.Size, modality: torch.Tensor) -> None:
+    """The decoder sees one position per input token (statistics are kept per token, with its modality)."""
+    if shape[: modality.dim()] != modality.shape:  # (DeepSeek-V4's hyper-connections add a dimension after)
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: its decoder sees {tuple(shape[: modality.dim()])} positions for input tokens "
+            f"{tuple(modality.shape)} (a diffusion canvas or a resampler); calibration counts tokens as the input has "
+            "them, so this family needs a family file."
+        )
 
 
 def _modalities(model: nn.Module, adapter: ModelAdapter, batch: CalibrationBatch) -> torch.Tensor:
@@ -214,8 +272,7 @@ def forward_layer(layer: nn.Module, adapter: ModelAdapter, index: int, inputs: L
     """The layer's outputs for every batch, in a container from `inputs.sink()` (for `inputs.keep`)."""
     outputs = inputs.sink()
     for hidden, kwargs, extras, _ in inputs.batches(index):
-        out = layer(hidden, **kwargs)
-        out = out[0] if isinstance(out, tuple) else out
+        out = inputs.output(layer(hidden, **kwargs))
         outputs.append(inputs.held(adapter.after_layer(index, out, extras)))
     return outputs
 
@@ -267,6 +324,14 @@ class ExpertObserver:
         self.weighted = torch.zeros(E, 2, dtype=torch.float64)  # per expert: sum of token weights, of weight x routing
         self.weighted_total = 0.0
         self.collectors = collectors(view) if collectors is not None else []
+        self._observing = False
+
+    def attach(self) -> torch.utils.hooks.RemovableHandle:
+        """Watch the block (routing recomputed with `view.route`), or the experts module where the adapter reads
+        routing at the experts' inputs (`observes_routing`: the model's own top-k indices and weights)."""
+        if self.view.adapter.observes_routing:
+            return self.view.experts.register_forward_hook(self.experts_hook, with_kwargs=True)
+        return self.view.block.register_forward_hook(self.hook)
 
     def hook(self, module, args, output) -> None:
         hidden = args[0].reshape(-1, self.view.hidden_size)
@@ -278,15 +343,42 @@ class ExpertObserver:
                 hidden, torch.full((hidden.shape[0],), MODALITIES.index(self.view.group), device=hidden.device)
             )
 
+    def experts_hook(self, module, args, kwargs, output) -> None:
+        if self._observing:  # the observer's own calls of the experts (drop-loss re-routing)
+            return
+        hidden, indices, weights = (*args, *kwargs.values())[:3]
+        modality = self.modality.reshape(-1)
+        if hidden.shape[0] != modality.shape[0]:
+            raise UnsupportedModelError(
+                f"{self.view.name}: its experts see {hidden.shape[0]} tokens of a batch of {modality.shape[0]}; "
+                "this family routes a subset of tokens and needs a family file."
+            )
+        weight = None if self.token_weight is None else self.token_weight.reshape(-1)
+        if not self.view.adapter.rule_checked:  # the first batch: which routing rule the model's router follows
+            self.view.adapter.recognize_routing(self.view.block, hidden, weights, indices)
+        self._observing = True
+        try:
+            self.observe(hidden, modality, weight, chosen=(weights, indices))
+        finally:
+            self._observing = False
+
     @torch.no_grad()
-    def observe(self, x: torch.Tensor, modality: torch.Tensor, token_weight: torch.Tensor | None = None) -> None:
+    def observe(
+        self,
+        x: torch.Tensor,
+        modality: torch.Tensor,
+        token_weight: torch.Tensor | None = None,
+        chosen: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         """Tokens x [T, H] entering the block, their modality ids (or a bool image mask) [T] and weights [T] (in
-        `weighted` and the Grams; default 1)."""
+        `weighted` and the Grams; default 1); `chosen`: their top-k (weights, indices) as the model's router gave
+        them (default: recomputed with `view.route`)."""
         x = x.float()
         modality = modality.long().to(x.device)
         token_weight = token_weight.to(x.device) if token_weight is not None else None
         M = len(MODALITIES)
-        weights, indices = self.view.route(x)
+        weights, indices = chosen if chosen is not None else self.view.route(x)
+        weights = weights.float()
         routed = torch.zeros_like(x)
         for e in range(self.view.num_experts):
             tok, slot = torch.where(indices == e)
@@ -448,15 +540,14 @@ def run_layerwise(
 def _observed_forward(layer, adapter: ModelAdapter, index: int, inputs: LayerInputs, observers: list, weights=None):
     """`forward_layer` with each of `observers` watching its MoE block of the layer (`weights`: per batch its tokens'
     weights)."""
-    handles = [observer.view.block.register_forward_hook(observer.hook) for observer in observers]
+    handles = [observer.attach() for observer in observers]
     try:
         outputs = inputs.sink()
         for b, (hidden, kwargs, extras, modality) in enumerate(inputs.batches(index)):
             for observer in observers:
                 observer.modality = modality
                 observer.token_weight = None if weights is None else weights[b]
-            out = layer(hidden, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
+            out = inputs.output(layer(hidden, **kwargs))
             outputs.append(inputs.held(adapter.after_layer(index, out, extras)))
         return outputs
     finally:

@@ -1,4 +1,4 @@
-"""Dynamic expert skipping at inference: hooks on every MoE router that drop (token, expert) pairs.
+"""Dynamic expert skipping at inference: hooks on every MoE router (or experts' inputs) that drop (token, expert) pairs.
 
 Methods (the rule is fitted on calibration data to a target fraction of skipped routed-expert
 activations, then stored in the checkpoint's `quantization_config.dynamic_skip` and reinstalled by the loader):
@@ -128,7 +128,7 @@ class SkipController:
         self._image_mask: torch.Tensor | None = None
         self._handles = [model.register_forward_pre_hook(self._see_inputs, with_kwargs=True)]
         for position, view in enumerate(self.views):
-            self._handles.append(view.router.register_forward_hook(self._make_hook(position, view)))
+            self._handles.append(routing_hook(view, self._make_hook(position, view)))
         # transformers' grouped/batched expert kernels only mask "no expert" slots (index E) in their
         # expert-parallel mode; otherwise those rows are left uninitialised and NaN * 0 leaks through.
         self._sentinel_safe = [
@@ -396,13 +396,28 @@ def cut_learned_mask(controller: SkipController, batches: list[CalibrationBatch]
     return rule
 
 
+def routing_hook(view: MoEBlockView, hook) -> torch.utils.hooks.RemovableHandle:
+    """Install `hook(module, (hidden,), (logits, weights, indices))`, which may return a changed triple, on the view's
+    router output; where the adapter reads routing at the experts' inputs (the generic adapter: routers differ in
+    what they return), on those inputs instead (logits None)."""
+    if not view.adapter.observes_routing:
+        return view.router.register_forward_hook(hook)
+
+    def before_experts(module, args, kwargs):
+        hidden, indices, weights = (*args, *kwargs.values())[:3]
+        out = hook(module, (hidden,), (None, weights, indices))
+        return None if out is None else ((hidden, out[2], out[1]), {})
+
+    return view.experts.register_forward_pre_hook(before_experts, with_kwargs=True)
+
+
 def _router_inputs(controller: SkipController, batch, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     captured = []
 
     def grab(module, args, output):
         captured.append((args[0].reshape(output[1].shape[0], -1), output[1]))
 
-    handles = [view.router.register_forward_hook(grab) for view in controller.views]
+    handles = [routing_hook(view, grab) for view in controller.views]
     try:
         with controller.set_mode("off"):
             controller.model(**_inputs(batch, device), use_cache=False)

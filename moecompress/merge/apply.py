@@ -193,7 +193,7 @@ def _install(
         if bias is not None:
             raise RecipeError("merging/pruning group-limited routers (DeepSeek-V3) is not supported yet.")
     if slot_map is not None:
-        view.block.experts = MappedExperts(fused, slot_map)
+        view.experts = MappedExperts(fused, slot_map)
 
 
 def reduce_experts(

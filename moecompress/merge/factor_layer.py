@@ -387,7 +387,7 @@ def restore_factored_experts(view: MoEBlockView, layout: dict, device: str | Non
     deltas = [{p: (r, decode(a), decode(b)) for p, (r, a, b) in d.items()} for d in layout["deltas"]]
     with torch.device(device) if device else contextlib.nullcontext():
         module = FactoredExperts(view.hidden_size, view.intermediate_size, base, deltas, view.activation)
-    view.block.experts = module
+    view.experts = module
     return module
 
 

@@ -8,6 +8,7 @@ downstream (calibration, quantization, export) talks to `MoEBlockView`, never to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,37 @@ class GatedActivation(nn.Module):
         return (0, 0.0, 0.0) if self.is_swiglu else None
 
 
+class ExpertsGate(nn.Module):
+    """An experts class's own `_apply_gate(gate_up)` (clamped SwiGLUs and the like) as `activation(gate, up)`: it runs
+    on a copy of the experts' plain attributes (limits, alphas) and their `act_fn`, joined as the class stores them."""
+
+    gated = True  # activation(gate, up), not an activation of one tensor
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.gate_fn = type(experts)._apply_gate
+        self.concatenated = bool(getattr(experts, "is_concatenated", True))
+        plain = {k: v for k, v in vars(experts).items() if isinstance(v, (int, float, bool, str)) and k[0] != "_"}
+        self.act_fn = getattr(experts, "act_fn", None)
+        self.state = SimpleNamespace(**plain, act_fn=self.act_fn)
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.gate_fn(self.state, _join(gate, up, self.concatenated, dim=-1))
+
+
+def _split(fused: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) along the first dimension of a fused gate_up matrix [2I, H] or bias [2I]: halves, or interleaved."""
+    return tuple(fused.chunk(2, dim=0)) if concatenated else (fused[0::2], fused[1::2])
+
+
+def _join(gate: torch.Tensor, up: torch.Tensor, concatenated: bool, dim: int = 0) -> torch.Tensor:
+    """`_split`'s inverse along `dim`."""
+    if concatenated:
+        return torch.cat([gate, up], dim=dim)
+    dim %= gate.dim()
+    return torch.stack([gate, up], dim=dim + 1).flatten(dim, dim + 1)
+
+
 @dataclass
 class MoEBlockView:
     """One sparse MoE block. `experts` stores fused `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
@@ -89,11 +121,15 @@ class MoEBlockView:
 
     @property
     def router(self) -> nn.Module:
-        return getattr(self.block, self.adapter.router_name)
+        return self.adapter.router_module(self.block)
 
     @property
     def experts(self) -> nn.Module:
-        return self.block.experts
+        return getattr(self.block, self.adapter.experts_name)
+
+    @experts.setter
+    def experts(self, module: nn.Module) -> None:
+        setattr(self.block, self.adapter.experts_name, module)
 
     @property
     def router_weight(self) -> torch.Tensor:
@@ -122,7 +158,7 @@ class MoEBlockView:
 
     @property
     def num_experts(self) -> int:
-        return int(self.router_weight.shape[0])
+        return self.adapter.experts_shape(self)[0]
 
     @property
     def expert_params(self) -> int:
@@ -142,16 +178,16 @@ class MoEBlockView:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.router_weight.shape[1])
+        return self.adapter.experts_shape(self)[1]
 
     @property
     def device(self) -> torch.device:
-        """Where the block computes (its router's device)."""
-        return self.router_weight.device
+        """Where the block computes (its experts' device)."""
+        return next(t for t in (*self.experts.parameters(), *self.experts.buffers())).device
 
     @property
     def top_k(self) -> int:
-        return int(self.router.top_k)
+        return int(self.adapter.top_k(self.block))
 
     @property
     def norm_topk_prob(self) -> bool:
@@ -240,7 +276,9 @@ class ModelAdapter:
     is_multimodal = False
     block_name = "mlp"  # the decoder layer's attribute holding the sparse MoE block
     router_name = "gate"  # the block's attribute holding the router
+    experts_name = "experts"  # the block's attribute holding the fused experts
     scales_expert_inputs = False  # routing weights scale the experts' outputs (True: their inputs, as Llama 4)
+    observes_routing = False  # calibration recomputes routing with `route` (True: reads it at the experts' inputs)
 
     def text_model(self, model: nn.Module) -> nn.Module:
         return model.model
@@ -263,9 +301,20 @@ class ModelAdapter:
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         mlp = getattr(layer, self.block_name, None)
-        if mlp is not None and hasattr(mlp, "experts") and hasattr(mlp, self.router_name):
+        if mlp is not None and hasattr(mlp, self.experts_name) and hasattr(mlp, self.router_name):
             return mlp
         return None
+
+    def router_module(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.router_name)
+
+    def experts_shape(self, view: MoEBlockView) -> tuple[int, int]:
+        """(routed experts, hidden size) of a block: the shape of its router's matrix."""
+        rows, columns = view.router_weight.shape
+        return int(rows), int(columns)
+
+    def top_k(self, block: nn.Module) -> int:
+        return int(self.router_module(block).top_k)
 
     def norm_topk_prob(self, router: nn.Module) -> bool:
         return bool(getattr(router, "norm_topk_prob", False))
@@ -273,7 +322,7 @@ class ModelAdapter:
     def router_vectors(self, block: nn.Module) -> list[tuple[nn.Module, str]]:
         """The router's per-expert vectors besides its matrix, as (module, attribute) of tensors [..., E]: pruned
         and merged with its rows. Default: the router linear's bias, where it has one."""
-        linear = self.router_linear(getattr(block, self.router_name))
+        linear = self.router_linear(self.router_module(block))
         return [(linear, "bias")] if getattr(linear, "bias", None) is not None else []
 
     def router_linear(self, router: nn.Module) -> nn.Module:
@@ -281,36 +330,68 @@ class ModelAdapter:
         wraps a linear)."""
         return router
 
-    # The fused experts module's layout. Default: transformers' `gate_up_proj [E, 2I, H]` (gate rows, then up
-    # rows), `down_proj [E, H, I]`, no biases, `act_fn`; an architecture with another layout overrides these.
+    # The fused experts module's layout, as transformers' `use_experts_implementation` flags describe it on the module:
+    # `gate_up_proj [E, 2I, H]` (gate rows then up rows, or interleaved where not `is_concatenated`) and
+    # `down_proj [E, H, I]`, or both transposed (`is_transposed`: [E, H, 2I], [E, I, H]); `gate_up_proj_bias [E, 2I]`
+    # and `down_proj_bias [E, H]` where `has_bias`. A module without the flags takes the adapter's `transposed`.
+    transposed = False
+
+    def layout(self, experts: nn.Module) -> tuple[bool, bool, bool]:
+        """(transposed, gate and up concatenated, biases) of a fused experts module."""
+        flags = ("is_transposed", "is_concatenated", "has_bias")
+        return tuple(bool(getattr(experts, f, d)) for f, d in zip(flags, (self.transposed, True, False)))
+
     def expert_weights(self, experts: nn.Module, e: int) -> ExpertWeights:
-        gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
-        return ExpertWeights(gate, up, experts.down_proj[e])
+        transposed, concatenated, bias = self.layout(experts)
+        gate_up, down = experts.gate_up_proj[e], experts.down_proj[e]
+        gate, up = _split(gate_up.t() if transposed else gate_up, concatenated)
+        biases = (*_split(experts.gate_up_proj_bias[e], concatenated), experts.down_proj_bias[e]) if bias else ()
+        return ExpertWeights(gate, up, down.t() if transposed else down, *biases)
 
     def set_expert_weights(self, experts: nn.Module, e: int, w: ExpertWeights) -> None:
-        size = w.gate_proj.shape[0]
-        experts.gate_up_proj[e, :size].copy_(w.gate_proj)
-        experts.gate_up_proj[e, size:].copy_(w.up_proj)
-        experts.down_proj[e].copy_(w.down_proj)
+        transposed, concatenated, bias = self.layout(experts)
+        gate_up = _join(w.gate_proj, w.up_proj, concatenated)
+        experts.gate_up_proj[e].copy_(gate_up.t() if transposed else gate_up)
+        experts.down_proj[e].copy_(w.down_proj.t() if transposed else w.down_proj)
+        if bias and w.gate_bias is not None:
+            experts.gate_up_proj_bias[e].copy_(_join(w.gate_bias, w.up_bias, concatenated))
+            experts.down_proj_bias[e].copy_(w.down_bias)
 
     def replace_experts(self, experts: nn.Module, weights: list[ExpertWeights]) -> None:
+        """New fused tensors from `weights` (another count or width), in the module's layout."""
+        transposed, concatenated, bias = self.layout(experts)
         dtype, grad = experts.down_proj.dtype, experts.down_proj.requires_grad
-        gate_up = torch.stack([torch.cat([w.gate_proj, w.up_proj]) for w in weights]).to(dtype)
-        experts.gate_up_proj = nn.Parameter(gate_up.contiguous(), requires_grad=grad)
-        down = torch.stack([w.down_proj for w in weights]).to(dtype)
-        experts.down_proj = nn.Parameter(down.contiguous(), requires_grad=grad)
-        experts.num_experts, experts.intermediate_dim = len(weights), int(down.shape[2])
+        gate_up = [_join(w.gate_proj, w.up_proj, concatenated) for w in weights]
+        tensors = {
+            "gate_up_proj": torch.stack([g.t() if transposed else g for g in gate_up]),
+            "down_proj": torch.stack([w.down_proj.t() if transposed else w.down_proj for w in weights]),
+        }
+        if bias:
+            tensors["gate_up_proj_bias"] = torch.stack([_join(w.gate_bias, w.up_bias, concatenated) for w in weights])
+            tensors["down_proj_bias"] = torch.stack([w.down_bias for w in weights])
+        for name, tensor in tensors.items():
+            setattr(experts, name, nn.Parameter(tensor.to(dtype).contiguous(), requires_grad=grad))
+        experts.num_experts = len(weights)
+        for name in ("intermediate_dim", "intermediate_size", "expert_dim"):  # whichever the class keeps
+            if hasattr(experts, name):
+                setattr(experts, name, int(weights[0].down_proj.shape[1]))
 
     def expert_parameters(self, experts: nn.Module) -> list[nn.Parameter]:
         """The fused experts' trainable tensors."""
-        return [experts.gate_up_proj, experts.down_proj]
+        biases = ["gate_up_proj_bias", "down_proj_bias"] if self.layout(experts)[2] else []
+        return [getattr(experts, n) for n in ("gate_up_proj", "down_proj", *biases)]
 
     def down_projections(self, experts: nn.Module) -> tuple[nn.Parameter, bool]:
         """The fused down projections, and whether they are stored transposed ([E, I, H] instead of [E, H, I])."""
-        return experts.down_proj, False
+        return experts.down_proj, self.layout(experts)[0]
 
     def expert_activation(self, experts: nn.Module) -> nn.Module:
-        return GatedActivation(experts.act_fn)
+        """act(gate) * up with the experts' `act_fn`, or the class's own `_apply_gate` where it has one."""
+        from transformers.integrations.moe import _default_apply_gate
+
+        if getattr(type(experts), "_apply_gate", _default_apply_gate) is _default_apply_gate:
+            return GatedActivation(experts.act_fn)
+        return ExpertsGate(experts)
 
     def shared_experts(self, block: nn.Module) -> nn.Module | None:
         return None
@@ -334,7 +415,7 @@ class ModelAdapter:
         self, block: nn.Module, hidden: torch.Tensor, excluded: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`route` with the block's router; an adapter whose routing reads state kept on the block overrides this."""
-        return self.route(getattr(block, self.router_name), hidden, excluded)
+        return self.route(self.router_module(block), hidden, excluded)
 
     def image_token_mask(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """Bool mask of image tokens in `input_ids`; text-only models have none."""

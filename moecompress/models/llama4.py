@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ExpertWeights, ModelAdapter, VisionLanguageAdapter, input_scaled_experts, swap_forward
+from .base import ModelAdapter, VisionLanguageAdapter, input_scaled_experts, swap_forward
 from .registry import register_adapter
 
 
@@ -39,7 +39,7 @@ def _experts_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_
 class Llama4TextAdapter(ModelAdapter):
     """Llama 4: sigmoid of the top-k router logits, unnormalised, scales each routed expert's *input*
     (`E(s x)`, not `s E(x)`); a shared expert; experts stored transposed (`gate_up_proj [E, H, 2I]`, gate
-    columns then up columns, `down_proj [E, I, H]`); dense and MoE layers interleave. The first time a block is
+    columns then up columns, `down_proj [E, I, H]`: `transposed`); dense and MoE layers interleave. The first time a block is
     viewed, its router, experts and forward take the common (hidden, top-k index, top-k weights) form, so packed,
     mapped and skipped experts drop in (same outputs, same state dict). Merging and pruning compare experts on
     unscaled tokens."""
@@ -50,6 +50,7 @@ class Llama4TextAdapter(ModelAdapter):
     num_experts_key = "num_local_experts"
     expert_intermediate_key = "intermediate_size"
     scales_expert_inputs = True
+    transposed = True  # its experts class has no layout flags
 
     def text_model(self, model: nn.Module) -> nn.Module:
         return model.model
@@ -70,28 +71,6 @@ class Llama4TextAdapter(ModelAdapter):
         top_k = min(router.top_k, logits.shape[1] - (0 if excluded is None else int(excluded.sum())))
         values, indices = torch.topk(logits, top_k, dim=-1)
         return torch.sigmoid(values).to(hidden.dtype), indices
-
-    def expert_weights(self, experts: nn.Module, e: int) -> ExpertWeights:
-        gate, up = experts.gate_up_proj[e].t().chunk(2, dim=0)
-        return ExpertWeights(gate, up, experts.down_proj[e].t())
-
-    def set_expert_weights(self, experts: nn.Module, e: int, w: ExpertWeights) -> None:
-        size = w.gate_proj.shape[0]
-        experts.gate_up_proj[e, :, :size].copy_(w.gate_proj.t())
-        experts.gate_up_proj[e, :, size:].copy_(w.up_proj.t())
-        experts.down_proj[e].copy_(w.down_proj.t())
-
-    def replace_experts(self, experts: nn.Module, weights: list[ExpertWeights]) -> None:
-        dtype, grad = experts.down_proj.dtype, experts.down_proj.requires_grad
-        gate_up = torch.stack([torch.cat([w.gate_proj, w.up_proj]).t() for w in weights]).to(dtype)
-        down = torch.stack([w.down_proj.t() for w in weights]).to(dtype)
-        experts.gate_up_proj = nn.Parameter(gate_up.contiguous(), requires_grad=grad)
-        experts.down_proj = nn.Parameter(down.contiguous(), requires_grad=grad)
-        experts.num_experts = len(weights)
-        experts.intermediate_size = experts.expert_dim = int(down.shape[1])
-
-    def down_projections(self, experts: nn.Module) -> tuple[nn.Parameter, bool]:
-        return experts.down_proj, True
 
     def shared_experts(self, block: nn.Module) -> nn.Module | None:
         return block.shared_expert

@@ -257,8 +257,8 @@ def require_moe(model: nn.Module, adapter: ModelAdapter, source: str) -> None:
     views = adapter.moe_blocks(model)
     if not views:
         raise UnsupportedModelError(
-            f"'{source}' has no sparse MoE layers to compress. Supported MoE architectures: "
-            f"{', '.join(supported_model_types())}."
+            f"'{source}' has no sparse MoE layers to compress. Supported: every MoE whose experts transformers builds "
+            f"with use_experts_implementation, and the family files' {', '.join(supported_model_types())}."
         )
     view = views[0]
     if view.top_k > view.num_experts:

@@ -15,11 +15,12 @@ from types import ModuleType
 
 from ..errors import UnsupportedModelError
 from .base import ModelAdapter
+from .generic import GenericAdapter, has_experts_interface
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "moecompress.adapters"
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}
-_NOT_ADAPTERS = {"base", "loading", "registry", "streaming"}
+_NOT_ADAPTERS = {"base", "generic", "loading", "registry", "streaming"}
 _discovered = False
 _discovering = threading.RLock()  # re-entrant: a plugin being imported may ask the registry
 _in_discovery = False  # only the thread holding the lock can see it True
@@ -89,12 +90,16 @@ def supported_model_types() -> list[str]:
 
 
 def get_adapter(model_type: str) -> ModelAdapter:
+    """The family file's adapter of `model_type`, else the generic one where transformers builds its experts with
+    `use_experts_implementation` (any MoE family of transformers, also one registered at run time)."""
     _discover()
-    try:
+    if model_type in _ADAPTERS:
         return _ADAPTERS[model_type]()
-    except KeyError:
-        raise UnsupportedModelError(
-            f"model_type '{model_type}' has no moecompress adapter. Supported: {', '.join(supported_model_types())}. "
-            "A new architecture is one file in moecompress/models/, or a plugin: --adapter module:Class or the "
-            f"'{ENTRY_POINT_GROUP}' entry point."
-        ) from None
+    if has_experts_interface(model_type):
+        return GenericAdapter(model_type)
+    raise UnsupportedModelError(
+        f"model_type '{model_type}' is not a Mixture-of-Experts that transformers builds with its experts interface "
+        f"(use_experts_implementation), and no family file claims it (files for: {', '.join(supported_model_types())}"
+        "). A new architecture is one file in moecompress/models/, or a plugin: --adapter module:Class or the "
+        f"'{ENTRY_POINT_GROUP}' entry point."
+    )

@@ -247,7 +247,7 @@ def install_packed_experts(
                 if weights is not None:
                     linear.bias.copy_(weights.bias(proj))
             linear.method = method
-    view.block.experts = module
+    view.experts = module
     return module
 
 

@@ -161,7 +161,7 @@ def recover_quantized_experts(
                     ExpertWeights(*(source.expert_weights(e)[p].float() for p in PROJECTIONS))
                     for e in range(view.num_experts)
                 ]
-        view.block.experts = QATExperts.from_packed(view.experts, originals)
+        view.experts = QATExperts.from_packed(view.experts, originals)
     weights = [m.weight for v in views for m in v.experts.modules() if isinstance(m, FakeQuantLinear)]
     scales = [m.scale for v in views for m in v.experts.modules() if isinstance(m, FakeQuantLinear)]
     for p in weights + scales:
@@ -172,7 +172,7 @@ def recover_quantized_experts(
     finally:
         for view in views:
             if isinstance(view.experts, QATExperts):
-                view.block.experts = view.experts.to_packed()
+                view.experts = view.experts.to_packed()
         model.requires_grad_(False)
     return report
 

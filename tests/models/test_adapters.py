@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 
 from moecompress.errors import UnsupportedModelError
 from moecompress.models import get_adapter, supported_model_types
+from moecompress.models.generic import GenericAdapter
 from moecompress.models.loading import require_moe
 
 from ..conftest import CALIB
@@ -88,7 +89,7 @@ def test_deepseek_dense_layers_are_not_moe_blocks():
 
 
 def test_unknown_architecture_names_the_supported_ones():
-    with pytest.raises(UnsupportedModelError, match="qwen3_moe") as info:
+    with pytest.raises(UnsupportedModelError, match="not a Mixture-of-Experts that transformers builds") as info:
         get_adapter("llama")
     assert all(t in str(info.value) for t in supported_model_types())
 
@@ -108,15 +109,17 @@ def test_model_without_moe_layers_is_rejected():
         require_moe(dense, get_adapter("qwen3_moe"), "dense-qwen3")
 
 
-def test_every_required_architecture_is_registered():
-    assert {"qwen3_moe", "qwen3_vl_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe"} <= set(supported_model_types())
+def test_every_required_architecture_has_an_adapter():
+    """Family files for the deviations, the generic adapter for the rest."""
+    assert {"qwen3_vl_moe", "deepseek_v2", "llama4", "gpt_oss"} <= set(supported_model_types())
+    assert all(isinstance(get_adapter(t), GenericAdapter) for t in ("qwen3_moe", "deepseek_v3", "kimi_k25", "mixtral"))
 
 
 PLUGIN = """
-from moecompress.models.qwen3_moe import Qwen3MoeAdapter
+from moecompress.models.base import ModelAdapter
 
 
-class TaggedQwen3(Qwen3MoeAdapter):
+class TaggedQwen3(ModelAdapter):
     model_types = ("qwen3_moe",)
     seen = []
 
@@ -203,45 +206,10 @@ def test_every_file_of_the_models_package_is_an_adapter_found_without_an_import_
     files = {p.stem for p in Path(models.__file__).parent.glob("*.py")} - {
         "__init__",
         "base",
+        "generic",
         "loading",
         "registry",
         "streaming",
     }
     found = {type(get_adapter(t)).__module__.rsplit(".", 1)[1] for t in supported_model_types()}
     assert files <= found
-
-
-@pytest.mark.parametrize("model_type", sorted(CONFIGS))
-def test_every_architecture_compresses_streamed_and_reloads_identically_everywhere(model_type, tmp_path, monkeypatch):
-    """RTN w4 g16 through the streamed pipeline: `moecompress.load` and transformers' `from_pretrained` give the same
-    logits, and the error against the original is below the error of dropping the routed experts (random weights of
-    std 0.2 are chaotic: 0.3% noise on the experts moves MiniMax's logits by 8%, hence the loose bound)."""
-    import moecompress
-    from moecompress.calibration.data import CalibrationBatch
-    from moecompress.recipe import Recipe
-
-    model = tiny_model(model_type)
-    model.save_pretrained(tmp_path / "src")
-    generator = torch.Generator().manual_seed(0)
-    ids = [torch.randint(3, 128, (4, 48), generator=generator) for _ in range(2)]
-    batches = [
-        CalibrationBatch({"input_ids": i, "attention_mask": torch.ones_like(i)}, torch.zeros_like(i, dtype=torch.bool))
-        for i in ids
-    ]
-    monkeypatch.setattr("moecompress.pipeline.calibration_batches", lambda *args, **kwargs: batches)
-    recipe = Recipe.from_dict({"quantization": {"method": "rtn", "bits": 4, "group_size": 16}})
-    result = moecompress.compress(str(tmp_path / "src"), recipe, tmp_path / "w4", progress=False)
-    assert result.report.engine == "streamed"
-    test = torch.randint(3, 128, (2, 40), generator=generator)
-    with torch.no_grad():
-        reference = model(input_ids=test).logits.double()
-        ours = moecompress.load(tmp_path / "w4")(input_ids=test).logits
-        theirs = get_adapter(model_type).auto_model_class().from_pretrained(tmp_path / "w4", dtype=torch.float32)
-        theirs = theirs(input_ids=test).logits
-        for view in get_adapter(model_type).moe_blocks(model):
-            view.experts.down_proj.zero_()
-        dropped = model(input_ids=test).logits.double()
-    assert torch.equal(ours, theirs)
-    error = float((ours.double() - reference).norm() / reference.norm())
-    scale = float((dropped - reference).norm() / reference.norm())
-    assert error < 0.75 * scale, f"w4 error {error:.3f} vs experts dropped {scale:.3f}"

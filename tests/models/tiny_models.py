@@ -259,8 +259,142 @@ CONFIGS.update(
 )
 
 
+# Any other MoE family: its config class's defaults, shrunk (`auto_kwargs`), with these corrections where a family's
+# own checks or layer pattern ask for them.
+SHRUNK_TEXT = dict(
+    COMMON,
+    moe_intermediate_size=32,
+    head_dim=16,
+    shared_expert_intermediate_size=48,
+    moe_hidden_size=32,
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 8),
+    **dict.fromkeys(("num_experts_per_tok", "moe_k", "moe_topk", "num_experts_per_token", "top_k_experts"), 2),
+    **dict(n_group=2, num_expert_group=2, topk_group=1),
+    **dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+    **dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=16),
+)
+SHRUNK_TOWER = dict(
+    depth=1,
+    num_hidden_layers=1,
+    n_layers=1,
+    hidden_size=32,
+    num_heads=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    intermediate_size=48,
+    adapter_in_dim=32,
+    adapter_input_size=32,
+    **dict.fromkeys(("text_hidden_size", "out_hidden_size", "adapter_out_dim", "output_dim"), COMMON["hidden_size"]),
+)
+TINY_LAYERS = 4
+OVERRIDES = {
+    "gemma4": dict(text_config=dict(enable_moe_block=True)),
+    "diffusion_gemma": dict(text_config=dict(enable_moe_block=True)),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "attention"]),
+    "nemotron_h_omni": dict(vision_config=dict(video_temporal_patch_size=2)),
+    "zaya": dict(num_experts_per_tok=1),
+    "axk2": dict(num_key_value_heads=4),
+    "glm_moe_dsa": dict(num_key_value_heads=4),
+    "mistral_large4": dict(text_config=dict(num_key_value_heads=4)),
+    "dots3_note": dict(text_config=dict(num_key_value_heads=4, head_dim=16)),
+    "inkling2": dict(text_config=dict(num_key_value_heads=4)),
+    "qwen4_exp": dict(
+        text_config=dict(
+            ngram_vocab_size_base=128,
+            indexer_n_heads=2,
+            indexer_kv_heads=1,
+            indexer_head_dim=16,
+            indexer_budget=16,
+            indexer_compress_ratio=4,
+        )
+    ),
+    "glm5_next": dict(text_config=dict(num_key_value_heads=4, qk_rope_head_dim=0, qk_nope_head_dim=16)),
+    "deepseek_ocr2": dict(text_config=dict(mlp_layer_types=["dense", "sparse", "sparse", "sparse"])),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1),
+}
+
+
+def _layer_pick(defaults: dict, layers: int) -> tuple[list[int] | None, dict]:
+    """Which of a config's default layers to keep (every kind of layer its per-layer lists name, the first, and for a
+    text decoder the last, at least `layers` of them), and those per-layer lists."""
+    n = defaults.get("num_hidden_layers")
+    if not isinstance(n, int) or n <= layers:
+        return None, {}
+    types = (list, str) if layers > 1 else list  # a tower's strings are names (hidden_act "gelu"), not patterns
+    per_layer = {k: v for k, v in defaults.items() if isinstance(v, types) and len(v) == n}
+    kinds = [tuple(v[i] for v in per_layer.values()) for i in range(n)]
+    pick = {kinds.index(k) for k in set(kinds)} | ({0} if layers == 1 else {0, n - 1})
+    while len(pick) < layers:
+        pick.add(min(set(range(n)) - pick))
+    return sorted(pick), per_layer
+
+
+def auto_kwargs(config_class, sizes: dict = SHRUNK_TEXT, text: bool = True) -> dict:
+    """Keyword arguments making a tiny config of `config_class` from its defaults: small widths, 8 experts of top-2,
+    four decoder layers of every kind it has, towers of one block; token ids inside the small vocabulary."""
+    try:
+        defaults = config_class().to_dict()
+    except Exception:  # noqa: BLE001 - a config without usable defaults gets only its sub-configs shrunk
+        defaults = {}
+    kw = {
+        k: v
+        for k, v in sizes.items()
+        if k in defaults and not isinstance(defaults[k], bool) and (defaults[k] is None or isinstance(defaults[k], int))
+    }
+    if "qk_rope_head_dim" in defaults:  # multi-head latent attention derives its head_dim
+        kw.pop("head_dim", None)
+    kw.update({k: 0 for k in ("pad_token_id", "bos_token_id", "eos_token_id") if _at_least(defaults.get(k), 128)})
+    if isinstance(defaults.get("per_layer_config"), dict):  # overrides of layers the tiny model does not have
+        kw["per_layer_config"] = {}
+    pick, per_layer = _layer_pick(defaults, TINY_LAYERS if text else 1)
+    if pick is not None:
+        kw["num_hidden_layers"] = len(pick)
+        kw.update(
+            {
+                k: [v[i] for i in pick] if isinstance(v, list) else "".join(v[i] for i in pick)
+                for k, v in per_layer.items()
+            }
+        )
+        if isinstance(defaults.get("first_k_dense_replace"), int):
+            kw["first_k_dense_replace"] = min(defaults["first_k_dense_replace"], 1)
+    elif text and isinstance(defaults.get("num_hidden_layers"), int):
+        kw["num_hidden_layers"] = min(defaults["num_hidden_layers"], TINY_LAYERS)
+    for name, sub in (getattr(config_class, "sub_configs", None) or {}).items():
+        default = defaults.get(name)
+        if isinstance(default, dict) and "model_type" in default and not hasattr(sub, "model_type"):  # AutoConfig
+            sub = CONFIG_MAPPING[default["model_type"]]
+        if isinstance(sub, type) and name in defaults:
+            is_text = "text" in name or "thinker" in name
+            kw[name] = auto_kwargs(sub, SHRUNK_TEXT if is_text else SHRUNK_TOWER, is_text)
+            if isinstance(default, dict) and "model_type" in default:
+                kw[name]["model_type"] = default["model_type"]
+    return kw
+
+
+def _at_least(value, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= limit
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merged(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def tiny_config(model_type: str):
+    """A tiny config of any MoE family (`CONFIGS` where written by hand, else `auto_kwargs` and `OVERRIDES`)."""
+    config_class = CONFIG_MAPPING[model_type]
+    return config_class(**_merged(auto_kwargs(config_class), OVERRIDES.get(model_type, {})))
+
+
 def tiny_model(model_type: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
+    if model_type not in CONFIGS:
+        from moecompress.models import get_adapter
+
+        model = get_adapter(model_type).auto_model_class().from_config(tiny_config(model_type))
+        return _randomized(model.eval())
     kwargs = CONFIGS[model_type]
     if "thinker_config" in kwargs:  # Qwen3-Omni: its adapter's class (transformers' has no forward)
         from moecompress.models import get_adapter
@@ -271,7 +405,10 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
         model = AutoModelForImageTextToText.from_config(CONFIG_MAPPING[model_type](**{**kwargs, "text_config": text}))
     else:
         model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**{**COMMON, **kwargs, **overrides}))
-    model.eval()
+    return _randomized(model.eval())
+
+
+def _randomized(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
