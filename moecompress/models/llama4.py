@@ -38,8 +38,8 @@ def _experts_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_
 @register_adapter
 class Llama4TextAdapter(ModelAdapter):
     """Llama 4: sigmoid of the top-k router logits, unnormalised, scales each routed expert's *input*
-    (`E(s x)`, not `s E(x)`); a shared expert; experts stored transposed (`gate_up_proj [E, H, 2I]`, gate
-    columns then up columns, `down_proj [E, I, H]`: `transposed`); dense and MoE layers interleave. The first time a block is
+    (`E(s x)`, not `s E(x)`); a shared expert; experts stored transposed (`transposed`: `gate_up_proj [E, H, 2I]`,
+    gate columns then up columns, `down_proj [E, I, H]`); dense and MoE layers interleave. The first time a block is
     viewed, its router, experts and forward take the common (hidden, top-k index, top-k weights) form, so packed,
     mapped and skipped experts drop in (same outputs, same state dict). Merging and pruning compare experts on
     unscaled tokens."""
