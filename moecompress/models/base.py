@@ -8,6 +8,7 @@ downstream (calibration, quantization, export) talks to `MoEBlockView`, never to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from types import SimpleNamespace
 
 import torch
@@ -183,7 +184,7 @@ class MoEBlockView:
     @property
     def device(self) -> torch.device:
         """Where the block computes (its experts' device)."""
-        return next(t for t in (*self.experts.parameters(), *self.experts.buffers())).device
+        return next(chain(self.experts.parameters(), self.experts.buffers())).device
 
     @property
     def top_k(self) -> int:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import ExpertWeights, ModelAdapter, MoEBlockView
+from .base import ModelAdapter, MoEBlockView
 
 TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k", "num_experts_per_token", "top_k_experts")
 NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -127,6 +127,7 @@ class GenericAdapter(ModelAdapter):
         self.text = model.get_submodule(text_name) if text_name else model
         first = next(iter(self.block_paths.items()))
         block = layers[first[0]].get_submodule(first[1])
+        _require_gated(getattr(block, self.experts_name), self.model_types[0])  # the layout ModelAdapter reads
         self.config = getattr(model.config, "text_config", None) or model.config
         self.router_name, self.router_inner = _find_router(block, self.experts_name)
         self._model, self._layers = model, layers
@@ -246,15 +247,6 @@ class GenericAdapter(ModelAdapter):
 
     def shared_experts(self, block: nn.Module) -> nn.Module | None:
         return next((getattr(block, n) for n in SHARED_NAMES if hasattr(block, n)), None)
-
-    # ---- experts' layout: the decorator's flags (ModelAdapter.layout); refused where the kernels cannot follow ----
-    def expert_weights(self, experts: nn.Module, e: int) -> ExpertWeights:
-        _require_gated(experts, self.model_types[0])
-        return super().expert_weights(experts, e)
-
-    def expert_activation(self, experts: nn.Module) -> nn.Module:
-        _require_gated(experts, self.model_types[0])
-        return super().expert_activation(experts)
 
     # ---- config ------------------------------------------------------------------------------------------------------
     @property

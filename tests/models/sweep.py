@@ -64,7 +64,8 @@ def sub_configs(config_class) -> list[type]:
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
 
 
 def routing(adapter) -> str:

@@ -20,6 +20,7 @@ from moecompress.models.base import PROJECTIONS
 from moecompress.models.generic import GenericAdapter
 from moecompress.quant.rtn import quantize_rtn
 from moecompress.recipe import Recipe
+from tests.models.sweep import rel
 from tests.models.tiny_models import COMMON, CONFIGS, walked_states
 
 NEW_TYPE = "moecompress_test_moe"
@@ -82,10 +83,6 @@ def _batches(n: int = 2) -> list[CalibrationBatch]:
     ]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
-
-
 def test_a_new_family_is_found_and_laid_out(new_family):
     adapter = get_adapter(NEW_TYPE)
     assert isinstance(adapter, GenericAdapter)
@@ -101,7 +98,7 @@ def test_a_new_family_is_found_and_laid_out(new_family):
     reference = F.linear(
         F.silu(F.linear(x, w.gate_proj.double())) * F.linear(x, w.up_proj.double()), w.down_proj.double()
     )
-    assert _rel(view.expert_forward(3, x.float())[1], reference) < 1e-5
+    assert rel(view.expert_forward(3, x.float())[1], reference) < 1e-5
     changed = w.replace(up_proj=torch.randn_like(w.up_proj))
     with torch.no_grad():
         view.set_expert_weights(3, changed)
@@ -116,7 +113,7 @@ def test_engine_matches_forward_and_recognizes_routing(new_family):
     walked = walked_states(new_family, adapter, [batch])
     with torch.no_grad():
         real = new_family(**batch.inputs, output_hidden_states=True).hidden_states
-    assert max(_rel(walked[i][0], real[i + 1]) for i in range(len(walked) - 1)) < 1e-5
+    assert max(rel(walked[i][0], real[i + 1]) for i in range(len(walked) - 1)) < 1e-5
     assert adapter.rule == ("softmax", True)  # Qwen3-MoE's router: softmax, top-k renormalised (norm_topk_prob)
     view = adapter.moe_blocks(new_family)[0]
     x = torch.randn(16, 64)
