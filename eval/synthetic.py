@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -41,37 +42,39 @@ def config(layers: int, experts: int, hidden: int, intermediate: int, top_k: int
     }
 
 
-def layer_tensors(i: int, cfg: dict, gen: torch.Generator | None) -> dict[str, torch.Tensor]:
-    """Layer `i`'s tensors; with `gen` None, meta tensors (to plan the shards)."""
+def layer_tensors(i: int, cfg: dict) -> dict[str, tuple[int, ...] | None]:
+    """Layer `i`'s tensors as name: shape of a random matrix (None: a norm's vector of ones)."""
     H, inter, E, d = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"], cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-
-    def rand(*shape):
-        if gen is None:
-            return torch.empty(*shape, dtype=torch.bfloat16, device="meta")
-        return (torch.randn(*shape, generator=gen) * shape[-1] ** -0.5).to(torch.bfloat16)
-
     p = f"model.layers.{i}."
     out = {
-        p + "input_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
-        p + "post_attention_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
-        p + "self_attn.q_proj.weight": rand(q, H),
-        p + "self_attn.k_proj.weight": rand(kv, H),
-        p + "self_attn.v_proj.weight": rand(kv, H),
-        p + "self_attn.o_proj.weight": rand(H, q),
-        p + "self_attn.q_norm.weight": torch.ones(d, dtype=torch.bfloat16),
-        p + "self_attn.k_norm.weight": torch.ones(d, dtype=torch.bfloat16),
-        p + "mlp.gate.weight": rand(E, H),
+        p + "input_layernorm.weight": (H,),
+        p + "post_attention_layernorm.weight": (H,),
+        p + "self_attn.q_proj.weight": (q, H),
+        p + "self_attn.k_proj.weight": (kv, H),
+        p + "self_attn.v_proj.weight": (kv, H),
+        p + "self_attn.o_proj.weight": (H, q),
+        p + "self_attn.q_norm.weight": (d,),
+        p + "self_attn.k_norm.weight": (d,),
+        p + "mlp.gate.weight": (E, H),
     }
     for e in range(E):
         out.update(
             {
-                f"{p}mlp.experts.{e}.gate_proj.weight": rand(inter, H),
-                f"{p}mlp.experts.{e}.up_proj.weight": rand(inter, H),
-                f"{p}mlp.experts.{e}.down_proj.weight": rand(H, inter),
+                f"{p}mlp.experts.{e}.gate_proj.weight": (inter, H),
+                f"{p}mlp.experts.{e}.up_proj.weight": (inter, H),
+                f"{p}mlp.experts.{e}.down_proj.weight": (H, inter),
             }
         )
     return out
+
+
+def make(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A norm's ones, the embeddings at 0.02, any other matrix at 1 / sqrt(fan-in); bf16."""
+    if len(shape) == 1:
+        return torch.ones(*shape, dtype=torch.bfloat16)
+    scale = 0.02 if name == "model.embed_tokens.weight" else shape[-1] ** -0.5
+    return (torch.randn(*shape, generator=gen) * scale).to(torch.bfloat16)
 
 
 def build(
@@ -85,40 +88,35 @@ def build(
     shard_bytes: int = 1 << 30,
     seed: int = 0,
 ) -> Path:
-    """Write the checkpoint to `out` (a new folder) and return it."""
+    """Write the checkpoint to `out` (a new folder) and return it. Shards hold whole layers where they fit (as
+    transformers' save_pretrained does) and are generated one at a time, so a layer larger than memory can be built."""
     cfg = config(layers, experts, hidden, intermediate, top_k, vocab)
     gen = torch.Generator().manual_seed(seed)
     out.mkdir(parents=True)
-
-    def head(g):
-        return {"model.embed_tokens.weight": (torch.randn(vocab, hidden, generator=g) * 0.02).to(torch.bfloat16)}
-
-    def tail(g):
-        return {
-            "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-            "lm_head.weight": (torch.randn(vocab, hidden, generator=g) * hidden**-0.5).to(torch.bfloat16),
-        }
-
-    makers = [head, *(lambda g, i=i: layer_tensors(i, cfg, g) for i in range(layers)), tail]
-    sizes = [
-        2 * vocab * hidden,
-        *(sum(t.nbytes for t in layer_tensors(i, cfg, None).values()) for i in range(layers)),
-        2 * hidden + 2 * vocab * hidden,
+    groups = [
+        {"model.embed_tokens.weight": (vocab, hidden)},
+        *(layer_tensors(i, cfg) for i in range(layers)),
+        {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)},
     ]
-    plan, size = [[]], 0
-    for k, nbytes in enumerate(sizes):  # whole layers per shard, as transformers' save_pretrained does
-        if plan[-1] and size + nbytes > shard_bytes:
-            plan.append([])
-            size = 0
-        plan[-1].append(k)
-        size += nbytes
+    plan, size = [{}], 0
+    for group in groups:
+        nbytes = 2 * sum(math.prod(s) for s in group.values())
+        items = [group] if nbytes <= shard_bytes else [{k: v} for k, v in group.items()]
+        for item in items:
+            nbytes = 2 * sum(math.prod(s) for s in item.values())
+            if plan[-1] and size + nbytes > shard_bytes:
+                plan.append({})
+                size = 0
+            plan[-1].update(item)
+            size += nbytes
     weight_map, total = {}, 0
     for n, members in enumerate(plan):
         name = f"model-{n + 1:05d}-of-{len(plan):05d}.safetensors"
-        shard = {k: v for m in members for k, v in makers[m](gen).items()}
+        shard = {k: make(k, shape, gen) for k, shape in members.items()}
         write_safetensors(out / name, list(shard.values()), list(shard))
         weight_map.update(dict.fromkeys(shard, name))
         total += sum(t.nbytes for t in shard.values())
+        del shard
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
     )

@@ -148,6 +148,10 @@ def _recipe_with_overrides(args):
         recipe.recovery.steps = max(args.recovery_steps, 1)
     if getattr(args, "device", None):
         recipe.device = args.device
+    if getattr(args, "max_memory", None):
+        recipe.calibration.max_memory = args.max_memory
+    if getattr(args, "experts_per_chunk", None):
+        recipe.calibration.experts_per_chunk = args.experts_per_chunk
     return recipe.validate()
 
 
@@ -489,6 +493,18 @@ def _add_compress(sub) -> None:
     p.add_argument("--vl-calib", help="override calibration.vl_dataset (image+text jsonl)")
     p.add_argument("--num-samples", type=_at_least(1), help="override calibration.num_samples")
     p.add_argument("--device", help="compute device for the layer being processed (cpu, cuda, cuda:1)")
+    p.add_argument(
+        "--max-memory",
+        type=_size,
+        help="peak memory of the streamed run, e.g. 6GB (calibration.max_memory); a layer whose experts do not fit "
+        "is worked on a chunk of experts at a time. Default: most of the free memory",
+    )
+    p.add_argument(
+        "--experts-per-chunk",
+        type=_at_least(1),
+        help="work on every MoE layer this many routed experts at a time (calibration.experts_per_chunk); "
+        "default: as the memory budget allows",
+    )
     p.add_argument("--plan", help="plan.json from `moecompress plan` (bits per expert); skips the allocation")
     p.add_argument(
         "--avg-bits", type=_positive_float, help="override allocation.avg_bits (factor.avg_bits in a factor recipe)"

@@ -62,6 +62,7 @@ class CompressionReport:
     stages: dict[str, dict] = field(default_factory=dict)  # each stage's report, by stage name
     stage_seconds: dict = field(default_factory=dict)
     engine: str = "in-memory"  # or "streamed": layers read from disk one at a time, written as finished
+    memory: dict | None = None  # a streamed run's memory plan: budget, experts per chunk per layer, estimated peaks
     output: str | None = None
 
     def to_dict(self) -> dict:
@@ -233,6 +234,7 @@ def _compress(
         rare_experts=[asdict(r) for r in reports if r.tokens < min_tokens],
         stage_seconds=seconds,
         engine="streamed" if streamed else "in-memory",
+        memory=ctx.memory.to_dict() if ctx.memory is not None else None,
         stages=dict(ctx.reports),
     )
     if output is not None:
@@ -304,10 +306,10 @@ def _keep_resumable(store: LayerStore, exc: BaseException) -> None:
 
 
 def _run_stages(ctx: RunContext) -> dict[str, float]:
-    seconds = {}
-    for stage in STAGES:
-        if not stage.enabled(ctx.recipe):
-            continue
+    seconds, stages = {}, [stage for stage in STAGES if stage.enabled(ctx.recipe)]
+    for stage in stages:
+        stage.check_memory(ctx)
+    for stage in stages:
         began = time.perf_counter()
         result = stage.run(ctx)
         seconds[stage.name] = round(time.perf_counter() - began, 2)

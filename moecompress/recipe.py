@@ -13,6 +13,7 @@ from typing import Any, Union
 
 import yaml
 
+from .calibration.budget import budget_problem
 from .calibration.config import CalibrationConfig
 from .calibration.data import window_counts_problem
 from .errors import RecipeError
@@ -27,8 +28,10 @@ class RecipeBase:
 
     def validate(self) -> Recipe:
         calibration_problem = window_counts_problem(self.calibration, "calibration")
+        memory_problem = budget_problem(self.calibration)
         checks = [
             (not calibration_problem, calibration_problem),
+            (not memory_problem, memory_problem),
             (
                 self.save_dtype in ("bfloat16", "float16", "float32"),
                 f"save_dtype '{self.save_dtype}': use bfloat16, float16 or float32",

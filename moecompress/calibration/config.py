@@ -17,3 +17,7 @@ class CalibrationConfig:
     seed: int = 0
     activation_dtype: str = "float32"  # calibration activations held between layers; bfloat16 halves them
     offload_activations: bool = False  # hold them on disk (state folder, else $TMPDIR), one batch in memory at a time
+    # the peak memory of a streamed run ("6GB", or bytes); default: most of the memory free at the start. A layer
+    # whose experts do not fit is worked on a chunk of experts at a time (`calibration.budget`)
+    max_memory: str | int | None = None
+    experts_per_chunk: int | None = None  # a chunk size of your own instead of the one the budget gives

@@ -373,14 +373,26 @@ class ExpertObserver:
         """Tokens x [T, H] entering the block, their modality ids (or a bool image mask) [T] and weights [T] (in
         `weighted` and the Grams; default 1); `chosen`: their top-k (weights, indices) as the model's router gave
         them (default: recomputed with `view.route`)."""
-        x = x.float()
-        modality = modality.long().to(x.device)
-        token_weight = token_weight.to(x.device) if token_weight is not None else None
-        M = len(MODALITIES)
+        x, modality, token_weight = self.prepared(x, modality, token_weight)
         weights, indices = chosen if chosen is not None else self.view.route(x)
-        weights = weights.float()
         routed = torch.zeros_like(x)
-        for e in range(self.view.num_experts):
+        self.observe_experts(x, modality, token_weight, (weights, indices), range(self.view.num_experts), routed)
+        self.observe_tokens(x, modality, token_weight)
+        self.observe_output(modality, routed)
+        if self.measure_drop_loss:
+            self._observe_drop_loss(x, modality, weights, indices, routed)
+
+    def prepared(self, x, modality, token_weight):
+        """`x` in float32, `modality` as ids and `token_weight` on its device, as `observe` takes them."""
+        x = x.float()
+        return x, modality.long().to(x.device), token_weight.to(x.device) if token_weight is not None else None
+
+    def observe_experts(self, x, modality, token_weight, chosen, experts: range, routed: torch.Tensor) -> None:
+        """`observe`'s part for the experts `experts` (the chunk a streamed layer holds), their weighted outputs
+        added to `routed` [T, H]."""
+        M = len(MODALITIES)
+        weights, indices = chosen[0].float(), chosen[1]
+        for e in experts:
             tok, slot = torch.where(indices == e)
             if tok.numel() == 0:
                 continue
@@ -401,14 +413,19 @@ class ExpertObserver:
                 self.hessian_mid.add(e, mid if root is None else mid * root)
             for collector in self.collectors:
                 collector.observe_expert(self.view, e, xe, w, out)
-        self.total_tokens += torch.bincount(modality, minlength=M).double().cpu()
+
+    def observe_tokens(self, x, modality, token_weight) -> None:
+        """`observe`'s part per batch that needs no expert: token counts and the reservoir."""
+        self.total_tokens += torch.bincount(modality, minlength=len(MODALITIES)).double().cpu()
         self.weighted_total += float(token_weight.sum()) if token_weight is not None else x.shape[0]
-        self.block_output_norm_sum += torch.bincount(modality, weights=routed.pow(2).sum(1), minlength=M).double().cpu()
-        if self.measure_drop_loss:
-            self._observe_drop_loss(x, modality, weights, indices, routed)
         n_keep = math.ceil(self._reservoir_rate * x.shape[0])
         picks = torch.randperm(x.shape[0], generator=self._generator)[:n_keep]
         self.reservoir.append(x[picks.to(x.device)].cpu())
+
+    def observe_output(self, modality, routed: torch.Tensor) -> None:
+        """`observe`'s part per batch from the block's routed output, summed over all experts."""
+        M = len(MODALITIES)
+        self.block_output_norm_sum += torch.bincount(modality, weights=routed.pow(2).sum(1), minlength=M).double().cpu()
 
     def _observe_drop_loss(self, x, modality, weights, indices, routed) -> None:
         """||Z - Z_-e||^2 where only the tokens routed to e change: they are re-routed without e."""
@@ -470,7 +487,9 @@ class Walk:
         model's dtype.
     keep_changes: later passes see the layers this one changed (a streamed model keeps them on disk).
     balance: modality weights with which each observer weighs its tokens (`LayerInputs.token_weights`; default:
-        every token 1)."""
+        every token 1).
+    chunks: per decoder layer whose routed experts do not fit at once, the experts worked on at a time (a streamed
+        model reads them so from its source; `on_moe_layer` then sees each chunk, `view.held`, in turn)."""
 
     device: str | torch.device = "cpu"
     statistics: frozenset[str] = frozenset({"hessian"})
@@ -484,6 +503,7 @@ class Walk:
     activations: Activations | None = None
     keep_changes: bool = False
     balance: dict[str, float] | None = None
+    chunks: dict[int, int] | None = None
 
 
 @torch.no_grad()
@@ -515,10 +535,17 @@ def run_layerwise(
         count = len(adapter.decoder_layers(model))
         options = dict(statistics=walk.statistics, reservoir_size=walk.reservoir_size, collectors=walk.collectors)
         for index in tqdm(range(first, count), desc=walk.desc, disable=not walk.progress, initial=first, total=count):
-            layer = source.load_layer(index, device)
+            size = (walk.chunks or {}).get(index)
+            layer = source.load_layer(index, device) if size is None else source.load_layer(index, device, False)
             blocks, changed = views.get(index, []), False
             if not blocks:
                 inputs.keep(forward_layer(layer, adapter, index, inputs))
+            elif size is not None:
+                chunked = ChunkedLayer(
+                    source, index, blocks[0], ExpertObserver(blocks[0], inputs.num_tokens, seed=index, **options)
+                )
+                inputs.keep(chunked.run(layer, inputs, size, on_moe_layer, weights))
+                changed = True
             else:
                 observers = [ExpertObserver(view, inputs.num_tokens, seed=index, **options) for view in blocks]
                 outputs = _observed_forward(layer, adapter, index, inputs, observers, weights)
@@ -553,3 +580,90 @@ def _observed_forward(layer, adapter: ModelAdapter, index: int, inputs: LayerInp
     finally:
         for handle in handles:
             handle.remove()
+
+
+class ChunkedLayer:
+    """One decoder layer whose routed experts are read, observed and changed a chunk at a time (`Walk.chunks`). The
+    layer runs once with its experts recording their inputs (hidden states and the model's own routing); each chunk
+    of experts is then read from the source, observed on every batch, handed to `on_moe_layer`, and its summed
+    output added per batch in expert order, each expert through the experts module's own forward on the same rows
+    as the whole module computes them, so the sums are bit for bit the whole module's; the layer then runs again
+    with its experts answering those sums."""
+
+    def __init__(self, source: LoadedModel, index: int, view: MoEBlockView, observer: ExpertObserver):
+        self.source, self.index, self.view, self.observer = source, index, view, observer
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def run(self, layer, inputs: LayerInputs, size: int, on_moe_layer: LayerCallback, weights=None):
+        """The layer's outputs for every batch (as `forward_layer` gives them), chunks of `size` experts."""
+        view, observer = self.view, self.observer
+        self._walk(layer, inputs, self._record)
+        recorded, self.recorded = self.recorded, []
+        routed = [torch.zeros_like(h, dtype=torch.float32) for h, _, _ in recorded]
+        summed = [torch.zeros_like(h) for h, _, _ in recorded]
+        for first in range(0, view.num_experts, size):
+            chunk = range(first, min(first + size, view.num_experts))
+            self.source.load_experts(self.index, chunk, inputs.device)
+            for b, (hidden, indices, routing) in enumerate(recorded):
+                token_weight = None if weights is None else weights[b].reshape(-1)
+                x, modality, token_weight = observer.prepared(hidden, inputs.modalities[b].reshape(-1), token_weight)
+                observer.observe_experts(x, modality, token_weight, (routing, indices), chunk, routed[b])
+                if first == 0:
+                    observer.observe_tokens(x, modality, token_weight)
+            on_moe_layer(view, observer)
+            for (hidden, indices, routing), out in zip(recorded, summed):
+                _add_experts_output(view.experts, hidden, indices, routing, chunk, out)
+            self.source.release_experts(self.index)
+            self.source.trim()
+        for b, out in enumerate(routed):
+            observer.observe_output(inputs.modalities[b].reshape(-1).long(), out)
+        del recorded, routed
+        return self._walk(layer, inputs, lambda b, hidden, *_: _checked(summed[b], hidden), keep=True)
+
+    def _record(self, batch: int, hidden, indices, routing) -> torch.Tensor:
+        """The first pass's answer: the experts' inputs kept (on the first batch the generic adapter recognizes the
+        router's rule from them), zeros returned (that pass's layer outputs are not used)."""
+        if batch == 0 and not getattr(self.view.adapter, "rule_checked", True):
+            self.view.adapter.recognize_routing(self.view.block, hidden, routing, indices)
+        self.recorded.append((hidden, indices, routing))
+        return torch.zeros_like(hidden)
+
+    def _walk(self, layer, inputs: LayerInputs, answer, keep: bool = False):
+        """Run the layer on every batch with its experts module answering `answer(batch, hidden, indices, weights)`;
+        the layer's outputs (in a sink) with `keep`."""
+        experts, batch = self.view.experts, [0]
+
+        def forward(*args, **kwargs):
+            return answer(batch[0], *(*args, *kwargs.values())[:3])
+
+        experts.forward = forward
+        outputs = inputs.sink() if keep else None
+        try:
+            for b, (hidden, kwargs, extras, _) in enumerate(inputs.batches(self.index)):
+                batch[0] = b
+                out = inputs.output(layer(hidden, **kwargs))
+                if keep:
+                    outputs.append(inputs.held(self.view.adapter.after_layer(self.index, out, extras)))
+            return outputs
+        finally:
+            del experts.forward
+
+
+def _add_experts_output(experts, hidden, indices, routing, chunk: range, out: torch.Tensor) -> None:
+    """Add to `out` the weighted outputs of the experts in `chunk` (those `experts` holds), in expert order, each
+    computed by the module's own forward on the rows, in the order, that the whole module gives it."""
+    for e in chunk:
+        slot, tok = torch.where((indices == e).T)  # as the module's one-hot mask [k, T] orders them
+        if tok.numel() == 0:
+            continue
+        local = torch.full((tok.numel(), 1), e - chunk.start, dtype=indices.dtype, device=indices.device)
+        out.index_add_(0, tok, experts(hidden[tok], local, routing[tok, slot][:, None]).to(out.dtype))
+
+
+def _checked(summed: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    if summed.shape != hidden.shape:
+        raise UnsupportedModelError(
+            f"the experts saw {tuple(hidden.shape)} on the second pass of a chunked layer and {tuple(summed.shape)} on "
+            "the first; this family cannot be worked on in chunks (raise --max-memory to hold whole layers)."
+        )
+    return summed

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..formats import QuantFormat
 from ..models.base import PROJECTIONS
+from ..models.loading import empty_weights
 from ..runtime.factored_experts import FactoredExperts
 from ..runtime.packed_experts import PackedExperts, PackedLinear, persistent_state
 from ..storage.outputs import MANIFEST, atomic_folder
@@ -95,15 +96,13 @@ def plain_guard(model: nn.Module) -> str | None:
     weight of the first packed block), or None without packed experts. Stored under that name with a shape it cannot
     have, it makes transformers refuse the checkpoint (size mismatch) when config.json lost its quantization_config,
     instead of building the model with random experts; moecompress's loaders skip it (the manifest names it)."""
-    from accelerate import init_empty_weights
-
     packed = next((n for n, m in model.named_modules() if isinstance(m, (PackedExperts, FactoredExperts))), None)
     if packed is None:
         return None
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with init_empty_weights():
+    with empty_weights():
         plain = type(model)._from_config(config)
     names = sorted(n for n, p in plain.named_parameters() if n.startswith(packed + ".") and p.shape != (1,))
     return names[0] if names else None

@@ -159,16 +159,23 @@ class MoEBlockView:
 
     @property
     def num_experts(self) -> int:
-        return self.adapter.experts_shape(self)[0]
+        """The block's routed experts, all of them also while a streamed layer's module holds a chunk."""
+        return getattr(self.experts, "total_experts", None) or self.adapter.experts_shape(self)[0]
+
+    @property
+    def held(self) -> range:
+        """The routed experts the experts module holds: all, or the chunk a streamed layer read (`chunk`)."""
+        chunk = getattr(self.experts, "chunk", None)
+        return chunk if chunk is not None else range(self.num_experts)
 
     @property
     def expert_params(self) -> int:
         """Weights of the routed experts (as float matrices, however they are stored)."""
-        return self.num_experts * sum(self.expert_weights(0)[p].numel() for p in PROJECTIONS)
+        return self.num_experts * sum(self.expert_weights(self.held.start)[p].numel() for p in PROJECTIONS)
 
     @property
     def intermediate_size(self) -> int:
-        return int(self.expert_weights(0).down_proj.shape[1])
+        return int(self.expert_weights(self.held.start).down_proj.shape[1])
 
     @property
     def activation(self) -> nn.Module:
@@ -220,11 +227,11 @@ class MoEBlockView:
         experts = self.experts
         if hasattr(experts, "expert_weights"):
             return experts.expert_weights(expert)
-        return self.adapter.expert_weights(experts, expert)
+        return self.adapter.expert_weights(experts, expert - self.held.start)
 
     def set_expert_weights(self, expert: int, weights: ExpertWeights) -> None:
         with torch.no_grad():
-            self.adapter.set_expert_weights(self.experts, expert, weights)
+            self.adapter.set_expert_weights(self.experts, expert - self.held.start, weights)
 
     def replace_experts(self, weights: list[ExpertWeights]) -> None:
         """New fused expert tensors from `weights` (another count or width; the architecture's layout)."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import ModelLoadError, NonFiniteError, UnsupportedModelError
 from ..storage.tensorfiles import StoredTensor, TensorFileError, read_header
@@ -266,3 +269,35 @@ def require_moe(model: nn.Module, adapter: ModelAdapter, source: str) -> None:
             f"'{source}': config.json routes each token to {view.top_k} experts of {view.num_experts} "
             "(num_experts_per_tok above the expert count); fix config.json."
         )
+
+
+class LargeOnMeta(TorchFunctionMode):
+    """Tensors of more than `limit` bytes made without a device are made on the meta device. `init_empty_weights`
+    moves each parameter to meta only once it is made: a fused experts tensor larger than memory (DeepSeek-V3's
+    gate_up, 30 GB in float32) would fail to allocate first. No buffer a model makes at init is near this size."""
+
+    FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn})
+
+    def __init__(self, limit: int = 1 << 28):
+        super().__init__()
+        self.limit = limit
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            sizes = args[0] if args and isinstance(args[0], (tuple, list)) else args
+            if all(isinstance(n, int) for n in sizes):
+                dtype = kwargs.get("dtype") or torch.get_default_dtype()
+                if math.prod(sizes) * dtype.itemsize > self.limit:
+                    kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def empty_weights():
+    """Build a model's skeleton: parameters on the meta device (accelerate's `init_empty_weights`; buffers such as
+    rotary tables real), none allocated first when larger than memory (`LargeOnMeta`)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(), LargeOnMeta():
+        yield

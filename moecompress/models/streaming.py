@@ -29,6 +29,7 @@ from .base import ModelAdapter
 from .loading import (
     LoadedModel,
     dequantizing_config,
+    empty_weights,
     read_config,
     require_finite_layer,
     require_finite_outside,
@@ -73,7 +74,7 @@ class StreamedModel(LoadedModel):
         self.dtype, self.tensors = dtype, tensors
         self.work_dir: Path | None = None  # where layers changed in place (merged, pruned) are kept between passes
         self.changed: set[int] = set()
-        self._trim_floor = _resident_bytes()
+        self._trim_floor = resident_bytes()
         quantized = dequantizing_config(model.config, source)  # an MXFP4 / FP8 source: dequantized as it is read
         quantizer = AutoHfQuantizer.from_config(quantized, pre_quantized=True) if quantized is not None else None
         self.mapping = get_model_conversion_mapping(model, hf_quantizer=quantizer)
@@ -87,8 +88,10 @@ class StreamedModel(LoadedModel):
         self.head = head if head is not None and not tied else None  # loaded only to be written
         head_prefix = next((n + "." for n, m in model.named_modules() if m is self.head), None)
         self.layer_keys: dict[int, list[str]] = {}
+        self.expert_keys: dict[int, list[str]] = {}  # of a layer with one MoE block: its routed experts' keys
         self.outside_keys: list[str] = []  # what the embedding pass needs
         self.head_keys: list[str] = []
+        experts = _experts_paths(model, adapter)
         for key in tensors:
             target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, targets)
             target = target if target in targets or key not in targets else key
@@ -97,6 +100,8 @@ class StreamedModel(LoadedModel):
             match = layer_re.match(target)
             if match:
                 self.layer_keys.setdefault(int(match.group(1)), []).append(key)
+                if target.startswith(experts.get(int(match.group(1)), "\0")):
+                    self.expert_keys.setdefault(int(match.group(1)), []).append(key)
             else:
                 (self.head_keys if head_prefix and target.startswith(head_prefix) else self.outside_keys).append(key)
         if self.head is not None and not self.head_keys:
@@ -106,7 +111,9 @@ class StreamedModel(LoadedModel):
     def layers(self) -> nn.ModuleList:
         return self.adapter.decoder_layers(self.model)
 
-    def _load(self, keys: list[str], device: str | torch.device) -> None:
+    def _load(self, keys: list[str], device: str | torch.device, experts: range | None = None) -> None:
+        """Read `keys` into the skeleton through transformers' conversions; with `experts`, keys of routed experts
+        and only those experts' part of them (per-expert keys renumbered from 0, fused ones sliced)."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
         from transformers.utils import logging as hf_logging
@@ -121,6 +128,8 @@ class StreamedModel(LoadedModel):
                     if file not in handles:
                         handles[file] = stack.enter_context(safe_open(str(file), "pt"))
                 state = {key: handles[self.tensors[key].file].get_slice(key) for key in keys}
+                if experts is not None:
+                    state = _chunk_state(state, experts)
                 # in the stored dtype: converting (e.g. stacking experts) at bf16 halves the peak; cast after
                 config = LoadStateDictConfig(
                     dtype=None, dtype_plan={"*": None}, device_map={"": str(device)}, weight_mapping=self.mapping
@@ -163,13 +172,17 @@ class StreamedModel(LoadedModel):
         _to_meta(self.model, skip=self.layers)
         _trim_heap()
 
-    def load_layer(self, index: int, device: str | torch.device) -> nn.Module:
+    def load_layer(self, index: int, device: str | torch.device, experts: bool = True) -> nn.Module:
+        """Decoder layer `index` in the compute dtype; without `experts`, its routed experts stay on the meta device
+        (`load_experts` reads them a chunk at a time)."""
         layer = self.layers[index]
         if index in self.changed:  # a layer an earlier pass changed: its own float copy, not the source's
             layer.load_state_dict(load_file(self._work_file(index), device=str(device)), assign=True)
             return layer
-        self._load(self.layer_keys.get(index, []), device)
-        missing = [name for name, t in self._tensors(layer) if t.device.type == "meta"]
+        skipped = set() if experts else set(self.expert_keys.get(index, []))
+        self._load([k for k in self.layer_keys.get(index, []) if k not in skipped], device)
+        held = self._view(index).experts if skipped else None
+        missing = [name for name, t in self._tensors(layer, skip=held) if t.device.type == "meta"]
         if missing:
             raise ModelLoadError(
                 f"'{self.source}' has no weight for {self.layers_prefix}.{index}.{missing[0]}; the "
@@ -179,6 +192,38 @@ class StreamedModel(LoadedModel):
         _trim_heap()
         require_finite_layer(self, index)
         return layer
+
+    def can_chunk(self, index: int) -> str | None:
+        """Why layer `index`'s routed experts cannot be read a chunk at a time (None: they can)."""
+        if index in self.changed:
+            return "an earlier pass changed it in place"
+        if not self.expert_keys.get(index):
+            return "its experts are not stored apart from the rest of the layer"
+        return None
+
+    def load_experts(self, index: int, experts: range, device: str | torch.device) -> None:
+        """Routed experts `experts` (a range) of layer `index`, read from the source into its experts module, which
+        then holds only them (`chunk` names them, `total_experts` counts the layer's) in the compute dtype;
+        `release_experts` frees them."""
+        view = self._view(index)
+        module, total = view.experts, view.num_experts
+        _resize_experts(module, total, len(experts))
+        module.chunk, module.total_experts = experts, total
+        self._load(self.expert_keys[index], device, experts)
+        if any(t.is_meta for t in module.parameters()):
+            raise ModelLoadError(f"'{self.source}': layer {index}'s experts {experts} could not all be read.")
+        _cast(module, self.dtype)
+        _trim_heap()
+
+    def release_experts(self, index: int) -> None:
+        """Free the chunk `load_experts` read; the module is the layer's whole (meta) experts module again."""
+        module = self._view(index).experts
+        _to_meta(module)
+        _resize_experts(module, len(module.__dict__.pop("chunk")), module.__dict__.pop("total_experts"))
+        _trim_heap()
+
+    def _view(self, index: int):
+        return next(v for v in self.adapter.moe_blocks(self.model) if v.layer_index == index)
 
     def release_layer(self, index: int, changed: bool = False) -> None:
         """Free the layer; with `changed` (a pass changed it in place and later passes need the change, e.g.
@@ -200,11 +245,11 @@ class StreamedModel(LoadedModel):
     def trim(self) -> None:
         """Hand freed heap back once the resident set has grown by `TRIM_STEP` since the lowest point seen after the
         last trim: each trim costs ~10 ms and the page faults of reusing the memory, so not after every expert."""
-        resident = _resident_bytes()
+        resident = resident_bytes()
         self._trim_floor = min(self._trim_floor, resident)
         if resident > self._trim_floor + TRIM_STEP:
             _trim_heap()
-            self._trim_floor = _resident_bytes()
+            self._trim_floor = resident_bytes()
 
     def outside_state(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Every persistent tensor outside the decoder layers (tied ones once), cast like a saved checkpoint."""
@@ -228,6 +273,33 @@ class StreamedModel(LoadedModel):
                 yield name, t
 
 
+def _experts_paths(model: nn.Module, adapter: ModelAdapter) -> dict[int, str]:
+    """Per decoder layer with one MoE block, the path of its routed experts module and a dot."""
+    names = {id(m): n for n, m in model.named_modules()}
+    views: dict[int, list] = {}
+    for view in adapter.moe_blocks(model):
+        views.setdefault(view.layer_index, []).append(view)
+    return {i: names[id(v[0].experts)] + "." for i, v in views.items() if len(v) == 1 and id(v[0].experts) in names}
+
+
+_NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+def _chunk_state(state: dict, experts: range) -> dict:
+    """The part of a layer's expert tensors (source keys -> slices) that `experts` holds: a per-expert key (a second
+    number after the layer's, `...layers.3.mlp.experts.17.w1.weight`) kept when its expert is in the range and
+    renumbered from 0; a fused key (experts along its first dimension) sliced."""
+    chunk = {}
+    for key, tensor in state.items():
+        numbers = list(_NUMBER.finditer(key))
+        if len(numbers) < 2:
+            chunk[key] = tensor[experts.start : experts.stop]
+        elif int(numbers[1].group()) in experts:
+            n = numbers[1]
+            chunk[key[: n.start()] + str(int(n.group()) - experts.start) + key[n.end() :]] = tensor
+    return chunk
+
+
 def _cast(module: nn.Module, dtype: torch.dtype, skip: nn.Module | None = None) -> None:
     """Loaded floating parameters and persistent buffers to `dtype`, in place (non-persistent buffers, such as
     rotary tables computed at init, keep theirs, as in `from_pretrained`)."""
@@ -248,7 +320,7 @@ def _cast(module: nn.Module, dtype: torch.dtype, skip: nn.Module | None = None) 
         t.data = t.data.to(dtype)
 
 
-def _resident_bytes() -> int:
+def resident_bytes() -> int:
     try:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -300,20 +372,30 @@ def parameter_count(source: str) -> int:
     return count
 
 
+def _resize_experts(module: nn.Module, old: int, new: int) -> None:
+    """Make the experts module's stacked parameters (meta) and its `num_experts` count `new` experts, not `old`."""
+    for name, tensor in list(module.named_parameters(recurse=False)):
+        if tensor.dim() and tensor.shape[0] == old:
+            shape = (new, *tensor.shape[1:])
+            module._parameters[name] = nn.Parameter(
+                torch.empty(shape, dtype=tensor.dtype, device="meta"), requires_grad=False
+            )
+    if hasattr(module, "num_experts"):
+        module.num_experts = new
+
+
 def open_streamed(
     source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, check_outside: bool = True
 ) -> StreamedModel:
     """The meta skeleton of `source` (folder or hub id) with its checkpoint indexed and checked; of the weights, only
     those outside the decoder layers are read, for `check_outside` (NaN/Inf), and freed again."""
-    from accelerate import init_empty_weights
-
     config = read_config(source, trust_remote_code)
     adapter = get_adapter(config.model_type)
     folder = local_folder(source)
     tensors = source_tensors(folder)
     if dequantizing_config(config, source) is None:
         require_float_weights(tensors, source)
-    with init_empty_weights():
+    with empty_weights():
         model = adapter.auto_model_class().from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()
     model.eval()

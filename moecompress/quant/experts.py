@@ -82,7 +82,7 @@ def quantize_block_experts(
     `after_expert` runs after each expert (a streamed run hands freed heap memory back there: GPTQ's
     mid-size temporaries otherwise fragment it, and peak memory varied by 15% from run to run)."""
     packed, reports = [], []
-    for e in range(view.num_experts):
+    for e in view.held:  # every expert, or the chunk a streamed layer holds
         weights = view.expert_weights(e)
         wants = "hessian" in quantizer.statistics
         hessians = expert_hessians(view, observer, e, quantizer.config.rare_experts) if wants else None

@@ -232,7 +232,7 @@ def install_packed_experts(
     where the architecture has them), each expert's projections marked with the method that rounded them; with
     `packed` None, an empty one of `formats` on the meta device (a streamed layer whose tensors are already on
     disk)."""
-    first = view.expert_weights(0)
+    first = view.expert_weights(view.held.start)
     hidden, intermediate = first.down_proj.shape
     bias = first.gate_bias is not None
     formats = formats or [{p: t.fmt for p, t in e.items()} for e in packed]
@@ -251,8 +251,23 @@ def install_packed_experts(
     return module
 
 
-def persistent_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """State dict without tied duplicates, on the CPU; unquantized float tensors cast to `dtype` if given."""
+def packed_state(view: MoEBlockView, packed: list[dict[str, PackedTensor]], first: int) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of routed experts `first`, `first + 1`, ... (`packed`: a chunk of a streamed layer, no
+    biases), named as the block's `PackedExperts` names them once installed (`12.gate_proj.weight_packed`)."""
+    hidden, intermediate = packed[0]["down_proj"].shape
+    module = PackedExperts(hidden, intermediate, [{p: t.fmt for p, t in e.items()} for e in packed], view.activation)
+    for expert, tensors in zip(module, packed):
+        for proj in PROJECTIONS:
+            getattr(expert, proj).load_packed(tensors[proj])
+    state = persistent_state(module)
+    return {f"{first + int(k.split('.', 1)[0])}.{k.split('.', 1)[1]}": v for k, v in state.items()}
+
+
+def persistent_state(
+    model: nn.Module, dtype: torch.dtype | None = None, leave_out: frozenset[str] = frozenset()
+) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates, on the CPU; unquantized float tensors cast to `dtype` if given; the
+    tensors named in `leave_out` (stored already: a chunked layer's experts) not included."""
     seen: set[tuple[int, tuple]] = set()
     state = {}
     packed_names = {
@@ -260,7 +275,7 @@ def persistent_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict
     }
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key in seen:
+        if key in seen or name in leave_out:
             continue
         seen.add(key)
         if (

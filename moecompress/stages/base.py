@@ -12,12 +12,15 @@ import torch
 
 from ..allocation import CompressionPlan
 from ..calibration.batches import activation_holding
+from ..calibration.budget import MemoryPlan, budget_bytes, layer_costs, plan_memory
 from ..calibration.data import CalibrationBatch
 from ..calibration.engine import Walk, run_layerwise
 from ..models import LoadedModel, MoEBlockView
+from ..models.streaming import StreamedModel, resident_bytes
 from ..quant.experts import ExpertQuantReport
-from ..runtime.packed_experts import persistent_state
+from ..runtime.packed_experts import packed_state, persistent_state
 from ..storage.layer_store import LayerStore
+from ..training.memory import available_bytes
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -52,6 +55,10 @@ class Stage:
         """A training stage's teacher source (None: the model being compressed)."""
         return None
 
+    def check_memory(self, ctx: RunContext) -> None:
+        """Before any stage runs: refuse (`ctx.memory_plan`) when this stage's streamed layers cannot fit the budget,
+        so that no stage's output is kept for a job that cannot finish."""
+
     def run(self, ctx: RunContext) -> dict | None:
         raise NotImplementedError
 
@@ -83,6 +90,8 @@ class RunContext:
     quant_reports: list[ExpertQuantReport] = field(default_factory=list)
     reports: dict[str, dict] = field(default_factory=dict)
     store: LayerStore | None = None  # a streamed run's finished layers (resumable); None: the model is in memory
+    memory: MemoryPlan | None = None  # the plan of the last streamed walk under the memory budget
+    stored_apart: dict[int, set[str]] = field(default_factory=dict)  # per layer, its tensors stored chunk by chunk
 
     @property
     def cpu(self) -> bool:
@@ -129,12 +138,52 @@ class RunContext:
         if self.store is None:
             return
         prefix = f"{self.loaded.adapter.layers_prefix(self.loaded.model)}.{index}."
-        state = persistent_state(layer, getattr(torch, self.recipe.save_dtype))
+        apart = frozenset(self.stored_apart.pop(index, ()))
+        state = persistent_state(layer, getattr(torch, self.recipe.save_dtype), apart)
         self.store.save_layer(index, {prefix + k: v for k, v in state.items()}, record, hidden)
+
+    def store_experts(self, view: MoEBlockView, packed: list[dict]) -> None:
+        """The packed experts of the chunk a streamed layer holds (`view.held`), stored at once and left out of the
+        layer's own file (its record lists the parts)."""
+        layer = self.loaded.layers[view.layer_index]
+        path = next(name for name, module in layer.named_modules() if module is view.experts)
+        state = {f"{path}.{k}": v for k, v in packed_state(view, packed, view.held.start).items()}
+        self.stored_apart.setdefault(view.layer_index, set()).update(state)
+        prefix = f"{self.loaded.adapter.layers_prefix(self.loaded.model)}.{view.layer_index}."
+        self.store.save_part(view.layer_index, view.held.start, {prefix + k: v for k, v in state.items()})
+
+    def memory_plan(self, stage: str, statistics, chunks: bool = False, announce: bool = True) -> dict[int, int] | None:
+        """A streamed walk of `stage` (collecting `statistics`) under the recipe's memory budget: per decoder layer
+        whose experts do not fit at once, the experts per chunk (only where `chunks`: the stage works a chunk at a
+        time). Logged (with `announce`) and kept for the report; refused in one line when it cannot fit. None for a
+        model in memory."""
+        if not isinstance(self.loaded, StreamedModel):
+            return None
+        cal, resident = self.recipe.calibration, resident_bytes()
+        costs, outside = layer_costs(self.loaded, self.batches, cal, statistics, resident)
+        budget = budget_bytes(cal.max_memory, available_bytes(self.recipe.device), resident)
+        self.memory = plan_memory(
+            costs, outside, budget, cal.experts_per_chunk, lambda i: self._cannot_chunk(stage, i, chunks)
+        )
+        log.log(logging.INFO if announce else logging.DEBUG, "%s: %s", stage, self.memory.describe())
+        return {i: self.memory.chunk(i) for i in range(len(costs)) if self.memory.chunk(i) is not None}
+
+    def _cannot_chunk(self, stage: str, index: int, chunks: bool) -> str | None:
+        """Why layer `index`'s experts cannot be worked on a chunk at a time in `stage` (None: they can)."""
+        views = [v for v in self.loaded.adapter.moe_blocks(self.loaded.model) if v.layer_index == index]
+        if not chunks:
+            return f"stage {stage} works on whole layers"
+        if not self.loaded.adapter.observes_routing:
+            return f"the {self.loaded.adapter.model_types[0]} family file routes tokens itself"
+        if len(views) != 1 or self.loaded.adapter.layout(views[0].experts)[2]:
+            return "its experts have biases or modality groups"
+        return self.loaded.can_chunk(index)
 
     def walk(self, stage: str, on_moe_layer, on_layer_done, resume, **options) -> None:
         """`run_layerwise` over the loaded model and the calibration batches for `stage`, each finished layer handed
         to `on_layer_done`, from `resume` on; `options`: the rest of the `Walk`."""
+        if "chunks" not in options:  # a stage that holds whole layers: refused up front when one cannot fit
+            self.memory_plan(stage, options.get("statistics", Walk.statistics))
         with self.activations(stage) as holding:
             walk = Walk(
                 self.recipe.device,

@@ -43,6 +43,10 @@ class AllocationStage(Stage):
         recipe.allocation.validate()
         recipe.allocation.check_budget([q.format_for(k) for k in recipe.allocation.candidates], q.format_for(q.bits))
 
+    def check_memory(self, ctx: RunContext) -> None:
+        if ctx.plan is None and ctx.recipe.allocation.method != "uniform":  # profiling holds whole layers
+            ctx.memory_plan(self.name, frozenset(), announce=False)
+
     def run(self, ctx: RunContext) -> None:
         saved = ctx.store.load_json("plan.json") if ctx.store is not None and ctx.plan is None else None
         if saved is not None:  # a resumed run: the profiling pass was done before the kill
@@ -117,6 +121,9 @@ class QuantizeStage(Stage):
         except ValueError as exc:
             recipe.fail(f"quantization.packed_format '{q.packed_format}': {exc}")
 
+    def check_memory(self, ctx: RunContext) -> None:
+        ctx.memory_plan(self.name, make_quantizer(ctx.recipe.quantization).statistics, chunks=True, announce=False)
+
     def run(self, ctx: RunContext) -> None:
         loaded, store = ctx.loaded, ctx.store
         quantizer = make_quantizer(ctx.recipe.quantization)
@@ -126,18 +133,24 @@ class QuantizeStage(Stage):
         for index in store.done() if resume is not None else []:
             reports.update(_restore_layer(views.get(index, []), store.record(index)))
 
-        def quantize_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:
+        def quantize_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:  # all experts, or a chunk
             formats = ctx.plan.layer_formats(view.key)
-            packed[view.key], reports[view.key] = quantize_block_experts(
-                view, observer, formats, quantizer, loaded.trim
-            )
+            chunk, done = quantize_block_experts(view, observer, formats, quantizer, loaded.trim)
+            reports.setdefault(view.key, []).extend(done)
+            if len(view.held) < view.num_experts:  # a chunk of a streamed layer: stored now, not held to the end
+                ctx.store_experts(view, chunk)
+            else:
+                packed.setdefault(view.key, []).extend(chunk)
             return True
 
         def layer_done(index: int, layer: torch.nn.Module, hidden: list[torch.Tensor]) -> None:
             blocks = views.get(index, [])
             for view in blocks:
+                methods = [r.method for r in reports.get(view.key, [])]
                 if view.key in packed:
-                    install_packed_experts(view, packed.pop(view.key), [r.method for r in reports[view.key]])
+                    install_packed_experts(view, packed.pop(view.key), methods)
+                elif index in ctx.stored_apart:  # stored chunk by chunk: the skeleton gets them on meta
+                    install_packed_experts(view, None, methods, ctx.plan.layer_formats(view.key))
             formats = {v.group: _format_dicts(ctx.plan.layer_formats(v.key)) for v in blocks}
             record = {
                 "reports": [asdict(r) for v in blocks for r in reports.get(v.key, [])],
@@ -145,7 +158,16 @@ class QuantizeStage(Stage):
             }
             ctx.store_layer(index, layer, record, hidden)
 
-        ctx.walk(self.name, quantize_layer, layer_done, resume, statistics=quantizer.statistics, desc="compress")
+        chunks = ctx.memory_plan(self.name, quantizer.statistics, chunks=True)
+        ctx.walk(
+            self.name,
+            quantize_layer,
+            layer_done,
+            resume,
+            statistics=quantizer.statistics,
+            desc="compress",
+            chunks=chunks,
+        )
         ctx.quant_reports = [r for key in reports for r in reports[key]]  # restored layers, then the others, in order
 
 

@@ -1,9 +1,10 @@
 """The resumable state of a streamed `compress`: `<output>.compress-state/`.
 
 Per finished decoder layer: its output tensors (`layer-00012.safetensors`, exactly as the checkpoint stores
-them), the calibration activations leaving it (`hidden-00012.safetensors`, only the newest kept) and its record
-(`layer-00012.json`, written last: a layer counts as done once its record exists; it holds the sha256 of both
-files and the job's fingerprint). Every file is written to a temporary name, synced and renamed, so a kill at any
+them; a layer worked on in chunks of experts has each chunk's experts in a part, `part-00012-00064.safetensors`
+from expert 64, written as the chunk is done), the calibration activations leaving it (`hidden-00012.safetensors`,
+only the newest kept) and its record (`layer-00012.json`, written last: a layer counts as done once its record
+exists; it holds the sha256 of every file and the job's fingerprint). Every file is written to a temporary name, synced and renamed, so a kill at any
 moment leaves either the old state or the new one. A run started again with the same job fingerprint (recipe, source files, calibration
 data, plan) verifies every stored layer and resumes after the last one; a state that fails (a changed, truncated
 or missing file) is dropped and the job starts over, saying why; any other job is refused. The final checkpoint's
@@ -43,6 +44,7 @@ class LayerStore:
         self.folder, self.fingerprint = folder, fingerprint
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moecompress-store")
         self._pending: Future | None = None
+        self._parts: dict[int, dict[str, str]] = {}  # per layer in progress, its parts written: file name -> sha256
         job = folder / JOB
         if job.is_file():
             try:
@@ -106,7 +108,7 @@ class LayerStore:
                 return f"the record of layer {index} is unreadable or holds no file hashes"
             if job != self.fingerprint:
                 return f"layer {index} was stored by another job"
-            names = [self._path("layer", index, "safetensors").name]
+            names = [self._path("layer", index, "safetensors").name, *record.get("parts", [])]
             if index == done[-1]:
                 names.append(self._path("hidden", index, "safetensors").name)
             for name in names:
@@ -116,9 +118,21 @@ class LayerStore:
         return None
 
     def _drop_layers(self) -> None:
-        for pattern in ("layer-*.json", "layer-*.safetensors", "hidden-*.safetensors"):
+        for pattern in ("layer-*.json", "layer-*.safetensors", "part-*.safetensors", "hidden-*.safetensors"):
             for path in self.folder.glob(pattern):
                 path.unlink(missing_ok=True)
+
+    def save_part(self, index: int, first: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Store the tensors of layer `index`'s chunk of experts from expert `first` (in the background, as
+        `save_layer`); the layer's record, written by `save_layer`, lists its parts."""
+        self.flush()
+        path = self.folder / f"part-{index:05d}-{first:05d}.safetensors"
+        self._pending = self._writer.submit(self._write_part, index, path, tensors)
+
+    def _write_part(self, index: int, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        with disk_errors(f"layer {index} to {self.folder}", self.folder):
+            self._create()
+            self._parts.setdefault(index, {})[path.name] = self._write_file(path, list(tensors.values()), list(tensors))
 
     def save_layer(
         self, index: int, tensors: dict[str, torch.Tensor], record: dict, hidden: list[torch.Tensor] | DiskTensors
@@ -127,7 +141,9 @@ class LayerStore:
         until the next `save_layer` or `flush`)."""
         self.flush()
         hidden = hidden.entries if isinstance(hidden, DiskTensors) else hidden
-        self._pending = self._writer.submit(self._write_layer, index, tensors, record, hidden)
+        parts = self._parts.pop(index, {})
+        record = {**record, "parts": sorted(parts)} if parts else record
+        self._pending = self._writer.submit(self._write_layer, index, tensors, record, hidden, parts)
 
     def flush(self) -> None:
         """Wait for the layer in flight to be stored; raise its error if it failed."""
@@ -135,27 +151,34 @@ class LayerStore:
         if pending is not None:
             pending.result()
 
-    def _write_layer(self, index: int, tensors: dict, record: dict, hidden: list[torch.Tensor]) -> None:
+    def _write_layer(
+        self, index: int, tensors: dict, record: dict, hidden: list[torch.Tensor], parts: dict[str, str]
+    ) -> None:
         with disk_errors(f"layer {index} to {self.folder}", self.folder):
             self._create()
-            hashes = {}
+            hashes = dict(parts)
             for kind, names, values in (
                 ("layer", list(tensors), list(tensors.values())),
                 ("hidden", [str(i) for i in range(len(hidden))], hidden),
             ):
                 path = self._path(kind, index, "safetensors")
-                tmp = path.with_name("." + path.name + ".tmp")
-                try:
-                    write_safetensors(tmp, values, names)
-                    hashes[path.name] = file_sha256(tmp)
-                    os.replace(tmp, path)
-                finally:
-                    tmp.unlink(missing_ok=True)
+                hashes[path.name] = self._write_file(path, values, names)
             record = {**record, "files": hashes, "job": self.fingerprint}
             self._write_text(self._path("layer", index, "json").name, json.dumps(record))
         for old in self.folder.glob("hidden-*.safetensors"):
             if old.name != self._path("hidden", index, "safetensors").name:
                 old.unlink(missing_ok=True)
+
+    def _write_file(self, path: Path, values: list[torch.Tensor], names: list[str]) -> str:
+        """`values` as `names` in `path`, written to a temporary name, synced and renamed; its sha256."""
+        tmp = path.with_name("." + path.name + ".tmp")
+        try:
+            write_safetensors(tmp, values, names)
+            digest = file_sha256(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return digest
 
     def save_json(self, name: str, obj: dict) -> None:
         """`obj` as `name`, then its sha256 as `name.sha256` (a file without its hash counts as absent)."""
@@ -188,7 +211,11 @@ class LayerStore:
                 f"{self.folder} lacks layer {missing[0] if missing else done[-1]} of the {num_layers} the checkpoint "
                 "needs; nothing was written: delete that folder and run the command again."
             )
-        return [t for i in done for t in read_header(self._path("layer", i, "safetensors")).values()]
+        files = [
+            [self._path("layer", i, "safetensors"), *(self.folder / n for n in self.record(i).get("parts", []))]
+            for i in done
+        ]
+        return [t for paths in files for path in paths for t in read_header(path).values()]
 
     def scratch(self, name: str) -> Path:
         """A folder for work a rerun redoes anyway (e.g. merged layers between passes): dropped on failure."""
