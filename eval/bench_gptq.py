@@ -1,7 +1,8 @@
 """GPTQ of one routed expert on this CPU, at the expert shapes of real MoEs: gate, up and down in w4g128 on Hessians
-from 4096 random correlated tokens. Prints seconds per expert for one call per matrix and for gate and up in one
-pass (`quantize_gptq_shared`: they share their inputs), the four widths of the factored stage's error estimates in
-one pass, and what the experts of the whole model would take at that rate (layers x experts).
+from 4096 random correlated tokens. Prints seconds per expert for one call per matrix, for gate and up in one
+pass (`quantize_gptq_shared`: they share their inputs), for small experts many in one batched pass
+(`quantize_gptq_batched`, as many as `gptq_experts_at_once` gives), the four widths of the factored stage's error
+estimates in one pass, and what the experts of the whole model would take at that rate (layers x experts).
 
     python eval/bench_gptq.py [--shapes tiny qwen3-30b] [--baseline OLD_gptq.py]
 
@@ -17,6 +18,7 @@ import timeit
 
 import torch
 
+from moecompress.calibration.budget import gptq_experts_at_once
 from moecompress.formats import IntFormat
 from moecompress.quant import gptq
 
@@ -58,10 +60,19 @@ def bench_shape(name: str, baseline, repeats: int) -> None:
     def shared():
         return gptq.quantize_gptq_shared([gate, up], h_in, [w4, w4]), gptq.quantize_gptq(down, h_mid, w4)
 
+    def batched():  # the experts one batched GPTQ takes at this shape, per expert
+        gptq.quantize_gptq_batched([([gate, up], h_in)] * at_once, [w4, w4])
+        gptq.quantize_gptq_batched([([down], h_mid)] * at_once, [w4])
+
+    at_once = gptq_experts_at_once(max(inter, hidden))
     variants = {"one call per matrix": lambda: per_matrix(gptq), "gate and up in one pass": shared}
+    if at_once > 1:
+        variants[f"{at_once} experts in one batched pass"] = batched
     if baseline is not None:
         variants = {"baseline, one call per matrix": lambda: per_matrix(baseline), **variants}
-    times = {label: best(fn, repeats) for label, fn in variants.items()}
+    times = {
+        label: best(fn, repeats) / (at_once if label.endswith("batched pass") else 1) for label, fn in variants.items()
+    }
     first = next(iter(times.values()))
     for label, seconds in times.items():
         hours = seconds * layers * experts / 3600

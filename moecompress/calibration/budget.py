@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 DEFAULT_SHARE = 0.85  # of the memory free at the start, when the recipe gives no budget
 GPTQ_WORK = 48  # bytes per Hessian entry while GPTQ factors it (float32 copies, float64 Cholesky and inverse)
+GPTQ_BATCH, GPTQ_BATCH_WORK = 32, 1 << 28  # GPTQ of small experts: at most this many, in this many work bytes
 
 
 def parse_size(value: str | int) -> int:
@@ -189,12 +190,23 @@ def layer_costs(loaded, batches, cal, statistics, resident: int) -> tuple[list[L
                 outside=(params - each * experts) * compute,
                 expert=each * (compute + read),
                 statistics=4 * (hidden * (hidden + 1) + inner * (inner + 1)) // 2 if hessian else 0,
-                working=GPTQ_WORK * max(hidden, inner) ** 2 if hessian else 3 * each * compute,
+                working=_gptq_work(max(hidden, inner)) if hessian else 3 * each * compute,
                 chunked=3 * tokens * hidden * 4 + tokens * view.top_k * 12,
             )
         )
     outside = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in loaded.layers.parameters())
     return costs, resident + kept + outside * (compute + 2)
+
+
+def gptq_experts_at_once(width: int) -> int:
+    """Experts whose widest matrix side is `width` that one batched GPTQ takes (`quant.gptq.quantize_gptq_batched`):
+    as many as fit `GPTQ_BATCH_WORK` (their factorizations at once), at most `GPTQ_BATCH`; large ones one at a time."""
+    return max(1, min(GPTQ_BATCH, GPTQ_BATCH_WORK // (GPTQ_WORK * width * width)))
+
+
+def _gptq_work(width: int) -> int:
+    """GPTQ's transient for experts whose widest side is `width`, factored `gptq_experts_at_once` at a time."""
+    return gptq_experts_at_once(width) * GPTQ_WORK * width * width
 
 
 def _stored_size(loaded, index: int, compute: int) -> int:

@@ -56,16 +56,29 @@ def quantize_matrices(
     """Each `weights[k]` [out, in] rounded to `formats[k]` by `quantizer`, all on the same inputs `hessian` (an
     expert's gate and up, or one matrix in several formats; None: round-to-nearest). Source weights with NaN/Inf and
     scales that overflow float16 are refused, naming `where` (layer, expert, projection)."""
-    for w, name in zip(weights, where):
-        if not bool(torch.isfinite(w).all()):
-            raise NonFiniteError(f"{name}: the source weight holds NaN/Inf values; fix or re-download the model.")
-    out = quantizer.quantize(weights, formats, hessian)
-    for q, name in zip(out, where):
-        if not bool(torch.isfinite(q.scales.float()).all()):
-            raise NonFiniteError(
-                f"{name}: a quantization scale overflows float16 (|w| > 65504 x levels); "
-                "this weight cannot be stored in this format."
-            )
+    return quantize_experts_matrices([(weights, hessian)], formats, quantizer, [where])[0]
+
+
+def quantize_experts_matrices(
+    problems: list[tuple[list[torch.Tensor], torch.Tensor | None]],
+    formats: list[QuantFormat],
+    quantizer: Quantizer,
+    where: list[list[str]],
+) -> list[list[QTensor]]:
+    """`quantize_matrices` of several experts at once (`problems`: each one's weights and Hessian, all in
+    `formats`; `where`: each one's names), in one call of the quantizer (batched GPTQ)."""
+    for (weights, _), names in zip(problems, where):
+        for w, name in zip(weights, names):
+            if not bool(torch.isfinite(w).all()):
+                raise NonFiniteError(f"{name}: the source weight holds NaN/Inf values; fix or re-download the model.")
+    out = quantizer.quantize_experts(problems, formats)
+    for quantized, names in zip(out, where):
+        for q, name in zip(quantized, names):
+            if not bool(torch.isfinite(q.scales.float()).all()):
+                raise NonFiniteError(
+                    f"{name}: a quantization scale overflows float16 (|w| > 65504 x levels); "
+                    "this weight cannot be stored in this format."
+                )
     return out
 
 
@@ -77,27 +90,43 @@ def quantize_block_experts(
     quantizer: Quantizer,
     after_expert: Callable[[], None] | None = None,
 ) -> tuple[list[dict[str, PackedTensor]], list[ExpertQuantReport]]:
-    """Quantize every routed expert of `view` to `formats[e][projection]`, write the dequantized weights
-    back into the block (so later layers calibrate on the quantized model) and return the packed tensors.
-    `after_expert` runs after each expert (a streamed run hands freed heap memory back there: GPTQ's
-    mid-size temporaries otherwise fragment it, and peak memory varied by 15% from run to run)."""
-    packed, reports = [], []
-    for e in view.held:  # every expert, or the chunk a streamed layer holds
-        weights = view.expert_weights(e)
-        wants = "hessian" in quantizer.statistics
-        hessians = expert_hessians(view, observer, e, quantizer.config.rare_experts) if wants else None
-        quantized = {}
-        for i, projs in enumerate((("gate_proj", "up_proj"), ("down_proj",))):  # gate and up share their inputs
-            h = None if hessians is None else hessians[i]
-            ws, fmts = [weights[p].float() for p in projs], [formats[e][p] for p in projs]
-            names = [f"layer {view.key} expert {e} {p}" for p in projs]
-            quantized.update(zip(projs, quantize_matrices(ws, h, fmts, quantizer, names)))
-        view.set_expert_weights(e, ExpertWeights(*(quantized[p].dequantize() for p in PROJECTIONS)))
-        packed.append({p: pack(q) for p, q in quantized.items()})
-        tokens = int(observer.tokens[e].sum())
-        reports.append(
-            ExpertQuantReport(view.key, e, tokens, quantizer.used(None if hessians is None else hessians[0]))
-        )
-        if after_expert is not None:
-            after_expert()
+    """Quantize every routed expert of `view` (or the chunk it holds) to `formats[e][projection]`, write the
+    dequantized weights back into the block (so later layers calibrate on the quantized model) and return the packed
+    tensors. Experts go `quantizer.experts_at_once` at a time (GPTQ: small experts share one column loop).
+    `after_expert` runs after each expert (a streamed run hands freed heap memory back there: GPTQ's mid-size
+    temporaries otherwise fragment it, and peak memory varied by 15% from run to run)."""
+    packed, reports, held = [], [], list(view.held)
+    size = quantizer.experts_at_once(max(view.expert_weights(held[0]).down_proj.shape))
+    for start in range(0, len(held), size):
+        batch = held[start : start + size]
+        quantized, methods = _quantize_batch(view, observer, formats, quantizer, batch)
+        for e in batch:
+            view.set_expert_weights(e, ExpertWeights(*(quantized[e][p].dequantize() for p in PROJECTIONS)))
+            packed.append({p: pack(q) for p, q in quantized.pop(e).items()})
+            reports.append(ExpertQuantReport(view.key, e, int(observer.tokens[e].sum()), methods[e]))
+            if after_expert is not None:
+                after_expert()
     return packed, reports
+
+
+def _quantize_batch(view, observer, formats, quantizer, batch: list[int]):
+    """The experts `batch` of `view` quantized ({expert: {projection: QTensor}}) and the method each used; gate and
+    up share their inputs, and experts in the same formats go through the quantizer together."""
+    wants = "hessian" in quantizer.statistics
+    hessians = {e: expert_hessians(view, observer, e, quantizer.config.rare_experts) if wants else None for e in batch}
+    weights = {e: view.expert_weights(e) for e in batch}
+    quantized: dict[int, dict[str, QTensor]] = {e: {} for e in batch}
+    for i, projs in enumerate((("gate_proj", "up_proj"), ("down_proj",))):
+        same: dict[tuple, list[int]] = {}
+        for e in batch:
+            same.setdefault(tuple(formats[e][p] for p in projs), []).append(e)
+        for fmts, experts in same.items():
+            problems = [([weights[e][p].float() for p in projs], _nth(hessians[e], i)) for e in experts]
+            where = [[f"layer {view.key} expert {e} {p}" for p in projs] for e in experts]
+            for e, qs in zip(experts, quantize_experts_matrices(problems, list(fmts), quantizer, where)):
+                quantized[e].update(zip(projs, qs))
+    return quantized, {e: quantizer.used(_nth(hessians[e], 0)) for e in batch}
+
+
+def _nth(hessians, i: int):
+    return None if hessians is None else hessians[i]

@@ -28,26 +28,37 @@ def quantize_gptq(
     Formats whose scales are chosen from the whole matrix (ternary, by the `ternary_scale` method) take them from the
     unmodified weights up front, and GPTQ then only chooses the codes.
     """
-    return quantize_gptq_shared([w], hessian, [fmt], damp, act_order, block_size, clip_search, ternary_scale)[0]
+    options = dict(act_order=act_order, block_size=block_size, clip_search=clip_search, ternary_scale=ternary_scale)
+    return quantize_gptq_batched([([w], hessian)], [fmt], damp, **options)[0][0]
 
 
 def quantize_gptq_shared(
-    weights: list[torch.Tensor],
-    hessian: torch.Tensor,
+    weights: list[torch.Tensor], hessian: torch.Tensor, formats: list[QuantFormat], **options
+) -> list[QTensor]:
+    """`quantize_gptq` of each `weights[k]` in `formats[k]` (one group size), all on the same inputs `hessian`: an
+    expert's gate and up projections, or one matrix in several formats (pass it once per format). GPTQ treats rows
+    independently, so the matrices share one inverse Cholesky factor and one column loop: the codes are those of
+    one call each, and the shared Python loop is most of GPTQ's time on small matrices. `options`: those of
+    `quantize_gptq`."""
+    return quantize_gptq_batched([(weights, hessian)], formats, **options)[0]
+
+
+def quantize_gptq_batched(
+    problems: list[tuple[list[torch.Tensor], torch.Tensor]],
     formats: list[QuantFormat],
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
     clip_search: bool = False,
     ternary_scale: str = "lsq",
-) -> list[QTensor]:
-    """`quantize_gptq` of each `weights[k]` in `formats[k]` (one group size), all on the same inputs `hessian`: an
-    expert's gate and up projections, or one matrix in several formats (pass it once per format). GPTQ treats rows
-    independently, so the matrices share one inverse Cholesky factor and one column loop: the codes are those of
-    one call each, and the shared Python loop is most of GPTQ's time on small matrices."""
+) -> list[list[QTensor]]:
+    """`quantize_gptq_shared` of several experts at once: `problems[b]` is one expert's (weights, hessian), every
+    expert's weights of the same shapes, in `formats`. One column loop runs over the stack: each column is one step
+    for all the experts (their error feedback element-wise, their block updates one product each), so small
+    experts are not bound by per-call overhead; each expert's codes are bit for bit those of its own call."""
+    _check(problems, act_order)
+    weights = problems[0][0]
     in_features = weights[0].shape[1]
-    if hessian.shape != (in_features, in_features) or any(w.shape[1] != in_features for w in weights):
-        raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight in_features {in_features}")
     group = formats[0].effective_group(in_features)
     if any(f.effective_group(in_features) != group for f in formats):
         raise ValueError(f"formats {[f.name for f in formats]} differ in group size")
@@ -56,83 +67,108 @@ def quantize_gptq_shared(
     rows = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
     device = weights[0].device
     maxq = torch.cat([torch.full((n,), float(f.maxq), device=device) for n, f in zip(sizes, formats)])
+    n_groups, batch = formats[0].groups(in_features), len(problems)
+    scales = torch.zeros(n_groups, batch, bounds[-1], device=device)  # [group, expert, row]
+    zeros = torch.zeros_like(scales)
+    static = [act_order] * len(formats)  # scales chosen before the column loop (act_order, or from the whole matrix)
+    qparams = search_qparams if clip_search else (lambda block, f: f.group_params(block))
 
+    WT, h_inv, perm = [], [], None
+    for b, (ws, hessian) in enumerate(problems):
+        W, H = _live(ws, hessian)
+        for k, f in enumerate(formats):
+            fixed = f.matrix_scales(W[rows[k]], ternary_scale)
+            if fixed is not None:
+                static[k] = True
+                scales[:, b, rows[k]] = expand_scales(fixed, sizes[k]).T
+                zeros[:, b, rows[k]] = float(f.fixed_zero)
+            elif act_order:
+                for g in range(n_groups):
+                    scales[g, b, rows[k]], zeros[g, b, rows[k]] = qparams(W[rows[k], g * group : (g + 1) * group], f)
+        if act_order:
+            perm = torch.argsort(torch.diag(H), descending=True)
+            H = H[perm][:, perm]
+        WT.append((W.T[perm] if act_order else W.T).contiguous())  # [in, rows]: a column is one contiguous row
+        h_inv.append(_inverse_cholesky(H, damp))
+    WT, h_inv = torch.stack(WT), torch.stack(h_inv)
+    order = perm.tolist() if act_order else list(range(in_features))  # a host list, not a device sync per column
+
+    def find_params(columns: torch.Tensor, g: int) -> None:  # at a group's first column, from its columns
+        for b in range(batch):
+            for k, f in enumerate(formats):
+                if not static[k]:
+                    scales[g, b, rows[k]], zeros[g, b, rows[k]] = qparams(columns[b, rows[k]], f)
+
+    # a group's parameters must see every earlier column's error: sub-blocks then start at every group start
+    inner = math.gcd(_INNER, block_size, group if group < in_features and not all(static) else block_size)
+    codes = _column_loop(WT, h_inv, order, group, scales, zeros, maxq, find_params, block_size, inner)
+    if act_order:
+        codes = codes[:, :, torch.argsort(perm)]
+    out = []
+    for b in range(batch):
+        out.append([])
+        for k, f in enumerate(formats):
+            n = f.scale_rows(sizes[k])
+            s, z = scales[:, b, rows[k]].T[:n], zeros[:, b, rows[k]].T[:n]
+            out[-1].append(QTensor(codes[b, rows[k]].to(torch.uint8), s.to(SCALE_DTYPE), z.to(torch.uint8), f))
+    return out
+
+
+def _check(problems: list[tuple[list[torch.Tensor], torch.Tensor]], act_order: bool) -> None:
+    weights = problems[0][0]
+    in_features = weights[0].shape[1]
+    for ws, h in problems:
+        if h.shape != (in_features, in_features) or any(w.shape[1] != in_features for w in ws):
+            raise ValueError(f"hessian shape {tuple(h.shape)} does not match weight in_features {in_features}")
+        if [w.shape for w in ws] != [w.shape for w in weights]:
+            raise ValueError("experts quantized at once must have the same shapes")
+    if act_order and len(problems) > 1:
+        raise ValueError("act_order orders each expert's columns by its own Hessian: one expert at a time")
+
+
+def _live(weights: list[torch.Tensor], hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stacked weights [rows, in] and the Hessian in float32, inputs that never fire (zero diagonal) zeroed in
+    the weights and given a unit diagonal."""
     W = torch.cat([w.to(torch.float32) for w in weights])
     H = hessian.to(torch.float32).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-
-    n_groups = formats[0].groups(in_features)
-    scales = torch.zeros(n_groups, W.shape[0], device=device)  # [group, row]: a column's scales are one row
-    zeros = torch.zeros_like(scales)
-    fixed = [f.matrix_scales(W[rows[k]], ternary_scale) for k, f in enumerate(formats)]
-    static = [act_order or s is not None for s in fixed]
-    qparams = search_qparams if clip_search else (lambda block, f: f.group_params(block))
-    for k, f in enumerate(formats):
-        if fixed[k] is not None:
-            scales[:, rows[k]] = expand_scales(fixed[k], sizes[k]).T
-            zeros[:, rows[k]] = float(f.fixed_zero)
-        elif act_order:
-            for g in range(n_groups):
-                scales[g, rows[k]], zeros[g, rows[k]] = qparams(W[rows[k], g * group : (g + 1) * group], f)
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        H = H[perm][:, perm]
-    else:
-        perm = torch.arange(in_features, device=device)
-    order = perm.tolist()  # read column by column: a host list, not a device sync per column
-    WT = (W.T[perm] if act_order else W.T).contiguous()  # [in, rows]: a column is one contiguous row
-    del W
-
-    def find_params(columns: torch.Tensor, g: int) -> None:  # at a group's first column, from its columns
-        for k, f in enumerate(formats):
-            if not static[k]:
-                scales[g, rows[k]], zeros[g, rows[k]] = qparams(columns[rows[k]], f)
-
-    h_inv = _inverse_cholesky(H, damp)
-    # a group's parameters must see every earlier column's error: sub-blocks then start at every group start
-    inner = math.gcd(_INNER, block_size, group if group < in_features and not all(static) else block_size)
-    codes = _column_loop(WT, h_inv, order, group, scales, zeros, maxq, find_params, block_size, inner)
-    if act_order:
-        codes = codes[:, torch.argsort(perm)]
-    out = []
-    for k, f in enumerate(formats):
-        n = f.scale_rows(sizes[k])
-        s, z = scales[:, rows[k]].T[:n], zeros[:, rows[k]].T[:n]
-        out.append(QTensor(codes[rows[k]].to(torch.uint8), s.to(SCALE_DTYPE), z.to(torch.uint8), f))
-    return out
+    return W, H
 
 
 _INNER = 16  # columns whose errors are applied one by one; the rest of a block gets them as one product
 
 
 def _column_loop(WT, h_inv, order, group, scales, zeros, maxq, find_params, block_size, inner) -> torch.Tensor:
-    """GPTQ's loop over the columns (rows of `WT`, updated in place) with lazy batch updates at two levels: the
-    errors of a sub-block of `inner` columns reach the rest of its block as one product, a block's reach the
-    columns after it as one product. Returns the codes [rows, in]."""
-    in_features, n_rows = WT.shape
+    """GPTQ's loop over the columns of a stack of experts (rows of `WT` [experts, in, rows], updated in place) with
+    lazy batch updates at two levels: the errors of a sub-block of `inner` columns reach the rest of its block as
+    one product, a block's reach the columns after it as one product (per expert: a batched product would sum in
+    another order). Returns the codes [experts, rows, in]."""
+    batch, in_features, n_rows = WT.shape
     codes = torch.empty_like(WT)
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
-        errors = torch.empty(i2 - i1, n_rows, device=WT.device)
+        errors = torch.empty(batch, i2 - i1, n_rows, device=WT.device)
         for j1 in range(i1, i2, inner):
             j2 = min(j1 + inner, i2)
             for i in range(j1, j2):
                 column = order[i]
                 g = column // group
                 if column % group == 0:
-                    find_params(WT[i : i + group].T, g)
-                s, z, d = scales[g], zeros[g], h_inv[i, i]
-                w_col = WT[i]
+                    find_params(WT[:, i : i + group].transpose(1, 2), g)
+                s, z, d = scales[g], zeros[g], h_inv[:, i, i, None]
+                w_col = WT[:, i]
                 q = torch.minimum(torch.clamp(torch.round(w_col / s) + z, min=0), maxq)
-                codes[i] = q
+                codes[:, i] = q
                 err = (w_col - (q - z) * s) / d
-                WT[i + 1 : j2].addr_(h_inv[i, i + 1 : j2], err, alpha=-1)
-                errors[i - i1] = err
-            WT[j2:i2].addmm_(h_inv[j1:j2, j2:i2].T, errors[j1 - i1 : j2 - i1], alpha=-1)
-        WT[i2:].addmm_(h_inv[i1:i2, i2:].T, errors, alpha=-1)
-    return codes.T
+                WT[:, i + 1 : j2].addcmul_(h_inv[:, i, i + 1 : j2, None], err[:, None, :], value=-1)
+                errors[:, i - i1] = err
+            for b in range(batch):
+                WT[b, j2:i2].addmm_(h_inv[b, j1:j2, j2:i2].T, errors[b, j1 - i1 : j2 - i1], alpha=-1)
+        for b in range(batch):
+            WT[b, i2:].addmm_(h_inv[b, i1:i2, i2:].T, errors[b], alpha=-1)
+    return codes.transpose(1, 2)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:

@@ -15,9 +15,10 @@ from typing import ClassVar
 
 import torch
 
+from ..calibration.budget import gptq_experts_at_once
 from ..formats import QTensor, QuantFormat
 from .config import QuantizationConfig
-from .gptq import quantize_gptq_shared
+from .gptq import quantize_gptq_batched
 from .rtn import quantize_rtn
 
 QUANTIZERS: dict[str, type[Quantizer]] = {}
@@ -59,6 +60,14 @@ class Quantizer:
     def round(self, weights: list[torch.Tensor], formats: list[QuantFormat], hessian) -> list[QTensor]:
         raise NotImplementedError
 
+    def experts_at_once(self, width: int) -> int:
+        """How many experts whose widest matrix side is `width` `quantize_experts` takes in one call."""
+        return 1
+
+    def quantize_experts(self, problems: list[tuple[list[torch.Tensor], object]], formats: list[QuantFormat]):
+        """`quantize` of several experts' matrices (`problems`: each expert's weights and Hessian), all in `formats`."""
+        return [self.quantize(weights, formats, hessian) for weights, hessian in problems]
+
 
 @register_quantizer
 class RTN(Quantizer):
@@ -79,14 +88,32 @@ class GPTQ(Quantizer):
     statistics = frozenset({"hessian"})
 
     def round(self, weights, formats, hessian):
-        c = self.config
-        out = [None] * len(weights)
+        return self._batched([(weights, hessian)], formats)[0]
+
+    def experts_at_once(self, width: int) -> int:
+        return 1 if self.config.act_order else gptq_experts_at_once(width)
+
+    def quantize_experts(self, problems, formats):
+        """Experts without a Hessian by round-to-nearest; the others through one batched GPTQ per group size (a
+        matrix in another group size needs its own column loop), each expert's codes those of its own call."""
+        out = [None if h is not None else self.quantize(ws, formats, None) for ws, h in problems]
+        with_hessian = [b for b, (_, h) in enumerate(problems) if h is not None]
+        for b, q in zip(with_hessian, self._batched([problems[b] for b in with_hessian], formats)):
+            out[b] = q
+        return out
+
+    def _batched(self, problems, formats) -> list[list[QTensor]]:
+        if not problems:
+            return []
+        c, weights = self.config, problems[0][0]
+        out = [[None] * len(weights) for _ in problems]
         passes: dict[int, list[int]] = {}
         for k, (w, f) in enumerate(zip(weights, formats)):
             passes.setdefault(f.effective_group(w.shape[1]), []).append(k)
         options = dict(damp=c.damp, act_order=c.act_order, clip_search=c.clip_search, ternary_scale=c.ternary_scale)
         for ks in passes.values():
-            shared = quantize_gptq_shared([weights[k] for k in ks], hessian, [formats[k] for k in ks], **options)
-            for k, q in zip(ks, shared):
-                out[k] = q
+            group = [([ws[k] for k in ks], h) for ws, h in problems]
+            for b, quantized in enumerate(quantize_gptq_batched(group, [formats[k] for k in ks], **options)):
+                for k, q in zip(ks, quantized):
+                    out[b][k] = q
         return out

@@ -3,7 +3,7 @@ import torch
 
 from moecompress.errors import MoECompressError
 from moecompress.formats import IntFormat, QTensor, QuantFormat, ternary_format
-from moecompress.quant.gptq import hessian_weighted_error, quantize_gptq, quantize_gptq_shared
+from moecompress.quant.gptq import hessian_weighted_error, quantize_gptq, quantize_gptq_batched, quantize_gptq_shared
 from moecompress.quant.rtn import quantize_rtn
 
 
@@ -114,6 +114,29 @@ def test_gptq_of_matrices_sharing_a_hessian_equals_one_call_each():
         alone = quantize_gptq(w, h, fmt)
         assert q.codes.shape == w.shape and torch.equal(q.codes, alone.codes)
         assert torch.equal(q.scales, alone.scales) and torch.equal(q.zeros, alone.zeros)
+
+
+@pytest.mark.parametrize(
+    "fmt", [IntFormat(4, 32), IntFormat(3, -1, sym=True), ternary_format(-1, "bits")], ids=lambda f: f.name
+)
+def test_batched_gptq_gives_every_expert_the_codes_of_its_own_call(fmt):
+    """Experts stacked in one column loop (one Hessian each, some with dead inputs) get the codes, scales and zero
+    points of one call each, whatever the batch they are in."""
+    experts = []
+    for b in range(5):
+        x = correlated_inputs(512, 96)
+        x[:, b] = 0
+        experts.append(([torch.randn(40, 96), torch.randn(40, 96) * (b + 1)], x.T @ x))
+    batched = quantize_gptq_batched(experts, [fmt, fmt])
+    assert [len(q) for q in batched] == [2] * 5
+    for (weights, h), quantized in zip(experts, batched):
+        for q, alone in zip(quantized, quantize_gptq_shared(weights, h, [fmt, fmt])):
+            assert torch.equal(q.codes, alone.codes) and torch.equal(q.scales, alone.scales)
+            assert torch.equal(q.zeros, alone.zeros)
+    again = quantize_gptq_batched(experts[3:], [fmt, fmt])  # another batch: the same codes
+    assert all(torch.equal(a.codes, b.codes) for qs, rs in zip(again, batched[3:]) for a, b in zip(qs, rs))
+    with pytest.raises(ValueError, match="one expert at a time"):
+        quantize_gptq_batched(experts, [fmt, fmt], act_order=True)
 
 
 def test_gptq_in_several_formats_needs_one_group_size():
