@@ -4,7 +4,7 @@ pass (`quantize_gptq_shared`: they share their inputs), for small experts many i
 (`quantize_gptq_batched`, as many as `gptq_experts_at_once` gives), the four widths of the factored stage's error
 estimates in one pass, and what the experts of the whole model would take at that rate (layers x experts).
 
-    python eval/bench_gptq.py [--shapes tiny qwen3-30b] [--baseline OLD_gptq.py]
+    python eval/bench_gptq.py [--shapes tiny qwen3-30b] [--baseline OLD_gptq.py] [--at-once N]
 
 `--baseline` times another version of `moecompress/quant/gptq.py` side by side, one call per matrix (e.g.
 `git show 122d912:moecompress/quant/gptq.py > /tmp/gptq_old.py`, the column loop before this file existed).
@@ -47,7 +47,7 @@ def load_baseline(path: str):
     return module
 
 
-def bench_shape(name: str, baseline, repeats: int) -> None:
+def bench_shape(name: str, baseline, repeats: int, at_once: int | None = None) -> None:
     """Print the rows of one expert shape."""
     inter, hidden, layers, experts = SHAPES[name]
     gate, up, down = torch.randn(inter, hidden), torch.randn(inter, hidden), torch.randn(hidden, inter)
@@ -64,7 +64,7 @@ def bench_shape(name: str, baseline, repeats: int) -> None:
         gptq.quantize_gptq_batched([([gate, up], h_in)] * at_once, [w4, w4])
         gptq.quantize_gptq_batched([([down], h_mid)] * at_once, [w4])
 
-    at_once = gptq_experts_at_once(max(inter, hidden))
+    at_once = at_once or gptq_experts_at_once(max(inter, hidden))
     variants = {"one call per matrix": lambda: per_matrix(gptq), "gate and up in one pass": shared}
     if at_once > 1:
         variants[f"{at_once} experts in one batched pass"] = batched
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["tiny", "qwen3-30b"], choices=sorted(SHAPES))
     parser.add_argument("--baseline", help="another gptq.py to time side by side")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--at-once", type=int, help="experts per batched pass (default: gptq_experts_at_once)")
     args = parser.parse_args()
     baseline = load_baseline(args.baseline) if args.baseline else None
     torch.manual_seed(0)
@@ -94,7 +95,7 @@ def main() -> None:
     print("| shape (I x H) | variant | s per expert (speed-up over the first row) | the whole model's experts |")
     print("|---|---|---|---|")
     for name in args.shapes:
-        bench_shape(name, baseline, args.repeats)
+        bench_shape(name, baseline, args.repeats, args.at_once)
 
 
 if __name__ == "__main__":
