@@ -378,27 +378,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _size(text: str) -> int:
     """A byte count such as 5GB, 500MB, 2GiB or 1000000."""
-    units = {
-        "": 1,
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }
-    number = text.strip().upper().rstrip("BITKMG") or "x"
-    unit = text.strip().upper()[len(number) :]
+    from .calibration.budget import parse_size
+
     try:
-        value = float(number) * units[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB") from None
-    if not 1 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size; write e.g. 5GB")
-    return int(value)
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _open_model(args):

@@ -18,7 +18,18 @@ from ..errors import InsufficientMemoryError, RecipeError
 
 log = logging.getLogger(__name__)
 
-UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1e3,
+    "MB": 1e6,
+    "GB": 1e9,
+    "TB": 1e12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 DEFAULT_SHARE = 0.85  # of the memory free at the start, when the recipe gives no budget
 GPTQ_WORK = 48  # bytes per Hessian entry while GPTQ factors it (float32 copies, float64 Cholesky and inverse)
 GPTQ_BATCH, GPTQ_BATCH_WORK = 32, 1 << 28  # GPTQ of small experts: at most this many, in this many work bytes
@@ -211,9 +222,11 @@ def _gptq_work(width: int) -> int:
 
 def _stored_size(loaded, index: int, compute: int) -> int:
     """Bytes per element of a layer's routed experts as stored (a dequantized source: as computed)."""
-    sizes = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
-    keys = loaded.expert_keys.get(index) or loaded.layer_keys.get(index, [])
-    return max((sizes.get(loaded.tensors[k].dtype, compute) for k in keys), default=compute)
+    stored = [loaded.tensors[k] for k in loaded.expert_keys.get(index) or loaded.layer_keys.get(index, [])]
+    return max(
+        (t.nbytes // max(1, math.prod(t.shape)) if t.dtype.startswith(("F", "BF")) else compute for t in stored),
+        default=compute,
+    )
 
 
 def budget_problem(cal) -> str | None:

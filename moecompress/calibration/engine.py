@@ -601,23 +601,26 @@ class ChunkedLayer:
         recorded, self.recorded = self.recorded, []
         routed = [torch.zeros_like(h, dtype=torch.float32) for h, _, _ in recorded]
         summed = [torch.zeros_like(h) for h, _, _ in recorded]
+        prepared = [
+            observer.prepared(
+                hidden, inputs.modalities[b].reshape(-1), None if weights is None else weights[b].reshape(-1)
+            )
+            for b, (hidden, _, _) in enumerate(recorded)
+        ]
+        for x, modality, token_weight in prepared:
+            observer.observe_tokens(x, modality, token_weight)
         for first in range(0, view.num_experts, size):
             chunk = range(first, min(first + size, view.num_experts))
             self.source.load_experts(self.index, chunk, inputs.device)
-            for b, (hidden, indices, routing) in enumerate(recorded):
-                token_weight = None if weights is None else weights[b].reshape(-1)
-                x, modality, token_weight = observer.prepared(hidden, inputs.modalities[b].reshape(-1), token_weight)
-                observer.observe_experts(x, modality, token_weight, (routing, indices), chunk, routed[b])
-                if first == 0:
-                    observer.observe_tokens(x, modality, token_weight)
+            for (x, modality, token_weight), (_, indices, routing), out in zip(prepared, recorded, routed):
+                observer.observe_experts(x, modality, token_weight, (routing, indices), chunk, out)
             on_moe_layer(view, observer)
             for (hidden, indices, routing), out in zip(recorded, summed):
                 _add_experts_output(view.experts, hidden, indices, routing, chunk, out)
             self.source.release_experts(self.index)
-            self.source.trim()
-        for b, out in enumerate(routed):
-            observer.observe_output(inputs.modalities[b].reshape(-1).long(), out)
-        del recorded, routed
+        for (_, modality, _), out in zip(prepared, routed):
+            observer.observe_output(modality, out)
+        del recorded, routed, prepared
         return self._walk(layer, inputs, lambda b, hidden, *_: _checked(summed[b], hidden), keep=True)
 
     def _record(self, batch: int, hidden, indices, routing) -> torch.Tensor:

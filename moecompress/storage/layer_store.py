@@ -4,10 +4,11 @@ Per finished decoder layer: its output tensors (`layer-00012.safetensors`, exact
 them; a layer worked on in chunks of experts has each chunk's experts in a part, `part-00012-00064.safetensors`
 from expert 64, written as the chunk is done), the calibration activations leaving it (`hidden-00012.safetensors`,
 only the newest kept) and its record (`layer-00012.json`, written last: a layer counts as done once its record
-exists; it holds the sha256 of every file and the job's fingerprint). Every file is written to a temporary name, synced and renamed, so a kill at any
-moment leaves either the old state or the new one. A run started again with the same job fingerprint (recipe, source files, calibration
-data, plan) verifies every stored layer and resumes after the last one; a state that fails (a changed, truncated
-or missing file) is dropped and the job starts over, saying why; any other job is refused. The final checkpoint's
+exists; it holds the sha256 of every file and the job's fingerprint). Every file is written to a temporary name,
+synced and renamed, so a kill at any moment leaves either the old state or the new one. A run started again with
+the same job fingerprint (recipe, source files, calibration data, plan) verifies every stored layer and resumes
+after the last one; a state that fails (a changed, truncated or missing file) is dropped and the job starts over,
+saying why; any other job is refused. The final checkpoint's
 shards are assembled from the layer files by byte copy, once every layer is there.
 """
 
