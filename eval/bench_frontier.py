@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ from moecompress.quant import gptq
 SOURCES = {  # name: (layers, experts, hidden, intermediate, top_k)
     "deepseek-v3-layer": (1, 256, 7168, 2048, 8),
     "many-experts-layer": (1, 256, 2048, 768, 8),
+    "eight-layers": (8, 32, 2048, 768, 8),
 }
 FULL = {  # name: (MoE layers, routed experts, intermediate, hidden)
     "DeepSeek-V3": (58, 256, 2048, 7168),
@@ -133,6 +135,41 @@ def gptq_budget(work: Path) -> None:
     )
 
 
+def threaded(threads: int, src: Path, out: Path, method: str, extra: list[str] = ()) -> dict:
+    """`compress` with OMP_NUM_THREADS=threads in every process it starts."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        return compress(src, out, method, list(extra))
+    finally:
+        os.environ.pop("OMP_NUM_THREADS") if before is None else os.environ.update(OMP_NUM_THREADS=before)
+
+
+def ranks(work: Path) -> None:
+    """Expert-parallel ranks (gloo, this machine's 2 cores): 2 ranks x 1 thread against 1 rank x 2 threads and 1 rank x
+    1 thread (the same BLAS summation order as each rank: equal sha256 expected there), GPTQ w4 of an 8-layer model;
+    and each rank's peak RSS against one rank's on the many-expert layer, RTN w4, whole."""
+    setups = {"1 rank x 2 threads": (2, []), "1 rank x 1 thread": (1, []), "2 ranks x 1 thread": (1, ["--ranks", "2"])}
+    for name, method in (("eight-layers", "gptq"), ("many-experts-layer", "rtn")):
+        src = source(work, name)
+        layers, experts, hidden, inter, _ = SOURCES[name]
+        outs = {label: work / f"{name}-{i}" for i, label in enumerate(setups)}
+        runs = {label: threaded(threads, src, outs[label], method, extra) for label, (threads, extra) in setups.items()}
+        two = tensor_hashes(outs["2 ranks x 1 thread"])
+        print(f"\n{name} ({layers} x {experts} x ({hidden} x {inter})), {method.upper()} w4, 2 gloo ranks")
+        for label, r in runs.items():
+            peaks = ", ".join(f"{p / 1e3:.2f}" for p in r.get("rank_peak_rss_mb") or [r["peak_rss_mb"]])
+            print(
+                f"  {label}: wall {r['seconds']:.0f} s (quantize stage {r['stage_seconds']['quantize']:.0f} s), "
+                f"peak RSS per rank {peaks} GB; tensors equal to 2 ranks': {tensor_hashes(outs[label]) == two}"
+            )
+        one, two_ranks = runs["1 rank x 2 threads"], runs["2 ranks x 1 thread"]
+        print(
+            f"  2 ranks x 1 thread / 1 rank x 2 threads: wall {two_ranks['seconds'] / one['seconds']:.2f}x, quantize "
+            f"stage {two_ranks['stage_seconds']['quantize'] / one['stage_seconds']['quantize']:.2f}x"
+        )
+
+
 def projection(rest_per_expert: float | None) -> None:
     """Whole-model GPTQ w4 time from one expert's GPTQ at the DeepSeek-V3 shape (and Kimi-K2's: the same shape)."""
     torch.manual_seed(0)
@@ -167,7 +204,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/moecompress-frontier"))
     parser.add_argument("--budget", default="6GB", help="--max-memory of the DeepSeek-V3-shaped run")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["deepseek", "chunking", "gptq", "projection"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["deepseek", "chunking", "gptq", "ranks", "projection"]
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -177,6 +216,8 @@ def main() -> None:
         chunking(args.work)
     if "gptq" not in args.skip:
         gptq_budget(args.work)
+    if "ranks" not in args.skip:
+        ranks(args.work)
     if "projection" not in args.skip:
         projection(rest)
     print(f"\n{time.perf_counter() - start:.0f} s in all")

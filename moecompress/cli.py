@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import signal
 import sys
 import time
 from pathlib import Path
 
-from .errors import MoECompressError, NonFiniteError
+from .errors import MoECompressError, NonFiniteError, RecipeError
 
 
 def _load_for_eval(
@@ -116,9 +117,13 @@ def _check_record_target(args) -> None:
 
 
 def cmd_compress(args) -> dict:
+    from .distributed import join
     from .pipeline import compress
 
     recipe = _recipe_with_overrides(args)
+    ranks = join(recipe.device, args.backend)
+    if ranks.size != args.ranks and args.ranks > 1:
+        raise RecipeError(f"--ranks {args.ranks} in a job of {ranks.size} ranks; leave --ranks out under torchrun.")
     result = compress(
         args.model,
         recipe,
@@ -128,9 +133,12 @@ def cmd_compress(args) -> dict:
         overwrite=args.overwrite,
         stream=not args.no_stream,
         max_shard_bytes=args.max_shard_size,
+        ranks=ranks,
     )
     report = result.report.to_dict()
     report["rare_experts"] = len(report["rare_experts"])
+    if ranks.multi:  # each rank's peak resident set, in rank order
+        report["rank_peak_rss_mb"] = ranks.gathered(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     return report
 
 
@@ -490,6 +498,16 @@ def _add_compress(sub) -> None:
         help="work on every MoE layer this many routed experts at a time (calibration.experts_per_chunk); "
         "default: as the memory budget allows",
     )
+    p.add_argument(
+        "--ranks",
+        type=_at_least(1),
+        default=1,
+        help="expert-parallel processes on this machine, each working on its share of every layer's experts "
+        "(as `torchrun --nproc-per-node N -m moecompress compress ...`, which also works, over several machines too)",
+    )
+    p.add_argument(
+        "--backend", help="torch.distributed backend of a job on several ranks (default: gloo on CPU, nccl on cuda)"
+    )
     p.add_argument("--plan", help="plan.json from `moecompress plan` (bits per expert); skips the allocation")
     p.add_argument(
         "--avg-bits", type=_positive_float, help="override allocation.avg_bits (factor.avg_bits in a factor recipe)"
@@ -648,8 +666,45 @@ def _add_report(sub) -> None:
     p.set_defaults(run=cmd_report)
 
 
+_STOPPED = []  # SIGTERM seen
+
+
 def _interrupt(signum, frame):
+    _STOPPED.append(signum)
     raise KeyboardInterrupt
+
+
+def _launch(args, argv: list[str]) -> int:
+    """`--ranks N` without a launcher: run the job as N ranks of this machine (`distributed.spawn`) and end it with
+    one line naming the rank that failed, if one did."""
+    import tempfile
+
+    from .distributed import backend_problem, default_backend, failed_rank, spawn
+    from .storage.layer_store import state_folder
+
+    backend = args.backend or default_backend(args.device or "cpu")
+    problem = backend_problem(backend, args.device or "cpu")
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="moecompress-ranks-") as logs:
+        codes = spawn(argv, args.ranks, Path(logs), backend)
+        rank = failed_rank(codes)
+        if rank is None and all(code == 0 for code in codes):
+            return 0
+        if rank == 0:  # it said why itself
+            return codes[0]
+        said = (Path(logs) / f"rank-{rank}.log").read_text().splitlines() if rank is not None else []
+    errors = [line for line in said if line.startswith("error: ")]
+    kept = state_folder(args.output)
+    resume = f"; the finished layers are kept in {kept}: rerun the same command to resume" if kept.exists() else ""
+    if errors:
+        print(f"error: rank {rank}: {errors[-1][7:]}", file=sys.stderr)
+        return codes[rank]
+    how = f"was killed by signal {signal.Signals(-codes[rank]).name}" if rank is not None and codes[rank] < 0 else ""
+    how = how or (f"ended with status {codes[rank]}" if rank is not None else "lost each other")
+    print(f"error: {'rank ' + str(rank) if rank is not None else 'the ranks'} {how}{resume}.", file=sys.stderr)
+    return 1
 
 
 def _one_line(exc: BaseException) -> str:
@@ -657,6 +712,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import LOST, STOPPED, RankLostError, launched, launched_size
     from .models.registry import load_plugin
     from .storage.outputs import check_file_output, write_text_atomic
 
@@ -664,7 +720,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad argument (2), already printed
         return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if getattr(args, "ranks", 1) > 1 and launched_size() == 1:
+        return _launch(args, sys.argv[1:] if argv is None else argv)
+    quiet = os.environ.get("RANK", "0") != "0"  # another rank of a distributed job: rank 0 tells what happens
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     start = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a killed job ends like Ctrl-C: temporary files removed
     try:
@@ -685,8 +744,14 @@ def main(argv: list[str] | None = None) -> int:
                 "the result holds a NaN or infinite number; nothing was recorded as valid. "
                 "Check the model and data that produced it."
             ) from None
+        if quiet:  # rank 0 prints and records the result
+            return 0
         if getattr(args, "json", None):
             write_text_atomic(args.json, text)
+    except RankLostError as exc:
+        if not launched():  # a launched rank leaves it to `--ranks`, which names the rank that failed
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return LOST
     except MoECompressError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -696,6 +761,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
+        if _STOPPED and launched():  # stopped by `--ranks` after another rank failed
+            return STOPPED
         print(
             "error: interrupted; nothing was written at the output path (an earlier output there is unchanged).",
             file=sys.stderr,

@@ -18,6 +18,7 @@ from torch import nn
 from .allocation import CompressionPlan
 from .calibration.batches import calibration_batches, load_tokenizer_or_processor
 from .calibration.data import CalibrationBatch
+from .distributed import Ranks, join, launched
 from .errors import MoECompressError, RecipeError
 from .evaluation.records import RUN_RECORD, RunRecord
 from .models import LoadedModel, load_model
@@ -127,6 +128,7 @@ def compress(
     overwrite: bool = False,
     stream: bool = True,
     max_shard_bytes: int = 5 * 10**9,
+    ranks: Ranks | None = None,
 ) -> CompressionResult:
     """Compress the routed experts of `model` (folder, hub id or `LoadedModel`) as `recipe` says (or at the
     bits of a precomputed `plan`); save the packed checkpoint to `output` if given: a new path, or with
@@ -135,7 +137,11 @@ def compress(
     stream: read one decoder layer at a time from the source's safetensors and write each finished layer to
     `<output>.compress-state/` at once, so memory stays at about one layer and a killed run resumes where it
     stopped (only when every enabled stage is layer-wise: merging, allocation, quantization, factoring; slimming,
-    recovery and skipping work on the whole model in memory). The result is bit-identical either way."""
+    recovery and skipping work on the whole model in memory). The result is bit-identical either way.
+
+    ranks: an expert-parallel job's (default: the job torchrun or accelerate launched this process in, else one rank):
+    each rank works on its share of every layer's experts, rank 0 writes (`moecompress.distributed`). The tensors
+    written are those of one rank."""
     recipe = _as_recipe(recipe)
     if plan is not None and recipe.factor.enabled:
         raise RecipeError(
@@ -144,14 +150,19 @@ def compress(
     if plan is not None and not isinstance(plan, CompressionPlan):
         plan = CompressionPlan.load(plan)
     source = model.source if isinstance(model, LoadedModel) else model
-    with claim_output(output, [source], overwrite) if output is not None else contextlib.nullcontext():
-        if isinstance(model, str) and stream and output is not None and not whole_model_stages(recipe):
+    ranks = ranks or join(recipe.device)
+    streams = isinstance(model, str) and stream and output is not None and not whole_model_stages(recipe)
+    if ranks.multi:
+        _check_splits(recipe, ranks, streams)
+    claim = output is not None and ranks.first  # rank 0 writes; the other ranks only compute
+    with claim_output(output, [source], overwrite) if claim else contextlib.nullcontext():
+        if streams:
             loaded = open_streamed(model, trust_remote_code=trust_remote_code)
         else:
             if isinstance(model, str):
                 _state_memory_need(model, recipe, trust_remote_code, stream and output is not None)
             loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
-        return _compress(loaded, recipe, output, trust_remote_code, progress, plan, overwrite, max_shard_bytes)
+        return _compress(loaded, recipe, output, trust_remote_code, progress, plan, overwrite, max_shard_bytes, ranks)
 
 
 def _state_memory_need(source: str, recipe: Recipe, trust_remote_code: bool, could_stream: bool) -> None:
@@ -172,6 +183,16 @@ def _state_memory_need(source: str, recipe: Recipe, trust_remote_code: bool, cou
         )
 
 
+def _check_splits(recipe: Recipe, ranks: Ranks, streams: bool) -> None:
+    """Refuse, in one line, a job that cannot be split over expert-parallel ranks."""
+    alone = [s.name for s in STAGES if s.enabled(recipe) and not s.splits]
+    if alone or not streams:
+        why = f"stages {', '.join(alone)} run on one rank" if alone else "only a streamed run is split"
+        raise RecipeError(
+            f"{ranks.size} ranks split the experts of a streamed quantization run ({why}); run this job on one rank."
+        )
+
+
 def whole_model_stages(recipe: Recipe) -> list[str]:
     """The enabled stages that cannot stream (they train or evaluate the whole model); without quantization there
     is nothing layer-wise to stream either."""
@@ -189,6 +210,7 @@ def _compress(
     plan: CompressionPlan | None,
     overwrite: bool,
     max_shard_bytes: int,
+    ranks: Ranks = Ranks(),
 ) -> CompressionResult:
     start = time.perf_counter()
     quantized = recipe.quantization.method != "none"
@@ -201,11 +223,12 @@ def _compress(
         trust_remote_code,
         progress,
         plan if quantized else None,
+        ranks=ranks,
     )
     if ctx.plan is not None and recipe.merge.method == "none":
         ctx.plan.check_fits(*ctx.moe_layers())  # before calibration: a plan for another model is refused at once
     ctx.batches = calibration_batches(loaded, recipe.calibration, trust_remote_code)
-    if streamed and output is not None:
+    if streamed and output is not None and ranks.first:
         ctx.store = LayerStore(state_folder(output), job_fingerprint(loaded, recipe, ctx.plan, ctx.batches))
     try:
         seconds = _run_stages(ctx)
@@ -237,7 +260,7 @@ def _compress(
         memory=ctx.memory.to_dict() if ctx.memory is not None else None,
         stages=dict(ctx.reports),
     )
-    if output is not None:
+    if output is not None and ranks.first:
         try:
             _write_checkpoint(ctx, report, Path(output), overwrite, max_shard_bytes, start)
         except BaseException as exc:
@@ -301,7 +324,7 @@ def _keep_resumable(store: LayerStore, exc: BaseException) -> None:
     note = f"{kept} kept in {store.folder}: rerun the same command to resume, or delete that folder to start over"
     if isinstance(exc, MoECompressError) and len(exc.args) == 1:
         exc.args = (f"{exc.args[0]} ({note}).",)
-    else:
+    elif not (launched() and isinstance(exc, KeyboardInterrupt)):  # (`--ranks` stopped this rank: it says why)
         log.warning(note)
 
 

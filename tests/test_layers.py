@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moecompress"
 # Lowest first. A unit may import the units before it, never one after it.
 LAYERS = [
     "errors",
+    "distributed",  # expert-parallel ranks on torch.distributed
     "storage",  # tensor files, outputs, the layer store
     "formats",  # packed formats, QTensor, bit packing
     "models",  # adapters, the block view, loading and streaming
@@ -33,6 +34,7 @@ LAYERS = [
     "pipeline",
     "api",
     "cli",
+    "__main__",
     "__init__",
 ]
 

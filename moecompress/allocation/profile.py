@@ -28,6 +28,8 @@ class ErrorProfile:
 
     def observe_expert(self, view: MoEBlockView, e: int, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
         """Expert `e`'s inputs `x`, routing weights `w` and outputs `out` for some tokens."""
+        if self._rtn_cache and next(iter(self._rtn_cache))[0] not in view.held:  # a chunk done: its copies freed
+            self._rtn_cache.clear()
         take = int(min(x.shape[0], self.max_tokens - self.tokens[e]))
         if take <= 0:
             return

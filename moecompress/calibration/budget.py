@@ -12,7 +12,7 @@ import logging
 import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import InsufficientMemoryError, RecipeError
 
@@ -168,10 +168,12 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def layer_costs(loaded, batches, cal, statistics, resident: int) -> tuple[list[LayerCost], int]:
+def layer_costs(loaded, batches, cal, statistics, resident: int, ranks=None) -> tuple[list[LayerCost], int]:
     """Per decoder layer of the streamed model `loaded` its `LayerCost` for calibration `batches` held as `cal` says
     and a method collecting `statistics`; and the peak of the passes outside the layers (the embedding pass, the
-    final write: everything outside the layers as read and as cast, next to the activations)."""
+    final write: everything outside the layers as read and as cast, next to the activations). With several `ranks`
+    (`distributed.Ranks`): one rank's, its share of each layer's experts, always worked on in chunks, with every
+    expert's outputs kept per top-k slot."""
     import torch
 
     model, adapter = loaded.model, loaded.adapter
@@ -194,17 +196,19 @@ def layer_costs(loaded, batches, cal, statistics, resident: int) -> tuple[list[L
         each = view.expert_params // experts
         read = _stored_size(loaded, index, compute)
         hessian = "hessian" in statistics
-        costs.append(
-            LayerCost(
-                experts=experts,
-                fixed=fixed,
-                outside=(params - each * experts) * compute,
-                expert=each * (compute + read),
-                statistics=4 * (hidden * (hidden + 1) + inner * (inner + 1)) // 2 if hessian else 0,
-                working=_gptq_work(max(hidden, inner)) if hessian else 3 * each * compute,
-                chunked=3 * tokens * hidden * 4 + tokens * view.top_k * 12,
-            )
+        cost = LayerCost(
+            experts=experts,
+            fixed=fixed,
+            outside=(params - each * experts) * compute,
+            expert=each * (compute + read),
+            statistics=4 * (hidden * (hidden + 1) + inner * (inner + 1)) // 2 if hessian else 0,
+            working=_gptq_work(max(hidden, inner)) if hessian else 3 * each * compute,
+            chunked=3 * tokens * hidden * 4 + tokens * view.top_k * 12,
         )
+        if ranks is not None and ranks.multi:
+            slots = tokens * view.top_k * hidden * compute
+            cost = replace(cost, experts=len(ranks.share(experts)), fixed=fixed + cost.chunked + slots)
+        costs.append(cost)
     outside = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in loaded.layers.parameters())
     return costs, resident + kept + outside * (compute + 2)
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import Ranks
 from ..errors import RecipeError, UnsupportedModelError
 from ..models.base import MODALITIES, ModelAdapter, MoEBlockView
 from ..models.loading import LoadedModel
@@ -464,7 +465,9 @@ def collect_expert_stats(
         return False
 
     statistics = frozenset({"drop_loss"} if measure_drop_loss else ())
-    run_layerwise(model, adapter, batches, record, replace(walk or Walk(desc="analyze"), statistics=statistics))
+    walk = replace(walk or Walk(desc="analyze"), statistics=statistics)
+    run_layerwise(model, adapter, batches, record, walk)
+    stats.merge_ranks(walk.ranks)
     return stats
 
 
@@ -489,7 +492,9 @@ class Walk:
     balance: modality weights with which each observer weighs its tokens (`LayerInputs.token_weights`; default:
         every token 1).
     chunks: per decoder layer whose routed experts do not fit at once, the experts worked on at a time (a streamed
-        model reads them so from its source; `on_moe_layer` then sees each chunk, `view.held`, in turn)."""
+        model reads them so from its source; `on_moe_layer` then sees each chunk, `view.held`, in turn).
+    ranks: the job's ranks; with several, every MoE layer is worked on in chunks, each rank its share of the experts
+        (`Ranks.share`), and the ranks exchange the experts' outputs."""
 
     device: str | torch.device = "cpu"
     statistics: frozenset[str] = frozenset({"hessian"})
@@ -504,6 +509,14 @@ class Walk:
     keep_changes: bool = False
     balance: dict[str, float] | None = None
     chunks: dict[int, int] | None = None
+    ranks: Ranks = Ranks()
+
+    def chunk(self, index: int, experts: int) -> int | None:
+        """Experts per chunk in decoder layer `index` of `experts` routed experts (None: the whole layer at once)."""
+        size = (self.chunks or {}).get(index)
+        if not self.ranks.multi:
+            return size
+        return min(size or experts, len(self.ranks.share(experts)))
 
 
 @torch.no_grad()
@@ -535,15 +548,14 @@ def run_layerwise(
         count = len(adapter.decoder_layers(model))
         options = dict(statistics=walk.statistics, reservoir_size=walk.reservoir_size, collectors=walk.collectors)
         for index in tqdm(range(first, count), desc=walk.desc, disable=not walk.progress, initial=first, total=count):
-            size = (walk.chunks or {}).get(index)
-            layer = source.load_layer(index, device) if size is None else source.load_layer(index, device, False)
             blocks, changed = views.get(index, []), False
+            size = walk.chunk(index, blocks[0].num_experts) if blocks else None
+            layer = source.load_layer(index, device) if size is None else source.load_layer(index, device, False)
             if not blocks:
                 inputs.keep(forward_layer(layer, adapter, index, inputs))
             elif size is not None:
-                chunked = ChunkedLayer(
-                    source, index, blocks[0], ExpertObserver(blocks[0], inputs.num_tokens, seed=index, **options)
-                )
+                observer = ExpertObserver(blocks[0], inputs.num_tokens, seed=index, **options)
+                chunked = ChunkedLayer(source, index, blocks[0], observer, walk.ranks)
                 inputs.keep(chunked.run(layer, inputs, size, on_moe_layer, weights))
                 changed = True
             else:
@@ -588,19 +600,24 @@ class ChunkedLayer:
     of experts is then read from the source, observed on every batch, handed to `on_moe_layer`, and its summed
     output added per batch in expert order, each expert through the experts module's own forward on the same rows
     as the whole module computes them, so the sums are bit for bit the whole module's; the layer then runs again
-    with its experts answering those sums."""
+    with its experts answering those sums. With several `ranks`, each works on its share of the experts and keeps
+    each expert's output per (token, top-k slot); the ranks sum those (every slot is one rank's), and each adds them
+    up in expert order as one rank does."""
 
-    def __init__(self, source: LoadedModel, index: int, view: MoEBlockView, observer: ExpertObserver):
-        self.source, self.index, self.view, self.observer = source, index, view, observer
+    def __init__(
+        self, source: LoadedModel, index: int, view: MoEBlockView, observer: ExpertObserver, ranks: Ranks = Ranks()
+    ):
+        self.source, self.index, self.view, self.observer, self.ranks = source, index, view, observer, ranks
         self.recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def run(self, layer, inputs: LayerInputs, size: int, on_moe_layer: LayerCallback, weights=None):
         """The layer's outputs for every batch (as `forward_layer` gives them), chunks of `size` experts."""
-        view, observer = self.view, self.observer
+        view, observer, ranks = self.view, self.observer, self.ranks
         self._walk(layer, inputs, self._record)
         recorded, self.recorded = self.recorded, []
         routed = [torch.zeros_like(h, dtype=torch.float32) for h, _, _ in recorded]
         summed = [torch.zeros_like(h) for h, _, _ in recorded]
+        slots = [h.new_zeros(*i.shape, h.shape[-1]) for h, i, _ in recorded] if ranks.multi else summed
         prepared = [
             observer.prepared(
                 hidden, inputs.modalities[b].reshape(-1), None if weights is None else weights[b].reshape(-1)
@@ -609,18 +626,22 @@ class ChunkedLayer:
         ]
         for x, modality, token_weight in prepared:
             observer.observe_tokens(x, modality, token_weight)
-        for first in range(0, view.num_experts, size):
-            chunk = range(first, min(first + size, view.num_experts))
+        own = ranks.share(view.num_experts)
+        for first in range(own.start, own.stop, size):
+            chunk = range(first, min(first + size, own.stop))
             self.source.load_experts(self.index, chunk, inputs.device)
             for (x, modality, token_weight), (_, indices, routing), out in zip(prepared, recorded, routed):
                 observer.observe_experts(x, modality, token_weight, (routing, indices), chunk, out)
             on_moe_layer(view, observer)
-            for (hidden, indices, routing), out in zip(recorded, summed):
-                _add_experts_output(view.experts, hidden, indices, routing, chunk, out)
+            for (hidden, indices, routing), out in zip(recorded, slots):
+                _add_experts_output(view.experts, hidden, indices, routing, chunk, out, per_slot=ranks.multi)
             self.source.release_experts(self.index)
         for (_, modality, _), out in zip(prepared, routed):
-            observer.observe_output(modality, out)
-        del recorded, routed, prepared
+            observer.observe_output(modality, ranks.summed(out))  # (summed in another order than one rank's)
+        if ranks.multi:
+            for (_, indices, _), out, total in zip(recorded, slots, summed):
+                _sum_slots(indices, ranks.summed(out), total)
+        del recorded, routed, prepared, slots
         return self._walk(layer, inputs, lambda b, hidden, *_: _checked(summed[b], hidden), keep=True)
 
     def _record(self, batch: int, hidden, indices, routing) -> torch.Tensor:
@@ -652,15 +673,30 @@ class ChunkedLayer:
             del experts.forward
 
 
-def _add_experts_output(experts, hidden, indices, routing, chunk: range, out: torch.Tensor) -> None:
-    """Add to `out` the weighted outputs of the experts in `chunk` (those `experts` holds), in expert order, each
-    computed by the module's own forward on the rows, in the order, that the whole module gives it."""
+def _add_experts_output(
+    experts, hidden, indices, routing, chunk: range, out: torch.Tensor, per_slot: bool = False
+) -> None:
+    """Add to `out` [T, H] the weighted outputs of the experts in `chunk` (those `experts` holds), in expert order,
+    each computed by the module's own forward on the rows, in the order, that the whole module gives it; with
+    `per_slot`, write each to its (token, top-k slot) of `out` [T, k, H] instead."""
     for e in chunk:
         slot, tok = torch.where((indices == e).T)  # as the module's one-hot mask [k, T] orders them
         if tok.numel() == 0:
             continue
         local = torch.full((tok.numel(), 1), e - chunk.start, dtype=indices.dtype, device=indices.device)
-        out.index_add_(0, tok, experts(hidden[tok], local, routing[tok, slot][:, None]).to(out.dtype))
+        values = experts(hidden[tok], local, routing[tok, slot][:, None]).to(out.dtype)
+        if per_slot:
+            out[tok, slot] = values
+        else:
+            out.index_add_(0, tok, values)
+
+
+def _sum_slots(indices: torch.Tensor, slots: torch.Tensor, out: torch.Tensor) -> None:
+    """Add to `out` [T, H] every expert's outputs kept per (token, slot) in `slots` [T, k, H], in expert order as
+    `_add_experts_output` adds them."""
+    for e in torch.unique(indices).tolist():
+        slot, tok = torch.where((indices == e).T)
+        out.index_add_(0, tok, slots[tok, slot])
 
 
 def _checked(summed: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

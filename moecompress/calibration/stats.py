@@ -128,6 +128,13 @@ class ExpertStats:
         for collector in observer.collectors:  # e.g. the allocator's error profile
             collector.record(self, i)
 
+    def merge_ranks(self, ranks) -> None:
+        """After an expert-parallel walk (`distributed.Ranks`), where each rank observed its share of the experts:
+        every expert's row from the rank that observed it (the others hold zeros there)."""
+        for name in ("tokens", "weight_sum", "output_norm_sum", *_PROFILE_FIELDS):
+            if getattr(self, name) is not None:
+                ranks.summed(getattr(self, name))
+
     @property
     def frequency(self) -> torch.Tensor:
         """Share of a modality's tokens routed to each expert, [L, E, M] (sums to top_k over experts)."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..allocation.solver import solve_allocation
+from ..distributed import Ranks
 from ..errors import BudgetError, RecipeError
 from ..formats import SUPPORTED_BITS, PackedTensor, QTensor, QuantFormat, pack
 from ..models.base import PROJECTIONS, ExpertWeights, MoEBlockView, modality_weights_problem
@@ -211,13 +212,20 @@ class _ExpertInputs:
 
 @torch.no_grad()
 def factor_block(
-    view: MoEBlockView, observer, config: FactorConfig, fmt: Callable[[int], QuantFormat], quantize: Quantizer
+    view: MoEBlockView,
+    observer,
+    config: FactorConfig,
+    fmt: Callable[[int], QuantFormat],
+    quantize: Quantizer,
+    workers: Ranks = Ranks(),
 ) -> FactoredBlock:
     """Factor `view`'s routed experts from what the calibration `observer` saw (its token counts, routing weights
     and per-expert Gram sums); `fmt(bits)` makes a format, `quantize(w, hessian, formats)` rounds a matrix in each
     format (GPTQ, one pass).
     Each base width of `config.base_bits` is tried and the plan of least estimated error kept. The block's expert
-    weights are replaced by what the factors represent (later layers calibrate on them)."""
+    weights are replaced by what the factors represent (later layers calibrate on them). With several `workers` (the
+    ranks of an expert-parallel job, each holding the whole block and its observer), each measures and quantizes its share of the experts, rank 0 solves
+    the program, and every rank ends with every expert's result."""
     E = view.num_experts
     originals = [view.expert_weights(e) for e in range(E)]
     if originals[0].gate_bias is not None:
@@ -229,9 +237,9 @@ def factor_block(
     best = None
     for base_bits in sorted(set(config.base_bits)):
         base_format = fmt(base_bits) if base_bits else None
-        base, base_hat, items = _candidates(originals, inputs, freqs, config, base_format, formats, quantize)
+        base, base_hat, items = _candidates(originals, inputs, freqs, config, base_format, formats, quantize, workers)
         try:
-            choice, objective = _allocate(items, formats, importance, config, base, originals[0])
+            choice, objective = _on_first(workers, _allocate, items, formats, importance, config, base, originals[0])
         except BudgetError:
             if base_bits == max(config.base_bits) and best is None:
                 raise
@@ -241,7 +249,8 @@ def factor_block(
     objective, base, base_hat, items, choice = best
     chosen = {(item.proj, item.expert): (item, r, f) for item, (r, f) in zip(items, choice)}
     deltas: list[dict] = [{} for _ in range(E)]
-    for e in range(E):
+    done = []
+    for e in workers.share(E):
         rebuilt = {}
         for p in PROJECTIONS:
             item, r, f = chosen[p, e]
@@ -252,8 +261,25 @@ def factor_block(
             delta = originals[e][p].double() - base_hat[p].double()
             deltas[e][p], rebuilt[p] = _quantize(delta, spec, gram, r, formats[f] if r else None, quantize)
             rebuilt[p] = rebuilt[p] + base_hat[p]
-        view.set_expert_weights(e, ExpertWeights(*(rebuilt[p] for p in PROJECTIONS)))
+        done.append((e, deltas[e], ExpertWeights(*(rebuilt[p] for p in PROJECTIONS))))
+    for e, delta, weights in (d for share in workers.gathered(done) for d in share):
+        deltas[e] = delta
+        view.set_expert_weights(e, weights)
     return FactoredBlock(base, deltas, objective)
+
+
+def _on_first(workers: Ranks, fn, *args):
+    """`fn(*args)` computed by rank 0 and handed to every rank (its `BudgetError` raised on every rank)."""
+    if not workers.multi:
+        return fn(*args)
+    try:
+        result = fn(*args) if workers.first else None
+    except BudgetError as exc:
+        result = exc
+    result = workers.from_first(result)
+    if isinstance(result, BudgetError):
+        raise result
+    return result
 
 
 def _importance(observer, config: FactorConfig) -> torch.Tensor:
@@ -276,9 +302,10 @@ def _quantize(delta: torch.Tensor, spec, gram, rank: int, fmt: QuantFormat | Non
     return (pack(lora_a), pack(lora_b)), lora_b.dequantize() @ lora_a.dequantize()
 
 
-def _candidates(originals, inputs: _ExpertInputs, freqs, config, base_format, formats, quantize):
+def _candidates(originals, inputs: _ExpertInputs, freqs, config, base_format, formats, quantize, workers=Ranks()):
     """Per projection the quantized base (GPTQ on the pooled Gram; zero without a base format), and per (expert,
-    projection) its candidates' relative errors (items ordered by projection, then expert), expert by expert."""
+    projection) its candidates' relative errors (items ordered by projection, then expert), expert by expert (each
+    of `workers` its share)."""
     base, base_hat = ({} if base_format else None), {}
     for p in PROJECTIONS:
         if base_format is None:
@@ -290,7 +317,8 @@ def _candidates(originals, inputs: _ExpertInputs, freqs, config, base_format, fo
             (q,) = quantize(w0, hessian, [base_format])
             base[p], base_hat[p] = pack(q), q.dequantize()
     items = {}
-    for e, weights in enumerate(originals):
+    for e in workers.share(len(originals)):
+        weights = originals[e]
         for p in PROJECTIONS:
             gram, lower = inputs.get(p, e)  # GPTQ takes the Gram either way
             w = weights[p].float()
@@ -305,6 +333,7 @@ def _candidates(originals, inputs: _ExpertInputs, freqs, config, base_format, fo
                 exact = (lambda m, fs, h=hessian: quantize(m, h, fs)) if config.estimate == "gptq" else None
                 dense = dense_errors(delta, formats, lower, exact) / signal
             items[p, e] = _Item(e, p, ranks, low_rank, dense, float(spec.tail[0]) / signal)
+    items = {key: item for share in workers.gathered(items) for key, item in share.items()}
     return base, base_hat, [items[p, e] for p in PROJECTIONS for e in range(len(originals))]
 
 

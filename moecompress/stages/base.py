@@ -15,6 +15,8 @@ from ..calibration.batches import activation_holding
 from ..calibration.budget import MemoryPlan, budget_bytes, layer_costs, plan_memory
 from ..calibration.data import CalibrationBatch
 from ..calibration.engine import Walk, run_layerwise
+from ..distributed import Ranks, local_ranks
+from ..errors import RecipeError
 from ..models import LoadedModel, MoEBlockView
 from ..models.streaming import StreamedModel, resident_bytes
 from ..quant.experts import ExpertQuantReport
@@ -32,7 +34,8 @@ class Stage:
     """A compression stage. It owns its recipe section (`section`, read into the dataclass `config`; the recipe
     schema is assembled from the registered stages) and the checks of that section against the others
     (`validate`), says when it runs (`enabled`) and how (`streams`: layer by layer, so a streamed run holds one
-    layer at a time; `trains`: on the whole model, with a teacher from `teacher`), and `run(ctx)` returns its
+    layer at a time; `splits`: over expert-parallel ranks; `trains`: on the whole model, with a teacher from
+    `teacher`), and `run(ctx)` returns its
     report (the compression report's field `name`) or None. `order` places it in the pipeline."""
 
     name: ClassVar[str] = ""
@@ -42,6 +45,7 @@ class Stage:
     config: ClassVar[type | None] = None
     streams: ClassVar[bool] = False
     trains: ClassVar[bool] = False
+    splits: ClassVar[bool] = False  # runs over expert-parallel ranks, each rank its share of every layer's experts
     names_the_method: ClassVar[bool] = False  # its name joins the run record's method ("gptq w4g128 + skip")
     path_keys: ClassVar[tuple[str, ...]] = ()  # keys of its section that are file paths (relative to the recipe)
 
@@ -92,6 +96,8 @@ class RunContext:
     store: LayerStore | None = None  # a streamed run's finished layers (resumable); None: the model is in memory
     memory: MemoryPlan | None = None  # the plan of the last streamed walk under the memory budget
     stored_apart: dict[int, set[str]] = field(default_factory=dict)  # per layer, its tensors stored chunk by chunk
+    ranks: Ranks = field(default_factory=Ranks)  # an expert-parallel job's ranks (rank 0 holds `store` and writes)
+    _parts: list[tuple[int, int, dict]] = field(default_factory=list)  # another rank's chunks, for rank 0
 
     @property
     def cpu(self) -> bool:
@@ -126,15 +132,20 @@ class RunContext:
         return views
 
     def resume_point(self) -> tuple[int, object] | None:
-        """Where a streamed run stopped before (first layer to do, its inputs), or None."""
+        """Where a streamed run stopped before (first layer to do, its inputs), or None; every rank gets rank 0's."""
         resume = self.store.resume_point() if self.store is not None else None
         if resume is not None:
             log.info("resuming after layer %d from %s", resume[0] - 1, self.store.folder)
+        if self.ranks.multi:
+            resume = self.ranks.from_first(None if resume is None else (resume[0], [h.cpu() for h in resume[1]]))
         return resume
 
     def store_layer(self, index: int, layer: torch.nn.Module, record: dict, hidden) -> None:
         """A streamed run's finished layer: its tensors as the checkpoint will hold them, with `record` (what a
         resumed run needs to rebuild it in the skeleton); nothing when the model is in memory."""
+        if self.ranks.multi:
+            parts, self._parts = self._parts, []
+            self.ranks.to_first(parts, self._save_parts)
         if self.store is None:
             return
         prefix = f"{self.loaded.adapter.layers_prefix(self.loaded.model)}.{index}."
@@ -148,25 +159,58 @@ class RunContext:
         layer = self.loaded.layers[view.layer_index]
         path = next(name for name, module in layer.named_modules() if module is view.experts)
         state = {f"{path}.{k}": v for k, v in packed_state(view, packed, view.held.start).items()}
-        self.stored_apart.setdefault(view.layer_index, set()).update(state)
-        prefix = f"{self.loaded.adapter.layers_prefix(self.loaded.model)}.{view.layer_index}."
-        self.store.save_part(view.layer_index, view.held.start, {prefix + k: v for k, v in state.items()})
+        part = (view.layer_index, view.held.start, state)
+        if self.ranks.multi:  # handed to rank 0 when the layer is done (`store_layer`)
+            self.stored_apart.setdefault(view.layer_index, set()).update(state)
+            self._parts.append(part)
+        else:
+            self._save_parts([part])
 
-    def memory_plan(self, stage: str, statistics, chunks: bool = False, announce: bool = True) -> dict[int, int] | None:
+    def _save_parts(self, parts: list[tuple[int, int, dict]]) -> None:
+        """Chunks of packed experts (layer, first expert, tensors named within the layer) into the store (rank 0's;
+        elsewhere none)."""
+        for index, first, state in parts:
+            self.stored_apart.setdefault(index, set()).update(state)
+            if self.store is not None:
+                prefix = f"{self.loaded.adapter.layers_prefix(self.loaded.model)}.{index}."
+                self.store.save_part(index, first, {prefix + k: v for k, v in state.items()})
+
+    def memory_plan(
+        self, stage: str, statistics, chunks: bool = False, announce: bool = True, split: bool = True
+    ) -> dict[int, int] | None:
         """A streamed walk of `stage` (collecting `statistics`) under the recipe's memory budget: per decoder layer
         whose experts do not fit at once, the experts per chunk (only where `chunks`: the stage works a chunk at a
-        time). Logged (with `announce`) and kept for the report; refused in one line when it cannot fit. None for a
-        model in memory."""
+        time). With several ranks, one rank's plan: its share of the experts (where `split`: the walk splits them), the
+        default budget its part of the machine's free memory. Logged (with `announce`) and kept for the report;
+        refused in one line when it cannot fit. None for a model in memory."""
         if not isinstance(self.loaded, StreamedModel):
             return None
+        ranks = self.ranks if split else Ranks()  # (not split: every rank holds whole layers)
+        if ranks.multi:
+            self._check_ranks(stage, chunks)
         cal, resident = self.recipe.calibration, resident_bytes()
-        costs, outside = layer_costs(self.loaded, self.batches, cal, statistics, resident)
-        budget = budget_bytes(cal.max_memory, available_bytes(self.recipe.device), resident)
+        costs, outside = layer_costs(self.loaded, self.batches, cal, statistics, resident, ranks)
+        free = available_bytes(self.recipe.device) // (local_ranks() if self.cpu else 1)  # ranks share this RAM
+        budget = budget_bytes(cal.max_memory, free, resident)
         self.memory = plan_memory(
             costs, outside, budget, cal.experts_per_chunk, lambda i: self._cannot_chunk(stage, i, chunks)
         )
         log.log(logging.INFO if announce else logging.DEBUG, "%s: %s", stage, self.memory.describe())
         return {i: self.memory.chunk(i) for i in range(len(costs)) if self.memory.chunk(i) is not None}
+
+    def _check_ranks(self, stage: str, chunks: bool) -> None:
+        """Refuse, in one line, a job whose layers cannot be split over its ranks."""
+        n = self.ranks.size
+        for index, views in self.layer_views().items():
+            experts = min(v.num_experts for v in views)
+            if experts < n:
+                raise RecipeError(
+                    f"{n} ranks for decoder layer {index}'s {experts} routed experts: each rank needs one at least; "
+                    f"run on at most {experts} ranks."
+                )
+            why = self._cannot_chunk(stage, index, chunks)
+            if why is not None:
+                raise RecipeError(f"{n} ranks cannot split decoder layer {index}'s experts ({why}); run on one rank.")
 
     def _cannot_chunk(self, stage: str, index: int, chunks: bool) -> str | None:
         """Why layer `index`'s experts cannot be worked on a chunk at a time in `stage` (None: they can)."""
@@ -182,12 +226,13 @@ class RunContext:
     def walk(self, stage: str, on_moe_layer, on_layer_done, resume, **options) -> None:
         """`run_layerwise` over the loaded model and the calibration batches for `stage`, each finished layer handed
         to `on_layer_done`, from `resume` on; `options`: the rest of the `Walk`."""
+        options.setdefault("ranks", self.ranks)
         if "chunks" not in options:  # a stage that holds whole layers: refused up front when one cannot fit
-            self.memory_plan(stage, options.get("statistics", Walk.statistics))
+            self.memory_plan(stage, options.get("statistics", Walk.statistics), split=options["ranks"].multi)
         with self.activations(stage) as holding:
             walk = Walk(
                 self.recipe.device,
-                progress=self.progress,
+                progress=self.progress and self.ranks.first,
                 layers_from=self.loaded,
                 on_layer_done=on_layer_done,
                 resume=resume,

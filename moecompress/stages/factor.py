@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..calibration.engine import ExpertObserver
+from ..distributed import Ranks
 from ..formats import QuantFormat
 from ..merge.factor_layer import FactorConfig
 from ..models import MoEBlockView
@@ -29,7 +30,7 @@ class FactorStage(Stage):
     name = "factor"
     order = 30
     section, config = "factor", FactorConfig
-    streams = True
+    streams = splits = True
 
     def enabled(self, recipe: Recipe) -> bool:
         return recipe.factor.enabled
@@ -67,7 +68,7 @@ class FactorStage(Stage):
         check_budget(ctx.loaded.adapter.moe_blocks(ctx.loaded.model), f, q.format_for)
         views, resume = ctx.layer_views(), ctx.resume_point()
         blocks, done = {}, {}
-        for index in store.done() if resume is not None else []:
+        for index in store.done() if resume is not None and store is not None else []:
             for view in views.get(index, []):
                 record = store.record(index)["factored"][str(view.key)]
                 restore_factored_experts(view, record["layout"])
@@ -80,7 +81,7 @@ class FactorStage(Stage):
                 where = [f"layer {view.key} (factored experts)"] * len(formats)
                 return quantize_matrices([w] * len(formats), hessian, formats, quantizer, where)
 
-            blocks[view.key] = factor_block(view, observer, f, q.format_for, quantize)
+            blocks[view.key] = factor_block(view, observer, f, q.format_for, quantize, ctx.ranks)
             return True
 
         def layer_done(index: int, layer: torch.nn.Module, hidden: list[torch.Tensor]) -> None:
@@ -99,5 +100,6 @@ class FactorStage(Stage):
             resume,
             desc="factor",
             balance=f.modality_weights if f.balance else None,
+            ranks=Ranks(),  # every rank walks whole layers; `factor_block` splits the work on their experts
         )
         return {"avg_bits_budget": f.avg_bits, "base_bits": f.base_bits, "whiten": f.whiten, "blocks": done}

@@ -14,6 +14,7 @@ from ..allocation.profile import ErrorProfile
 from ..calibration.batches import activation_holding
 from ..calibration.data import CalibrationBatch
 from ..calibration.engine import ExpertObserver, Walk, collect_expert_stats
+from ..distributed import Ranks
 from ..formats import FORMATS, SUPPORTED_BITS, TERNARY_SCALE_METHODS, QuantFormat, ternary_packings
 from ..models import LoadedModel, MoEBlockView
 from ..quant.config import RARE_POLICIES, QuantizationConfig
@@ -33,7 +34,7 @@ class AllocationStage(Stage):
     name = "allocation"
     order = 40
     section, config = "allocation", AllocationConfig
-    streams = True
+    streams = splits = True
 
     def enabled(self, recipe: Recipe) -> bool:
         return recipe.quantization.method != "none" and not recipe.factor.enabled
@@ -44,16 +45,25 @@ class AllocationStage(Stage):
         recipe.allocation.check_budget([q.format_for(k) for k in recipe.allocation.candidates], q.format_for(q.bits))
 
     def check_memory(self, ctx: RunContext) -> None:
-        if ctx.plan is None and ctx.recipe.allocation.method != "uniform":  # profiling holds whole layers
-            ctx.memory_plan(self.name, frozenset(), announce=False)
+        if ctx.plan is None and ctx.recipe.allocation.method != "uniform":
+            ctx.memory_plan(self.name, frozenset(), chunks=True, announce=False)
 
     def run(self, ctx: RunContext) -> None:
         saved = ctx.store.load_json("plan.json") if ctx.store is not None and ctx.plan is None else None
+        saved = ctx.ranks.from_first(saved) if ctx.plan is None else None
         if saved is not None:  # a resumed run: the profiling pass was done before the kill
-            ctx.plan = CompressionPlan.from_dict(saved, ctx.store.folder / "plan.json")
+            ctx.plan = CompressionPlan.from_dict(saved, ctx.store.folder / "plan.json" if ctx.store else "plan")
         if ctx.plan is None:
             ctx.plan, _ = plan_allocation(
-                ctx.loaded, ctx.recipe, ctx.batches, ctx.progress, ctx.spill_folder(self.name)
+                ctx.loaded,
+                ctx.recipe,
+                ctx.batches,
+                ctx.progress,
+                ctx.spill_folder(self.name),
+                ctx.memory_plan(self.name, frozenset(), chunks=True)
+                if ctx.recipe.allocation.method != "uniform"
+                else None,
+                ctx.ranks,
             )
             if ctx.store is not None:
                 ctx.store.save_json("plan.json", ctx.plan.to_dict())
@@ -70,7 +80,7 @@ class QuantizeStage(Stage):
     name = "quantize"
     order = 50
     section, config = "quantization", QuantizationConfig
-    streams = validated_first = True
+    streams = splits = validated_first = True
 
     def enabled(self, recipe: Recipe) -> bool:
         return recipe.quantization.method != "none" and not recipe.factor.enabled
@@ -130,7 +140,7 @@ class QuantizeStage(Stage):
         views, resume = ctx.layer_views(), ctx.resume_point()
         reports: dict[int | str, list[ExpertQuantReport]] = {}  # by block key
         packed: dict[int | str, list] = {}
-        for index in store.done() if resume is not None else []:
+        for index in store.done() if resume is not None and store is not None else []:
             reports.update(_restore_layer(views.get(index, []), store.record(index)))
 
         def quantize_layer(view: MoEBlockView, observer: ExpertObserver) -> bool:  # all experts, or a chunk
@@ -146,6 +156,9 @@ class QuantizeStage(Stage):
         def layer_done(index: int, layer: torch.nn.Module, hidden: list[torch.Tensor]) -> None:
             blocks = views.get(index, [])
             for view in blocks:
+                if ctx.ranks.multi:  # every rank's experts, in expert order
+                    shares = ctx.ranks.gathered(reports.get(view.key, []))
+                    reports[view.key] = sorted((r for share in shares for r in share), key=lambda r: r.expert)
                 methods = [r.method for r in reports.get(view.key, [])]
                 if view.key in packed:
                     install_packed_experts(view, packed.pop(view.key), methods)
@@ -194,9 +207,13 @@ def plan_allocation(
     batches: list[CalibrationBatch],
     progress: bool = True,
     spill_to: Path | None = None,
+    chunks: dict[int, int] | None = None,
+    ranks: Ranks = Ranks(),
 ) -> tuple[CompressionPlan, object]:
     """Profile every expert's quantization error at the candidate bit widths, then allocate bits (activations
-    offloaded, if the recipe says so, to `spill_to`). Returns (plan, ExpertStats)."""
+    offloaded, if the recipe says so, to `spill_to`; `chunks`: the experts profiled at a time per layer that does not
+    fit at once; `ranks`: an expert-parallel job's, each profiling its share, rank 0 allocating). Returns (plan,
+    ExpertStats)."""
     q, a = recipe.quantization, recipe.allocation
     views = loaded.adapter.moe_blocks(loaded.model)
     if a.method == "uniform":
@@ -224,9 +241,15 @@ def plan_allocation(
                 collectors=lambda view: [ErrorProfile(view, formats, a.profile_tokens)],
                 layers_from=loaded,
                 activations=holding,
+                chunks=chunks,
+                ranks=ranks,
             ),
         )
-    return allocate(stats, a, integer_format), stats
+    plan = allocate(stats, a, integer_format) if ranks.first else None  # the integer program: rank 0 solves it
+    if ranks.multi:
+        shared = ranks.from_first(plan.to_dict() if plan is not None else None)
+        plan = plan if ranks.first else CompressionPlan.from_dict(shared)
+    return plan, stats
 
 
 def _unquantized_bytes_and_expert_params(loaded: LoadedModel, recipe: Recipe) -> tuple[int, int]:
