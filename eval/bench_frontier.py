@@ -158,7 +158,7 @@ def ranks(work: Path) -> None:
         two = tensor_hashes(outs["2 ranks x 1 thread"])
         print(f"\n{name} ({layers} x {experts} x ({hidden} x {inter})), {method.upper()} w4, 2 gloo ranks")
         for label, r in runs.items():
-            peaks = ", ".join(f"{p / 1e3:.2f}" for p in r.get("rank_peak_rss_mb") or [r["peak_rss_mb"]])
+            peaks = ", ".join(f"{p / 1e3:.2f}" for p in r.get("rank_peak_rss_mb") or [r["rss_gb"] * 1e3])
             print(
                 f"  {label}: wall {r['seconds']:.0f} s (quantize stage {r['stage_seconds']['quantize']:.0f} s), "
                 f"peak RSS per rank {peaks} GB; tensors equal to 2 ranks': {tensor_hashes(outs[label]) == two}"

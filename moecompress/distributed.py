@@ -4,8 +4,9 @@ the same calibration data through the same layers; each observes and quantizes i
 experts (`Ranks.share`), and the ranks exchange what the others need: the experts' outputs (so every rank enters
 the next layer with the same activations), per-expert statistics, and the packed tensors rank 0 writes.
 
-Every exchange here is exact: ranks contribute disjoint rows (the others add zeros), so a sum over ranks is each
-row's own value, and the result is bit for bit what one process computes."""
+The exchanges that the written tensors depend on are exact: ranks contribute disjoint rows (the others add zeros),
+so a sum over ranks is each row's own value, and the tensors are bit for bit what one process computes (at the same
+threads per process). Only the block's summed output norm, a statistic, is summed in another order."""
 
 from __future__ import annotations
 
@@ -44,12 +45,11 @@ class Ranks:
     def first(self) -> bool:
         return self.rank == 0
 
-    def share(self, count: int, rank: int | None = None) -> range:
-        """Rank `rank`'s (default: this one's) contiguous share of `count` experts; shares differ by at most one."""
-        rank = self.rank if rank is None else rank
+    def share(self, count: int) -> range:
+        """This rank's contiguous share of `count` experts; the ranks' shares differ by one at most."""
         base, extra = divmod(count, self.size)
-        start = rank * base + min(rank, extra)
-        return range(start, start + base + (rank < extra))
+        start = self.rank * base + min(self.rank, extra)
+        return range(start, start + base + (self.rank < extra))
 
     def summed(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` summed over the ranks (in place; returned). Exact where each element is non-zero on one rank."""

@@ -94,6 +94,15 @@ def test_a_missing_backend_is_one_line_before_any_rank_starts(backend, message, 
     assert not out.exists() and sorted(tmp_path.iterdir()) == []
 
 
+def test_an_output_rank_0_refuses_ends_every_rank_in_its_one_line(tiny_text_path, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    done = ranks_cli(tiny_text_path, PIPELINES / "gptq-w4g128.yaml", tmp_path / "taken")
+    assert done.returncode == 2 and len(errors(done.stderr)) == 1 and "taken" in errors(done.stderr)[0], done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
+
+
 def test_two_gloo_ranks_write_one_rank_s_tensors(tiny_text_path, tmp_path):
     recipe = small("gptq-w4g128")
     (tmp_path / "r.yaml").write_text(recipe.to_yaml())
@@ -114,10 +123,12 @@ def test_two_gloo_ranks_write_one_rank_s_tensors_for_every_layer_wise_method(nam
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:
+    """The process `parent` started as rank `rank` (RANK=rank in its environment)."""
     for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:
             with open(f"/proc/{pid}/stat") as stat, open(f"/proc/{pid}/environ", "rb") as environ:
-                if int(stat.read().rsplit(")", 1)[1].split()[1]) == parent and f"RANK={rank}".encode() in environ.read():
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+                if ppid == parent and f"RANK={rank}".encode() in environ.read().split(b"\0"):
                     return pid
         except (OSError, ValueError):
             continue

@@ -224,8 +224,8 @@ def factor_block(
     format (GPTQ, one pass).
     Each base width of `config.base_bits` is tried and the plan of least estimated error kept. The block's expert
     weights are replaced by what the factors represent (later layers calibrate on them). With several `workers` (the
-    ranks of an expert-parallel job, each holding the whole block and its observer), each measures and quantizes its share of the experts, rank 0 solves
-    the program, and every rank ends with every expert's result."""
+    ranks of an expert-parallel job, each holding the whole block and its observer), each measures and quantizes its
+    share of the experts, rank 0 solves the program, and every rank ends with every expert's result."""
     E = view.num_experts
     originals = [view.expert_weights(e) for e in range(E)]
     if originals[0].gate_bias is not None:

@@ -35,8 +35,8 @@ class Stage:
     schema is assembled from the registered stages) and the checks of that section against the others
     (`validate`), says when it runs (`enabled`) and how (`streams`: layer by layer, so a streamed run holds one
     layer at a time; `splits`: over expert-parallel ranks; `trains`: on the whole model, with a teacher from
-    `teacher`), and `run(ctx)` returns its
-    report (the compression report's field `name`) or None. `order` places it in the pipeline."""
+    `teacher`), and `run(ctx)` returns its report (the compression report's field `name`) or None. `order` places
+    it in the pipeline."""
 
     name: ClassVar[str] = ""
     order: ClassVar[float] = 0.0
@@ -97,7 +97,7 @@ class RunContext:
     memory: MemoryPlan | None = None  # the plan of the last streamed walk under the memory budget
     stored_apart: dict[int, set[str]] = field(default_factory=dict)  # per layer, its tensors stored chunk by chunk
     ranks: Ranks = field(default_factory=Ranks)  # an expert-parallel job's ranks (rank 0 holds `store` and writes)
-    _parts: list[tuple[int, int, dict]] = field(default_factory=list)  # another rank's chunks, for rank 0
+    _parts: list[tuple[int, int, dict]] = field(default_factory=list)  # this rank's chunks of the layer, for rank 0
 
     @property
     def cpu(self) -> bool:
@@ -159,16 +159,16 @@ class RunContext:
         layer = self.loaded.layers[view.layer_index]
         path = next(name for name, module in layer.named_modules() if module is view.experts)
         state = {f"{path}.{k}": v for k, v in packed_state(view, packed, view.held.start).items()}
+        self.stored_apart.setdefault(view.layer_index, set()).update(state)
         part = (view.layer_index, view.held.start, state)
         if self.ranks.multi:  # handed to rank 0 when the layer is done (`store_layer`)
-            self.stored_apart.setdefault(view.layer_index, set()).update(state)
             self._parts.append(part)
         else:
             self._save_parts([part])
 
     def _save_parts(self, parts: list[tuple[int, int, dict]]) -> None:
-        """Chunks of packed experts (layer, first expert, tensors named within the layer) into the store (rank 0's;
-        elsewhere none)."""
+        """Chunks of packed experts (layer, first expert, tensors named within the layer), any rank's, into the store
+        (rank 0's; the other ranks have none)."""
         for index, first, state in parts:
             self.stored_apart.setdefault(index, set()).update(state)
             if self.store is not None:
