@@ -1,19 +1,23 @@
-"""Frontier-scale MoE layers on this machine: a layer's experts a chunk at a time under a memory budget.
+"""Frontier-scale MoE layers on this machine: a layer's experts a chunk at a time under a memory budget, and over
+expert-parallel ranks.
 
-Builds once (kept in --work) two one-MoE-layer synthetic checkpoints (random bf16 weights, see eval/synthetic.py): a
-DeepSeek-V3-shaped layer, 256 experts x (7168 x 2048), top-8, 22.5 GB of experts; and a many-expert one, 256 x
-(2048 x 768), top-8 (2.4 GB bf16, 4.8 GB in float32). Each run is the CLI in a fresh process; prints its budget,
-plan, peak RSS (the child's VmHWM) and wall time:
+Builds once (kept in --work) synthetic checkpoints (random bf16 weights, see eval/synthetic.py): a one-layer
+DeepSeek-V3-shaped one, 256 experts x (7168 x 2048), top-8, 22.5 GB of experts; a one-layer many-expert one, 256 x
+(2048 x 768), top-8 (2.4 GB bf16, 4.8 GB in float32); and an 8-layer one, 8 x 32 x (2048 x 768). Each run is the
+CLI in a fresh process; prints its budget, plan, peak RSS (the child's VmHWM, or each rank's) and wall time:
 
 - RTN w4 of the DeepSeek-V3-shaped layer under --max-memory 6GB, then `moecompress.load` of its output and a
   256-token forward;
 - RTN w4 of the many-expert layer whole and in chunks of 16 experts, side by side: the quantize stage's seconds
   per expert parameter, their ratio, and whether the tensors are equal (sha256);
 - GPTQ w4 of the many-expert layer under a budget half its float32 experts, against an unconstrained run;
+- 2 gloo ranks x 1 thread against 1 process x 2 threads and x 1 thread (`--ranks 2`): GPTQ w4 of the 8-layer
+  model and RTN w4 of the many-expert layer: wall time, its ratio, each rank's peak RSS, and
+  whether the tensors equal the 2 ranks' (sha256);
 - the projected GPTQ w4 time of the whole DeepSeek-V3 and Kimi-K2 on N workers, from GPTQ of one expert at their
   shape and the per-expert cost of the chunked run measured here (assumptions printed with it).
 
-    python eval/bench_frontier.py [--work /tmp/moecompress-frontier] [--skip deepseek chunking gptq projection]
+    python eval/bench_frontier.py [--work /tmp/moecompress-frontier] [--skip deepseek chunking gptq ranks projection]
 """
 
 from __future__ import annotations
