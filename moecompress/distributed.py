@@ -184,12 +184,13 @@ def spawn(argv: list[str], size: int, logs: Path, backend: str) -> list[int]:
     base = {"WORLD_SIZE": str(size), "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1"}
     base.update(MASTER_PORT=str(port), MOECOMPRESS_BACKEND=backend, **{LAUNCHED: "1"})
     base["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // size))
-    procs = []
+    procs, files = [], []
     try:
         for rank in range(size):
             env = {**os.environ, **base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            err = None if rank == 0 else open(logs / f"rank-{rank}.log", "w")  # noqa: SIM115 (closed with the child)
-            out = None if rank == 0 else subprocess.DEVNULL
+            if rank:
+                files.append(open(logs / f"rank-{rank}.log", "w"))  # noqa: SIM115 (closed below)
+            out, err = (None, None) if rank == 0 else (subprocess.DEVNULL, files[-1])
             procs.append(
                 subprocess.Popen([sys.executable, "-m", "moecompress", *argv], env=env, stdout=out, stderr=err)
             )
@@ -199,6 +200,8 @@ def spawn(argv: list[str], size: int, logs: Path, backend: str) -> list[int]:
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait()
+        for file in files:
+            file.close()
 
 
 def _wait(procs: list[subprocess.Popen]) -> list[int]:

@@ -23,11 +23,11 @@ from .test_streaming import tensor_hashes
 PIPELINES = REPO / "pipelines"
 
 
-def small(name: str, **overrides) -> Recipe:
+def small(name: str, recovery: bool = True) -> Recipe:
+    """A shipped recipe on 8 calibration windows (without its recovery training unless `recovery`)."""
     recipe = Recipe.from_yaml(PIPELINES / f"{name}.yaml")
     recipe.calibration.num_samples = 8
-    for key, value in overrides.items():
-        setattr(recipe.recovery, key, value)
+    recipe.recovery.enabled = recipe.recovery.enabled and recovery
     return recipe
 
 
@@ -109,13 +109,13 @@ def test_two_gloo_ranks_write_one_rank_s_tensors(tiny_text_path, tmp_path):
     done = ranks_cli(tiny_text_path, tmp_path / "r.yaml", tmp_path / "two")
     assert done.returncode == 0, done.stderr[-3000:]
     assert tensor_hashes(tmp_path / "two") == one_rank(tiny_text_path, recipe, tmp_path / "one")
-    assert moecompress.load(tmp_path / "two") is not None
+    moecompress.load(tmp_path / "two")  # checks every tensor against the manifest rank 0 wrote
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mc-2.5bit", "ternary-experts", "factored-2bit"])
 def test_two_gloo_ranks_write_one_rank_s_tensors_for_every_layer_wise_method(name, tiny_text_path, tmp_path):
-    recipe = small(name, enabled=False)  # (ternary-experts' recovery training runs on one rank)
+    recipe = small(name, recovery=False)  # (ternary-experts' recovery training runs on one rank)
     (tmp_path / "r.yaml").write_text(recipe.to_yaml())
     done = ranks_cli(tiny_text_path, tmp_path / "r.yaml", tmp_path / "two")
     assert done.returncode == 0, done.stderr[-3000:]
