@@ -138,7 +138,7 @@ def cmd_compress(args) -> dict:
     report = result.report.to_dict()
     report["rare_experts"] = len(report["rare_experts"])
     if ranks.multi:  # each rank's peak resident set, in rank order
-        report["rank_peak_rss_mb"] = ranks.gathered(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+        report["rank_peak_rss_mb"] = ranks.gathered(_peak_rss_mb())
     return report
 
 
@@ -670,7 +670,11 @@ _STOPPED = []  # SIGTERM seen
 
 
 def _interrupt(signum, frame):
+    from .distributed import launched
+
     _STOPPED.append(signum)
+    if launched():  # `--ranks` stopped this rank after another failed, and says why itself
+        logging.disable(logging.CRITICAL)
     raise KeyboardInterrupt
 
 
@@ -707,6 +711,10 @@ def _launch(args, argv: list[str]) -> int:
     return 1
 
 
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
@@ -735,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "result": result,
             "wall_seconds": round(time.perf_counter() - start, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": _peak_rss_mb(),
         }
         try:
             text = json.dumps(result, indent=2, allow_nan=False)

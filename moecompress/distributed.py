@@ -121,7 +121,7 @@ def launched_size() -> int:
 
 def local_ranks() -> int:
     """The ranks of this job on this machine (they share its memory)."""
-    return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1) if launched_size() > 1 else 1
+    return max(int(os.environ.get("LOCAL_WORLD_SIZE") or 1), 1) if launched_size() > 1 else 1
 
 
 def default_backend(device: str) -> str:

@@ -18,7 +18,7 @@ from torch import nn
 from .allocation import CompressionPlan
 from .calibration.batches import calibration_batches, load_tokenizer_or_processor
 from .calibration.data import CalibrationBatch
-from .distributed import Ranks, join, launched
+from .distributed import Ranks, join
 from .errors import MoECompressError, RecipeError
 from .evaluation.records import RUN_RECORD, RunRecord
 from .models import LoadedModel, load_model
@@ -324,7 +324,7 @@ def _keep_resumable(store: LayerStore, exc: BaseException) -> None:
     note = f"{kept} kept in {store.folder}: rerun the same command to resume, or delete that folder to start over"
     if isinstance(exc, MoECompressError) and len(exc.args) == 1:
         exc.args = (f"{exc.args[0]} ({note}).",)
-    elif not (launched() and isinstance(exc, KeyboardInterrupt)):  # (`--ranks` stopped this rank: it says why)
+    else:
         log.warning(note)
 
 

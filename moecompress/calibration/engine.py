@@ -542,9 +542,7 @@ def run_layerwise(
         if walk.resume is not None:
             first = walk.resume[0]
             inputs.keep(walk.resume[1])
-        views: dict[int, list[MoEBlockView]] = {}
-        for view in adapter.moe_blocks(model):
-            views.setdefault(view.layer_index, []).append(view)
+        views = adapter.moe_blocks_by_layer(model)
         count = len(adapter.decoder_layers(model))
         options = dict(statistics=walk.statistics, reservoir_size=walk.reservoir_size, collectors=walk.collectors)
         for index in tqdm(range(first, count), desc=walk.desc, disable=not walk.progress, initial=first, total=count):

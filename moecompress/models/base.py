@@ -303,6 +303,13 @@ class ModelAdapter:
                 views.append(MoEBlockView(i, f"{prefix}.{i}.{self.block_name}", block, self))
         return views
 
+    def moe_blocks_by_layer(self, model: nn.Module) -> dict[int, list[MoEBlockView]]:
+        """`moe_blocks` by decoder layer index: each layer's one block, or one per modality group."""
+        by_layer: dict[int, list[MoEBlockView]] = {}
+        for view in self.moe_blocks(model):
+            by_layer.setdefault(view.layer_index, []).append(view)
+        return by_layer
+
     def layers_prefix(self, model: nn.Module) -> str:
         layers = self.decoder_layers(model)
         return next(name for name, module in model.named_modules() if module is layers)

@@ -217,7 +217,7 @@ def require_finite_layer(loaded: LoadedModel, index: int) -> None:
     prefix = loaded.adapter.layers_prefix(loaded.model)
     bad = _non_finite(loaded.adapter.decoder_layers(loaded.model)[index], f"{prefix}.{index}.")
     if bad:
-        views = [v for v in loaded.adapter.moe_blocks(loaded.model) if v.layer_index == index]
+        views = loaded.adapter.moe_blocks_by_layer(loaded.model).get(index, [])
         _raise_non_finite(views, loaded.source, bad[0])
 
 

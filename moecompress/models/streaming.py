@@ -223,7 +223,7 @@ class StreamedModel(LoadedModel):
         _trim_heap()
 
     def _view(self, index: int):
-        return next(v for v in self.adapter.moe_blocks(self.model) if v.layer_index == index)
+        return self.adapter.moe_blocks_by_layer(self.model)[index][0]
 
     def release_layer(self, index: int, changed: bool = False) -> None:
         """Free the layer; with `changed` (a pass changed it in place and later passes need the change, e.g.
@@ -276,9 +276,7 @@ class StreamedModel(LoadedModel):
 def _experts_paths(model: nn.Module, adapter: ModelAdapter) -> dict[int, str]:
     """Per decoder layer with one MoE block, the path of its routed experts module and a dot."""
     names = {id(m): n for n, m in model.named_modules()}
-    views: dict[int, list] = {}
-    for view in adapter.moe_blocks(model):
-        views.setdefault(view.layer_index, []).append(view)
+    views = adapter.moe_blocks_by_layer(model)
     return {i: names[id(v[0].experts)] + "." for i, v in views.items() if len(v) == 1 and id(v[0].experts) in names}
 
 

@@ -126,10 +126,7 @@ class RunContext:
 
     def layer_views(self) -> dict[int, list[MoEBlockView]]:
         """Each decoder layer's MoE blocks: one, or one per modality group."""
-        views: dict[int, list[MoEBlockView]] = {}
-        for view in self.loaded.adapter.moe_blocks(self.loaded.model):
-            views.setdefault(view.layer_index, []).append(view)
-        return views
+        return self.loaded.adapter.moe_blocks_by_layer(self.loaded.model)
 
     def resume_point(self) -> tuple[int, object] | None:
         """Where a streamed run stopped before (first layer to do, its inputs), or None; every rank gets rank 0's."""
@@ -214,7 +211,7 @@ class RunContext:
 
     def _cannot_chunk(self, stage: str, index: int, chunks: bool) -> str | None:
         """Why layer `index`'s experts cannot be worked on a chunk at a time in `stage` (None: they can)."""
-        views = [v for v in self.loaded.adapter.moe_blocks(self.loaded.model) if v.layer_index == index]
+        views = self.layer_views().get(index, [])
         if not chunks:
             return f"stage {stage} works on whole layers"
         if not self.loaded.adapter.observes_routing:

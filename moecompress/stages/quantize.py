@@ -49,8 +49,9 @@ class AllocationStage(Stage):
             ctx.memory_plan(self.name, frozenset(), chunks=True, announce=False)
 
     def run(self, ctx: RunContext) -> None:
-        saved = ctx.store.load_json("plan.json") if ctx.store is not None and ctx.plan is None else None
-        saved = ctx.ranks.from_first(saved) if ctx.plan is None else None
+        saved = None
+        if ctx.plan is None:  # every rank gets rank 0's (it holds the store)
+            saved = ctx.ranks.from_first(ctx.store.load_json("plan.json") if ctx.store is not None else None)
         if saved is not None:  # a resumed run: the profiling pass was done before the kill
             ctx.plan = CompressionPlan.from_dict(saved, ctx.store.folder / "plan.json" if ctx.store else "plan")
         if ctx.plan is None:

@@ -8,8 +8,8 @@ exists; it holds the sha256 of every file and the job's fingerprint). Every file
 synced and renamed, so a kill at any moment leaves either the old state or the new one. A run started again with
 the same job fingerprint (recipe, source files, calibration data, plan) verifies every stored layer and resumes
 after the last one; a state that fails (a changed, truncated or missing file) is dropped and the job starts over,
-saying why; any other job is refused. The final checkpoint's
-shards are assembled from the layer files by byte copy, once every layer is there.
+saying why; any other job is refused. The final checkpoint's shards are assembled from the layer files by byte
+copy, once every layer is there.
 """
 
 from __future__ import annotations
