@@ -356,6 +356,15 @@ def cmd_export(args) -> dict:
     from .hub import prepare_hub_folder, upload
     from .io.interop import export_interop
 
+    if args.format == "gguf":
+        from .io.gguf_export import export_gguf
+
+        if args.hub:
+            raise RecipeError("--hub uploads checkpoint folders; write the .gguf file first, then upload it yourself.")
+        output = args.output or f"{str(args.checkpoint).rstrip('/')}.gguf"
+        return export_gguf(args.checkpoint, output, args.type, args.overwrite, args.ternary_type)
+    if args.type is not None or args.ternary_type is not None:
+        raise RecipeError("--type and --ternary-type are for --format gguf: other formats keep the checkpoint's types.")
     output = args.output or f"{str(args.checkpoint).rstrip('/')}-{args.format}"
     if not args.hub:
         if args.format == "moecompress":
@@ -635,13 +644,24 @@ def _add_export(sub) -> None:
     p = sub.add_parser(
         "export", help="convert to compressed-tensors / GPTQ, or prepare and upload a Hub repo with a model card"
     )
-    p.add_argument("checkpoint", help="a moecompress checkpoint folder")
-    p.add_argument("-o", "--output", help="folder to write (default: <checkpoint>-<format>)")
+    p.add_argument(
+        "checkpoint", help="a moecompress checkpoint folder (with --format gguf --type: also a source model)"
+    )
+    p.add_argument("-o", "--output", help="folder to write (default: <checkpoint>-<format>; gguf: <checkpoint>.gguf)")
     p.add_argument(
         "--format",
-        choices=("moecompress", "compressed-tensors", "gptq"),
+        choices=("moecompress", "compressed-tensors", "gptq", "gguf"),
         default="moecompress",
-        help="weight layout; compressed-tensors and gptq need one integer bit width for every expert",
+        help="weight layout; compressed-tensors and gptq need one integer bit width for every expert, gguf "
+        "(llama.cpp) experts of a llama.cpp type (recipes pipelines/gguf-*.yaml)",
+    )
+    p.add_argument(
+        "--type",
+        help="gguf: the type of the tensors outside the routed experts (default: the recipe's gguf section, else "
+        "F16); for a source model, of every tensor (F16, BF16, F32, Q8_0, ...)",
+    )
+    p.add_argument(
+        "--ternary-type", help="gguf: TQ1_0 or TQ2_0 for ternary experts (default: the recipe's, else TQ1_0)"
     )
     p.add_argument("--hub", metavar="REPO_ID", help="prepare a Hub repo folder (weights, card, recipe) and upload it")
     p.add_argument("--dry-run", action="store_true", help="with --hub: write the folder only, upload nothing")

@@ -54,8 +54,10 @@ class AllocationConfig:
             problems.append(f"allocation.method '{self.method}': use one of {list(ALLOCATION_METHODS)}")
         if self.scope not in ("layer", "global"):
             problems.append(f"allocation.scope '{self.scope}': use layer or global")
-        if self.granularity not in ("expert", "projection"):
-            problems.append(f"allocation.granularity '{self.granularity}': use expert or projection")
+        if self.granularity not in GRANULARITIES:
+            problems.append(f"allocation.granularity '{self.granularity}': use one of {list(GRANULARITIES)}")
+        if self.granularity in POOLED and self.method != "lp":
+            problems.append(f"allocation.granularity {self.granularity} is solved by method lp only")
         bad = [b for b in [*self.candidates, *self.fixed.values()] if b not in (*SUPPORTED_BITS, TERNARY)]
         if bad or not self.candidates:
             problems.append(f"allocation candidates/fixed {bad or '[]'}: use values from {[*SUPPORTED_BITS, TERNARY]}")
@@ -88,6 +90,10 @@ class AllocationConfig:
         return sorted(set(self.candidates) | set(self.fixed.values()), key=_key_order)
 
 
+GRANULARITIES = ("expert", "projection", "layer", "layer-projection")
+POOLED = ("layer", "layer-projection")  # one format for every expert of a layer (per projection): GGUF can hold these
+
+
 def _key_order(key: int | str) -> float:
     return 1.6 if key == TERNARY else float(key)
 
@@ -112,6 +118,22 @@ def avg_bits_for_bytes(
             f"smallest feasible budget is {int(smallest) + 1} bytes (every expert at {cheapest.name})."
         )
     return avg
+
+
+def _solve_pooled(granularity, E, P, costs, sizes, bit_list, groups, budgets, allowed) -> torch.Tensor:
+    """The LP over whole layers (or a layer's projection across its experts): one format for all the experts of a
+    pool, as llama.cpp stores a layer's experts (one tensor, one type); a pool's cost and size are its members'
+    sums. Returns the choice per item."""
+    n = costs.shape[0]
+    index = torch.arange(n)
+    pool = index // E if granularity == "layer" else (index // (E * P)) * P + index % P
+    m = int(pool.max()) + 1
+    pooled_costs = torch.zeros(m, costs.shape[1], dtype=costs.dtype).index_add_(0, pool, costs)
+    pooled_sizes = torch.zeros(m, dtype=sizes.dtype).index_add_(0, pool, sizes)
+    forbidden = torch.zeros(m, allowed.shape[1]).index_add_(0, pool, (~allowed).float())
+    first = torch.full((m,), n).scatter_reduce_(0, pool, index, reduce="amin")
+    choice = solve_allocation(pooled_costs, pooled_sizes, bit_list, groups[first], budgets, forbidden == 0)
+    return choice[pool]
 
 
 def _importance(stats: ExpertStats, config: AllocationConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +174,7 @@ def allocate(
             "re-run the profile."
         )
     cand = set(config.candidates)
-    per_expert = config.granularity == "expert"
+    per_expert = config.granularity in ("expert", "layer")
     names = [
         f"layers.{layer}.experts.{e}" + ("" if per_expert else f".{p}")
         for layer in stats.layers
@@ -202,7 +224,9 @@ def allocate(
                 f"the smallest feasible budget is {smallest - budget_bits + config.avg_bits:.4g} with candidates "
                 f"{[f.name for f in formats]} and the fixed experts. Raise avg_bits or add a smaller candidate."
             )
-    if config.method == "lp":
+    if config.granularity in POOLED:
+        choice = _solve_pooled(config.granularity, E, P, costs, sizes, bit_list, groups, budgets, allowed)
+    elif config.method == "lp":
         choice = solve_allocation(costs, sizes, bit_list, groups, budgets, allowed)
     else:
         if config.fixed:

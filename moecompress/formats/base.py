@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from .qtensor import SCALE_DTYPE, QTensor
+from .qtensor import SCALE_DTYPE, QTensor, dequantize_codes
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 # Allocation/plan key of the ternary formats (integer formats are keyed by their bit width).
@@ -79,6 +79,7 @@ class QuantFormat:
     # The keys that named the family in moecompress <= 0.6 checkpoints (None: a newer family, named by "format")
     legacy_keys: ClassVar[dict | None] = None
     exports: ClassVar[frozenset[str]] = frozenset()  # `moecompress export --format` targets that hold it
+    kernels: ClassVar[bool] = True  # the CPU / CUDA / Triton kernels read it (`kernel_operand`)
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -162,6 +163,24 @@ class QuantFormat:
         else:
             zero = torch.clamp(torch.round(-xmin / scale), 0, self.maxq)
         return scale, zero
+
+    def dequantize(self, qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_codes(qt.codes, qt.scales, qt.zeros, self.effective_group(qt.shape[1]), dtype)
+
+    @classmethod
+    def widths(cls) -> tuple[int, ...]:
+        """The bit widths of this family (`for_bits`)."""
+        return SUPPORTED_BITS
+
+    @classmethod
+    def for_bits(cls, bits: int, group_size: int, sym: bool) -> QuantFormat:
+        """This family's format at `bits` (what an allocation candidate of that width becomes)."""
+        return cls(bits, group_size, sym)
+
+    @property
+    def span(self) -> int:
+        """Columns whose grid is chosen at once by `span_params` (0: each group by `group_params`)."""
+        return 0
 
     def matrix_scales(self, w: torch.Tensor, method: str) -> torch.Tensor | None:
         """Scales [scale_rows, groups] chosen from the whole matrix before any rounding (then every zero is

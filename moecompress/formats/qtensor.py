@@ -18,19 +18,21 @@ SCALE_DTYPE = torch.float16
 @dataclass
 class QTensor:
     """codes uint8 [out, in]; scales float16 and zeros uint8, both [scale_rows, groups]:
-    w ~= scale[g] * (code - zero[g])."""
+    w ~= scale[g] * (code - zero[g]). Formats with two levels of scales (llama.cpp's K-quants, `ggml.py`) keep
+    their scale codes in `scales` / `zeros` and the fp16 super-scales in `super_scales`."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     fmt: QuantFormat
+    super_scales: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_codes(self.codes, self.scales, self.zeros, self.fmt.effective_group(self.shape[1]), dtype)
+        return self.fmt.dequantize(self, dtype)
 
 
 def dequantize_codes(

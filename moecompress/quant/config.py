@@ -26,7 +26,8 @@ class RareExpertConfig:
 @dataclass
 class QuantizationConfig:
     """Routed-expert quantization: `method` one of the registered quantizers (`quant.methods.QUANTIZERS`) or none;
-    `packed_format` the format family of the integer widths. `ternary: true` quantizes every expert to
+    `packed_format` the format family of the integer widths (a llama.cpp type such as Q4_K names its own bits and
+    blocks, and its ladder gives the other widths: 2 -> Q2_K, 3 -> Q3_K ...). `ternary: true` quantizes every expert to
     {-1, 0, 1} x scale instead of `bits` (group_size 0 = one scale per tensor, -1 = per output channel); ternary is
     also an allocation candidate, with the same ternary_* settings."""
 
@@ -51,4 +52,4 @@ class QuantizationConfig:
         """The format an allocation candidate key (a bit width or "ternary") stands for."""
         if key == TERNARY:
             return ternary_format(self.group_size, self.ternary_packing)
-        return FORMATS[self.packed_format](int(key), self.group_size, self.sym)
+        return FORMATS[self.packed_format].for_bits(int(key), self.group_size, self.sym)

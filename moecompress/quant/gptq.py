@@ -57,6 +57,10 @@ def quantize_gptq_batched(
     for all the experts (their error feedback element-wise, their block updates one product each), so small
     experts are not bound by per-call overhead; each expert's codes are bit for bit those of its own call."""
     _check(problems, act_order)
+    if formats[0].span:
+        if act_order:
+            raise ValueError(f"{formats[0].name}: act_order is not available for block formats (GGML types)")
+        return _by_format(problems, formats, lambda p, f: _gptq_spans(p, f, damp, block_size))
     weights = problems[0][0]
     in_features = weights[0].shape[1]
     group = formats[0].effective_group(in_features)
@@ -114,6 +118,78 @@ def quantize_gptq_batched(
     return out
 
 
+def _by_format(problems, formats, run) -> list[list[QTensor]]:
+    """`run(problems, fmt)` once per distinct format, on the matrices of that format; results in the given order."""
+    out = [[None] * len(formats) for _ in problems]
+    for fmt in dict.fromkeys(formats):
+        ks = [k for k, f in enumerate(formats) if f == fmt]
+        done = run([([ws[k] for k in ks], h) for ws, h in problems], fmt)
+        for b, qts in enumerate(done):
+            for k, q in zip(ks, qts):
+                out[b][k] = q
+    return out
+
+
+def _gptq_spans(problems, fmt: QuantFormat, damp: float, block_size: int) -> list[list[QTensor]]:
+    """GPTQ onto a format whose grid is chosen a block of `fmt.span` columns at a time (llama.cpp's types): at each
+    block's first column its sub-block scales (and K-quants' fp16 super-scales) are chosen from the columns as GPTQ
+    has updated them so far, weighted by the Hessian's diagonal (llama.cpp's importance matrix); the codes then
+    follow column by column with error feedback."""
+    sizes = [w.shape[0] for w in problems[0][0]]
+    in_features, n_rows, batch = problems[0][0][0].shape[1], sum(sizes), len(problems)
+    group, span = fmt.group_size, fmt.span
+    fmt.check_row(in_features)
+    live = [_live(ws, h) for ws, h in problems]
+    WT = torch.stack([W.T.contiguous() for W, _ in live])
+    importance = torch.stack([torch.diag(H).clamp(min=0) for _, H in live])
+    h_inv = torch.stack([_inverse_cholesky(H, damp) for _, H in live])
+    n_sub, device = in_features // group, WT.device
+    scales, zeros = torch.zeros(n_sub, batch, n_rows, device=device), torch.zeros(n_sub, batch, n_rows, device=device)
+    raw = torch.zeros(2, batch, n_rows, n_sub, device=device)
+    supers = torch.zeros(batch, n_rows, in_features // span, 2, device=device)
+    two_level = False  # the format has super-scales (K-quants)
+
+    def columns(c0: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:  # as GPTQ has updated them, [rows, width]
+        w = WT[:, c0 : c0 + width].transpose(1, 2).reshape(batch * n_rows, width)
+        return w, importance[:, None, c0 : c0 + width].expand(batch, n_rows, width).reshape(batch * n_rows, width)
+
+    def find_params(_, g: int) -> None:
+        nonlocal two_level
+        c0, k = g * group, span // group
+        if c0 % span == 0:  # a block begins: its super-scales and first guesses of every sub-block's codes
+            sc, zr, su = fmt.span_params(*columns(c0, span))
+            raw[0, :, :, g : g + k], raw[1, :, :, g : g + k] = sc.view(batch, n_rows, k), zr.view(batch, n_rows, k)
+            if su is not None:
+                two_level = True
+                supers[:, :, c0 // span] = su.view(batch, n_rows, 2)
+            s, z = fmt.effective(sc, zr, su)
+            scales[g : g + k], zeros[g : g + k] = (x.view(batch, n_rows, k).permute(2, 0, 1) for x in (s, z))
+        if two_level:  # each sub-block's codes again on its columns as they are when GPTQ reaches them
+            su = supers[:, :, c0 // span].reshape(batch * n_rows, 2)
+            sc, zr, s, z = fmt.refine(*columns(c0, group), su, raw[0, :, :, g].reshape(-1), raw[1, :, :, g].reshape(-1))
+            raw[0, :, :, g], raw[1, :, :, g] = sc.view(batch, n_rows), zr.view(batch, n_rows)
+            scales[g], zeros[g] = s.view(batch, n_rows), z.view(batch, n_rows)
+
+    maxq = torch.full((n_rows,), float(fmt.maxq), device=device)
+    inner = math.gcd(_INNER, block_size, span)
+    order = list(range(in_features))
+    codes = _column_loop(WT, h_inv, order, group, scales, zeros, maxq, find_params, block_size, inner, fmt.offset_grid)
+    bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+    return [
+        [
+            QTensor(
+                codes[b, a:e].to(torch.uint8),
+                raw[0, b, a:e],
+                raw[1, b, a:e],
+                fmt,
+                supers[b, a:e] if two_level else None,
+            )
+            for a, e in zip(bounds, bounds[1:])
+        ]
+        for b in range(batch)
+    ]
+
+
 def _check(problems: list[tuple[list[torch.Tensor], torch.Tensor]], act_order: bool) -> None:
     weights = problems[0][0]
     in_features = weights[0].shape[1]
@@ -140,11 +216,14 @@ def _live(weights: list[torch.Tensor], hessian: torch.Tensor) -> tuple[torch.Ten
 _INNER = 16  # columns whose errors are applied one by one; the rest of a block gets them as one product
 
 
-def _column_loop(WT, h_inv, order, group, scales, zeros, maxq, find_params, block_size, inner) -> torch.Tensor:
+def _column_loop(
+    WT, h_inv, order, group, scales, zeros, maxq, find_params, block_size, inner, offset=False
+) -> torch.Tensor:
     """GPTQ's loop over the columns of a stack of experts (rows of `WT` [experts, in, rows], updated in place) with
     lazy batch updates at two levels: the errors of a sub-block of `inner` columns reach the rest of its block as
     one product, a block's reach the columns after it as one product (per expert: a batched product would sum in
-    another order). Returns the codes [experts, rows, in]."""
+    another order). With `offset`, `zeros` are offsets of the grid s * q - off (formats with a stored min).
+    Returns the codes [experts, rows, in]."""
     batch, in_features, n_rows = WT.shape
     codes = torch.empty_like(WT)
     for i1 in range(0, in_features, block_size):
@@ -159,9 +238,13 @@ def _column_loop(WT, h_inv, order, group, scales, zeros, maxq, find_params, bloc
                     find_params(WT[:, i : i + group].transpose(1, 2), g)
                 s, z, d = scales[g], zeros[g], h_inv[:, i, i, None]
                 w_col = WT[:, i]
-                q = torch.minimum(torch.clamp(torch.round(w_col / s) + z, min=0), maxq)
+                if offset:
+                    q = torch.minimum(torch.clamp(torch.round((w_col + z) / s), min=0), maxq)
+                    err = (w_col - (q * s - z)) / d
+                else:
+                    q = torch.minimum(torch.clamp(torch.round(w_col / s) + z, min=0), maxq)
+                    err = (w_col - (q - z) * s) / d
                 codes[:, i] = q
-                err = (w_col - (q - z) * s) / d
                 WT[:, i + 1 : j2].addcmul_(h_inv[:, i, i + 1 : j2, None], err[:, None, :], value=-1)
                 errors[:, i - i1] = err
             for b in range(batch):

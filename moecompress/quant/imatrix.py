@@ -24,6 +24,8 @@ class ImatrixRTN(Quantizer):
         return [self._round_one(w.to(torch.float32), f, importance) for w, f in zip(weights, formats)]
 
     def _round_one(self, w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor) -> QTensor:
+        if fmt.span:  # llama.cpp's types weigh their own block search
+            return fmt.round(w, importance)
         fixed = fmt.matrix_scales(w, self.config.ternary_scale)
         if fixed is not None:  # scales fixed by the whole matrix: only the rounding is left
             return round_to_scales(w, fmt, fixed)

@@ -36,7 +36,9 @@ def quantize_column_block(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 
 def quantize_rtn(w: torch.Tensor, fmt: QuantFormat, clip_search: bool = False, ternary_scale: str = "lsq") -> QTensor:
     """Group-wise round-to-nearest of a [out, in] matrix (formats with whole-matrix scales, ternary: chosen by
-    `ternary_scale`)."""
+    `ternary_scale`; block formats, llama.cpp's types: their own `round`)."""
+    if fmt.span:
+        return fmt.round(w)
     fixed = fmt.matrix_scales(w, ternary_scale)
     if fixed is not None:
         return round_to_scales(w, fmt, fixed)

@@ -143,10 +143,12 @@ class PackedExperts(ExpertList):
         experts = [PackedExpert(hidden_size, intermediate_size, f, bias) for f in formats]
         super().__init__(experts, hidden_size, intermediate_size, activation)
         self.has_bias = bias
+        self.kernel_formats = all(f.kernels for expert in formats for f in expert.values())
 
     def _kernels_apply(self, hidden_states: torch.Tensor) -> bool:
         grad = torch.is_grad_enabled() and hidden_states.requires_grad
-        return not self.cache_dequantized and not grad  # cached: evaluation with dense copies kept
+        # cached: evaluation with dense copies kept; formats no kernel reads (llama.cpp's) take the torch path
+        return self.kernel_formats and not self.cache_dequantized and not grad
 
     def native_usable(self, hidden_states: torch.Tensor) -> bool:
         """The CPU fused forward takes biases and the gated activations with a `kernel_spec` (SwiGLU, GPT-OSS's)."""

@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..allocation import CompressionPlan, allocate
-from ..allocation.allocate import AllocationConfig, avg_bits_for_bytes
+from ..allocation.allocate import POOLED, AllocationConfig, avg_bits_for_bytes
 from ..allocation.profile import ErrorProfile
 from ..calibration.batches import activation_holding
 from ..calibration.data import CalibrationBatch
 from ..calibration.engine import ExpertObserver, Walk, collect_expert_stats
 from ..distributed import Ranks
-from ..formats import FORMATS, SUPPORTED_BITS, TERNARY_SCALE_METHODS, QuantFormat, ternary_packings
+from ..errors import RecipeError
+from ..formats import FORMATS, TERNARY_SCALE_METHODS, IntFormat, QuantFormat, ternary_packings
 from ..models import LoadedModel, MoEBlockView
 from ..quant.config import RARE_POLICIES, QuantizationConfig
 from ..quant.experts import ExpertQuantReport, quantize_block_experts
@@ -41,8 +42,19 @@ class AllocationStage(Stage):
 
     def validate(self, recipe: Recipe) -> None:
         q = recipe.quantization
-        recipe.allocation.validate()
-        recipe.allocation.check_budget([q.format_for(k) for k in recipe.allocation.candidates], q.format_for(q.bits))
+        a = recipe.allocation.validate()
+        fmt = q.format_for(q.bits)
+        if a.method != "uniform":
+            try:
+                candidates = [q.format_for(k) for k in a.candidates]
+            except ValueError as exc:
+                recipe.fail(f"allocation.candidates {a.candidates}: {exc}")
+            a.check_budget(candidates, fmt)
+        if "gguf" in fmt.exports and a.method != "uniform" and a.granularity not in POOLED:
+            recipe.fail(
+                f"allocation.granularity {a.granularity}: llama.cpp stores a layer's experts as one tensor of one "
+                f"type, so {fmt.name} experts take one type per layer; use granularity layer or layer-projection"
+            )
 
     def check_memory(self, ctx: RunContext) -> None:
         if ctx.plan is None and ctx.recipe.allocation.method != "uniform":
@@ -93,7 +105,10 @@ class QuantizeStage(Stage):
                 q.method in (*QUANTIZERS, "none"),
                 f"quantization.method '{q.method}': use one of {[*QUANTIZERS, 'none']}",
             ),
-            (q.bits in SUPPORTED_BITS, f"quantization.bits {q.bits}: use one of {list(SUPPORTED_BITS)}"),
+            (
+                q.bits in FORMATS.get(q.packed_format, IntFormat).widths(),
+                f"quantization.bits {q.bits}: use one of {list(FORMATS.get(q.packed_format, IntFormat).widths())}",
+            ),
             (
                 q.group_size >= -1 and (q.group_size != 0 or q.ternary),
                 f"quantization.group_size {q.group_size}: use a positive size or -1 (0, per tensor, only with ternary)",
@@ -133,6 +148,7 @@ class QuantizeStage(Stage):
             recipe.fail(f"quantization.packed_format '{q.packed_format}': {exc}")
 
     def check_memory(self, ctx: RunContext) -> None:
+        _check_rows(ctx)
         ctx.memory_plan(self.name, make_quantizer(ctx.recipe.quantization).statistics, chunks=True, announce=False)
 
     def run(self, ctx: RunContext) -> None:
@@ -183,6 +199,20 @@ class QuantizeStage(Stage):
             chunks=chunks,
         )
         ctx.quant_reports = [r for key in reports for r in reports[key]]  # restored layers, then the others, in order
+
+
+def _check_rows(ctx: RunContext) -> None:
+    """Before anything runs: every format the recipe can give an expert holds its matrices (llama.cpp's types store
+    rows in whole blocks of 32 or 256 weights)."""
+    q, a = ctx.recipe.quantization, ctx.recipe.allocation
+    formats = {q.format_for(k) for k in (q.bits, *(a.candidates if a.method != "uniform" else ()))}
+    for view in [v for views in ctx.layer_views().values() for v in views]:
+        hidden, inner = view.hidden_size, view.intermediate_size
+        for fmt in formats:
+            try:
+                fmt.stored_shapes(inner, hidden), fmt.stored_shapes(hidden, inner)
+            except ValueError as exc:
+                raise RecipeError(f"layer {view.key}'s experts ({inner} x {hidden}) as {fmt.name}: {exc}.") from None
 
 
 def _format_dicts(formats: list[dict[str, QuantFormat]]) -> list[dict[str, dict]]:

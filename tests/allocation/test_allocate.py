@@ -118,3 +118,26 @@ def test_blocks_of_different_expert_sizes_are_charged_their_sizes():
     assert weighted <= 3.0 + 1e-9
     assert (bits[1] == 4).all() and float(bits[0].mean()) < 3  # the small block's upgrades come first
     assert weighted > 3.0 - 0.75  # and the budget is spent: less than one big upgrade is left
+
+
+def test_layer_granularity_gives_every_expert_of_a_layer_one_format():
+    stats = profiled_stats()
+    stats.quant_error[1] *= 10  # layer 1 is the sensitive one
+    plan = allocate(stats, config(avg_bits=3.0, granularity="layer", scope="global"))
+    assert (plan.bits[1] == 4).all() and (plan.bits[0] == 2).all()
+
+
+def test_layer_projection_granularity_gives_a_projection_one_format_across_experts():
+    stats = profiled_stats()
+    stats.quant_error[..., 2] *= 10  # the down projections are the sensitive ones
+    plan = allocate(stats, config(avg_bits=3.0, granularity="layer-projection", scope="global"))
+    assert plan.average_bits <= 3.0
+    for layer in range(2):
+        for p in range(3):
+            assert len(set(plan.bits[layer, :, p].tolist())) == 1
+        assert (plan.bits[layer, :, 2] == 4).all()
+
+
+def test_layer_granularity_is_an_lp_option():
+    with pytest.raises(RecipeError, match="method lp only"):
+        config(granularity="layer", method="frequency", scope="global")
