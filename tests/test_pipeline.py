@@ -78,7 +78,8 @@ def test_compress_runs_the_enabled_stages_in_order_with_one_context(tiny_text_pa
     assert seen == [(3, 4 * 16, "probe-w3")]
     assert list(result.report.stage_seconds) == ["allocation", "quantize", "probe"]  # the others are off
     names = [s.name for s in stages.STAGES]
-    assert names == ["merge", "slim", "factor", "allocation", "quantize", "routing", "recovery", "skip"]
+    # gguf: the export's section, enabled for no run
+    assert names == ["merge", "slim", "factor", "allocation", "quantize", "routing", "recovery", "skip", "gguf"]
 
 
 def _recovery_recipe() -> Recipe:

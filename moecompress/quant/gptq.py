@@ -166,9 +166,10 @@ def _gptq_spans(problems, fmt: QuantFormat, damp: float, block_size: int) -> lis
             scales[g : g + k], zeros[g : g + k] = (x.view(batch, n_rows, k).permute(2, 0, 1) for x in (s, z))
         if two_level:  # each sub-block's codes again on its columns as they are when GPTQ reaches them
             su = supers[:, :, c0 // span].reshape(batch * n_rows, 2)
-            sc, zr, s, z = fmt.refine(*columns(c0, group), su, raw[0, :, :, g].reshape(-1), raw[1, :, :, g].reshape(-1))
-            raw[0, :, :, g], raw[1, :, :, g] = sc.view(batch, n_rows), zr.view(batch, n_rows)
-            scales[g], zeros[g] = s.view(batch, n_rows), z.view(batch, n_rows)
+            refined = fmt.refine(*columns(c0, group), su, raw[0, :, :, g].reshape(-1), raw[1, :, :, g].reshape(-1))
+            if refined is not None:
+                sc, zr, s, z = (x.view(batch, n_rows) for x in refined)
+                raw[0, :, :, g], raw[1, :, :, g], scales[g], zeros[g] = sc, zr, s, z
 
     maxq = torch.full((n_rows,), float(fmt.maxq), device=device)
     inner = math.gcd(_INNER, block_size, span)
