@@ -34,13 +34,21 @@ def q4k_tiny_text(tmp_path_factory):
     return out
 
 
-def llama_cpp_or_skip():
-    """llama-cpp-python (the optional extra [gguf]) with a loadable library, or skip: it is not in the test command."""
+def llama_cpp_vs(model, path, tokens: int) -> float:
+    """Relative error of llama.cpp's logits for the GGUF `path` against `model`'s on random tokens; skips where
+    llama-cpp-python (the optional extra [gguf], not in the test command) has no loadable library."""
     try:
         import llama_cpp
     except (ImportError, OSError) as exc:  # installed without its library (LLAMA_CPP_LIB_PATH unset): OSError
         pytest.skip(f"llama-cpp-python is not usable here: {exc}")
-    return llama_cpp
+    ids = torch.randint(1, 8192, (tokens,)).tolist()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=2 * tokens, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = torch.tensor(np.array(llm.scores[:tokens]), dtype=torch.float64)
+    llm.close()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].double()
+    return float((theirs - ours).norm() / ours.norm())
 
 
 def read(path):
@@ -149,17 +157,9 @@ def test_a_per_expert_mix_is_refused_with_the_reason(q4k_tiny_text):
 
 
 def test_llama_cpp_runs_the_export_like_our_runtime(q4k_tiny_text, tmp_path):
-    llama_cpp = llama_cpp_or_skip()
     export_gguf(q4k_tiny_text, tmp_path / "tiny.gguf")
-    ids = torch.randint(1, 8192, (64,)).tolist()
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "tiny.gguf"), n_ctx=128, logits_all=True, verbose=False)
-    llm.eval(ids)
-    theirs = torch.tensor(np.array(llm.scores[:64]), dtype=torch.float64)
-    llm.close()
-    with torch.no_grad():
-        ours = load(q4k_tiny_text)(torch.tensor([ids])).logits[0].double()
     # llama.cpp rounds activations to 8 bits for its quantized dot products: about 1 % of the logits
-    assert float((theirs - ours).norm() / ours.norm()) < 0.03
+    assert llama_cpp_vs(load(q4k_tiny_text), tmp_path / "tiny.gguf", 64) < 0.03
 
 
 def test_ternary_experts_export_as_tq_blocks(tmp_path):
@@ -235,17 +235,9 @@ def test_every_mapped_architecture_exports_every_tensor(model_type, tmp_path):
 
 @pytest.mark.parametrize("model_type", list(TINY_ARCHS))
 def test_llama_cpp_runs_every_mapped_architecture_like_transformers(model_type, tmp_path):
-    llama_cpp = llama_cpp_or_skip()
     model = tiny_model(model_type, tmp_path / model_type)
     export_gguf(tmp_path / model_type, tmp_path / "m.gguf", "F32")
-    ids = torch.randint(1, 8192, (48,)).tolist()
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False)
-    llm.eval(ids)
-    theirs = torch.tensor(np.array(llm.scores[:48]), dtype=torch.float64)
-    llm.close()
-    with torch.no_grad():
-        ours = model(torch.tensor([ids])).logits[0].double()
-    assert float((theirs - ours).norm() / ours.norm()) < 3e-3
+    assert llama_cpp_vs(model, tmp_path / "m.gguf", 48) < 3e-3
 
 
 def test_routing_llama_cpp_would_compute_otherwise_is_refused(tmp_path):
