@@ -123,8 +123,6 @@ def export_gguf(
     model, adapter = _load(folder, checkpoint, tensor_type)
     config = model.config
     _check_routing(arch, config)
-    n_blocks = config.num_hidden_layers
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.arch), n_blocks)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every file it plans at INFO
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.arch)])
@@ -132,16 +130,7 @@ def export_gguf(
     try:
         _metadata(writer, config, arch, folder)
         experts = _expert_tensors(model, adapter, checkpoint, tensor_type if not checkpoint else ternary_type)
-        skip = {prefix for prefix, _ in experts}
-        for name, tensor in _plain_tensors(model, skip, config):
-            gguf_name = names.get_name(
-                name.replace("_correction_bias", "_correction.bias"), try_suffixes=(".weight", ".bias")
-            )
-            if gguf_name is None:
-                raise CheckpointError(f"GGUF export: llama.cpp's {arch.arch.lower()} has no tensor for '{name}'.")
-            if arch.interleaved_rope and re.search(r"\.attn_[qk]\.weight$", gguf_name):
-                tensor = _interleave_rope(tensor, config, gguf_name)
-            _add(writer, gguf_name, tensor, _type_for(gguf_name, tensor, types), stats)
+        _add_plain(writer, model, arch, types, {prefix for prefix, _ in experts}, stats)
         for _, tensors in experts:
             for gguf_name, data, qtype, numel in tensors:
                 _add_raw(writer, gguf_name, data, qtype, numel, stats)
@@ -321,6 +310,23 @@ def _interleave_rope(w: torch.Tensor, config, name: str) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _add_plain(writer, model, arch: GGUFArch, types: dict[str, str], skip: set[str], stats) -> None:
+    """Every tensor outside the routed experts, under llama.cpp's name, in its type."""
+    import gguf
+
+    config = model.config
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.arch), config.num_hidden_layers)
+    for name, tensor in _plain_tensors(model, skip, config):
+        gguf_name = names.get_name(
+            name.replace("_correction_bias", "_correction.bias"), try_suffixes=(".weight", ".bias")
+        )
+        if gguf_name is None:
+            raise CheckpointError(f"GGUF export: llama.cpp's {arch.arch.lower()} has no tensor for '{name}'.")
+        if arch.interleaved_rope and re.search(r"\.attn_[qk]\.weight$", gguf_name):
+            tensor = _interleave_rope(tensor, config, gguf_name)
+        _add_raw(writer, gguf_name, tensor, _type_for(gguf_name, tensor, types), tensor.numel(), stats, expert=False)
+
+
 def _plain_tensors(model, skip: set[str], config):
     tied = getattr(config, "tie_word_embeddings", False)
     for name, tensor in model.state_dict().items():
@@ -389,10 +395,6 @@ def _ternary(linears, fmt, ternary_type: str, name: str):
 def _float(view, proj: str, tensor_type: str, name: str):
     weights = torch.stack([getattr(view.expert_weights(e), proj) for e in range(view.num_experts)])
     return weights, tensor_type, weights.numel()
-
-
-def _add(writer, name: str, tensor: torch.Tensor, qtype: str, stats) -> None:
-    _add_raw(writer, name, tensor, qtype, tensor.numel(), stats, expert=False)
 
 
 def _add_raw(writer, name: str, data, qtype: str, numel: int, stats, expert: bool = True) -> None:
