@@ -116,10 +116,6 @@ class GGMLFormat(QuantFormat):
         return self.ggml.name
 
     @property
-    def key(self) -> int | str:
-        return self.bits
-
-    @property
     def maxq(self) -> int:
         return self.ggml.maxq
 
@@ -129,9 +125,6 @@ class GGMLFormat(QuantFormat):
 
     def overhead_bits(self, in_features: int) -> float:
         return self.ggml.bits_per_weight - self.bits
-
-    def to_dict(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "format": self.family}
 
     # --- storage: the type's block bytes, a row of blocks per output row -------------------------------------
     def check_row(self, in_features: int) -> None:
@@ -181,9 +174,9 @@ class GGMLFormat(QuantFormat):
         return self.ggml.block
 
     def span_params(self, w: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Scale codes of one block of columns `w` [rows, block]: each sub-block's range is the clipped one of least
-        `importance`-weighted error ([rows, block], the input Hessian's diagonal), then K-quants' sub-scales and
-        mins are rounded to their codes under fp16 super-scales. Returns (scales, zeros, super_scales) as a QTensor
+        """Scale codes of one block of columns `w` [rows, block]: each sub-block's scale (and min) of least
+        `importance`-weighted error ([rows, block], the input Hessian's diagonal) among `_candidates`, then K-quants'
+        sub-scales and mins rounded to their codes under fp16 super-scales. Returns (scales, zeros, super_scales) as a QTensor
         of this format holds them."""
         return choose_block(self.ggml, w.to(torch.float32), importance.to(torch.float32))
 
