@@ -7,7 +7,7 @@ import importlib
 
 from .io import hf_integration  # noqa: F401  registers the "moecompress" quantizer with transformers
 
-__version__ = "0.9.0"
+__version__ = "0.10.0"
 __all__ = ["MoECompressError", "Recipe", "compress", "load", "__version__"]
 _LAZY = {"compress": "api", "load": "api", "MoECompressError": "errors", "Recipe": "recipe"}
 

@@ -10,6 +10,7 @@ routers F32 as llama.cpp's converter keeps them. A source model (no moecompress 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import uuid
@@ -22,6 +23,7 @@ import torch
 
 from ..errors import CheckpointError, RecipeError
 from ..formats import FORMATS, TERNARY, expand_scales, unpack
+from ..formats.ggml import GGML_TYPES
 from ..formats.ggml_blocks import TERNARY_TYPES, pack_ternary
 from ..models.base import PROJECTIONS
 from ..storage.outputs import MANIFEST, check_file_output, disk_errors
@@ -33,18 +35,96 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 
 @dataclass(frozen=True)
 class GGUFArch:
-    """How llama.cpp names one of our model types: its architecture and the hyperparameters beyond the common ones
-    (writer method, and the config keys tried in order or a function of the config)."""
+    """How llama.cpp names one of our model types: its architecture, the hyperparameters beyond (or instead of) the
+    common ones (writer method, and the config keys tried in order or a function of the config: None writes
+    nothing), how a source tensor becomes llama.cpp's, and what in a config llama.cpp would compute otherwise."""
 
     arch: str  # gguf.MODEL_ARCH member
     extra: tuple[tuple[str, tuple[str, ...] | Callable], ...] = ()
-    interleaved_rope: bool = False  # llama.cpp rotates pairs (2i, 2i+1): q and k rows are permuted from HF's halves
-    norm_topk: bool | None = None  # llama.cpp's graph renormalizes the top-k routing weights (None: a metadata key)
+    rewrite: Callable | None = None  # (name, tensor, config) -> [(name, tensor)]
+    check: Callable | None = None  # config -> why llama.cpp would run another model, or None
+
+
+def _norm_topk(expected: bool) -> Callable:
+    def check(config) -> str | None:
+        norm = getattr(config, "norm_topk_prob", None)
+        if norm is not None and bool(norm) != expected:
+            return f"norm_topk_prob={norm}, but llama.cpp always {'renormalizes' if expected else 'keeps'} the top-k weights"
+        return None
+
+    return check
+
+
+def _interleave_rope(name: str, w: torch.Tensor, config) -> list:
+    """HF rotates the two halves of each head, llama.cpp's llama graph adjacent pairs: reorder q's and k's rows."""
+    if not re.search(r"self_attn\.[qk]_proj\.weight$", name):
+        return [(name, w)]
+    heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
+    return [(name, w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))]
+
+
+def _split_kv_b(name: str, w: torch.Tensor, config) -> list:
+    """DeepSeek's MLA as llama.cpp absorbs it: kv_b_proj [heads * (nope + v), rank] -> k_b [heads, rank, nope]
+    (each head's block transposed) and v_b [heads, v, rank]."""
+    if not name.endswith("kv_b_proj.weight"):
+        return [(name, w)]
+    nope, v = config.qk_nope_head_dim, config.v_head_dim
+    k_b, v_b = w.reshape(config.num_attention_heads, nope + v, -1).split([nope, v], dim=1)
+    return [(name.replace("kv_b", "k_b"), k_b.transpose(1, 2).contiguous()), (name.replace("kv_b", "v_b"), v_b)]
+
+
+def _deepseek_check(config) -> str | None:
+    if getattr(config, "rope_interleave", True) is False:
+        return "rope_interleave=False, but llama.cpp rotates DeepSeek's rope dimensions as adjacent pairs"
+    groups, used = getattr(config, "n_group", None) or 1, getattr(config, "topk_group", None) or 1
+    if config.model_type == "deepseek_v2" and getattr(config, "topk_method", "greedy") != "greedy" and used < groups:
+        return "group-limited routing ranks groups by their best expert, but llama.cpp by the sum of their top two"
+    if config.q_lora_rank is None and config.num_hidden_layers not in (26, 27):
+        return "no q_lora_rank, which llama.cpp's deepseek2 reads as such only at 26 or 27 layers (V2-Lite)"
+    return _norm_topk(config.model_type == "deepseek_v3")(config)
+
+
+def _gpt_oss_check(config) -> str | None:
+    if (config.swiglu_alpha, config.swiglu_limit) != (1.702, 7.0):
+        return f"swiglu alpha {config.swiglu_alpha}, limit {config.swiglu_limit}, but llama.cpp's are 1.702 and 7.0"
+    if config.layer_types != ["sliding_attention", "full_attention"] * (config.num_hidden_layers // 2):
+        return "its layers do not alternate sliding and full attention from the first, as llama.cpp's gpt-oss does"
+    return None
+
+
+MLA = (
+    ("add_head_count_kv", lambda c: 1),  # llama.cpp runs MLA as MQA over the compressed cache
+    ("add_kv_lora_rank", ("kv_lora_rank",)),
+    ("add_q_lora_rank", ("q_lora_rank",)),
+    ("add_key_length", lambda c: c.kv_lora_rank + c.qk_rope_head_dim),
+    ("add_value_length", ("kv_lora_rank",)),
+    ("add_key_length_mla", lambda c: c.qk_nope_head_dim + c.qk_rope_head_dim),
+    ("add_value_length_mla", ("v_head_dim",)),
+    ("add_rope_dimension_count", ("qk_rope_head_dim",)),
+    ("add_vocab_size", ("vocab_size",)),
+    ("add_expert_feed_forward_length", ("moe_intermediate_size",)),
+    ("add_expert_shared_count", ("n_shared_experts",)),
+    ("add_leading_dense_block_count", ("first_k_dense_replace",)),
+    ("add_expert_weights_scale", ("routed_scaling_factor",)),
+    ("add_expert_weights_norm", lambda c: getattr(c, "norm_topk_prob", None) or None),
+    ("add_expert_group_count", ("n_group",)),
+    ("add_expert_group_used_count", ("topk_group",)),
+    # llama.cpp's deepseek2 reads 0.1 * mscale_all_dim here (its converter's legacy convention)
+    ("add_rope_scaling_yarn_log_mul", lambda c: 0.1 * c.rope_parameters["mscale_all_dim"] if _mscale(c) else None),
+)
+
+
+def _mscale(config) -> bool:
+    return (getattr(config, "rope_parameters", None) or {}).get("mscale_all_dim") is not None
+
+
+def _gating(kind: str) -> tuple[str, Callable]:
+    return ("add_expert_gating_func", lambda c: getattr(_gguf().ExpertGatingFuncType, kind))
 
 
 ARCHS = {
     "qwen3_moe": GGUFArch(
-        "QWEN3MOE", (("add_expert_feed_forward_length", ("moe_intermediate_size",)),), norm_topk=True
+        "QWEN3MOE", (("add_expert_feed_forward_length", ("moe_intermediate_size",)),), check=_norm_topk(True)
     ),
     "qwen2_moe": GGUFArch(
         "QWEN2MOE",
@@ -52,10 +132,10 @@ ARCHS = {
             ("add_expert_feed_forward_length", ("moe_intermediate_size",)),
             ("add_expert_shared_feed_forward_length", ("shared_expert_intermediate_size",)),
         ),
-        norm_topk=False,
+        check=_norm_topk(False),
     ),
-    "olmoe": GGUFArch("OLMOE", norm_topk=False),
-    "mixtral": GGUFArch("LLAMA", interleaved_rope=True),
+    "olmoe": GGUFArch("OLMOE", check=_norm_topk(False)),
+    "mixtral": GGUFArch("LLAMA", rewrite=_interleave_rope),
     "glm4_moe": GGUFArch(
         "GLM4_MOE",
         (
@@ -64,9 +144,16 @@ ARCHS = {
             ("add_leading_dense_block_count", ("first_k_dense_replace",)),
             ("add_expert_weights_scale", ("routed_scaling_factor",)),
             ("add_expert_weights_norm", ("norm_topk_prob",)),
-            ("add_expert_gating_func", lambda c: _gguf().ExpertGatingFuncType.SIGMOID),
+            _gating("SIGMOID"),
             ("add_rope_dimension_count", lambda c: int(c.head_dim * c.rope_parameters.get("partial_rotary_factor", 1))),
         ),
+    ),
+    "deepseek_v2": GGUFArch("DEEPSEEK2", (*MLA, _gating("SOFTMAX")), _split_kv_b, _deepseek_check),
+    "deepseek_v3": GGUFArch("DEEPSEEK2", (*MLA, _gating("SIGMOID")), _split_kv_b, _deepseek_check),
+    "gpt_oss": GGUFArch(
+        "GPT_OSS",
+        (("add_sliding_window", ("sliding_window",)), ("add_expert_feed_forward_length", ("intermediate_size",))),
+        check=_gpt_oss_check,
     ),
 }
 COMMON = (
@@ -81,12 +168,27 @@ COMMON = (
     ("add_key_length", ("head_dim",)),
     ("add_value_length", ("head_dim",)),
 )
-# Pre-tokenizer regexes of byte-level BPE tokenizers -> llama.cpp's pre-tokenizer name
+# The Split regexes of byte-level BPE pre-tokenizers (CR and LF escaped) -> llama.cpp's pre-tokenizer name
 PRE_TOKENIZERS = {
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
-    "\\s+(?!\\S)|\\s+": "qwen2",
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
-    "\\s+(?!\\S)|\\s+": "llama-bpe",
+    (
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
+        "\\s+(?!\\S)|\\s+",
+    ): "qwen2",
+    (
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
+        "\\s+(?!\\S)|\\s+",
+    ): "llama-bpe",
+    (
+        "\\p{N}{1,3}",
+        "[一-龥぀-ゟ゠-ヿ]+",
+        "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\\r\\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\\r\\n]*|"
+        "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+    ): "deepseek-v3",
+    (
+        "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+        "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+        "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+    ): "gpt-4o",
 }
 
 
@@ -122,7 +224,7 @@ def export_gguf(
         raise RecipeError(f"ternary type '{ternary_type}': use one of {list(TERNARY_TYPES)}")
     model, adapter = _load(folder, checkpoint, tensor_type)
     config = model.config
-    _check_routing(arch, config)
+    _check_config(arch, config)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every file it plans at INFO
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.arch)])
@@ -133,7 +235,7 @@ def export_gguf(
         _add_plain(writer, model, arch, types, {prefix for prefix, _ in experts}, stats)
         for _, tensors in experts:
             for gguf_name, data, qtype, numel in tensors:
-                _add_raw(writer, gguf_name, data, qtype, numel, stats)
+                _add_raw(writer, gguf_name, data, qtype, numel, stats, expert=not gguf_name.endswith(".bias"))
         with disk_errors(f"the GGUF file {out}"):
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -197,12 +299,11 @@ def _load(folder: Path, checkpoint: bool, tensor_type: str | None):
     return model, get_adapter(model.config.model_type)
 
 
-def _check_routing(arch: GGUFArch, config) -> None:
-    norm = getattr(config, "norm_topk_prob", None)
-    if arch.norm_topk is not None and norm is not None and bool(norm) != arch.norm_topk:
+def _check_config(arch: GGUFArch, config) -> None:
+    why = arch.check(config) if arch.check is not None else None
+    if why is not None:
         raise CheckpointError(
-            f"GGUF export: this {config.model_type} has norm_topk_prob={norm}, but llama.cpp's {arch.arch.lower()} "
-            f"always {'renormalizes' if arch.norm_topk else 'keeps'} the top-k routing weights; it would run another "
+            f"GGUF export: this {config.model_type} has {why}: llama.cpp's {arch.arch.lower()} would run another "
             "model. Export it with --format compressed-tensors or gptq instead."
         )
 
@@ -234,29 +335,68 @@ def check_type(name: str, what: str) -> None:
 def _type_for(gguf_name: str, tensor: torch.Tensor, types: dict[str, str]) -> str:
     if tensor.dim() < 2 or ".ffn_gate_inp" in gguf_name:  # norms, biases, routers: F32, as llama.cpp keeps them
         return "F32"
-    for pattern, name in types.items():
-        if pattern and re.search(pattern, gguf_name):
-            return name
-    return types[""]
+    name = next((name for pattern, name in types.items() if pattern and re.search(pattern, gguf_name)), types[""])
+    if name.upper() in FLOAT_TYPES or tensor.shape[-1] % GGML_TYPES[name].block == 0:
+        return name
+    # rows a type cannot hold (DeepSeek's k_b rows of 128 as Q4_K): as llama.cpp's quantizer, a 32-weight type
+    fallback = "Q8_0" if tensor.shape[-1] % 32 == 0 else "F16"
+    log.info("GGUF export: %s has rows of %d, not whole %s blocks: %s", gguf_name, tensor.shape[-1], name, fallback)
+    return fallback
 
 
 def _metadata(writer, config, arch: GGUFArch, folder: Path) -> None:
     writer.add_name(folder.resolve().name)
     writer.add_block_count(config.num_hidden_layers)
-    for method, keys in COMMON + arch.extra:
+    for method, keys in {**dict(COMMON), **dict(arch.extra)}.items():
         if callable(keys):
             value = keys(config)
         else:
             value = next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)
         if value is not None:
             getattr(writer, method)(value)
+    _rope(writer, config, arch)
+    _tokenizer(writer, folder, config.vocab_size)
+
+
+def _rope(writer, config, arch: GGUFArch) -> None:
+    import gguf
+
     rope = getattr(config, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is not None:
         writer.add_rope_freq_base(float(theta))
-    if rope.get("rope_type", "default") not in ("default", None):
-        raise CheckpointError(f"GGUF export: rope type '{rope['rope_type']}' is not mapped yet.")
-    _tokenizer(writer, folder, config.vocab_size)
+    kind = rope.get("rope_type", "default")
+    if kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for key in ("beta_fast", "beta_slow"):
+            if rope.get(key) is not None:
+                getattr(writer, f"add_rope_scaling_yarn_{key}")(rope[key])
+        if (factor := _yarn_attn_factor(config, rope, arch)) != 1.0:
+            writer.add_rope_scaling_attn_factors(factor)
+        if rope.get("truncate") is False:
+            log.warning(
+                "GGUF export: llama.cpp rounds yarn's correction range, which this model's rope (truncate: false) does "
+                "not: its logits will differ slightly from transformers' (2.5e-3 relative on a tiny GPT-OSS at 48 tokens)."
+            )
+    elif kind not in ("default", None):
+        raise CheckpointError(f"GGUF export: rope type '{kind}' is not mapped yet.")
+
+
+def _yarn_attn_factor(config, rope: dict, arch: GGUFArch) -> float:
+    """What llama.cpp multiplies its own yarn magnitude of cos/sin by to get transformers' (`attention_factor`)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    _, theirs = ROPE_INIT_FUNCTIONS["yarn"](config)
+    factor = rope["factor"]
+
+    def mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    # deepseek2 with a yarn_log_mul: llama.cpp takes mscale == mscale_all_dim, a ratio of 1; others get_mscale(factor)
+    ours = 1.0 if arch.arch == "DEEPSEEK2" and rope.get("mscale_all_dim") is not None else mscale(1.0)
+    return float(theirs) / ours
 
 
 def _tokenizer(writer, folder: Path, vocab_size: int) -> None:
@@ -298,16 +438,10 @@ def _pre_tokenizer(data: dict) -> str:
     splits = [p for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Split"]
     if not splits:
         return "gpt-2"  # ByteLevel's own regex
-    regex = splits[0].get("pattern", {}).get("Regex")
-    if regex not in PRE_TOKENIZERS:
-        raise CheckpointError(f"GGUF export: the tokenizer's pre-tokenizer regex {regex!r} is not mapped yet.")
-    return PRE_TOKENIZERS[regex]
-
-
-def _interleave_rope(w: torch.Tensor, config, name: str) -> torch.Tensor:
-    """HF rotates the two halves of each head, llama.cpp's llama graph adjacent pairs: reorder each head's rows."""
-    heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    regexes = tuple((s.get("pattern", {}).get("Regex") or "").replace("\r", "\\r").replace("\n", "\\n") for s in splits)
+    if regexes not in PRE_TOKENIZERS:
+        raise CheckpointError(f"GGUF export: the tokenizer's pre-tokenizer regexes {regexes!r} are not mapped yet.")
+    return PRE_TOKENIZERS[regexes]
 
 
 def _add_plain(writer, model, arch: GGUFArch, types: dict[str, str], skip: set[str], stats) -> None:
@@ -316,23 +450,25 @@ def _add_plain(writer, model, arch: GGUFArch, types: dict[str, str], skip: set[s
 
     config = model.config
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.arch), config.num_hidden_layers)
-    for name, tensor in _plain_tensors(model, skip, config):
+    for name, tensor in _plain_tensors(model, skip, arch):
         gguf_name = names.get_name(
             name.replace("_correction_bias", "_correction.bias"), try_suffixes=(".weight", ".bias")
         )
         if gguf_name is None:
             raise CheckpointError(f"GGUF export: llama.cpp's {arch.arch.lower()} has no tensor for '{name}'.")
-        if arch.interleaved_rope and re.search(r"\.attn_[qk]\.weight$", gguf_name):
-            tensor = _interleave_rope(tensor, config, gguf_name)
+        if not gguf_name.endswith((".weight", ".bias")):  # a bare parameter (GPT-OSS's sinks)
+            gguf_name += ".weight"
         _add_raw(writer, gguf_name, tensor, _type_for(gguf_name, tensor, types), tensor.numel(), stats, expert=False)
 
 
-def _plain_tensors(model, skip: set[str], config):
+def _plain_tensors(model, skip: set[str], arch: GGUFArch):
+    """(source name, tensor) of what `skip` leaves, as the architecture's rewrite makes them."""
+    config = model.config
     tied = getattr(config, "tie_word_embeddings", False)
     for name, tensor in model.state_dict().items():
         if any(name.startswith(prefix) for prefix in skip) or (tied and name == "lm_head.weight"):
             continue
-        yield name, tensor
+        yield from arch.rewrite(name, tensor, config) if arch.rewrite else [(name, tensor)]
 
 
 def _expert_tensors(model, adapter, checkpoint: bool, tensor_type: str | None):
@@ -350,8 +486,19 @@ def _expert_tensors(model, adapter, checkpoint: bool, tensor_type: str | None):
             name = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, kinds[proj])].format(bid=view.layer_index) + ".weight"
             data, qtype, numel = (_packed if checkpoint else _float)(view, proj, tensor_type, name)
             tensors.append((name, data, qtype, numel))
+            if (bias := _biases(view, proj, checkpoint)) is not None:  # GPT-OSS's
+                tensors.append((name.replace(".weight", ".bias"), bias, "F32", bias.numel()))
         out.append((module_names[id(view.experts)] + ".", tensors))
     return out
+
+
+def _biases(view, proj: str, checkpoint: bool) -> torch.Tensor | None:
+    """[experts, out] float32, or None where the experts have no biases."""
+    if checkpoint:
+        biases = [getattr(view.experts[e], proj).bias for e in range(view.num_experts)]
+    else:
+        biases = [view.expert_weights(e).bias(proj) for e in range(view.num_experts)]
+    return None if biases[0] is None else torch.stack(biases).float()
 
 
 def _packed(view, proj: str, ternary_type: str, name: str):

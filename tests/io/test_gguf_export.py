@@ -183,6 +183,12 @@ def test_ternary_experts_export_as_tq_blocks(tmp_path):
     assert result["bits_per_expert_weight"] == 2.0625
 
 
+MLA = {  # DeepSeek's attention and routing: the cache compressed to kv_lora_rank, a leading dense layer, shared experts
+    **{"kv_lora_rank": 64, "qk_rope_head_dim": 32, "qk_nope_head_dim": 32, "v_head_dim": 64, "num_key_value_heads": 4},
+    **{"n_routed_experts": 4, "n_shared_experts": 1, "moe_intermediate_size": 256, "first_k_dense_replace": 1},
+}
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}
+YARN.update(beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)  # gpt-oss ignores the mscales
 TINY_ARCHS = {  # model type: (config overrides, llama.cpp architecture)
     "qwen3_moe": ({"num_experts": 4, "moe_intermediate_size": 256, "head_dim": 64, "norm_topk_prob": True}, "qwen3moe"),
     "qwen2_moe": ({"num_experts": 4, "moe_intermediate_size": 256, "shared_expert_intermediate_size": 512}, "qwen2moe"),
@@ -200,11 +206,17 @@ TINY_ARCHS = {  # model type: (config overrides, llama.cpp architecture)
         },
         "glm4moe",
     ),  # fmt: skip
+    "deepseek_v3": ({**MLA, "q_lora_rank": 64, "n_group": 2, "topk_group": 1, "rope_parameters": YARN}, "deepseek2"),
+    "deepseek_v2": ({**MLA, "q_lora_rank": 64, "routed_scaling_factor": 2.0}, "deepseek2"),
+    "gpt_oss": (  # llama.cpp always rounds yarn's correction range: truncate False (gpt-oss's own) gives 2.5e-3 here
+        {"num_local_experts": 4, "head_dim": 64, "sliding_window": 16, "rope_parameters": {**YARN, "truncate": True}},
+        "gpt-oss",
+    ),
 }
 
 
 def tiny_model(model_type: str, folder):
-    """A random-weight 2-layer model of `model_type` with moe-tiny-text's tokenizer (routing biases made nonzero)."""
+    """A random-weight 2-layer model of `model_type` with moe-tiny-text's tokenizer (biases and sinks made nonzero)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     overrides, _ = TINY_ARCHS[model_type]
@@ -213,9 +225,9 @@ def tiny_model(model_type: str, folder):
     config = AutoConfig.for_model(model_type, **{**base, **overrides})
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if "correction_bias" in name:
-                buffer.copy_(0.5 * torch.randn_like(buffer))
+        for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith(("correction_bias", "bias", "sinks")):
+                tensor.copy_(0.5 * torch.randn_like(tensor))
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(require_shared(TINY_TEXT) / name, folder)
@@ -244,6 +256,60 @@ def test_routing_llama_cpp_would_compute_otherwise_is_refused(tmp_path):
     model = tiny_model("qwen3_moe", tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "norm_topk_prob": False}))
-    with pytest.raises(CheckpointError, match="norm_topk_prob=False, but llama.cpp's qwen3moe always renormalizes"):
+    with pytest.raises(CheckpointError, match="norm_topk_prob=False, but llama.cpp always renormalizes"):
         export_gguf(tmp_path / "m", tmp_path / "m.gguf", "F16")
     assert model is not None and not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize(
+    "model_type,change,why",
+    [
+        ("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}, "by the sum of their"),
+        ("deepseek_v2", {"q_lora_rank": None}, "only at 26 or 27 layers"),
+        ("deepseek_v3", {"rope_interleave": False}, "rotates DeepSeek's rope dimensions as adjacent pairs"),
+        ("gpt_oss", {"swiglu_limit": 9.0}, "limit 9.0, but llama.cpp's are 1.702 and 7.0"),
+    ],
+)
+def test_configs_llama_cpp_would_run_otherwise_are_refused(model_type, change, why, tmp_path):
+    tiny_model(model_type, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=why):
+        export_gguf(tmp_path / "m", tmp_path / "m.gguf", "F16")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_mla_is_split_as_llama_cpp_absorbs_it(tmp_path):
+    model = tiny_model("deepseek_v3", tmp_path / "m")
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", "F32")
+    _, tensors, fields = read(tmp_path / "m.gguf")
+    k_b, v_b = tensors["blk.0.attn_k_b.weight"].data, tensors["blk.0.attn_v_b.weight"].data
+    assert k_b.shape == (4, 64, 32) and v_b.shape == (4, 64, 64)  # [heads, rank, nope], [heads, v, rank]
+    kv_b = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(384, 64)
+    assert np.array_equal(kv_b, model.model.layers[0].self_attn.kv_b_proj.weight.detach().numpy())
+    assert (fields["deepseek2.attention.head_count_kv"], fields["deepseek2.attention.key_length"]) == (1, 96)
+    assert fields["deepseek2.expert_gating_func"] == gguf.ExpertGatingFuncType.SIGMOID
+    assert fields["deepseek2.rope.scaling.yarn_log_multiplier"] == pytest.approx(0.1)  # llama.cpp divides by 0.1 again
+    assert (fields["deepseek2.expert_group_count"], fields["deepseek2.leading_dense_block_count"]) == (2, 1)
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "deepseek_v3"])
+def test_a_compressed_checkpoint_of_every_routing_exports(model_type, tmp_path):
+    tiny_model(model_type, tmp_path / "m")
+    recipe = Recipe.from_dict(
+        {"name": "q4k-rtn", "quantization": {"method": "rtn", "packed_format": "Q4_K"}, "gguf": {"default_type": "F32"}}
+    )
+    compress(str(tmp_path / "m"), recipe, output=tmp_path / "q", progress=False)
+    export_gguf(tmp_path / "q", tmp_path / "q.gguf")
+    _, tensors, _ = read(tmp_path / "q.gguf")
+    model = load(tmp_path / "q")
+    experts = model.model.layers[1].mlp.experts
+    if model_type == "gpt_oss":  # the experts' biases, F32 [experts, out]
+        ours = torch.stack([experts[e].up_proj.bias for e in range(4)]).float().numpy()
+        assert np.array_equal(tensors["blk.1.ffn_up_exps.bias"].data, ours) and np.abs(ours).sum() > 0
+    assert tensors["blk.1.ffn_down_exps.weight"].tensor_type.name == "Q4_K"
+    assert llama_cpp_vs(model, tmp_path / "q.gguf", 48) < 0.03
+    export_gguf(tmp_path / "q", tmp_path / "q4.gguf", "Q4_K")  # rows of 32 or 64 (DeepSeek's k_b, v_b): Q8_0
+    kinds = {name: t.tensor_type.name for name, t in read(tmp_path / "q4.gguf")[1].items()}
+    assert kinds["blk.0.attn_output.weight"] == "Q4_K"
+    assert model_type != "deepseek_v3" or kinds["blk.0.attn_k_b.weight"] == kinds["blk.0.attn_v_b.weight"] == "Q8_0"
