@@ -27,6 +27,7 @@ Sections:
   ternary with --ternary CKPT (a checkpoint of pipelines/ternary-experts.yaml, recovery included): its TQ1_0 and
           TQ2_0 exports in llama.cpp against the checkpoint in our runtime (each against its own source), and
           llama.cpp's own TQ1_0 of the source.
+  archs   every mapped architecture (the tests' tiny models) in llama.cpp against transformers and our runtime.
   speed   decode tokens/s: our GGUF in llama.cpp, llama.cpp's own Q4_K, our packed checkpoints in our runtime.
 """
 
@@ -198,6 +199,35 @@ def token_windows(windows: int) -> dict[str, list[list[int]]]:
         chunks = [w.tolist() for w in evaluation_stream(str(path), tok).split(512) if w.numel() == 512]
         out[name] = chunks[:windows]
     return out
+
+
+def section_archs(work: Path) -> list[dict]:
+    """Every mapped architecture as the tests build it (tests/io/test_gguf_export.py: tiny random models, biases and
+    sinks nonzero): its F32 GGUF in llama.cpp against transformers, and (GPT-OSS, DeepSeek-V3) an RTN Q4_K
+    checkpoint's GGUF against our runtime; relative logits error over 48 random tokens."""
+    sys.path.insert(0, str(ROOT))
+    from moecompress import compress, load
+    from moecompress.io.gguf_export import export_gguf
+    from moecompress.recipe import Recipe
+    from tests.io.test_gguf_export import TINY_ARCHS, llama_cpp_vs, tiny_model
+
+    rows = []
+    for model_type in TINY_ARCHS:
+        folder = work / "archs" / model_type
+        model = tiny_model(model_type, folder / "source")
+        export_gguf(folder / "source", folder / "f32.gguf", "F32", overwrite=True)
+        rows.append({"arch": model_type, "gguf": "F32", "vs": "transformers"})
+        rows[-1]["rel_error"] = llama_cpp_vs(model, folder / "f32.gguf", 48)
+        if model_type in ("gpt_oss", "deepseek_v3"):
+            recipe = {"name": "q4k", "quantization": {"method": "rtn", "packed_format": "Q4_K"}}
+            recipe["gguf"] = {"default_type": "F32"}
+            compress(str(folder / "source"), Recipe.from_dict(recipe), output=folder / "q4k", overwrite=True)
+            export_gguf(folder / "q4k", folder / "q4k.gguf", overwrite=True)
+            rows.append({"arch": model_type, "gguf": "Q4_K experts", "vs": "our runtime"})
+            rows[-1]["rel_error"] = llama_cpp_vs(load(folder / "q4k"), folder / "q4k.gguf", 48)
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    return rows
 
 
 def section_export(work: Path, types: list[str]) -> list[dict]:
@@ -395,6 +425,8 @@ def main() -> None:
     torch.set_num_threads(2)
     args.work.mkdir(parents=True, exist_ok=True)
     results = {}
+    if "archs" in args.sections:
+        results["archs"] = section_archs(args.work)
     if "export" in args.sections:
         results["export"] = section_export(args.work, args.types or TYPES)
     if "ppl" in args.sections:
