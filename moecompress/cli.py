@@ -335,8 +335,29 @@ def cmd_eval_efficiency(args) -> dict:
         seconds,
         args.prefill_tokens,
         args.decode_tokens,
+        compile_decode=args.decode == "compiled",
     )
     return _record(args, "efficiency", result.to_dict())
+
+
+def cmd_generate(args) -> dict:
+    from .runtime.decode import Decoder
+
+    model, processor, seconds = _load_for_eval(args.model, args.trust_remote_code, False, args.dtype)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    prompt = tokenizer(args.prompt, return_tensors="pt").input_ids
+    decoder = Decoder(model, compile=not args.eager)
+    tokens, stats = decoder.generate(prompt, args.max_new_tokens, tokenizer.eos_token_id)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    logging.info("%s%s", args.prompt, text)
+    logging.info(
+        "first token %.3f s, compile %.1f s, %.1f tokens/s (%s)",
+        stats.prefill_s,
+        stats.compile_s,
+        stats.tokens_per_s,
+        stats.path,
+    )
+    return {"text": text, "tokens": tokens, "load_seconds": round(seconds, 2), **stats.to_dict()}
 
 
 def cmd_report(args) -> dict:
@@ -439,7 +460,16 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moecompress", description="Compress Mixture-of-Experts models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_compress, _add_plan, _add_analyze, _add_upcycle, _add_eval, _add_export, _add_report):
+    for add in (
+        _add_compress,
+        _add_plan,
+        _add_analyze,
+        _add_upcycle,
+        _add_eval,
+        _add_generate,
+        _add_export,
+        _add_report,
+    ):
         add(sub)
     return parser
 
@@ -624,6 +654,13 @@ def _add_eval(sub) -> None:
     e.add_argument("--prefill-tokens", type=_at_least(1), default=512)
     e.add_argument("--decode-tokens", type=_at_least(1), default=32)
     e.add_argument(
+        "--decode",
+        choices=["compiled", "eager"],
+        default="compiled",
+        help="the decode step compiled with the native kernels inside (runtime/decode.py; compiled once, cached "
+        "across runs) or eager; both with a static KV cache",
+    )
+    e.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
         default="float32",
@@ -638,6 +675,21 @@ def _add_eval(sub) -> None:
     )
     _record_options(e)
     e.set_defaults(run=cmd_eval_efficiency)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="greedy text from a checkpoint (or a source model): static KV cache, the decode step compiled with the "
+        "native kernels inside (cached across runs), first-token latency and tokens/s",
+    )
+    p.add_argument("model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=64)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the dense weights")
+    p.add_argument("--eager", action="store_true", help="do not compile the decode step")
+    _common(p)
+    p.set_defaults(run=cmd_generate)
 
 
 def _add_export(sub) -> None:

@@ -122,7 +122,7 @@ def test_eval_efficiency_says_what_ran_the_dense_layers(compressed_tiny_text, ca
     from .conftest import WIKI
 
     ckpt = str(compressed_tiny_text[1])
-    common = ["--data", str(WIKI), "--prefill-tokens", "16", "--decode-tokens", "2", "--no-record"]
+    common = ["--data", str(WIKI), "--prefill-tokens", "16", "--decode-tokens", "2", "--decode", "eager", "--no-record"]
     kernels = {}
     for choice in ("auto", "torch"):
         assert main(["eval", "efficiency", ckpt, *common, "--dense-kernels", choice]) == 0

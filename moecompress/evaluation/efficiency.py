@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..models.base import ModelAdapter
+from ..runtime.decode import Decoder
 from ..runtime.native_linear import dense_kernels
 from ..runtime.packed_experts import ExpertList, PackedLinear
 
@@ -29,7 +30,10 @@ class Efficiency:
     expert_activations_skipped: float
     load_seconds: float | None
     prefill_tokens_per_s: float
-    decode_tokens_per_s: float
+    decode_tokens_per_s: float  # greedy steps after a 64-token prompt, static KV cache (`runtime/decode.py`)
+    first_token_seconds: float  # the 64-token prompt's forward
+    compile_seconds: float  # the decode step's compilation (or loading it from inductor's cache); 0 eager
+    decode_path: str
     device: str
     expert_kernels: str = ""  # which code ran the routed experts (native-avx2, torch, dense grouped_mm ...)
     dense_kernels: str = ""  # which code ran the unquantized linear layers (torch, native-avx512 dense GEMV)
@@ -99,6 +103,7 @@ def measure_efficiency(
     prefill_len: int = 512,
     decode_tokens: int = 32,
     repeats: int = 3,
+    compile_decode: bool = True,
 ) -> Efficiency:
     """`tokens`: a 1-D stream of real text (the skip ratio is measured on it)."""
     device = next(model.parameters()).device
@@ -113,16 +118,9 @@ def measure_efficiency(
         model(input_ids=prompt, use_cache=False)
         times.append(time.perf_counter() - start)
     skipped = controller.stats.skipped() if controller is not None else 0.0
-    short = prompt[:, :64]
-    start = time.perf_counter()
-    out = model.generate(
-        input_ids=short,
-        attention_mask=torch.ones_like(short),
-        max_new_tokens=decode_tokens,
-        min_new_tokens=decode_tokens,
-        do_sample=False,
-    )
-    decode_seconds = time.perf_counter() - start
+    decoder = Decoder(model, 64 + decode_tokens, compile=compile_decode)
+    _, first = decoder.generate(prompt[0, :64], decode_tokens)  # compiles, or loads the compiled graph
+    _, decode = decoder.generate(prompt[0, :64], decode_tokens)
     budget = parameter_budget(model, adapter, stored_itemsize(folder), skipped)
     size = checkpoint_bytes(folder)
     return Efficiency(
@@ -131,7 +129,10 @@ def measure_efficiency(
         expert_activations_skipped=skipped,
         load_seconds=load_seconds,
         prefill_tokens_per_s=prompt.shape[1] / statistics.median(times),
-        decode_tokens_per_s=(out.shape[1] - short.shape[1]) / decode_seconds,
+        decode_tokens_per_s=decode.tokens_per_s,
+        first_token_seconds=decode.prefill_s,
+        compile_seconds=first.compile_s,
+        decode_path=decode.path,
         device=str(device),
         expert_kernels=expert_kernels(model),
         dense_kernels=dense_kernels(model),

@@ -24,6 +24,11 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 class NativeLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # a custom op in the graph
+            from .decode import linear_op
+
+            y = linear_op(self, x)
+            return self._torch(x) if y is None else y
         w = self.weight
         if (
             x.device.type != "cpu"
@@ -34,8 +39,16 @@ class NativeLinear(nn.Linear):
             or x.numel() > NATIVE_TOKENS * self.in_features
             or native.library() is None
         ):
-            return super().forward(x)
+            return self._torch(x)
         return native.dense_linear(w, self.bias, x)
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's linear, the weight cast to the activations' dtype where they differ (bfloat16 weights kept for the
+        kernel under float32 activations)."""
+        w, b = self.weight, self.bias
+        if w.dtype != x.dtype:
+            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+        return torch.nn.functional.linear(x, w, b)
 
 
 def use_native_linears(model: nn.Module) -> int:

@@ -144,6 +144,9 @@ class PackedExperts(ExpertList):
         super().__init__(experts, hidden_size, intermediate_size, activation)
         self.has_bias = bias
         self.kernel_formats = all(f.kernels for expert in formats for f in expert.values())
+        from .decode import register
+
+        self.registry_key = register(self)
 
     def _kernels_apply(self, hidden_states: torch.Tensor) -> bool:
         grad = torch.is_grad_enabled() and hidden_states.requires_grad
@@ -178,6 +181,10 @@ class PackedExperts(ExpertList):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one custom op in the graph (runtime/decode.py), the native kernel inside
+            from .decode import experts_op
+
+            return experts_op(self, hidden_states, top_k_index, top_k_weights)
         if self.native_usable(hidden_states):
             from .native import table_for
 

@@ -42,11 +42,13 @@ def test_measure_efficiency_reads_the_folder_and_times_both_phases(compressed_ti
     model = moecompress.load(out)
     tokens = torch.randint(0, 8000, (200,))
     result = measure_efficiency(
-        model, get_adapter("qwen3_moe"), out, tokens, load_seconds=0.5, prefill_len=64, decode_tokens=4, repeats=1
-    )
+        model, get_adapter("qwen3_moe"), out, tokens, load_seconds=0.5, prefill_len=64, decode_tokens=4, repeats=1,
+        compile_decode=False,
+    )  # fmt: skip
     assert result.checkpoint_bytes == (out / "model.safetensors").stat().st_size
     assert result.bits_per_param == pytest.approx(8 * result.checkpoint_bytes / result.total_params)
     assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0 and result.expert_activations_skipped == 0
+    assert result.decode_path == "eager (compile=False)" and result.compile_seconds == 0 < result.first_token_seconds
 
 
 def test_a_loaded_checkpoint_decodes_through_native_linears_as_through_torch(compressed_tiny_text):
@@ -67,6 +69,7 @@ def test_a_loaded_checkpoint_decodes_through_native_linears_as_through_torch(com
     b = plain.generate(prompt, max_new_tokens=8, do_sample=False)
     assert torch.equal(a, b)
     result = measure_efficiency(
-        fast, get_adapter("qwen3_moe"), out, torch.randint(0, 8000, (40,)), prefill_len=16, decode_tokens=2, repeats=1
-    )
+        fast, get_adapter("qwen3_moe"), out, torch.randint(0, 8000, (40,)), prefill_len=16, decode_tokens=2, repeats=1,
+        compile_decode=False,
+    )  # fmt: skip
     assert result.dense_kernels.startswith("native-") and "dense GEMV" in result.dense_kernels
