@@ -43,7 +43,7 @@ def check(model_type: str, work: Path, tokens: int) -> dict:
             prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, output_logits=True,
             return_dict_in_generate=True,
         )  # fmt: skip
-    today, today_logits = out.sequences[0, 16:].tolist(), torch.cat(out.logits).float()
+    today, today_logits = out.sequences[0, 16 : 16 + tokens].tolist(), torch.cat(out.logits[:tokens]).float()
     eager_decoder = Decoder(model, 16 + tokens, compile=False)
     eager_tokens, eager = eager_decoder.generate(prompt, tokens)
     decoder = Decoder(model, 16 + tokens)

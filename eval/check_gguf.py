@@ -373,9 +373,10 @@ def section_ternary(work: Path, tools: Path, checkpoint: Path, windows: int) -> 
 
 
 def section_speed(work: Path, tools: Path, tokens: int, rounds: int = 3) -> list[dict]:
-    """Greedy single-token steps after a 64-token prompt (the prompt untimed on both sides), batch 1, 2 threads;
-    the runtimes alternate, `rounds` times, and the median is printed."""
-    from moecompress import load
+    """Greedy single-token steps after a 64-token prompt (the prompt untimed on both sides; ours: the compiled
+    decode step, compiled before), batch 1, 2 threads; the runtimes alternate, `rounds` times, and the median is
+    printed."""
+    from bench_decode import ours_rate  # eval/bench_decode.py
 
     prompt = list(range(100, 164))
     runners = {}
@@ -387,8 +388,7 @@ def section_speed(work: Path, tools: Path, tokens: int, rounds: int = 3) -> list
         if name == "w4g128" and not folder.exists():
             cmd = ["moecompress", "compress", str(MODEL), "--recipe", str(ROOT / "pipelines" / "gptq-w4g128.yaml")]
             run(cmd + ["-o", str(folder), "--overwrite"], work / "w4g128.log")
-        model = load(folder)
-        runners[f"moecompress: {name}"] = lambda model=model: our_decode_rate(model, prompt, tokens)
+        runners[f"moecompress: {name}"] = ours_rate(folder, tokens, True, torch.float32)[0]
     rates = {name: [] for name in runners}
     for _ in range(rounds):
         for name, runner in runners.items():
@@ -397,17 +397,6 @@ def section_speed(work: Path, tools: Path, tokens: int, rounds: int = 3) -> list
     for r in rows:
         print(json.dumps(r), flush=True)
     return rows
-
-
-def our_decode_rate(model, prompt: list[int], tokens: int) -> float:
-    """Our runtime's greedy steps through transformers' forward with its KV cache, as `decode_rate` times llama.cpp."""
-    with torch.no_grad():
-        out = model(torch.tensor([prompt]), use_cache=True)
-        start = time.perf_counter()
-        for _ in range(tokens):
-            step = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = model(step, past_key_values=out.past_key_values, use_cache=True)
-    return tokens / (time.perf_counter() - start)
 
 
 def main() -> None:

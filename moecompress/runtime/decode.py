@@ -231,8 +231,8 @@ class Decoder:
                 return logits.argmax(-1).tolist(), [], list(logits.float())
             start = time.perf_counter()
             out = self.model.generate(
-                prompt, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=eos,
-                attention_mask=torch.ones_like(prompt),
+                prompt, max_new_tokens=new, min_new_tokens=0 if eos is not None else new, do_sample=False,
+                eos_token_id=eos, pad_token_id=eos, attention_mask=torch.ones_like(prompt),
             )  # fmt: skip
             seconds = time.perf_counter() - start
         tokens = out[0, prompt.shape[1] :].tolist()
