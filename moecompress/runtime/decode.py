@@ -9,7 +9,9 @@ not broken at each expert or linear call.
 Inductor keeps what it compiled in `$TORCHINDUCTOR_CACHE_DIR` (set here, if unset, to
 `$MOECOMPRESS_CACHE/inductor` or `~/.cache/moecompress/inductor`), so a later process compiles from that cache.
 Where the compiled path does not apply (no native library, experts no native kernel reads, a GPU model, a model
-type whose attention cannot take a static cache) the eager step runs and `Decoder.fallback` says why."""
+class transformers does not compile, a compile failure) the eager step runs with the static cache; where that cache
+does not hold the model (checked against the model's own cache on the first generate; sliding-window or chunked
+layers) transformers' own generate runs. `Decoder.fallback` says why, once, in the log too."""
 
 from __future__ import annotations
 
@@ -152,7 +154,7 @@ class Decoder:
         self.max_len = max_len or getattr(model.config, "max_position_embeddings", None) or 2048
         self.fallback = compiled_path_refusal(model) if compile else "compile=False"
         if self.fallback is not None and compile:
-            log.warning("moecompress: the eager decode step runs: %s.", self.fallback)
+            log.warning("moecompress: decoding without the compiled step: %s.", self.fallback)
         self.compiled, self.static = self.fallback is None, True
         self.checked: bool | None = None  # the static cache checked against the model's own (first generate)
         self.step = self._step
@@ -237,8 +239,7 @@ class Decoder:
         return tokens, [0.0, *[seconds / max(len(tokens) - 1, 1)] * (len(tokens) - 1)], []
 
     def _prefill(self, prompt: Tensor, total: int):
-        """(the KV cache, the prompt's last logits): transformers' static cache, or where this model cannot take one
-        (found on the first call) its dynamic cache, eagerly."""
+        """(transformers' static KV cache, the prompt's last logits)."""
         from transformers import StaticCache
 
         length = prompt.shape[1]
@@ -276,7 +277,7 @@ class Decoder:
 
     def _eager(self, why: str) -> None:
         self.fallback, self.compiled, self.step = why, False, self._step
-        log.warning("moecompress: the eager decode step runs: %s.", why)
+        log.warning("moecompress: decoding without the compiled step: %s.", why)
 
 
 def one_line(exc: Exception) -> str:
