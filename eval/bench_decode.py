@@ -25,18 +25,39 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT.parent / "shared" / "models" / "moe-tiny-text"
+CALIBRATION = ROOT.parent / "shared" / "data" / "calib" / "calib_mix.jsonl"
 PROMPT = list(range(100, 164))
 
 
-def checkpoint(work: Path, source: Path, name: str, quantization: dict, gguf: dict | None = None) -> Path:
+def checkpoint(work: Path, source: Path, name: str, quantization: dict, **sections) -> Path:
     from moecompress import compress
     from moecompress.recipe import Recipe
 
     out = work / name
     if not (out / "moecompress.json").is_file():
-        recipe = {"name": name, "quantization": {"method": "rtn", **quantization}}
-        compress(str(source), Recipe.from_dict({**recipe, **({"gguf": gguf} if gguf else {})}), output=out)
+        calibration = {"dataset": str(CALIBRATION), "num_samples": 16, "seq_len": 256}
+        recipe = {"name": name, "calibration": calibration, "quantization": {"method": "rtn", **quantization}}
+        compress(str(source), Recipe.from_dict({**recipe, **sections}), output=out)
     return out
+
+
+# Ours beside the w4 rows, compiled, float32 activations: (name, quantization, other recipe sections).
+# The LP allocation profiles each expert's error on the calibration data; RTN rounds (speed only).
+VARIANTS = [
+    ("w4g128 + dense w8g128", {"bits": 4}, {"dense": {"bits": 8, "method": "rtn"}}),
+    ("w4g128 + dense w4g128", {"bits": 4}, {"dense": {"bits": 4, "method": "rtn"}}),
+    ("w2g128", {"bits": 2}, {}),
+    ("LP 2.5-bit (2/3/4)", {}, {"allocation": {"method": "lp", "avg_bits": 2.5, "candidates": [2, 3, 4]}}),
+    ("ternary g128", {"ternary": True}, {}),
+    (
+        "LP 2.5-bit + dense w4g128",
+        {},
+        {
+            "allocation": {"method": "lp", "avg_bits": 2.5, "candidates": [2, 3, 4]},
+            "dense": {"bits": 4, "method": "rtn"},
+        },
+    ),
+]
 
 
 def gguf_file(work: Path, ckpt: Path, name: str) -> Path:
@@ -119,13 +140,21 @@ def bench(args, threads: int) -> list[dict]:
         for compiled in (False, True):
             name = f"moecompress w4g128, rest {str(dtype)[6:]}, {'compiled' if compiled else 'eager'}"
             runners[name], reports[name] = ours_rate(w4, args.tokens, compiled, dtype)
+    for label, quantization, sections in VARIANTS if args.variants else []:
+        ckpt = checkpoint(
+            args.work, source, f"{args.model}-{label.replace(' ', '_').replace('/', '')}", quantization, **sections
+        )
+        name = f"moecompress {label}, rest float32, compiled"
+        runners[name], reports[name] = ours_rate(ckpt, args.tokens, True, torch.float32)
     if (why := llama_cpp_usable()) is None:
-        q4k = checkpoint(args.work, source, f"{args.model}-q4k", {"packed_format": "Q4_K"}, {"default_type": "F16"})
+        q4k = checkpoint(
+            args.work, source, f"{args.model}-q4k", {"packed_format": "Q4_K"}, gguf={"default_type": "F16"}
+        )
         runners["llama.cpp Q4_K experts, rest F16"] = llama_rate(
             gguf_file(args.work, q4k, q4k.name), args.tokens, threads
         )
         mix = yaml_gguf_section(ROOT / "pipelines" / "gguf-q4_k_m.yaml")
-        q4km = checkpoint(args.work, source, f"{args.model}-q4km", {"packed_format": "Q4_K"}, mix)
+        q4km = checkpoint(args.work, source, f"{args.model}-q4km", {"packed_format": "Q4_K"}, gguf=mix)
         runners["llama.cpp Q4_K_M mix"] = llama_rate(gguf_file(args.work, q4km, q4km.name), args.tokens, threads)
     else:
         print(f"llama.cpp not compared: {why}", file=sys.stderr)
@@ -157,6 +186,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/moecompress-decode"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--no-variants", dest="variants", action="store_false", help="only the w4 rows and the peers")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = [row for threads in args.threads for row in bench(args, threads)]

@@ -11,7 +11,7 @@ llama.cpp it binds (about 10 min on 2 cores):
   pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
   cmake -S llama_cpp_python-*/vendor/llama.cpp -B build -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF
   cmake --build build -j2 --target llama-quantize llama-imatrix llama mtmd
-  CMAKE_ARGS=-DLLAMA_BUILD=OFF pip install --no-deps ./llama_cpp_python-*.tar.gz
+  CMAKE_ARGS=-DLLAMA_BUILD=OFF pip install --no-deps ./llama_cpp_python-*.tar.gz diskcache
   LLAMA_CPP_LIB_PATH=$PWD/build/bin python eval/check_gguf.py --llama-cpp build/bin
 
 Sections:

@@ -27,6 +27,7 @@ from .quant.experts import ExpertQuantReport
 from .recipe import Recipe
 from .runtime.factored_experts import FactoredExperts
 from .runtime.packed_experts import PackedLinear, set_dequant_cache
+from .runtime.quantized_linear import QuantizedLinear
 from .stages import STAGES, RunContext, plan_allocation
 from .storage.layer_store import LayerStore, state_folder
 from .storage.outputs import claim_output, disk_errors
@@ -100,13 +101,13 @@ class CompressionResult:
 
 def expert_bytes(model: nn.Module) -> tuple[int, int]:
     """(packed bytes incl. scales/zeros, expert parameters) over all `PackedExperts` and `FactoredExperts` (whose
-    parameters are those of the dense experts they stand for)."""
+    parameters are those of the dense experts they stand for); quantized non-expert linears are the dense stage's."""
     factored = [m for m in model.modules() if isinstance(m, FactoredExperts)]
     inside = {id(m) for f in factored for m in f.modules()}
     params = sum(3 * f.num_experts * f.hidden_size * f.intermediate_size for f in factored)
     nbytes = 0
     for module in model.modules():
-        if isinstance(module, PackedLinear):
+        if isinstance(module, PackedLinear) and not isinstance(module, QuantizedLinear):
             nbytes += module.packed().nbytes
             params += 0 if id(module) in inside else module.out_features * module.in_features
     return nbytes, params

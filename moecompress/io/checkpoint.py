@@ -26,6 +26,7 @@ from ..models.base import PROJECTIONS
 from ..models.loading import empty_weights
 from ..runtime.factored_experts import FactoredExperts
 from ..runtime.packed_experts import PackedExperts, PackedLinear, persistent_state
+from ..runtime.quantized_linear import QuantizedLinear
 from ..storage.outputs import MANIFEST, atomic_folder
 from ..storage.tensorfiles import StoredTensor, write_sharded
 from .integrity import (
@@ -63,6 +64,7 @@ def quantization_config(model: nn.Module, guarded: bool = False) -> dict:
     experts: dict[str, list[list[int]]] = {}
     expert_maps: dict[str, list[int]] = {}
     factored: dict[str, dict] = {}
+    linears: dict[str, int] = {}
 
     def index(fmt: QuantFormat | None) -> int | None:
         if fmt is not None and fmt not in formats:
@@ -74,6 +76,8 @@ def quantization_config(model: nn.Module, guarded: bool = False) -> dict:
             expert_maps[name] = module.slot_map.tolist()
         if isinstance(module, PackedExperts):
             experts[name] = [[index(per_expert[p]) for p in PROJECTIONS] for per_expert in module.formats()]
+        if isinstance(module, QuantizedLinear):
+            linears[name] = index(module.fmt)
         if isinstance(module, FactoredExperts):
             base = module.base_formats()
             factored[name] = {
@@ -82,10 +86,11 @@ def quantization_config(model: nn.Module, guarded: bool = False) -> dict:
             }
     return {
         "quant_method": QUANT_METHOD,
-        "format_version": written_version({"factored": factored}, guarded),
+        "format_version": written_version({"factored": factored, "linears": linears}, guarded),
         "formats": [f.to_dict() for f in formats],
         "experts": experts,
         **({"factored": factored} if factored else {}),
+        **({"linears": linears} if linears else {}),
         **({"expert_maps": expert_maps} if expert_maps else {}),
         **({"dynamic_skip": model.skip_controller.rule.to_dict()} if hasattr(model, "skip_controller") else {}),
     }

@@ -465,10 +465,25 @@ def _plain_tensors(model, skip: set[str], arch: GGUFArch):
     """(source name, tensor) of what `skip` leaves, as the architecture's rewrite makes them."""
     config = model.config
     tied = getattr(config, "tie_word_embeddings", False)
-    for name, tensor in model.state_dict().items():
+    for name, tensor in _float_state(model).items():
         if any(name.startswith(prefix) for prefix in skip) or (tied and name == "lm_head.weight"):
             continue
         yield from arch.rewrite(name, tensor, config) if arch.rewrite else [(name, tensor)]
+
+
+def _float_state(model) -> dict[str, torch.Tensor]:
+    """The state dict with each quantized non-expert linear (`dense:`) as its dequantized `weight` (and bias)."""
+    from ..runtime.quantized_linear import QuantizedLinear
+
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        module, _, leaf = name.rpartition(".")
+        if module not in quantized or leaf == "bias":
+            state[name] = tensor
+        elif f"{module}.weight" not in state:  # its packed buffers: one weight
+            state[f"{module}.weight"] = quantized[module].dequantize(torch.float32)
+    return state
 
 
 def _expert_tensors(model, adapter, checkpoint: bool, tensor_type: str | None):

@@ -19,6 +19,7 @@ from ..formats import QuantFormat
 from ..models.base import PROJECTIONS
 from ..runtime.factored_experts import FactoredExperts
 from ..runtime.packed_experts import PackedExperts
+from ..runtime.quantized_linear import install_quantized_linear
 from ..storage.outputs import MANIFEST
 from .integrity import (
     FORMAT_VERSION,
@@ -59,6 +60,7 @@ class MoECompressConfig(QuantizationConfigMixin):
         expert_maps: dict[str, list[int]] | None = None,
         dynamic_skip: dict | None = None,
         factored: dict[str, dict] | None = None,
+        linears: dict[str, int] | None = None,
         **kwargs: Any,
     ):
         self.quant_method = QUANT_METHOD
@@ -68,6 +70,7 @@ class MoECompressConfig(QuantizationConfigMixin):
         self.expert_maps = expert_maps or {}
         self.dynamic_skip = dynamic_skip
         self.factored = factored or {}
+        self.linears = linears or {}
 
     def to_dict(self) -> dict[str, Any]:
         extra = {"expert_maps": self.expert_maps} if self.expert_maps else {}
@@ -75,6 +78,8 @@ class MoECompressConfig(QuantizationConfigMixin):
             extra["factored"] = self.factored
         if self.dynamic_skip:
             extra["dynamic_skip"] = self.dynamic_skip
+        if self.linears:
+            extra["linears"] = self.linears
         return {
             "quant_method": QUANT_METHOD,
             "format_version": self.format_version,
@@ -113,6 +118,8 @@ class MoECompressHfQuantizer(HfQuantizer):
             _swap_experts(model, name, lambda fused, rows=rows: _packed_experts(adapter, fused, rows, formats))
         for name, layout in self.quantization_config.factored.items():
             _swap_experts(model, name, lambda fused, layout=layout: _factored_experts(adapter, fused, layout, formats))
+        for name, index in self.quantization_config.linears.items():
+            install_quantized_linear(model, name, formats[index])
         skip = self.quantization_config.dynamic_skip
         if skip and skip["method"] == "learned":
             from ..dynamic.skip import add_predictor_modules
@@ -156,7 +163,7 @@ class MoECompressHfQuantizer(HfQuantizer):
 
 def _require_modules(model, qc: MoECompressConfig, folder: Path) -> None:
     """Every module that quantization_config rebuilds exists in the model config.json describes."""
-    for name in [*qc.experts, *qc.factored, *qc.expert_maps]:
+    for name in [*qc.experts, *qc.factored, *qc.expert_maps, *qc.linears]:
         try:
             model.get_submodule(name)
         except AttributeError:

@@ -28,7 +28,7 @@ from ..runtime.factored_experts import DENSE
 from ..storage.outputs import MANIFEST
 from ..storage.tensorfiles import TensorFileError, file_sha256, read_header
 
-FORMAT_VERSION = 4  # the newest this reader knows; a checkpoint is written as the oldest that holds it
+FORMAT_VERSION = 5  # the newest this reader knows; a checkpoint is written as the oldest that holds it
 
 
 QUANT_METHOD = "moecompress"
@@ -37,9 +37,10 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def written_version(qc: dict, guarded: bool = False) -> int:
-    """4 for checkpoints with a guard tensor (readers before 0.7 would see an extra tensor), 3 with factored experts
-    (readers before 0.6 cannot build them), else 2."""
-    return 4 if guarded else 3 if qc.get("factored") else 2
+    """5 for checkpoints with quantized non-expert linears (readers before 0.11 cannot build them), 4 with a guard
+    tensor (readers before 0.7 would see an extra tensor), 3 with factored experts (readers before 0.6 cannot build
+    them), else 2."""
+    return 5 if qc.get("linears") else 4 if guarded else 3 if qc.get("factored") else 2
 
 
 def canonical_sha256(obj) -> str:
@@ -227,6 +228,7 @@ def expected_packed_formats(qc: dict, folder: Path) -> dict[str, QuantFormat]:
                 for p, (rank, a, b) in zip(PROJECTIONS, row, strict=True):
                     names = [] if not rank else ["weight"] if rank == DENSE else ["lora_A", "lora_B"]
                     declared.update({f"{module}.{e}.{p}.{n}": formats[i] for n, i in zip(names, (a, b))})
+        declared.update({module: formats[i] for module, i in qc.get("linears", {}).items()})
         return declared
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise CheckpointError(

@@ -33,9 +33,10 @@ from .packed_experts import PackedExperts
 
 log = logging.getLogger(__name__)
 
-# PackedExperts by a number given in order of creation: the same in every process that loads the same model, so
-# that the compiled graph (whose op calls carry it as a constant) is the same and inductor's cache serves it.
-_experts: weakref.WeakValueDictionary[int, PackedExperts] = weakref.WeakValueDictionary()
+# PackedExperts and QuantizedLinears by a number given in order of creation: the same in every process that loads the
+# same model, so that the compiled graph (whose op calls carry it as a constant) is the same and inductor's cache
+# serves it.
+_modules: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
 _count = itertools.count()
 
 
@@ -44,12 +45,13 @@ _count = itertools.count()
 _library = torch.library.Library("moecompress", "DEF")
 _library.define("packed_experts(int key, Tensor hidden, Tensor top_k_index, Tensor top_k_weights) -> Tensor")
 _library.define("dense_linear(Tensor weight, Tensor? bias, Tensor x) -> Tensor")
+_library.define("quantized_linear(int key, Tensor x) -> Tensor")
 
 
 def _packed_experts(key: int, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
     """The eager forward (the native fused kernel) of the `PackedExperts` registered under `key`: routing in,
     weighted sum of the chosen experts out."""
-    return _experts[key](hidden, top_k_index, top_k_weights)
+    return _modules[key](hidden, top_k_index, top_k_weights)
 
 
 def _dense_linear(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
@@ -59,8 +61,14 @@ def _dense_linear(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
     return native.dense_linear(weight, bias, x)
 
 
+def _quantized_linear(key: int, x: Tensor) -> Tensor:
+    """The native packed GEMV of the `QuantizedLinear` registered under `key`."""
+    return _modules[key].native_forward(x)
+
+
 _library.impl("packed_experts", _packed_experts, "CompositeExplicitAutograd")
 _library.impl("dense_linear", _dense_linear, "CompositeExplicitAutograd")
+_library.impl("quantized_linear", _quantized_linear, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("moecompress::packed_experts")
@@ -73,15 +81,26 @@ def _(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+@torch.library.register_fake("moecompress::quantized_linear")
+def _(key: int, x: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], _modules[key].out_features)
+
+
 packed_experts_op = torch.ops.moecompress.packed_experts.default
 dense_linear_op = torch.ops.moecompress.dense_linear.default
 
 
-def register(module: PackedExperts) -> int:
-    """Every `PackedExperts` is registered when made (a traced forward cannot write a weak dictionary)."""
+def register(module: nn.Module) -> int:
+    """Every `PackedExperts` and `QuantizedLinear` is registered when made (a traced forward cannot write a weak
+    dictionary)."""
     key = next(_count)
-    _experts[key] = module
+    _modules[key] = module
     return key
+
+
+def quantized_linear_op(module: nn.Module, x: Tensor) -> Tensor:
+    """What a traced `QuantizedLinear.forward` calls: one node in the graph."""
+    return torch.ops.moecompress.quantized_linear.default(module.registry_key, x)
 
 
 def experts_op(module: PackedExperts, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:

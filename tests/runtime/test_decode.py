@@ -58,6 +58,7 @@ def test_compiled_greedy_tokens_are_the_eager_ones(compressed_tiny_text, tmp_pat
     again, second = decoder.generate(prompt, 24)
     assert decoder.compiled and tokens == expected and again == expected
     assert stats.compile_s > 5 * second.compile_s  # the second call does not compile again
+
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
@@ -88,3 +89,42 @@ def test_generate_prints_the_text_and_refuses_a_prompt_too_long(compressed_tiny_
     assert main(["generate", ckpt, "--prompt", "x", "--max-new-tokens", "100000", "--eager"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: a prompt of 1 tokens and 100000 new ones exceed the 2048 positions")
+
+
+def test_the_quantized_linear_op_is_its_native_forward():
+    from moecompress.formats import IntFormat, pack
+    from moecompress.quant.rtn import quantize_rtn
+    from moecompress.runtime.decode import quantized_linear_op
+    from moecompress.runtime.quantized_linear import install_quantized_linear
+
+    holder, fmt = torch.nn.Module(), IntFormat(4, 128)
+    holder.proj = torch.nn.Linear(256, 48)
+    install_quantized_linear(holder, "proj", fmt, pack(quantize_rtn(holder.proj.weight.detach(), fmt)))
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        y = quantized_linear_op(holder.proj, x)
+    assert torch.equal(y, holder.proj.native_forward(x))
+    assert rel_err(y, x.double() @ holder.proj.dequantize(torch.float64).T + holder.proj.bias.double()) < 2e-2
+    op = torch.ops.moecompress.quantized_linear.default
+    torch.library.opcheck(op, (holder.proj.registry_key, x), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.slow
+def test_compiled_tokens_with_quantized_linears_are_the_eager_ones(tmp_path, tiny_text_path, monkeypatch):
+    """Attention and LM head quantized (`dense:`): their native GEMV as custom ops in the graph, same greedy tokens
+    as the eager step over the same checkpoint."""
+    from moecompress import compress
+    from moecompress.recipe import Recipe
+
+    from ..conftest import CALIB
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    calibration = {"dataset": str(CALIB), "num_samples": 4, "seq_len": 64}
+    recipe = {"name": "d4", "calibration": calibration, "quantization": {"method": "rtn"}, "dense": {"bits": 4}}
+    compress(str(tiny_text_path), Recipe.from_dict(recipe), output=tmp_path / "d4", progress=False)
+    model = load(tmp_path / "d4")
+    prompt = torch.randint(1, 8192, (1, 16))
+    torch._dynamo.reset()
+    compiled, eager = Decoder(model, max_len=64), Decoder(model, max_len=64, compile=False)
+    tokens, stats = compiled.generate(prompt, 24)
+    assert compiled.compiled and tokens == eager.generate(prompt, 24)[0]

@@ -294,3 +294,24 @@ def test_native_linears_equal_torch_and_fall_back_where_the_kernel_does_not_appl
     y = model(x.requires_grad_())  # gradients: torch's forward
     y.sum().backward()
     assert x.grad is not None and len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "fmt", [IntFormat(8, 128), IntFormat(4, 128), IntFormat(4, -1, sym=True)], ids=lambda f: f.name
+)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_quantized_linear_is_its_packed_weight_times_x(fmt, tokens):
+    """A quantized non-expert linear (`dense:`) through the native GEMV: its dequantized weight and bias times x,
+    to float32 rounding with float32 activations or that of the int8-rounded activations."""
+    from moecompress.runtime.quantized_linear import install_quantized_linear
+
+    holder = torch.nn.Module()
+    holder.proj = torch.nn.Linear(256, 40)
+    install_quantized_linear(holder, "proj", fmt, pack(quantize_rtn(holder.proj.weight.detach(), fmt)))
+    q, x = holder.proj, torch.randn(tokens, 256)
+    with torch.no_grad():
+        y = q(x)
+    int8 = q._described[3] and native.INT8_TOKENS > 0
+    ref = (quantized_activations(x) if int8 else x.double()) @ q.dequantize(torch.float64).T + q.bias.double()
+    assert rel_err(y, ref) < 1e-5
+    assert rel_err(y, x.double() @ q.dequantize(torch.float64).T + q.bias.double()) < 2e-2
