@@ -65,6 +65,7 @@ size_t q8_act_floats(int64_t K, Q8Layout layout) { return q8_dvec_floats(K, layo
 // the values go where the layout's chunk decoder yields their codes (part k % P, byte k / P of the chunk).
 void q8_quantize(const float* x, int64_t K, Q8Layout layout, int8_t* xq, float* dvec, float* bsum) {
     const int C = layout.chunk, P = C / layout.part > 0 ? C / layout.part : 1, L = C / (layout.part / 4);
+    const int shift = __builtin_ctz((unsigned)P);  // C and P are powers of two: no division per value
     const int64_t chunks = chunks_of(K, C), blocks = (K + kBlock - 1) / kBlock;
     memset(xq, 0, (size_t)(chunks * C));
     for (int64_t b = 0; b < blocks; ++b) {
@@ -74,9 +75,11 @@ void q8_quantize(const float* x, int64_t K, Q8Layout layout, int8_t* xq, float* 
         const float scale = amax / 127.f;
         int32_t sum = 0;
         for (int64_t k = k0; k < k1; ++k) {
-            const int q = scale > 0.f ? (int)nearbyintf(x[k] / scale) : 0;
-            const int j = (int)(k % C);
-            xq[k / C * C + (j % P) * layout.part + j / P] = (int8_t)q;
+            // |x / scale| <= 127: adding and subtracting 1.5 * 2^23 rounds it half to even, as nearbyintf
+            const float v = scale > 0.f ? x[k] / scale : 0.f, r = (v + 12582912.f) - 12582912.f;
+            const int q = (int)r;
+            const int64_t j = k & (C - 1);
+            xq[(k - j) + (j & (P - 1)) * layout.part + (j >> shift)] = (int8_t)q;
             sum += q;
         }
         bsum[b] = scale * (float)sum;

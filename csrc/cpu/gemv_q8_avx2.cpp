@@ -11,7 +11,9 @@ namespace {
 // AVX2 (no AVX-512): the same scheme with 256-bit vectors. A chunk is one 32-byte load (128 2-bit, 64 4-bit or
 // 32 8-bit codes) in 8 lanes of the same L consecutive codes; the byte products are summed by vpmaddubsw and
 // vpmaddwd (no overflow for codes below 16: 15 * 127 * 2 < 2^15), or by AVX-VNNI's vpdpbusd where the CPU has
-// it (then 8-bit codes too). 3-bit codes stay on the float32 kernels here.
+// it. 8-bit codes without AVX-VNNI are taken as code - 128 (signed), their magnitude times the activation with
+// their sign (|c - 128| * 127 * 2 < 2^15, llama.cpp's AVX2 trick), and the zero point as z - 128. 3-bit codes stay
+// on the float32 kernels here.
 #define Q8_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 
 // acc += byte dot products of u (unsigned) and s (signed) in fours. AVX-VNNI's vpdpbusd is written as inline
@@ -25,6 +27,16 @@ Q8_AVX2_TARGET inline __m256i dot_bytes(__m256i acc, __m256i u, __m256i s) {
     }
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
+
+// acc += byte dot products of w (signed, -128 allowed) and s (signed, |s| <= 127) in fours, without AVX-VNNI.
+Q8_AVX2_TARGET inline __m256i dot_signed_bytes(__m256i acc, __m256i w, __m256i s) {
+    const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(s, w));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(products, _mm256_set1_epi16(1)));
+}
+
+// 8-bit codes without AVX-VNNI run as signed code - 128 (see above).
+template <int BITS, bool VNNI>
+constexpr bool kSigned8 = BITS == 8 && !VNNI;
 
 // `count` (<= 8) fp16 values from p as floats, zeros after them (never reading past p + count).
 Q8_AVX2_TARGET inline __m256 half8(const uint16_t* p, int count) {
@@ -41,11 +53,14 @@ Q8_AVX2_TARGET inline void chunk_dot_avx2(__m256i v, int64_t c, const int8_t* co
     const __m256i mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
     __m256i part[P];
     for (int p = 0; p < P; ++p) part[p] = BITS == 8 ? v : _mm256_and_si256(_mm256_srli_epi16(v, p * BITS), mask);
+    if constexpr (kSigned8<BITS, VNNI>) part[0] = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
     for (int t = 0; t < T; ++t) {
         const int8_t* x = xq[t] + c * C;
         __m256i acc = _mm256_setzero_si256();
-        for (int p = 0; p < P; ++p)
-            acc = dot_bytes<VNNI>(acc, part[p], _mm256_loadu_si256((const __m256i*)(x + 32 * p)));
+        for (int p = 0; p < P; ++p) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + 32 * p));
+            acc = kSigned8<BITS, VNNI> ? dot_signed_bytes(acc, part[p], xv) : dot_bytes<VNNI>(acc, part[p], xv);
+        }
         const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(dvec[t] + c * 8));
         tot[t] = _mm256_fmadd_ps(f, svec, tot[t]);
     }
@@ -103,7 +118,7 @@ Q8_AVX2_TARGET void rows_q8_avx2(const ProjDesc& d, int n0, int n1, const QAct* 
         float out[T];
         for (int t = 0; t < T; ++t) out[t] = hsum8(tot[t]);
         for (int g = 0; g < G; ++g) {  // zero points
-            const float sz = half_to_float(srow[g]) * zero_of(d, n, g);
+            const float sz = half_to_float(srow[g]) * (zero_of(d, n, g) - (kSigned8<BITS, VNNI> ? 128.f : 0.f));
             for (int t = 0; t < T; ++t) out[t] -= sz * xsum[t * G + g];
         }
         for (int t = 0; t < T; ++t) y[t * ldy + n] = out[t];
@@ -122,7 +137,7 @@ const RowsFn* q8_rows_avx2(int bits, bool vnni) {
     switch (bits) {
         case 2: return vnni ? kRowsAvx2<2, true> : kRowsAvx2<2, false>;
         case 4: return vnni ? kRowsAvx2<4, true> : kRowsAvx2<4, false>;
-        case 8: return vnni ? kRowsAvx2<8, true> : nullptr;  // 8-bit codes overflow vpmaddubsw's 16-bit sums
+        case 8: return vnni ? kRowsAvx2<8, true> : kRowsAvx2<8, false>;
         default: return nullptr;  // 3-bit codes stay on the float32 kernels
     }
 }

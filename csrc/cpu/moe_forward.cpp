@@ -215,8 +215,8 @@ using namespace moecpu;
 
 extern "C" {
 
-// 4: AVX-512 with VNNI/VBMI (int8 activations), 3: AVX-512 path, 2: AVX2+FMA path (int8 activations for 2- and
-// 4-bit codes, 8-bit too with AVX-VNNI), 1: portable path.
+// 4: AVX-512 with VNNI/VBMI (int8 activations), 3: AVX-512 path, 2: AVX2+FMA path (int8 activations for 2-, 4-
+// and 8-bit codes), 1: portable path.
 int moe_cpu_isa() { return has_q8() ? 4 : has_avx512() ? 3 : has_avx2() ? 2 : 1; }
 
 // 1 where this CPU runs projection `d` with int8 activations.

@@ -7,7 +7,7 @@ The sources are compiled with the system C++ compiler on first use into a cache 
 headers, so no CUDA torch is needed to build it. Where no compiler is found, or the build fails, the torch
 reference path runs and one warning says why. `MOECOMPRESS_KERNELS=torch` forces the reference path.
 
-Activations: on CPUs with AVX-512 VNNI, or AVX2 (2- and 4-bit codes; 8-bit too with AVX-VNNI), the experts run
+Activations: on CPUs with AVX-512 VNNI, or AVX2 (2-, 4- and 8-bit codes), the experts run
 with their activations quantized to int8 per block of 16 (llama.cpp's q8 scheme; integer dot products, about
 0.5 % relative error per projection on Gaussian inputs); other formats and CPUs, and
 `MOECOMPRESS_CPU_ACTIVATIONS=fp32`, use float32 activations (exact to float32 rounding).
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import hashlib
 import logging
 import os
@@ -32,6 +33,9 @@ import weakref
 from pathlib import Path
 
 import torch
+
+from ..formats import KernelOperand
+from ..formats.bitpack import pack_codes, unpack_codes
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +216,8 @@ def describe(linear) -> tuple[ProjDesc, list[torch.Tensor]]:
     """The kernel's view of a `PackedLinear` (and the tensors it points into, to keep alive)."""
     out_features, in_features, fmt = linear.out_features, linear.in_features, linear.fmt
     op = fmt.kernel_operand(linear.stored_tensors(), in_features)
+    if op.bits == 3 and library().moe_cpu_isa() == 2 and INT8_TOKENS:
+        op = widened(op, in_features)
     bias = None if getattr(linear, "bias", None) is None else linear.bias.to(torch.float32).contiguous()
     desc = ProjDesc(
         op.codes.data_ptr(),
@@ -231,6 +237,14 @@ def describe(linear) -> tuple[ProjDesc, list[torch.Tensor]]:
     return desc, [t for t in (op.codes, op.scale, op.zero, bias) if t is not None]
 
 
+def widened(op: KernelOperand, in_features: int) -> KernelOperand:
+    """3-bit codes repacked as 4-bit ones, for AVX2 CPUs: their int8 kernels decode no 3-bit rows (AVX-512 spreads
+    them with VBMI's byte permute), and the float32 kernels they would take instead are several times slower than
+    the third more bytes read (an LP mix of 2-, 3- and 4-bit experts decodes at the speed of its bytes)."""
+    codes = unpack_codes(op.codes.view(torch.int32), 3, in_features)
+    return dataclasses.replace(op, codes=pack_codes(codes, 4), bits=4)
+
+
 def int8_fits(linear) -> bool:
     """Whether this CPU runs `linear` (a `PackedLinear`) with int8 activations (its bits, group and ISA)."""
     desc, keep = describe(linear)
@@ -245,11 +259,13 @@ def packed_linear(linear, x: torch.Tensor, int8: bool = False, desc: ProjDesc | 
     keep = None
     if desc is None:
         desc, keep = describe(linear)
-    flat = x.reshape(-1, linear.in_features).to(torch.float32).contiguous()
-    y = torch.empty(flat.shape[0], linear.out_features, dtype=torch.float32)
-    library().moe_packed_linear(ctypes.byref(desc), flat.data_ptr(), flat.shape[0], int(int8), y.data_ptr())
+    flat = _as(x, torch.float32)
+    y = torch.empty(*x.shape[:-1], linear.out_features)
+    library().moe_packed_linear(
+        ctypes.byref(desc), flat.data_ptr(), y.numel() // linear.out_features, int8, y.data_ptr()
+    )
     del keep
-    return y.reshape(*x.shape[:-1], linear.out_features)
+    return y
 
 
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -301,10 +317,8 @@ class ExpertTable:
         self.activation = activation_spec(experts.activation)
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        x = hidden.to(torch.float32).contiguous()
-        ids = top_k_index.to(torch.int64).contiguous()
-        weights = top_k_weights.to(torch.float32).contiguous()
-        out = torch.empty_like(x)
+        x, ids, weights = _as(hidden, torch.float32), _as(top_k_index, torch.int64), _as(top_k_weights, torch.float32)
+        out = torch.empty(x.shape)
         library().moe_experts_forward(
             self.array,
             self.num_experts,
@@ -319,7 +333,12 @@ class ExpertTable:
             *self.activation,
             out.data_ptr(),
         )
-        return out.to(hidden.dtype)
+        return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`, contiguous (itself where it is: a decode step calls this per layer, and a copy costs)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
 class TableCache:

@@ -165,6 +165,12 @@ class PackedExperts(ExpertList):
             and native.library() is not None
         )
 
+    def native_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """The native fused kernel, unchecked (`native_usable` said yes)."""
+        from .native import table_for
+
+        return table_for(self, _pack_epoch).forward(hidden, top_k_index, top_k_weights)
+
     def gpu_usable(self, hidden_states: torch.Tensor) -> bool:
         """The CUDA and Triton paths take bias-free SwiGLU experts."""
         from . import cuda_kernels
@@ -186,9 +192,7 @@ class PackedExperts(ExpertList):
 
             return experts_op(self, hidden_states, top_k_index, top_k_weights)
         if self.native_usable(hidden_states):
-            from .native import table_for
-
-            return table_for(self, _pack_epoch).forward(hidden_states, top_k_index, top_k_weights)
+            return self.native_forward(hidden_states, top_k_index, top_k_weights)
         if self.gpu_usable(hidden_states):
             from .cuda_kernels import table_for
 

@@ -7,6 +7,7 @@ reference path dequantizes and multiplies."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..formats import PackedTensor, QuantFormat
@@ -21,9 +22,16 @@ class QuantizedLinear(PackedLinear):
     def __init__(self, out_features: int, in_features: int, fmt: QuantFormat, bias: bool = False):
         super().__init__(out_features, in_features, fmt, bias)
         self._described: tuple | None = None  # (pack epoch, descriptor, the tensors it points into, int8 fits)
+        self.small_weight: torch.Tensor | None = None  # `prepare_compiled`
         from .decode import register
 
         self.registry_key = register(self)
+
+    def prepare_compiled(self, small_bytes: int) -> None:
+        """Before a compiled decode step: a float32 copy of the weight where it takes under `small_bytes` (there
+        inductor's own fused GEMV is faster than a call to the native kernel costs); bigger weights run natively."""
+        small = 4 * self.out_features * self.in_features < small_bytes
+        self.small_weight = self.dequantize(torch.float32) if small else None
 
     def native_usable(self, x: torch.Tensor) -> bool:
         return (
@@ -38,6 +46,8 @@ class QuantizedLinear(PackedLinear):
         if torch.compiler.is_compiling() and self.native_usable(x):  # one custom op in the graph (runtime/decode.py)
             from .decode import quantized_linear_op
 
+            if self.small_weight is not None:
+                return F.linear(x, self.small_weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
             return quantized_linear_op(self, x)
         if self.native_usable(x):
             return self.native_forward(x)
@@ -49,11 +59,15 @@ class QuantizedLinear(PackedLinear):
             desc, keep = native.describe(self)
             self._described = (epoch, desc, keep, native.int8_fits(self))
         _, desc, _, int8 = self._described
-        tokens = x.numel() // self.in_features
-        return native.packed_linear(self, x, int8 and tokens <= native.INT8_TOKENS, desc).to(x.dtype)
+        y = native.packed_linear(self, x, int8 and x.numel() <= native.INT8_TOKENS * self.in_features, desc)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def load_packed(self, packed: PackedTensor) -> None:
+        super().load_packed(packed)
+        self.small_weight = None
 
     def _apply(self, fn, recurse=True):
-        self._described = None  # the descriptor points into the buffers, which may move
+        self._described = self.small_weight = None  # they point into or copy the buffers, which may move
         return super()._apply(fn, recurse)
 
 
