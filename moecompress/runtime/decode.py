@@ -193,7 +193,6 @@ class Decoder:
         self.step = self._step
         if self.compiled:
             inductor_cache()
-            eager_attention(model)
             for module in model.modules():
                 if isinstance(module, QuantizedLinear):
                     module.prepare_compiled(NATIVE_BYTES)
@@ -287,25 +286,35 @@ class Decoder:
         return cache, out.logits[:, -1]
 
     def _static_cache_agrees(self, prompt: Tensor) -> bool:
-        """Whether transformers' static cache gives this model's own cache's logits for a step after a few prompt
-        tokens (eagerly); where it does not, or cannot hold the model's states, the model's own cache runs (eager)."""
-        from transformers import StaticCache
-
+        """Whether transformers' static cache (with the eager attention the compiled step fuses, else the model's own)
+        gives this model's own cache's logits for a step after a few prompt tokens (eagerly); where it does not, or
+        cannot hold the model's states, the model's own cache and attention run (eager)."""
         head, token = prompt[:, :4], prompt[:, 4:5] if prompt.shape[1] > 4 else prompt[:, :1]
         own = self.model(head, use_cache=True)
         theirs = self.model(token, past_key_values=own.past_key_values, use_cache=True).logits[0, -1].float()
+        original = getattr(self.model.config, "_attn_implementation", None)
+        problem = self._static_problem(head, token, theirs, eager_attention(self.model) if self.compiled else False)
+        if problem is not None and set_attention(self.model, original):
+            problem = self._static_problem(head, token, theirs, False)
+        return True if problem is None else self._no_static(problem)
+
+    def _static_problem(self, head: Tensor, token: Tensor, theirs: Tensor, eager: bool) -> str | None:
+        """Why the static cache's logits for `token` after `head` are not `theirs` (None: they are)."""
+        from transformers import StaticCache
+
         try:
             cache = StaticCache(config=self.model.config, max_cache_len=16)
             if any(type(layer).__name__ != "StaticLayer" for layer in cache.layers):  # positions a graph would fix
-                return self._no_static("its cache has sliding-window or chunked layers")
+                return "its cache has sliding-window or chunked layers"
             self.model(head, past_key_values=cache, cache_position=torch.arange(head.shape[1]), use_cache=True)
             ours = self._step(token, cache, torch.tensor([head.shape[1]]))[0].float()
         except (RuntimeError, ValueError, TypeError) as exc:
-            return self._no_static(f"transformers' static KV cache does not fit this model ({one_line(exc)})")
+            what = "with eager attention " if eager else ""
+            return f"transformers' static KV cache {what}does not fit this model ({one_line(exc)})"
         error = float((ours - theirs).norm() / theirs.norm())
         if error > (1e-2 if torch.finfo(self.model.dtype).bits >= 32 else 1e-1):  # 16-bit activations: 1e-2 is noise
-            return self._no_static(f"transformers' static KV cache changes this model's logits ({error:.2g} relative)")
-        return True
+            return f"transformers' static KV cache changes this model's logits ({error:.2g} relative)"
+        return None
 
     def _no_static(self, why: str) -> bool:
         self._eager(why)
@@ -317,12 +326,22 @@ class Decoder:
         log.warning("moecompress: decoding without the compiled step: %s.", why)
 
 
-def eager_attention(model: nn.Module) -> None:
-    """transformers' eager attention (matmuls and softmax) for the compiled step: inductor fuses it with the cache
-    update into one kernel per layer, faster for one query than the SDPA kernel it would call (synthetic 8-layer
-    model, 2 cores: 154 against 141 tokens/s). The model keeps it after the Decoder is made."""
-    with contextlib.suppress(ValueError, AttributeError, NotImplementedError):
-        model.set_attn_implementation("eager")
+def eager_attention(model: nn.Module) -> bool:
+    """transformers' eager attention (matmuls and softmax) for the compiled step, where the model has another:
+    inductor fuses it with the cache update into one kernel per layer, faster for one query than the SDPA kernel it
+    would call (synthetic 8-layer model, 2 cores: 154 against 141 tokens/s). The model keeps it. Whether it changed."""
+    return getattr(model.config, "_attn_implementation", "eager") != "eager" and set_attention(model, "eager")
+
+
+def set_attention(model: nn.Module, name: str | None) -> bool:
+    """Whether `model` now runs transformers' attention `name` (and did not before)."""
+    if name is None or getattr(model.config, "_attn_implementation", None) == name:
+        return False
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, AttributeError, NotImplementedError, ImportError):
+        return False
+    return True
 
 
 @contextlib.contextmanager
