@@ -93,11 +93,11 @@ def llama_rate(path: Path, tokens: int, threads: int):
     return rate
 
 
-def ours_rate(path: Path, tokens: int, compiled: bool, dtype: torch.dtype):
+def ours_rate(path: Path, tokens: int, compiled: bool, dtype: torch.dtype, dense_dtype: torch.dtype | None = None):
     from moecompress import load
     from moecompress.runtime.decode import Decoder
 
-    decoder = Decoder(load(path, dtype=dtype), len(PROMPT) + tokens + 2, compile=compiled)
+    decoder = Decoder(load(path, dtype=dtype, dense_dtype=dense_dtype), len(PROMPT) + tokens + 2, compile=compiled)
     _, first = decoder.generate(torch.tensor([PROMPT]), 4)  # compiles (or loads the compiled graph) untimed
     report = {"compile_s": first.compile_s, "first_token_s": first.prefill_s, "path": first.path}
     return (lambda: decoder.generate(torch.tensor([PROMPT]), tokens + 2)[1].tokens_per_s), report
@@ -140,6 +140,8 @@ def bench(args, threads: int) -> list[dict]:
         for compiled in (False, True):
             name = f"moecompress w4g128, rest {str(dtype)[6:]}, {'compiled' if compiled else 'eager'}"
             runners[name], reports[name] = ours_rate(w4, args.tokens, compiled, dtype)
+    name = "moecompress w4g128, rest bfloat16 weights (float32 activations), compiled"
+    runners[name], reports[name] = ours_rate(w4, args.tokens, True, torch.float32, torch.bfloat16)
     for label, quantization, sections in VARIANTS if args.variants else []:
         ckpt = checkpoint(
             args.work, source, f"{args.model}-{label.replace(' ', '_').replace('/', '')}", quantization, **sections

@@ -2,6 +2,8 @@
 // float32 accumulation over weights stored as float32 or bfloat16. A bfloat16 weight widens to float32 exactly
 // (a 16-bit shift), so y equals the float32 product of the same weights to float32 rounding, from half the bytes.
 // Each weight row is read once per call for up to kDenseTokens tokens (decode is bound by the bytes read).
+#include <vector>
+
 #include "dense_tile.h"
 #include "packed.h"
 
@@ -35,6 +37,10 @@ DENSE_AVX2 void tile_avx2(const void* w, int64_t ld, const float* x, int64_t K, 
         __m256 xv[T];
         for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + t * K + k);
         for (int r = 0; r < R; ++r) {
+            // A row is a few KiB, too short for the hardware prefetchers to ramp up on R streams at once: the same
+            // columns of the rows two tiles on are fetched meanwhile (a prefetch past the last row is harmless;
+            // 1024 x 1024 out of the cache, 1 thread: bfloat16 316 -> 189 us, float32 285 -> 251 us).
+            _mm_prefetch((const char*)(rows + (r + 2 * R) * ld + k), _MM_HINT_T0);
             const __m256 wv = load8<BF16>(rows + r * ld, k);
             for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(xv[t], wv, acc[r][t]);
         }
@@ -45,6 +51,47 @@ DENSE_AVX2 void tile_avx2(const void* w, int64_t ld, const float* x, int64_t K, 
             for (int64_t j = k; j < K; ++j) tail += weight_at<BF16>(rows + r * ld, j) * x[t * K + j];
             out[t * ldo + r] = hsum8(acc[r][t]) + tail;
         }
+}
+
+// bfloat16 rows on AVX2: one 32-byte load holds 16 weights, each 32-bit lane two of them: shifted up 16 bits the
+// even one, masked the odd one, both exact float32 with no lane shuffle. The activations come split the same way
+// (`split_even_odd`: per 16 values the 8 even ones, then the 8 odd ones; a tail shorter than 16 as it is).
+template <int R, int T>
+DENSE_AVX2 void tile_avx2_bf16(const void* w, int64_t ld, const float* xs, int64_t K, float* out, int64_t ldo) {
+    const uint16_t* rows = (const uint16_t*)w;
+    const __m256i odd = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 acc[R][T];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 xe[T], xo[T];
+        for (int t = 0; t < T; ++t) xe[t] = _mm256_loadu_ps(xs + t * K + k), xo[t] = _mm256_loadu_ps(xs + t * K + k + 8);
+        for (int r = 0; r < R; ++r) {
+            _mm_prefetch((const char*)(rows + (r + 2 * R) * ld + k), _MM_HINT_T0);  // as in tile_avx2
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(rows + r * ld + k));
+            const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+            for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(xo[t], wo, _mm256_fmadd_ps(xe[t], we, acc[r][t]));
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) {
+            float tail = 0.f;
+            for (int64_t j = k; j < K; ++j) tail += weight_at<true>(rows + r * ld, j) * xs[t * K + j];
+            out[t * ldo + r] = hsum8(acc[r][t]) + tail;
+        }
+}
+
+// x [T, K] split for `tile_avx2_bf16` into xs [T, K].
+void split_even_odd(const float* x, int T, int64_t K, float* xs) {
+    for (int t = 0; t < T; ++t) {
+        const float* in = x + t * K;
+        float* to = xs + t * K;
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16)
+            for (int i = 0; i < 8; ++i) to[k + i] = in[k + 2 * i], to[k + 8 + i] = in[k + 2 * i + 1];
+        for (; k < K; ++k) to[k] = in[k];
+    }
 }
 
 template <bool BF16, int R, int T>
@@ -63,10 +110,14 @@ using TileFn = void (*)(const void*, int64_t, const float*, int64_t, float*, int
 // Rows per tile for T tokens: R * T accumulators within the 16 (AVX2) or 32 (AVX-512) vector registers.
 constexpr int rows_for(int T) { return T <= 2 ? 4 : T <= 4 ? 3 : 2; }
 
+// Whether bfloat16 rows take `tile_avx2_bf16` on this CPU (and so split activations).
+bool split_bf16() { return !has_avx512() && has_avx2(); }
+
 template <bool BF16, int T>
 TileFn tile_fn(bool single_row) {
     constexpr int R = rows_for(T);
     if (has_avx512()) return single_row ? tile_avx512<BF16, 1, T> : tile_avx512<BF16, R, T>;
+    if (BF16 && has_avx2()) return single_row ? tile_avx2_bf16<1, T> : tile_avx2_bf16<R, T>;
     if (has_avx2()) return single_row ? tile_avx2<BF16, 1, T> : tile_avx2<BF16, R, T>;
     return single_row ? tile_scalar<BF16, 1, T> : tile_scalar<BF16, R, T>;
 }
@@ -93,6 +144,12 @@ void dense_pass(const void* w, bool bf16, const float* bias, int N, int64_t K, c
     const TileFn one = bf16 ? pick<true>(T, true) : pick<false>(T, true);
     const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
     const int tiles = N / R, rows = tiles * R;
+    std::vector<float> split;
+    if (bf16 && split_bf16()) {
+        split.resize((size_t)T * K);
+        split_even_odd(x, T, K, split.data());
+        x = split.data();
+    }
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < tiles + (N - rows); ++i) {
         const int n0 = i < tiles ? i * R : rows + (i - tiles), r = i < tiles ? R : 1;

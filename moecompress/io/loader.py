@@ -22,6 +22,7 @@ def load(
     cache_dequantized: bool = False,
     trust_remote_code: bool = False,
     dense_kernels: bool = True,
+    dense_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Rebuild a model from a moecompress checkpoint folder; experts run through the packed modules.
 
@@ -30,6 +31,8 @@ def load(
     cache_dequantized: keep dequantized expert weights after first use (fast CPU eval, more memory).
     dense_kernels: run the unquantized linear layers (attention, LM head) through the native dense GEMV on the CPU
     at decode (`runtime/native_linear.py`: same weights, no copy, float32 sums); False: torch's `F.linear`.
+    dense_dtype: with `dense_kernels`, those layers' weights kept in this dtype (torch.bfloat16: as a bfloat16
+    checkpoint stores them, half the bytes of float32 read at each decode step; the activations stay in `dtype`).
     """
     from transformers import AutoConfig
 
@@ -54,5 +57,10 @@ def load(
     if dense_kernels:
         from ..runtime.native_linear import use_native_linears
 
-        use_native_linears(model)
+        if use_native_linears(model) and dense_dtype is not None:
+            from ..runtime.native_linear import NativeLinear
+
+            for module in model.modules():
+                if isinstance(module, NativeLinear):
+                    module.weight.data = module.weight.data.to(dense_dtype)
     return model

@@ -128,8 +128,14 @@ def linear_op(module: NativeLinear, x: Tensor) -> Tensor | None:
 
 
 # Single-token products with weights up to 2048 x 2048 as inductor's own fused reductions, not a BLAS call each
-# (moe-tiny-text, 2 cores: a 256 x 256 GEMV costs 9 us through torch's BLAS, most of it the call).
-INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+# (moe-tiny-text, 2 cores: a 256 x 256 GEMV costs 9 us through torch's BLAS, most of it the call); pointwise bodies
+# of more than 8 ops stored once, not recomputed where they are read (the query's norm and rope, sines and cosines
+# included, were recomputed for every cached position: attention 339 -> 103 us a layer on the synthetic model).
+INDUCTOR_OPTIONS = {
+    "post_grad_fusion_options": {"decompose_mm_pass": {}},
+    "realize_cpu_opcount_threshold": 8,
+    "realize_opcount_threshold": 8,
+}
 
 
 def compiled_path_refusal(model: nn.Module) -> str | None:
