@@ -315,11 +315,12 @@ class Decoder:
             self.model(head, past_key_values=cache, cache_position=torch.arange(head.shape[1]), use_cache=True)
             ours = self._step(token, cache, torch.tensor([head.shape[1]]))[0].float()
         except (RuntimeError, ValueError, TypeError) as exc:
-            what = "with eager attention " if eager else ""
-            return f"transformers' static KV cache {what}does not fit this model ({one_line(exc)})"
+            what = " with eager attention" if eager else ""
+            return f"transformers' static KV cache{what} does not fit this model ({one_line(exc)})"
         error = float((ours - theirs).norm() / theirs.norm())
         if error > (1e-2 if torch.finfo(self.model.dtype).bits >= 32 else 1e-1):  # 16-bit activations: 1e-2 is noise
-            return f"transformers' static KV cache changes this model's logits ({error:.2g} relative)"
+            what = " with eager attention" if eager else ""
+            return f"transformers' static KV cache{what} changes this model's logits ({error:.2g} relative)"
         return None
 
     def _no_static(self, why: str) -> bool:

@@ -34,9 +34,10 @@ def q4k_tiny_text(tmp_path_factory):
     return out
 
 
-def llama_cpp_vs(model, path, tokens: int) -> float:
-    """Relative error of llama.cpp's logits for the GGUF `path` against `model`'s on random tokens; skips where
-    llama-cpp-python (the optional extra [gguf], not in the test command) has no loadable library."""
+def llama_cpp_vs(model, path, tokens: int, per_token: bool = False):
+    """Relative error of llama.cpp's logits for the GGUF `path` against `model`'s on random tokens (`per_token`: each
+    position's); skips where llama-cpp-python (the optional extra [gguf], not in the test command) has no loadable
+    library."""
     try:
         import llama_cpp
     except (ImportError, OSError) as exc:  # installed without its library (LLAMA_CPP_LIB_PATH unset): OSError
@@ -48,6 +49,8 @@ def llama_cpp_vs(model, path, tokens: int) -> float:
     llm.close()
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].double()
+    if per_token:
+        return (theirs - ours).norm(dim=-1) / ours.norm(dim=-1)
     return float((theirs - ours).norm() / ours.norm())
 
 
@@ -249,7 +252,10 @@ def test_every_mapped_architecture_exports_every_tensor(model_type, tmp_path):
 def test_llama_cpp_runs_every_mapped_architecture_like_transformers(model_type, tmp_path):
     model = tiny_model(model_type, tmp_path / model_type)
     export_gguf(tmp_path / model_type, tmp_path / "m.gguf", "F32")
-    assert llama_cpp_vs(model, tmp_path / "m.gguf", 48) < 3e-3
+    errors = llama_cpp_vs(model, tmp_path / "m.gguf", 48, per_token=True)
+    # random routers have near-ties that float rounding flips: one position of 48 may take other experts (qwen3_moe
+    # on an AVX2 CPU: 0.11 at one position, 2.4e-4 to 4.4e-4 at the others); a wrong mapping misses at every one
+    assert int((errors > 3e-3).sum()) <= 1 and float(errors.median()) < 1e-3
 
 
 def test_routing_llama_cpp_would_compute_otherwise_is_refused(tmp_path):
