@@ -79,7 +79,18 @@ def test_compress_runs_the_enabled_stages_in_order_with_one_context(tiny_text_pa
     assert list(result.report.stage_seconds) == ["allocation", "quantize", "probe"]  # the others are off
     names = [s.name for s in stages.STAGES]
     # gguf: the export's section, enabled for no run
-    assert names == ["merge", "slim", "factor", "allocation", "quantize", "routing", "recovery", "skip", "gguf"]
+    assert names == [
+        "merge",
+        "slim",
+        "factor",
+        "allocation",
+        "quantize",
+        "routing",
+        "recovery",
+        "dense",
+        "skip",
+        "gguf",
+    ]
 
 
 def _recovery_recipe() -> Recipe:

@@ -4,17 +4,14 @@ through the model (its experts as the earlier stages left them), or round-to-nea
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..formats import FORMATS, PackedTensor, QuantFormat, pack
+from ..formats import FORMATS, PackedTensor, QuantFormat, pack, unpack
 from .gptq import quantize_gptq
 from .rtn import quantize_rtn
-
-log = logging.getLogger(__name__)
 
 DENSE_KINDS = ("attention", "shared", "mlp", "lm_head")
 DENSE_METHODS = ("gptq", "rtn")
@@ -23,10 +20,10 @@ DENSE_METHODS = ("gptq", "rtn")
 @dataclass
 class DenseQuantConfig:
     """bits: 0 keeps these layers as they are; 8 or 4 (any width of the integer format) quantizes them, `group_size`
-    weights per scale (-1: per output channel), `sym` without zero points. targets: which of attention, shared
-    (shared experts), mlp (the dense MLPs of non-MoE layers), lm_head (one tied to the input embeddings is untied: the embeddings stay, the
-    head becomes a quantized copy). method: gptq or rtn. Embeddings stay in the checkpoint's dtype (`save_dtype`);
-    routers are never quantized."""
+    weights per scale (-1: per output channel), `sym` on symmetric grids. targets: which of attention, shared
+    (shared experts), mlp (the dense MLPs of non-MoE layers), lm_head (one tied to the input embeddings is untied:
+    the embeddings stay, the head becomes a quantized copy). method: gptq or rtn. Embeddings stay in the checkpoint's
+    dtype (`save_dtype`); routers are never quantized."""
 
     bits: int = 0
     group_size: int = 128
@@ -43,16 +40,14 @@ class DenseQuantConfig:
 def dense_targets(model: nn.Module, adapter, kinds: list[str]) -> dict[str, str]:
     """{module name: kind} of the `nn.Linear`s of `model` that `kinds` choose: inside the text decoder layers, outside
     the routed experts and routers, and the LM head."""
-    prefix = adapter.layers_prefix(model)
-    skip = set()
-    for view in adapter.moe_blocks(model):
-        skip.update(id(m) for m in (*view.experts.modules(), *view.router.modules()))
-    blocks = {id(view.block) for view in adapter.moe_blocks(model)}
+    prefix, views = adapter.layers_prefix(model), adapter.moe_blocks(model)
+    skip = {id(m) for view in views for m in (*view.experts.modules(), *view.router.modules())}
+    blocks = {id(view.block) for view in views}
     found = {}
     for index, layer in enumerate(adapter.decoder_layers(model)):
         inside_moe = {id(m) for b in layer.modules() if id(b) in blocks for m in b.modules()}
         for name, module in layer.named_modules():
-            if type(module).__name__ not in ("Linear", "NativeLinear") or id(module) in skip:
+            if not isinstance(module, nn.Linear) or id(module) in skip:
                 continue
             kind = "shared" if id(module) in inside_moe else "attention" if _is_attention(name) else "mlp"
             found[f"{prefix}.{index}.{name}"] = kind
@@ -113,8 +108,6 @@ def quantize_linear(weight: torch.Tensor, fmt: QuantFormat, hessian: torch.Tenso
 
 def relative_error(weight: torch.Tensor, packed: PackedTensor, hessian: torch.Tensor | None) -> float:
     """||(W - W_q) X|| / ||W X|| over the calibration inputs (their Hessian), or of the weights without one."""
-    from ..formats import unpack
-
     w = weight.detach().double().cpu()
     delta = unpack(packed).dequantize(torch.float64) - w
     if hessian is None:

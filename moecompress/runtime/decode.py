@@ -308,6 +308,7 @@ class Decoder:
         """Why the static cache's logits for `token` after `head` are not `theirs` (None: they are)."""
         from transformers import StaticCache
 
+        what = " with eager attention" if eager else ""
         try:
             cache = StaticCache(config=self.model.config, max_cache_len=16)
             if any(type(layer).__name__ != "StaticLayer" for layer in cache.layers):  # positions a graph would fix
@@ -315,11 +316,9 @@ class Decoder:
             self.model(head, past_key_values=cache, cache_position=torch.arange(head.shape[1]), use_cache=True)
             ours = self._step(token, cache, torch.tensor([head.shape[1]]))[0].float()
         except (RuntimeError, ValueError, TypeError) as exc:
-            what = " with eager attention" if eager else ""
             return f"transformers' static KV cache{what} does not fit this model ({one_line(exc)})"
         error = float((ours - theirs).norm() / theirs.norm())
         if error > (1e-2 if torch.finfo(self.model.dtype).bits >= 32 else 1e-1):  # 16-bit activations: 1e-2 is noise
-            what = " with eager attention" if eager else ""
             return f"transformers' static KV cache{what} changes this model's logits ({error:.2g} relative)"
         return None
 

@@ -53,12 +53,16 @@ class QuantizedLinear(PackedLinear):
             return self.native_forward(x)
         return super().forward(x)
 
-    def native_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def descriptor(self) -> tuple:
+        """(the kernels' `ProjDesc` of this weight, whether the CPU runs it with int8 activations), made once."""
         epoch = packed_experts._pack_epoch
         if self._described is None or self._described[0] != epoch:
             desc, keep = native.describe(self)
             self._described = (epoch, desc, keep, native.int8_fits(self))
-        _, desc, _, int8 = self._described
+        return self._described[1], self._described[3]
+
+    def native_forward(self, x: torch.Tensor) -> torch.Tensor:
+        desc, int8 = self.descriptor()
         y = native.packed_linear(self, x, int8 and x.numel() <= native.INT8_TOKENS * self.in_features, desc)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 

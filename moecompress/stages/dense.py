@@ -75,7 +75,7 @@ class DenseQuantStage(Stage):
         return {
             "format": fmt.name,
             "method": d.method,
-            "linears": dict(sorted({k: sum(1 for v in targets.values() if v == k) for k in errors}.items())),
+            "linears": {kind: len(v) for kind, v in sorted(errors.items())},
             "params": params,
             "bytes": nbytes,
             "bits_per_param": 8 * nbytes / max(params, 1),

@@ -154,8 +154,11 @@ def test_transformers_with_compressed_tensors_reproduces_moecompress_logits(symm
     ours = moecompress.load(symmetric_tiny_text)
     with torch.no_grad():
         a, b = independent(input_ids=ids).logits, ours(input_ids=ids).logits
-    # Only the fp16 rounding of dequantized weights differs (compressed-tensors dequantizes in the scale dtype).
-    assert ((a - b).norm() / b.norm()) < 2e-3
+    # Only the fp16 rounding of dequantized weights differs (compressed-tensors dequantizes in the scale dtype); that
+    # rounding may flip a router's near-tie at one position of 128 (on an AVX2 CPU: 0.088 there, 3.4e-3 at the next,
+    # median 1.7e-4), which moves the later positions of that sequence a little
+    errors = ((a - b).norm(dim=-1) / b.norm(dim=-1)).flatten()
+    assert int((errors > 1e-2).sum()) <= 1 and float(errors.quantile(0.95)) < 2e-3 and float(errors.median()) < 5e-4
 
 
 def test_gptq_export_layout_and_config(symmetric_tiny_text, tmp_path):

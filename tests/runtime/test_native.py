@@ -311,7 +311,7 @@ def test_quantized_linear_is_its_packed_weight_times_x(fmt, tokens):
     q, x = holder.proj, torch.randn(tokens, 256)
     with torch.no_grad():
         y = q(x)
-    int8 = q._described[3] and native.INT8_TOKENS > 0
+    int8 = q.descriptor()[1] and native.INT8_TOKENS > 0
     ref = (quantized_activations(x) if int8 else x.double()) @ q.dequantize(torch.float64).T + q.bias.double()
     assert rel_err(y, ref) < 1e-5
     assert rel_err(y, x.double() @ q.dequantize(torch.float64).T + q.bias.double()) < 2e-2
