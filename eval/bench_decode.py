@@ -9,7 +9,10 @@ Every runtime decodes `--tokens` tokens after the same 64-token prompt (the prom
 first compiling call untimed), the runtimes alternate `--rounds` times, and the median tokens/s is printed with
 the ratio to llama.cpp's. Checkpoints (RTN: the speed does not depend on how the codes were chosen) and GGUFs are
 made once in --work. Compared, same tensors quantized: our w4 g128 experts with the rest float32 or bfloat16 vs
-llama.cpp's Q4_K experts with the rest F16 (our own Q4_K export), and vs its Q4_K_M mix (gguf-q4_k_m types)."""
+llama.cpp's Q4_K experts with the rest F16 (our own Q4_K export), and vs its Q4_K_M mix (gguf-q4_k_m types). Then,
+compiled (`--no-variants` leaves them out): w4 with the attention and LM head quantized (`dense:` w8 or w4), uniform
+w2, an LP 2.5-bit mix of 2-, 3- and 4-bit experts, ternary experts, the LP mix with dense w4 (llama.cpp has no
+per-expert mix and no base-3 ternary)."""
 
 from __future__ import annotations
 
