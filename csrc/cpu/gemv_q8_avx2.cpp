@@ -12,8 +12,8 @@ namespace {
 // 32 8-bit codes) in 8 lanes of the same L consecutive codes; the byte products are summed by vpmaddubsw and
 // vpmaddwd (no overflow for codes below 16: 15 * 127 * 2 < 2^15), or by AVX-VNNI's vpdpbusd where the CPU has
 // it. 8-bit codes without AVX-VNNI are taken as code - 128 (signed), their magnitude times the activation with
-// their sign (|c - 128| * 127 * 2 < 2^15, llama.cpp's AVX2 trick), and the zero point as z - 128. 3-bit codes stay
-// on the float32 kernels here.
+// their sign (|c - 128| * 127 * 2 < 2^15, llama.cpp's AVX2 trick), and the zero point as z - 128. 3-bit rows come
+// widened to 4-bit codes (runtime/native.py, `widened`).
 #define Q8_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 
 // acc += byte dot products of u (unsigned) and s (signed) in fours. AVX-VNNI's vpdpbusd is written as inline
