@@ -26,8 +26,7 @@ from .models.streaming import StreamedModel, local_folder, open_streamed, parame
 from .quant.experts import ExpertQuantReport
 from .recipe import Recipe
 from .runtime.factored_experts import FactoredExperts
-from .runtime.packed_experts import PackedLinear, set_dequant_cache
-from .runtime.quantized_linear import QuantizedLinear
+from .runtime.packed_experts import PackedExperts, PackedLinear, set_dequant_cache
 from .stages import STAGES, RunContext, plan_allocation
 from .storage.layer_store import LayerStore, state_folder
 from .storage.outputs import claim_output, disk_errors
@@ -101,16 +100,11 @@ class CompressionResult:
 
 def expert_bytes(model: nn.Module) -> tuple[int, int]:
     """(packed bytes incl. scales/zeros, expert parameters) over all `PackedExperts` and `FactoredExperts` (whose
-    parameters are those of the dense experts they stand for); quantized non-expert linears are the dense stage's."""
-    factored = [m for m in model.modules() if isinstance(m, FactoredExperts)]
-    inside = {id(m) for f in factored for m in f.modules()}
-    params = sum(3 * f.num_experts * f.hidden_size * f.intermediate_size for f in factored)
-    nbytes = 0
-    for module in model.modules():
-        if isinstance(module, PackedLinear) and not isinstance(module, QuantizedLinear):
-            nbytes += module.packed().nbytes
-            params += 0 if id(module) in inside else module.out_features * module.in_features
-    return nbytes, params
+    parameters are those of the dense experts they stand for)."""
+    blocks = [m for m in model.modules() if isinstance(m, (PackedExperts, FactoredExperts))]
+    linears = [m for b in blocks for m in b.modules() if isinstance(m, PackedLinear)]
+    params = sum(3 * b.num_experts * b.hidden_size * b.intermediate_size for b in blocks)
+    return sum(m.packed().nbytes for m in linears), params
 
 
 def _as_recipe(recipe: Recipe | str | Path | None) -> Recipe:

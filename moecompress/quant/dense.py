@@ -73,16 +73,21 @@ def untie_lm_head(model: nn.Module) -> bool:
 
 
 def input_hessians(model: nn.Module, names: list[str], batches, device: str, progress=None) -> dict[str, torch.Tensor]:
-    """{name: mean x x^T} of each linear's inputs over the calibration `batches` (one forward each)."""
+    """{name: mean x x^T} of each linear's inputs over the calibration `batches` (one forward each). Linears fed the
+    same tensor (q, k and v) share one product per forward."""
     sums = {name: None for name in names}
     counts = dict.fromkeys(names, 0)
+    products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # this forward's, by input: (input, x^T x)
 
     def hook(name):
         def add(module, args):
-            x = args[0].detach().reshape(-1, module.in_features).float()
-            h = x.T @ x
-            sums[name] = h if sums[name] is None else sums[name].add_(h)
-            counts[name] += x.shape[0]
+            x = args[0]  # the caller's own tensor object: q, k and v are handed the same one
+            if id(x) not in products or products[id(x)][0] is not x:
+                flat = x.reshape(-1, module.in_features).float()
+                products[id(x)] = (x, flat.T @ flat)
+            h = products[id(x)][1]
+            sums[name] = h.clone() if sums[name] is None else sums[name].add_(h)
+            counts[name] += x.numel() // module.in_features
 
         return add
 
@@ -90,6 +95,7 @@ def input_hessians(model: nn.Module, names: list[str], batches, device: str, pro
     try:
         with torch.no_grad():
             for batch in batches:
+                products.clear()
                 model(**{k: v.to(device) for k, v in batch.inputs.items()}, use_cache=False)
                 if progress is not None:
                     progress.update(1)
