@@ -46,14 +46,15 @@ def check(model_type: str, work: Path, tokens: int) -> dict:
     today, today_logits = out.sequences[0, 16 : 16 + tokens].tolist(), torch.cat(out.logits[:tokens]).float()
     eager_decoder = Decoder(model, 16 + tokens, compile=False)
     eager_tokens, eager = eager_decoder.generate(prompt, tokens)
-    decoder = Decoder(model, 16 + tokens)
+    eager_logits = rel(eager_decoder.score(prompt, today), today_logits) if eager_decoder.static else None
+    decoder = Decoder(model, 16 + tokens)  # (switches the model to eager attention where it compiles)
     compiled_tokens, first = decoder.generate(prompt, tokens)
     _, again = decoder.generate(prompt, tokens)
     return {
         "path": "compiled" if decoder.compiled else f"eager: {decoder.fallback}",
         "eager == today": eager_tokens == today,
         "compiled == today": compiled_tokens == today,
-        "eager logits": rel(eager_decoder.score(prompt, today), today_logits) if eager_decoder.static else None,
+        "eager logits": eager_logits,
         "compiled logits": rel(decoder.score(prompt, today), today_logits) if decoder.static else None,
         "compile_s": first.compile_s,
         "eager tok/s": eager.tokens_per_s,
