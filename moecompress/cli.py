@@ -346,7 +346,7 @@ def cmd_generate(args) -> dict:
     model, processor, seconds = _load_for_eval(args.model, args.trust_remote_code, False, args.dtype)
     tokenizer = getattr(processor, "tokenizer", processor)
     prompt = tokenizer(args.prompt, return_tensors="pt").input_ids
-    decoder = Decoder(model, compile=not args.eager)
+    decoder = Decoder(model, compile=not args.eager, threads=args.threads)
     tokens, stats = decoder.generate(prompt, args.max_new_tokens, tokenizer.eos_token_id)
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     logging.info("%s%s", args.prompt, text)
@@ -688,6 +688,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--max-new-tokens", type=_at_least(1), default=64)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the dense weights")
     p.add_argument("--eager", action="store_true", help="do not compile the decode step")
+    p.add_argument(
+        "--threads",
+        type=_at_least(1),
+        help="at most this many threads (default: torch's count); fewer while other processes keep cores busy",
+    )
     _common(p)
     p.set_defaults(run=cmd_generate)
 

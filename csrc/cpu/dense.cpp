@@ -137,26 +137,43 @@ TileFn pick(int T, bool single_row) {
     }
 }
 
-// y[T, N] = x[T, K] W^T (+ bias) for T <= kDenseTokens: tiles of rows split across threads, leftover rows one by one.
-void dense_pass(const void* w, bool bf16, const float* bias, int N, int64_t K, const float* x, int T, float* y) {
+// One weight of a multi-weight pass: W [N, K] float32 or bfloat16, bias or null, its output y [T, N].
+struct DenseWeight {
+    const void* w;
+    bool bf16;
+    const float* bias;
+    int N;
+    float* y;
+};
+
+// y_m[T, N_m] = x[T, K] W_m^T (+ bias_m) for T <= kDenseTokens and weights sharing x (a layer's q, k and v): the
+// tiles of rows of every weight, then their leftover rows one by one, in one parallel loop (one fork and join for
+// all of them, the weights read in one stream).
+void dense_pass(const DenseWeight* m, int count, int64_t K, const float* x, int T) {
     const int R = rows_for(T);
-    const TileFn tile = bf16 ? pick<true>(T, false) : pick<false>(T, false);
-    const TileFn one = bf16 ? pick<true>(T, true) : pick<false>(T, true);
-    const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
-    const int tiles = N / R, rows = tiles * R;
+    std::vector<int> first(count + 1, 0);  // work items first[i] .. first[i+1]-1: weight i's tiles and leftover rows
+    for (int i = 0; i < count; ++i) first[i + 1] = first[i] + m[i].N / R + m[i].N % R;
     std::vector<float> split;
-    if (bf16 && split_bf16()) {
-        split.resize((size_t)T * K);
-        split_even_odd(x, T, K, split.data());
-        x = split.data();
-    }
+    const float* xs = x;  // bfloat16 rows take the activations split (see tile_avx2_bf16)
+    for (int i = 0; i < count && split.empty(); ++i)
+        if (m[i].bf16 && split_bf16()) {
+            split.resize((size_t)T * K);
+            split_even_odd(x, T, K, split.data());
+            xs = split.data();
+        }
+    // [bf16][single row]: chosen once (each choice reads the environment's ISA switches)
+    const TileFn fns[2][2] = {{pick<false>(T, false), pick<false>(T, true)}, {pick<true>(T, false), pick<true>(T, true)}};
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < tiles + (N - rows); ++i) {
-        const int n0 = i < tiles ? i * R : rows + (i - tiles), r = i < tiles ? R : 1;
-        (i < tiles ? tile : one)((const char*)w + (size_t)n0 * row_bytes, K, x, K, y + n0, N);
-        if (bias)
-            for (int j = 0; j < r; ++j)
-                for (int t = 0; t < T; ++t) y[(int64_t)t * N + n0 + j] += bias[n0 + j];
+    for (int item = 0; item < first[count]; ++item) {
+        int i = 0;
+        while (item >= first[i + 1]) ++i;
+        const DenseWeight& d = m[i];
+        const int j = item - first[i], tiles = d.N / R, rows = tiles * R;
+        const int n0 = j < tiles ? j * R : rows + (j - tiles), r = j < tiles ? R : 1;
+        fns[d.bf16][j >= tiles]((const char*)d.w + (size_t)n0 * (size_t)K * (d.bf16 ? 2 : 4), K, d.bf16 ? xs : x, K, d.y + n0, d.N);
+        if (d.bias)
+            for (int q = 0; q < r; ++q)
+                for (int t = 0; t < T; ++t) d.y[(int64_t)t * d.N + n0 + q] += d.bias[n0 + q];
     }
 }
 
@@ -166,14 +183,23 @@ void dense_pass(const void* w, bool bf16, const float* bias, int N, int64_t K, c
 
 extern "C" {
 
+// y[i][T, N[i]] = x[T, K] W_i^T (+ bias_i) for `count` weights sharing x, as moe_dense_linear each, their rows in one
+// parallel loop per pass.
+void moe_dense_linears(int32_t count, const void* const* w, const int32_t* bf16, const float* const* bias,
+                       const int32_t* N, int32_t K, const float* x, int64_t T, float* const* y) {
+    std::vector<moecpu::DenseWeight> m((size_t)count);
+    for (int64_t t0 = 0; t0 < T; t0 += moecpu::kDenseTokens) {
+        const int n = (int)(T - t0 < moecpu::kDenseTokens ? T - t0 : moecpu::kDenseTokens);
+        for (int i = 0; i < count; ++i) m[i] = {w[i], bf16[i] != 0, bias[i], N[i], y[i] + t0 * N[i]};
+        moecpu::dense_pass(m.data(), count, K, x + t0 * K, n);
+    }
+}
+
 // y[T, N] = x[T, K] W^T (+ bias): W [N, K] row-major, float32 (bf16 = 0) or bfloat16 (bf16 = 1); bias float32 or
 // null. Any T, kDenseTokens tokens per pass over the weights (meant for decode: a few tokens).
 void moe_dense_linear(const void* w, int32_t bf16, const float* bias, int32_t N, int32_t K, const float* x, int64_t T,
                       float* y) {
-    for (int64_t t0 = 0; t0 < T; t0 += moecpu::kDenseTokens) {
-        const int n = (int)(T - t0 < moecpu::kDenseTokens ? T - t0 : moecpu::kDenseTokens);
-        moecpu::dense_pass(w, bf16 != 0, bias, N, K, x + t0 * K, n, y + t0 * N);
-    }
+    moe_dense_linears(1, &w, &bf16, &bias, &N, K, x, T, &y);
 }
 
 }  // extern "C"

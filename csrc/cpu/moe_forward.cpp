@@ -238,22 +238,49 @@ void moe_proj_desc_layout(int64_t* out) {
 #undef MOE_OFFSET
 }
 
+// y[i][T, out_i] = x[T, in] W_i^T (+ bias_i) for `count` packed projections sharing x (a layer's q, k and v), any
+// T; int8 activations where `q8` and every format allows, quantized once per layout, and the rows of all the
+// projections in one parallel loop.
+void moe_packed_linears(int32_t count, const ProjDesc* d, const float* x, int64_t T, int32_t q8, float* const* y) {
+    bool fits = q8 != 0;
+    for (int i = 0; i < count; ++i) fits = fits && q8_fits(d[i]);
+    if (!fits) {
+        for (int i = 0; i < count; ++i) project_f32(d[i], x, T, y[i]);
+    } else {
+        std::vector<int> slot(kQ8Layouts, -1), first(count + 1, 0);  // layout -> its activations; tiles per projection
+        std::vector<Q8Layout> layouts;
+        for (int i = 0; i < count; ++i) {
+            const Q8Layout l = q8_layout(d[i].bits);
+            if (slot[q8_layout_id(l)] < 0) slot[q8_layout_id(l)] = (int)layouts.size(), layouts.push_back(l);
+            first[i + 1] = first[i] + tiles(d[i].out_features);
+        }
+        Acts acts(d[0].in_features, (int64_t)layouts.size() * T);
+        for (size_t k = 0; k < layouts.size(); ++k)
+            for (int64_t t = 0; t < T; ++t) acts.quantize((int64_t)k * T + t, x + t * d[0].in_features, layouts[k]);
+#pragma omp parallel
+        {
+            std::vector<QAct> a((size_t)T);
+#pragma omp for schedule(static)
+            for (int w = 0; w < first[count]; ++w) {
+                int i = 0;
+                while (w >= first[i + 1]) ++i;
+                const int64_t row = (int64_t)slot[q8_layout_id(q8_layout(d[i].bits))] * T;
+                for (int64_t t = 0; t < T; ++t) a[t] = acts.at(row + t);
+                const int n0 = (w - first[i]) * kTile;
+                rows_for(d[i], n0, std::min(n0 + kTile, d[i].out_features), a.data(), T, y[i]);
+            }
+        }
+    }
+    for (int i = 0; i < count; ++i)
+        if (d[i].bias)
+            for (int64_t t = 0; t < T; ++t)
+                accumulate(y[i] + t * d[i].out_features, 1.f, d[i].bias, nullptr, 0, d[i].out_features);
+}
+
 // y[T, out] = x[T, in] W^T (+ bias) for one packed projection, any T; int8 activations where `q8` and the format
 // allows.
 void moe_packed_linear(const ProjDesc* d, const float* x, int64_t T, int32_t q8, float* y) {
-    if (!q8 || !q8_fits(*d)) {
-        project_f32(*d, x, T, y);
-    } else {
-        const Q8Layout layout = q8_layout(d->bits);
-        Acts acts(d->in_features, T);
-        std::vector<QAct> a((size_t)T);
-        for (int64_t t = 0; t < T; ++t) acts.quantize(t, x + t * d->in_features, layout), a[t] = acts.at(t);
-#pragma omp parallel for schedule(dynamic)
-        for (int w = 0; w < tiles(d->out_features); ++w)
-            rows_for(*d, w * kTile, std::min((w + 1) * kTile, d->out_features), a.data(), T, y);
-    }
-    if (d->bias)
-        for (int64_t t = 0; t < T; ++t) accumulate(y + t * d->out_features, 1.f, d->bias, nullptr, 0, d->out_features);
+    moe_packed_linears(1, d, x, T, q8, &y);
 }
 
 // One MoE layer: out[T, H] = sum_k w[t, k] * down_e(act(gate_e(x_t), up_e(x_t))), e = ids[t, k], over the

@@ -36,6 +36,8 @@ from . import native
 from .native_linear import NATIVE_TOKENS, NativeLinear
 from .packed_experts import PackedExperts
 from .quantized_linear import QuantizedLinear
+from .shared_input import SharedInputFusion
+from .threads import DecodeThreads
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,9 @@ _library = torch.library.Library("moecompress", "DEF")
 _library.define("packed_experts(int key, Tensor hidden, Tensor top_k_index, Tensor top_k_weights) -> Tensor")
 _library.define("dense_linear(Tensor weight, Tensor? bias, Tensor x) -> Tensor")
 _library.define("quantized_linear(int key, Tensor x) -> Tensor")
+# what SharedInputFusion (runtime/shared_input.py) makes of the single calls that share x
+_library.define("dense_linears(Tensor[] weights, Tensor?[] biases, Tensor x) -> Tensor[]")
+_library.define("quantized_linears(int[] keys, Tensor x) -> Tensor[]")
 
 
 def _packed_experts(key: int, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
@@ -72,7 +77,21 @@ def _quantized_linear(key: int, x: Tensor) -> Tensor:
     return _modules[key].native_forward(x)
 
 
+def _dense_linears(weights: list[Tensor], biases: list[Tensor | None], x: Tensor) -> list[Tensor]:
+    return [y.to(x.dtype) for y in native.dense_linears(weights, biases, x)]
+
+
+def _quantized_linears(keys: list[int], x: Tensor) -> list[Tensor]:
+    """The `QuantizedLinear`s under `keys` in one native call (int8 activations where every one takes them)."""
+    modules = [_modules[k] for k in keys]
+    described = [m.descriptor() for m in modules]
+    int8 = all(d[1] for d in described) and x.numel() <= native.INT8_TOKENS * x.shape[-1]
+    return [y.to(x.dtype) for y in native.packed_linears(modules, x, int8, [d[0] for d in described])]
+
+
 _library.impl("packed_experts", _packed_experts, "CompositeExplicitAutograd")
+_library.impl("dense_linears", _dense_linears, "CompositeExplicitAutograd")
+_library.impl("quantized_linears", _quantized_linears, "CompositeExplicitAutograd")
 _library.impl("dense_linear", _dense_linear, "CompositeExplicitAutograd")
 _library.impl("quantized_linear", _quantized_linear, "CompositeExplicitAutograd")
 
@@ -90,6 +109,16 @@ def _(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
 @torch.library.register_fake("moecompress::quantized_linear")
 def _(key: int, x: Tensor) -> Tensor:
     return x.new_empty(*x.shape[:-1], _modules[key].out_features)
+
+
+@torch.library.register_fake("moecompress::dense_linears")
+def _(weights: list[Tensor], biases: list[Tensor | None], x: Tensor) -> list[Tensor]:
+    return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
+
+
+@torch.library.register_fake("moecompress::quantized_linears")
+def _(keys: list[int], x: Tensor) -> list[Tensor]:
+    return [x.new_empty(*x.shape[:-1], _modules[k].out_features) for k in keys]
 
 
 packed_experts_op = torch.ops.moecompress.packed_experts.default
@@ -115,8 +144,9 @@ def experts_op(module: PackedExperts, hidden: Tensor, top_k_index: Tensor, top_k
 
 
 # Weights from which a traced linear calls the native GEMV; smaller ones are inductor's (a 256 x 256 float32 GEMV:
-# 7 us through torch's BLAS, 14 us through the op; moe-tiny-text's 8 MB LM head is faster native)
-NATIVE_BYTES = 1 << 20
+# 7 us through torch's BLAS, 14 us through the op; moe-tiny-text's 8 MB LM head is faster native). A 256 x 1024
+# bfloat16 k or v projection (512 KiB) is native, so that it joins its layer's q in one call (SharedInputFusion).
+NATIVE_BYTES = 1 << 19
 
 
 def linear_op(module: NativeLinear, x: Tensor) -> Tensor | None:
@@ -133,6 +163,7 @@ def linear_op(module: NativeLinear, x: Tensor) -> Tensor | None:
 # included, were recomputed for every cached position: attention 339 -> 103 us a layer on the synthetic model).
 INDUCTOR_OPTIONS = {
     "post_grad_fusion_options": {"decompose_mm_pass": {}},
+    "post_grad_custom_post_pass": SharedInputFusion(),
     "realize_cpu_opcount_threshold": 8,
     "realize_opcount_threshold": 8,
 }
@@ -188,8 +219,10 @@ class DecodeStats:
 class Decoder:
     """Greedy generation with a static KV cache and, where `compiled_path_refusal` allows, the compiled step."""
 
-    def __init__(self, model: nn.Module, max_len: int | None = None, compile: bool = True):
-        self.model = model.eval()
+    def __init__(self, model: nn.Module, max_len: int | None = None, compile: bool = True, threads: int | None = None):
+        """`threads`: at most this many (default torch's count), fewer while other processes keep cores busy
+        (`DecodeThreads`)."""
+        self.model, self.threads = model.eval(), threads
         self.max_len = max_len or getattr(model.config, "max_position_embeddings", None) or 2048
         self.fallback = compiled_path_refusal(model) if compile else "compile=False"
         if self.fallback is not None and compile:
@@ -247,8 +280,13 @@ class Decoder:
         if self.static and self.checked is None:
             with torch.no_grad():
                 self.checked = self._static_cache_agrees(prompt)
-        if not self.static:
-            return self._transformers(prompt, new, eos, forced)
+        with DecodeThreads(self.threads or torch.get_num_threads()) as threads:
+            if not self.static:
+                return self._transformers(prompt, new, eos, forced)
+            return self._static_decode(prompt, new, eos, forced, threads)
+
+    def _static_decode(self, prompt: Tensor, new: int, eos: int | None, forced: list[int] | None, threads):
+        length = prompt.shape[1]
         times, tokens, logits = [], [], []
         with torch.no_grad(), no_gc():
             start = time.perf_counter()
@@ -262,6 +300,8 @@ class Decoder:
                     break
                 fed = torch.tensor([[tokens[-1] if forced is None else forced[i]]])
                 last = self._next(fed, cache, torch.tensor([length + i]), i > 0)
+                if i > 0:  # the first step may compile
+                    threads.step(time.perf_counter() - start)
         return tokens, times, logits
 
     def _transformers(self, prompt: Tensor, new: int, eos: int | None, forced: list[int] | None):

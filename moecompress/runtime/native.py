@@ -160,6 +160,16 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_float,
         ctypes.c_void_p,
     ]
+    lib.moe_packed_linears.argtypes = [
+        ctypes.c_int32,
+        ctypes.POINTER(ProjDesc),
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int32,
+        ctypes.c_void_p,
+    ]
+    lib.moe_dense_linears.argtypes = [ctypes.c_int32, *[ctypes.c_void_p] * 4, ctypes.c_int32, *[ctypes.c_void_p] * 3]
+    lib.moe_dense_linears.argtypes[-2] = ctypes.c_int64
     lib.moe_dense_linear.argtypes = [
         ctypes.c_void_p,
         ctypes.c_int32,
@@ -287,6 +297,43 @@ def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tenso
         y.data_ptr(),
     )
     return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def _pointers(values) -> ctypes.Array:
+    return (ctypes.c_void_p * len(values))(*values)
+
+
+def packed_linears(linears: list, x: torch.Tensor, int8: bool, descs: list[ProjDesc]) -> list[torch.Tensor]:
+    """x [..., in] W_i^T for packed linears sharing x (their descriptors `descs`), in one native call: the activations
+    quantized once, the rows of all of them in one parallel loop."""
+    flat = _as(x, torch.float32)
+    ys = [torch.empty(*x.shape[:-1], linear.out_features) for linear in linears]
+    array = (ProjDesc * len(descs))(*descs)
+    tokens = flat.numel() // linears[0].in_features
+    library().moe_packed_linears(
+        len(descs), array, flat.data_ptr(), tokens, int8, _pointers([y.data_ptr() for y in ys])
+    )
+    return ys
+
+
+def dense_linears(weights: list[torch.Tensor], biases: list, x: torch.Tensor) -> list[torch.Tensor]:
+    """x [..., in] W_i^T (+ bias_i) for contiguous float32 or bfloat16 weights sharing x, in one native call (as
+    `dense_linear` each); the results in float32."""
+    flat = _as(x.reshape(-1, x.shape[-1]), torch.float32)
+    bs = [None if b is None else _as(b, torch.float32) for b in biases]
+    ys = [torch.empty(*x.shape[:-1], w.shape[0]) for w in weights]
+    library().moe_dense_linears(
+        len(weights),
+        _pointers([w.data_ptr() for w in weights]),
+        (ctypes.c_int32 * len(weights))(*[int(w.dtype == torch.bfloat16) for w in weights]),
+        _pointers([None if b is None else b.data_ptr() for b in bs]),
+        (ctypes.c_int32 * len(weights))(*[w.shape[0] for w in weights]),
+        x.shape[-1],
+        flat.data_ptr(),
+        flat.shape[0],
+        _pointers([y.data_ptr() for y in ys]),
+    )
+    return ys
 
 
 class LinearTable:
