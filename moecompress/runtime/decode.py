@@ -162,6 +162,7 @@ def linear_op(module: NativeLinear, x: Tensor) -> Tensor | None:
 # of more than 8 ops stored once, not recomputed where they are read (the query's norm and rope, sines and cosines
 # included, were recomputed for every cached position: attention 339 -> 103 us a layer on the synthetic model).
 INDUCTOR_OPTIONS = {
+    "cpp_wrapper": True,  # the graph's wrapper in C++, not Python (+15 % synthetic w4 + dense w4, +35 % moe-tiny-text)
     "post_grad_fusion_options": {"decompose_mm_pass": {}},
     "post_grad_custom_post_pass": SharedInputFusion(),
     "realize_cpu_opcount_threshold": 8,

@@ -14,7 +14,6 @@ import time
 
 import torch
 
-BUSY = 0.5  # a core busier than this with other processes is not counted free
 WINDOW = 16  # steps per median
 RECHECK = 256  # steps after which fewer threads than asked for try again
 
@@ -31,27 +30,28 @@ def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]]:
     return times
 
 
-def busy_cpus(window: float = 0.03) -> set[int]:
-    """The CPUs of this process's affinity that other processes kept over BUSY busy during `window` seconds (this
-    thread sleeps meanwhile); none where /proc/stat cannot be read."""
+def busy_cores(window: float = 0.05) -> int:
+    """How many of this process's CPUs (its affinity) other processes kept busy over `window` seconds: all the
+    CPUs' busy time less this process's own (its spinning OpenMP workers, a llama.cpp beside it), in cores, rounded;
+    0 where /proc/stat cannot be read."""
     cpus = os.sched_getaffinity(0)
     try:
-        before = _cpu_times(cpus)
+        before, own = _cpu_times(cpus), os.times()
         time.sleep(window)
-        after = _cpu_times(cpus)
+        after, own_after = _cpu_times(cpus), os.times()
     except OSError:
-        return set()
-    busy = set()
+        return 0
+    busy = 0.0
     for cpu, (idle, total) in after.items():
         idle0, total0 = before.get(cpu, (idle, total))
-        if total > total0 and 1 - (idle - idle0) / (total - total0) > BUSY:
-            busy.add(cpu)
-    return busy
+        busy += 1 - (idle - idle0) / (total - total0) if total > total0 else 0.0
+    mine = (own_after.user + own_after.system - own.user - own.system) / (own_after.elapsed - own.elapsed)
+    return max(0, round(busy - mine))
 
 
-def free_cores(window: float = 0.03) -> int:
+def free_cores(window: float = 0.05) -> int:
     """The CPUs this process may run on less those other processes keep busy; at least 1."""
-    return max(1, len(os.sched_getaffinity(0)) - len(busy_cpus(window)))
+    return max(1, len(os.sched_getaffinity(0)) - busy_cores(window))
 
 
 class DecodeThreads:
