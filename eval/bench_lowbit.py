@@ -4,7 +4,7 @@ held-out text, compress seconds and the process's peak RSS. GPTQModel 7.7's rows
 calibration windows, routed experts only, the same evaluator) are quoted for reference. Every checkpoint is saved,
 loaded back, then evaluated with float32 activations.
 
-    python eval/bench_lowbit.py                      # first 32 windows of each set, as issue 39's table (~25 min)
+    python eval/bench_lowbit.py                      # first 32 windows of each set, as issue 39's table (~8 min)
     python eval/bench_lowbit.py --full --settings w2  # whole sets, the 2-bit rows
 """
 
