@@ -247,12 +247,14 @@ void moe_packed_linears(int32_t count, const ProjDesc* d, const float* x, int64_
     if (!fits) {
         for (int i = 0; i < count; ++i) project_f32(d[i], x, T, y[i]);
     } else {
-        std::vector<int> slot(kQ8Layouts, -1), first(count + 1, 0);  // layout -> its activations; tiles per projection
+        // layout -> its activations' row; projection i's first tile and its activations' row
+        std::vector<int> slot(kQ8Layouts, -1), first(count + 1, 0), row(count);
         std::vector<Q8Layout> layouts;
         for (int i = 0; i < count; ++i) {
             const Q8Layout l = q8_layout(d[i].bits);
             if (slot[q8_layout_id(l)] < 0) slot[q8_layout_id(l)] = (int)layouts.size(), layouts.push_back(l);
             first[i + 1] = first[i] + tiles(d[i].out_features);
+            row[i] = slot[q8_layout_id(l)] * (int)T;
         }
         Acts acts(d[0].in_features, (int64_t)layouts.size() * T);
         for (size_t k = 0; k < layouts.size(); ++k)
@@ -264,8 +266,7 @@ void moe_packed_linears(int32_t count, const ProjDesc* d, const float* x, int64_
             for (int w = 0; w < first[count]; ++w) {
                 int i = 0;
                 while (w >= first[i + 1]) ++i;
-                const int64_t row = (int64_t)slot[q8_layout_id(q8_layout(d[i].bits))] * T;
-                for (int64_t t = 0; t < T; ++t) a[t] = acts.at(row + t);
+                for (int64_t t = 0; t < T; ++t) a[t] = acts.at(row[i] + t);
                 const int n0 = (w - first[i]) * kTile;
                 rows_for(d[i], n0, std::min(n0 + kTile, d[i].out_features), a.data(), T, y[i]);
             }

@@ -2,7 +2,8 @@
 model's whole single-token forward, with the native kernels as custom ops (`torch.library`) so that the graph is
 not broken at each expert or linear call. The compiled step runs transformers' eager attention (inductor fuses it),
 small quantized linears (`dense:`) as float32 copies inside the graph and larger ones through the native packed GEMV,
-and Python's garbage collector is off while a generate runs.
+the linears that share an input (q, k, v) as one call (`shared_input.py`), inductor's wrapper in C++; Python's
+garbage collector is off while a generate runs, and the threads follow the free cores (`threads.py`).
 
     decoder = Decoder(moecompress.load("out/tiny-w4"))
     ids, stats = decoder.generate(prompt_ids, max_new_tokens=64)    # greedy; stats: prefill and compile seconds,
