@@ -38,6 +38,8 @@ SETTINGS = {
     "w2 g64 rare rtn": {**W2, "rare_experts": {"policy": "rtn", "min_tokens": 256}},
     "w2 g64 rare own": {**W2, "rare_experts": {"policy": "own", "min_tokens": 256}},
     "w2 g64 damp 0.05 + act_order + clip_search": {**W2, **BEST},
+    "w2 g64 act_order + clip_search": {**W2, **BEST, "damp": 0.01},
+    "w2 g64 damp 0.1 + act_order + clip_search": {**W2, **BEST, "damp": 0.1},
     "w3 g128": W3,
     "w3 g128 damp 0.05 + act_order + clip_search": {**W3, **BEST},
 }
