@@ -183,8 +183,9 @@ void dense_pass(const DenseWeight* m, int count, int64_t K, const float* x, int 
 
 extern "C" {
 
-// y[i][T, N[i]] = x[T, K] W_i^T (+ bias_i) for `count` weights sharing x, as moe_dense_linear each, their rows in one
-// parallel loop per pass.
+// y[i][T, N[i]] = x[T, K] W_i^T (+ bias_i) for `count` weights W_i [N[i], K] sharing x (one, or a layer's q, k and
+// v), row-major, float32 (bf16[i] = 0) or bfloat16 (1); biases float32 or null. Any T, kDenseTokens tokens per pass
+// over the weights (meant for decode: a few tokens), the rows of all the weights in one parallel loop.
 void moe_dense_linears(int32_t count, const void* const* w, const int32_t* bf16, const float* const* bias,
                        const int32_t* N, int32_t K, const float* x, int64_t T, float* const* y) {
     std::vector<moecpu::DenseWeight> m((size_t)count);
@@ -193,13 +194,6 @@ void moe_dense_linears(int32_t count, const void* const* w, const int32_t* bf16,
         for (int i = 0; i < count; ++i) m[i] = {w[i], bf16[i] != 0, bias[i], N[i], y[i] + t0 * N[i]};
         moecpu::dense_pass(m.data(), count, K, x + t0 * K, n);
     }
-}
-
-// y[T, N] = x[T, K] W^T (+ bias): W [N, K] row-major, float32 (bf16 = 0) or bfloat16 (bf16 = 1); bias float32 or
-// null. Any T, kDenseTokens tokens per pass over the weights (meant for decode: a few tokens).
-void moe_dense_linear(const void* w, int32_t bf16, const float* bias, int32_t N, int32_t K, const float* x, int64_t T,
-                      float* y) {
-    moe_dense_linears(1, &w, &bf16, &bias, &N, K, x, T, &y);
 }
 
 }  // extern "C"

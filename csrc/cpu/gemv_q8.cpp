@@ -94,7 +94,8 @@ static __attribute__((target("avx2"))) float quantize_block16_avx2(const float* 
     constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     const __m256i qa = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(a, s), kRound));
     const __m256i qb = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(b, s), kRound));
-    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(_mm256_add_epi32(qa, qb)), _mm256_extracti128_si256(_mm256_add_epi32(qa, qb), 1));
+    const __m256i q = _mm256_add_epi32(qa, qb);
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
     t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
     *sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
     const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(qa, qb), 0xd8);  // 16 int16 in order

@@ -125,6 +125,20 @@ double tile_cost(const ProjDesc& d, int n0) {
     return (double)rows * (double)(d.row_bytes + 3 * d.groups);
 }
 
+// The distinct activation layouts of a set of projections, numbered in order of first sight.
+struct Layouts {
+    std::vector<int> number = std::vector<int>(kQ8Layouts, -1);  // layout id -> its number, or -1
+    std::vector<Q8Layout> list;
+
+    int add(int bits) {  // the number of the layout of `bits`-wide codes, added on first sight
+        const Q8Layout l = q8_layout(bits);
+        int& k = number[q8_layout_id(l)];
+        if (k < 0) k = (int)list.size(), list.push_back(l);
+        return k;
+    }
+    int of(int bits) const { return number[q8_layout_id(q8_layout(bits))]; }
+};
+
 // The experts `experts` (each with its tokens in `routed`) on the int8 kernels, added into out.
 void q8_experts(const ProjDesc* projs, const std::vector<int>& experts, const Routed& routed, const float* x,
                 int64_t T, int hidden, int inter, const Activation& act, float* out) {
@@ -132,14 +146,10 @@ void q8_experts(const ProjDesc* projs, const std::vector<int>& experts, const Ro
     std::vector<int64_t> first(n + 1, 0);  // slots first[i] .. first[i+1]-1: expert i's (token, weight) pairs
     for (int i = 0; i < n; ++i) first[i + 1] = first[i] + (int64_t)routed[experts[i]].size();
     const int64_t slots = first[n];
-    std::vector<int> slot_of(kQ8Layouts, -1);  // the activation layouts of the gate/up projections, numbered
-    std::vector<Q8Layout> layouts;
+    Layouts layouts;  // of the gate/up projections
     for (int e : experts)
-        for (int p = 0; p < 2; ++p) {
-            const Q8Layout l = q8_layout(projs[3 * e + p].bits);
-            if (slot_of[q8_layout_id(l)] < 0) slot_of[q8_layout_id(l)] = (int)layouts.size(), layouts.push_back(l);
-        }
-    const int kinds = (int)layouts.size();
+        for (int p = 0; p < 2; ++p) layouts.add(projs[3 * e + p].bits);
+    const int kinds = (int)layouts.list.size();
     std::vector<int64_t> row_of((size_t)T, -1), tokens;  // token -> its row among the quantized inputs
     for (int e : experts)
         for (const auto& pr : routed[e])
@@ -153,7 +163,7 @@ void q8_experts(const ProjDesc* projs, const std::vector<int>& experts, const Ro
         std::vector<QAct> a;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < U; ++r)
-            for (int k = 0; k < kinds; ++k) in.quantize(k * U + r, x + tokens[r] * hidden, layouts[k]);
+            for (int k = 0; k < kinds; ++k) in.quantize(k * U + r, x + tokens[r] * hidden, layouts.list[k]);
         split_runs(
             n * 2 * up_tiles,
             [&](int w) { return tile_cost(projs[3 * experts[w / (2 * up_tiles)] + w / up_tiles % 2], w % up_tiles * kTile); },
@@ -162,7 +172,7 @@ void q8_experts(const ProjDesc* projs, const std::vector<int>& experts, const Ro
                 const ProjDesc& d = projs[3 * experts[i] + p];
                 a.clear();
                 for (const auto& pr : routed[experts[i]])
-                    a.push_back(in.at(slot_of[q8_layout_id(q8_layout(d.bits))] * U + row_of[pr.first]));
+                    a.push_back(in.at(layouts.of(d.bits) * U + row_of[pr.first]));
                 float* y = (p ? up : gate).data() + first[i] * inter;
                 rows_for(d, n0, std::min(n0 + kTile, inter), a.data(), (int64_t)a.size(), y);
             });
@@ -238,8 +248,8 @@ void moe_proj_desc_layout(int64_t* out) {
 #undef MOE_OFFSET
 }
 
-// y[i][T, out_i] = x[T, in] W_i^T (+ bias_i) for `count` packed projections sharing x (a layer's q, k and v), any
-// T; int8 activations where `q8` and every format allows, quantized once per layout, and the rows of all the
+// y[i][T, out_i] = x[T, in] W_i^T (+ bias_i) for `count` packed projections sharing x (one, or a layer's q, k and
+// v), any T; int8 activations where `q8` and every format allows, quantized once per layout, and the rows of all the
 // projections in one parallel loop.
 void moe_packed_linears(int32_t count, const ProjDesc* d, const float* x, int64_t T, int32_t q8, float* const* y) {
     bool fits = q8 != 0;
@@ -247,18 +257,15 @@ void moe_packed_linears(int32_t count, const ProjDesc* d, const float* x, int64_
     if (!fits) {
         for (int i = 0; i < count; ++i) project_f32(d[i], x, T, y[i]);
     } else {
-        // layout -> its activations' row; projection i's first tile and its activations' row
-        std::vector<int> slot(kQ8Layouts, -1), first(count + 1, 0), row(count);
-        std::vector<Q8Layout> layouts;
+        Layouts layouts;
+        std::vector<int> first(count + 1, 0), row(count);  // projection i's first tile and its activations' row
         for (int i = 0; i < count; ++i) {
-            const Q8Layout l = q8_layout(d[i].bits);
-            if (slot[q8_layout_id(l)] < 0) slot[q8_layout_id(l)] = (int)layouts.size(), layouts.push_back(l);
+            row[i] = layouts.add(d[i].bits) * (int)T;
             first[i + 1] = first[i] + tiles(d[i].out_features);
-            row[i] = slot[q8_layout_id(l)] * (int)T;
         }
-        Acts acts(d[0].in_features, (int64_t)layouts.size() * T);
-        for (size_t k = 0; k < layouts.size(); ++k)
-            for (int64_t t = 0; t < T; ++t) acts.quantize((int64_t)k * T + t, x + t * d[0].in_features, layouts[k]);
+        Acts acts(d[0].in_features, (int64_t)layouts.list.size() * T);
+        for (size_t k = 0; k < layouts.list.size(); ++k)
+            for (int64_t t = 0; t < T; ++t) acts.quantize((int64_t)k * T + t, x + t * d[0].in_features, layouts.list[k]);
 #pragma omp parallel
         {
             std::vector<QAct> a((size_t)T);
@@ -276,12 +283,6 @@ void moe_packed_linears(int32_t count, const ProjDesc* d, const float* x, int64_
         if (d[i].bias)
             for (int64_t t = 0; t < T; ++t)
                 accumulate(y[i] + t * d[i].out_features, 1.f, d[i].bias, nullptr, 0, d[i].out_features);
-}
-
-// y[T, out] = x[T, in] W^T (+ bias) for one packed projection, any T; int8 activations where `q8` and the format
-// allows.
-void moe_packed_linear(const ProjDesc* d, const float* x, int64_t T, int32_t q8, float* y) {
-    moe_packed_linears(1, d, x, T, q8, &y);
 }
 
 // One MoE layer: out[T, H] = sum_k w[t, k] * down_e(act(gate_e(x_t), up_e(x_t))), e = ids[t, k], over the

@@ -224,7 +224,7 @@ class Decoder:
     def __init__(self, model: nn.Module, max_len: int | None = None, compile: bool = True, threads: int | None = None):
         """`threads`: at most this many (default torch's count), fewer while other processes keep cores busy
         (`DecodeThreads`)."""
-        self.model, self.threads = model.eval(), threads
+        self.model, self.threads, self.governor = model.eval(), threads, None
         self.max_len = max_len or getattr(model.config, "max_position_embeddings", None) or 2048
         self.fallback = compiled_path_refusal(model) if compile else "compile=False"
         if self.fallback is not None and compile:
@@ -282,16 +282,19 @@ class Decoder:
         if self.static and self.checked is None:
             with torch.no_grad():
                 self.checked = self._static_cache_agrees(prompt)
-        with DecodeThreads(self.threads or torch.get_num_threads()) as threads:
+        limit = self.threads or torch.get_num_threads()
+        if self.governor is None or self.governor.limit != limit:
+            self.governor = DecodeThreads(limit)
+        start = time.perf_counter()  # the first token's latency includes choosing the threads
+        with self.governor:
             if not self.static:
                 return self._transformers(prompt, new, eos, forced)
-            return self._static_decode(prompt, new, eos, forced, threads)
+            return self._static_decode(prompt, new, eos, forced, start)
 
-    def _static_decode(self, prompt: Tensor, new: int, eos: int | None, forced: list[int] | None, threads):
-        length = prompt.shape[1]
+    def _static_decode(self, prompt: Tensor, new: int, eos: int | None, forced: list[int] | None, start: float):
+        length, threads = prompt.shape[1], self.governor
         times, tokens, logits = [], [], []
         with torch.no_grad(), no_gc():
-            start = time.perf_counter()
             cache, last = self._prefill(prompt, length + new)
             for i in range(new):
                 logits.append(last[0].float())

@@ -137,13 +137,6 @@ def library() -> ctypes.CDLL | None:
     check_layout(lib)
     lib.moe_cpu_isa.restype = ctypes.c_int
     lib.moe_q8_fits.argtypes = [ctypes.POINTER(ProjDesc)]
-    lib.moe_packed_linear.argtypes = [
-        ctypes.POINTER(ProjDesc),
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int32,
-        ctypes.c_void_p,
-    ]
     lib.moe_experts_forward.argtypes = [
         ctypes.POINTER(ProjDesc),
         ctypes.c_int32,
@@ -168,18 +161,8 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_int32,
         ctypes.c_void_p,
     ]
-    lib.moe_dense_linears.argtypes = [ctypes.c_int32, *[ctypes.c_void_p] * 4, ctypes.c_int32, *[ctypes.c_void_p] * 3]
-    lib.moe_dense_linears.argtypes[-2] = ctypes.c_int64
-    lib.moe_dense_linear.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int32,
-        ctypes.c_void_p,
-        ctypes.c_int32,
-        ctypes.c_int32,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-    ]
+    pointer = ctypes.c_void_p
+    lib.moe_dense_linears.argtypes = [ctypes.c_int32, *[pointer] * 4, ctypes.c_int32, pointer, ctypes.c_int64, pointer]
     _library = lib
     return lib
 
@@ -269,11 +252,7 @@ def packed_linear(linear, x: torch.Tensor, int8: bool = False, desc: ProjDesc | 
     keep = None
     if desc is None:
         desc, keep = describe(linear)
-    flat = _as(x, torch.float32)
-    y = torch.empty(*x.shape[:-1], linear.out_features)
-    library().moe_packed_linear(
-        ctypes.byref(desc), flat.data_ptr(), y.numel() // linear.out_features, int8, y.data_ptr()
-    )
+    y = packed_linears([linear], x, int8, [desc])[0]
     del keep
     return y
 
@@ -281,26 +260,16 @@ def packed_linear(linear, x: torch.Tensor, int8: bool = False, desc: ProjDesc | 
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """x [..., in] W^T (+ bias) for a contiguous float32 or bfloat16 `weight` [out, in] on the CPU, through the native
     dense GEMV (float32 activations and sums); the result in x's dtype."""
-    out_features, in_features = weight.shape
-    flat = x.reshape(-1, in_features).to(torch.float32).contiguous()
-    b = None if bias is None else bias.to(torch.float32).contiguous()
-    y = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
-    bf16 = int(weight.dtype == torch.bfloat16)
-    library().moe_dense_linear(
-        weight.data_ptr(),
-        bf16,
-        None if b is None else b.data_ptr(),
-        out_features,
-        in_features,
-        flat.data_ptr(),
-        flat.shape[0],
-        y.data_ptr(),
-    )
-    return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
+    return dense_linears([weight], [bias], x)[0].to(x.dtype)
 
 
 def _pointers(values) -> ctypes.Array:
     return (ctypes.c_void_p * len(values))(*values)
+
+
+def _descs(descs: list[ProjDesc]):
+    """`descs` as the C array the kernels take (one by reference: a single call per linear pays no array copy)."""
+    return ctypes.byref(descs[0]) if len(descs) == 1 else (ProjDesc * len(descs))(*descs)
 
 
 def packed_linears(linears: list, x: torch.Tensor, int8: bool, descs: list[ProjDesc]) -> list[torch.Tensor]:
@@ -308,17 +277,15 @@ def packed_linears(linears: list, x: torch.Tensor, int8: bool, descs: list[ProjD
     quantized once, the rows of all of them in one parallel loop."""
     flat = _as(x, torch.float32)
     ys = [torch.empty(*x.shape[:-1], linear.out_features) for linear in linears]
-    array = (ProjDesc * len(descs))(*descs)
     tokens = flat.numel() // linears[0].in_features
     library().moe_packed_linears(
-        len(descs), array, flat.data_ptr(), tokens, int8, _pointers([y.data_ptr() for y in ys])
+        len(descs), _descs(descs), flat.data_ptr(), tokens, int8, _pointers([y.data_ptr() for y in ys])
     )
     return ys
 
 
 def dense_linears(weights: list[torch.Tensor], biases: list, x: torch.Tensor) -> list[torch.Tensor]:
-    """x [..., in] W_i^T (+ bias_i) for contiguous float32 or bfloat16 weights sharing x, in one native call (as
-    `dense_linear` each); the results in float32."""
+    """x [..., in] W_i^T (+ bias_i) for contiguous float32 or bfloat16 weights sharing x, in one native call; the results in float32."""
     flat = _as(x.reshape(-1, x.shape[-1]), torch.float32)
     bs = [None if b is None else _as(b, torch.float32) for b in biases]
     ys = [torch.empty(*x.shape[:-1], w.shape[0]) for w in weights]

@@ -3,7 +3,8 @@ code share torch's one OpenMP runtime (runtime/native.py binds to its libgomp), 
 with more threads than free cores, a barrier waits for a descheduled thread's next time slice (moe-tiny-text, 2
 threads, one core busy with another process: 76-298 tokens/s, against 507-707 on one thread).
 
-    with DecodeThreads(torch.get_num_threads()) as threads:   # as many as are free at the start
+    threads = DecodeThreads(torch.get_num_threads())
+    with threads:                                             # as many as are free at the start
         for each step: ...; threads.step(seconds)            # re-checked when steps slow down"""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 WINDOW = 16  # steps per median
 RECHECK = 256  # steps after which fewer threads than asked for try again
+FRESH = 1.0  # seconds a measured count of free cores serves the next generate
 
 
 def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]]:
@@ -55,24 +57,31 @@ def free_cores(window: float = 0.05) -> int:
 
 
 class DecodeThreads:
-    """torch's thread count for one generate: at most `limit`, no more than the free cores at the start; re-checked
-    when the median of WINDOW steps is over twice the best one seen at this count (another process took a core),
-    and after RECHECK steps below `limit` (it may have left). The caller's count comes back at the end."""
+    """torch's thread count for the generates of one decoder: at most `limit`, no more than the free cores at each
+    start (a count measured under FRESH seconds before is reused: back-to-back generates do not wait for a new
+    measurement); re-checked when the median of WINDOW steps is over twice the best one seen at this count (another
+    process took a core), and after RECHECK steps below `limit` (it may have left). The caller's count comes back
+    at the end of each generate."""
 
     def __init__(self, limit: int):
-        self.limit, self.count = max(1, limit), 0
+        self.limit, self.count, self.checked = max(1, limit), 0, None  # checked: (time.monotonic(), free cores)
 
     def __enter__(self) -> DecodeThreads:
         self.saved = torch.get_num_threads()
-        self._use(min(self.limit, free_cores()))
+        self._use(min(self.limit, self._free(FRESH)))
         return self
 
     def __exit__(self, *exc) -> None:
         torch.set_num_threads(self.saved)
 
+    def _free(self, fresh: float) -> int:
+        now = time.monotonic()
+        if self.checked is None or now - self.checked[0] > fresh:
+            self.checked = (now, free_cores())
+        return self.checked[1]
+
     def _use(self, count: int) -> None:
-        if count != self.count:
-            torch.set_num_threads(count)
+        torch.set_num_threads(count)
         self.count, self.best, self.window, self.since = count, float("inf"), [], 0
 
     def step(self, seconds: float) -> None:
@@ -83,7 +92,7 @@ class DecodeThreads:
         median, self.window = statistics.median(self.window), []
         slow, self.best = median > 2 * self.best, min(self.best, median)
         if slow or (self.count < self.limit and self.since >= RECHECK):
-            count = min(self.limit, free_cores())
+            count = min(self.limit, self._free(0.0))
             if count != self.count:
                 self._use(count)
             else:  # the same count: this pace is the one to compare with from now on
